@@ -1,0 +1,237 @@
+"""Command-line interface: ``busdx train | evaluate | predict | demo``.
+
+Only wiring lives here: parse arguments, call the library, print results, choose exit codes.
+Any :class:`BusdxError` becomes a one-line message and exit code 2; set ``BUSDX_DEBUG=1`` to see
+its traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import logging
+import os
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from busdx import __version__
+from busdx.config import Config, apply_overrides, list_recipes, load_config
+from busdx.data import LabelledDataset
+from busdx.errors import BusdxError, DataError
+from busdx.evaluation import evaluate_samples, format_metrics
+from busdx.fileio import atomic_write_text
+from busdx.inference import expand_paths, load_model, predict_files
+from busdx.reporting import plot_training_curves
+from busdx.runs import create_run_dir, load_run, prepare_dataset, samples_for_split, save_run
+from busdx.synthetic import write_synthetic_dataset
+from busdx.training import fit
+from busdx.weights import get_weight_spec, resolve_weights_file
+
+logger = logging.getLogger("busdx")
+
+EXAMPLES = """examples:
+  busdx demo
+  busdx train --data BUSI/ --out runs/vgg16 --epochs 30
+  busdx train --resume runs/vgg16
+  busdx evaluate --run runs/vgg16 --data BUSI/ --split test
+  busdx predict --run runs/vgg16 scans/ extra.png --out predictions.csv
+"""
+
+
+def _overrides(args: argparse.Namespace) -> list[str]:
+    shortcuts = {"epochs": "train.epochs", "batch_size": "train.batch_size", "lr": "train.lr",
+                 "seed": "train.seed", "device": "train.device", "weights": "model.weights",
+                 "split_file": "data.split_file", "image_size": "data.image_size"}
+    items = [f"{key}={getattr(args, name)}" for name, key in shortcuts.items()
+             if getattr(args, name, None) is not None]
+    return items + list(args.set or [])
+
+
+def _finish_run(run_dir: Path, dataset: LabelledDataset, progress: bool) -> dict:
+    """Curves from the history, then the best model evaluated on test (or val if no test)."""
+    with (run_dir / "history.csv").open(newline="") as handle:
+        history = [{k: float(v) for k, v in row.items()} for row in csv.DictReader(handle)]
+    plot_training_curves(history, run_dir / "training_curves.png")
+    split = "test" if dataset.subset("test") else "val"
+    loaded = load_model(run_dir)
+    return evaluate_samples(loaded, dataset.subset(split), run_dir, split=split,
+                            data_root=dataset.root, progress=progress)
+
+
+def _train(config: Config, dataset: LabelledDataset, run_dir: Path, progress: bool) -> dict:
+    counts = dataset.counts()
+    logger.info("data %s (%s): %s", dataset.root, dataset.layout,
+                "; ".join(f"{split} {dict(row)}" for split, row in sorted(counts.items())))
+    save_run(run_dir, config, dataset)
+    started = time.perf_counter()
+    fit(config, dataset, run_dir, progress=progress)
+    logger.info("training took %.0f s", time.perf_counter() - started)
+    return _finish_run(run_dir, dataset, progress)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    if args.resume:
+        run_dir = Path(args.resume)
+        config, info = load_run(run_dir)
+        config = apply_overrides(config, _overrides(args))
+        config.data.split_file = str(run_dir / "split.csv")
+        dataset = prepare_dataset(config, args.data or info["data_root"])
+    else:
+        if not args.data:
+            raise DataError("--data DIR is required (or --resume RUNDIR to continue a run)")
+        config = apply_overrides(load_config(args.config, recipe=args.recipe), _overrides(args))
+        dataset = prepare_dataset(config, args.data)
+        run_dir = create_run_dir(args.out, config.recipe)
+    result = _train(config, dataset, run_dir, not args.no_progress)
+    print(format_metrics(result))
+    print(f"run directory: {run_dir}")
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    run_dir = Path(args.run)
+    config, info = load_run(run_dir)
+    dataset = samples_for_split(run_dir, config, info, args.data, args.split)
+    out = Path(args.out) if args.out else run_dir / "eval" / f"{dataset.root.name}-{args.split}"
+    loaded = load_model(run_dir, device=args.device)
+    result = evaluate_samples(loaded, dataset.samples, out, split=args.split,
+                              data_root=dataset.root, progress=not args.no_progress)
+    print(format_metrics(result))
+    print(f"written to {out}")
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    files = expand_paths(args.paths)
+    if not files:
+        raise DataError(f"no image files found in {', '.join(args.paths)}")
+    loaded = load_model(args.run, device=args.device)
+    rows = [row.to_dict() for row in predict_files(
+        loaded, files, batch_size=args.batch_size, threshold=args.threshold,
+        progress=not args.no_progress)]
+    if args.out and Path(args.out).suffix.lower() == ".json":
+        atomic_write_text(args.out, json.dumps(rows, indent=2) + "\n")
+    else:
+        lines = [",".join(rows[0])] + [
+            ",".join(_csv_cell(value) for value in row.values()) for row in rows]
+        text = "\n".join(lines) + "\n"
+        if args.out:
+            atomic_write_text(args.out, text)
+        else:
+            sys.stdout.write(text)
+    failed = sum(row["error"] is not None for row in rows)
+    logger.info("%d image(s) predicted, %d failed%s", len(rows) - failed, failed,
+                f"; written to {args.out}" if args.out else "")
+    return 0
+
+
+def _csv_cell(value: object) -> str:
+    text = "" if value is None else str(value)
+    return f'"{text.replace(chr(34), chr(34) * 2)}"' if any(c in text for c in ',"\n') else text
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    out = Path(args.out)
+    run_dir = create_run_dir(out / "run", "demo")
+    data_dir = write_synthetic_dataset(out / "data", n_per_class=args.n_per_class, seed=0)
+    logger.info("synthetic dataset: %s (%d benign, %d malignant)", data_dir, args.n_per_class,
+                args.n_per_class)
+    overrides = [f"train.epochs={args.epochs}", "train.batch_size=16"]
+    try:
+        resolve_weights_file(get_weight_spec("vgg16", "imagenet"), download=False)
+    except BusdxError as exc:
+        logger.warning("%s\nthe demo goes on with random backbone weights", exc)
+        overrides.append("model.weights=none")
+    config = apply_overrides(load_config(), overrides)
+    started = time.perf_counter()
+    result = _train(config, prepare_dataset(config, data_dir), run_dir, not args.no_progress)
+    examples = sorted((data_dir / "malignant").glob("*.png"))[:2] + sorted(
+        (data_dir / "benign").glob("*.png"))[:2]
+    loaded = load_model(run_dir)
+    print(format_metrics(result))
+    for row in predict_files(loaded, examples, progress=False):
+        print(f"  predict {Path(row.path).name}: p(malignant)={row.probability:.3f} -> {row.label}")
+    print(f"demo finished in {time.perf_counter() - started:.0f} s; outputs in {run_dir} "
+          "(training_curves.png, sample_predictions.png, roc_curve.png, metrics.json, model.pt)")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="busdx", description="Benign vs malignant breast-ultrasound classification.",
+        epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"busdx {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def common(sub: argparse.ArgumentParser) -> None:
+        sub.add_argument("--no-progress", action="store_true", help="hide progress bars")
+
+    train = commands.add_parser("train", help="train a model (default recipe: vgg16-frozen)",
+                                description="Train a model; writes a complete run directory.")
+    train.add_argument("--data", help="dataset folder (train/validation/<class> or <class>/)")
+    train.add_argument("--config", help="YAML config file (values over the recipe's)")
+    train.add_argument("--recipe", help=f"built-in recipe: {', '.join(list_recipes())}")
+    train.add_argument("--out", help="new run directory (default runs/<recipe>-<time>)")
+    train.add_argument("--resume", metavar="RUNDIR", help="continue an interrupted run")
+    train.add_argument("--epochs", type=int)
+    train.add_argument("--batch-size", type=int)
+    train.add_argument("--lr", type=float)
+    train.add_argument("--seed", type=int)
+    train.add_argument("--image-size", type=int)
+    train.add_argument("--weights", help="imagenet | none | PATH to a backbone state_dict")
+    train.add_argument("--device", help="auto | cpu | cuda")
+    train.add_argument("--split-file", help="re-use a split CSV (path,label,split columns)")
+    train.add_argument("--set", action="append", metavar="KEY=VALUE",
+                       help="override any config value, e.g. --set augment.zoom=0.1")
+    common(train)
+    train.set_defaults(func=cmd_train)
+
+    evaluate = commands.add_parser("evaluate", help="metrics of a trained model on a split",
+                                   description="Evaluate a run's best model on labelled data.")
+    evaluate.add_argument("--run", required=True, metavar="RUNDIR")
+    evaluate.add_argument("--data", help="dataset folder (default: the run's own data)")
+    evaluate.add_argument("--split", default="test", choices=["train", "val", "test", "all"])
+    evaluate.add_argument("--out", help="output folder (default RUNDIR/eval/<data>-<split>)")
+    evaluate.add_argument("--device", default="auto")
+    common(evaluate)
+    evaluate.set_defaults(func=cmd_evaluate)
+
+    predict = commands.add_parser("predict", help="probability of malignancy for images",
+                                  description="Predict image files and/or folders of images.")
+    predict.add_argument("--run", required=True, metavar="RUNDIR", help="run directory or model.pt")
+    predict.add_argument("paths", nargs="+", metavar="PATH", help="image files and/or folders")
+    predict.add_argument("--out", help="write .csv or .json here (default: CSV to stdout)")
+    predict.add_argument("--threshold", type=float, help="decision threshold (default: model's)")
+    predict.add_argument("--batch-size", type=int, default=16)
+    predict.add_argument("--device", default="auto")
+    common(predict)
+    predict.set_defaults(func=cmd_predict)
+
+    demo = commands.add_parser("demo", help="synthetic data, train, evaluate, predict",
+                               description="End-to-end run on generated images; no download.")
+    demo.add_argument("--out", default="busdx-demo", help="output folder (default busdx-demo)")
+    demo.add_argument("--n-per-class", type=int, default=40)
+    demo.add_argument("--epochs", type=int, default=4)
+    common(demo)
+    demo.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    logging.getLogger("busdx").setLevel(logging.INFO)
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except BusdxError as exc:
+        if os.environ.get("BUSDX_DEBUG"):
+            raise
+        message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        print(f"busdx: error: {message}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("busdx: interrupted (a training run continues with --resume RUNDIR)", file=sys.stderr)
+        return 130

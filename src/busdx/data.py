@@ -1,0 +1,263 @@
+"""Find labelled images on disk, split them reproducibly and serve them to PyTorch.
+
+Two layouts are detected automatically:
+
+* pre-split (the Kaggle layout): ``DIR/train/<class>``, ``DIR/validation/<class>`` (or ``val``),
+  optionally ``DIR/test/<class>``;
+* class folders (the BUSI layout): ``DIR/<class>``; the split is drawn here, stratified by class
+  with a fixed seed.
+
+Files with ``_mask`` in their name are segmentation masks and are never read as images; other
+folders (``masks/``) are ignored. Every image is decoded once while scanning, so a broken file is
+reported by name and left out instead of crashing training later. The dataset is never modified.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import logging
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from busdx.errors import DataError, ImageDecodeError
+from busdx.fileio import atomic_write_text, sha256_file
+from busdx.imaging import is_image_file, load_image
+
+__all__ = [
+    "SPLITS",
+    "ImageDataset",
+    "LabelledDataset",
+    "Sample",
+    "apply_split_file",
+    "draw_split",
+    "scan_dataset",
+    "write_split_csv",
+]
+
+logger = logging.getLogger(__name__)
+
+SPLITS = ("train", "val", "test")
+_SPLIT_FOLDERS = {"train": "train", "validation": "val", "val": "val", "test": "test"}
+NORMAL_CLASS = "normal"
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One labelled image: where it is, what it is, which split it belongs to."""
+
+    path: Path
+    relpath: str  # POSIX path relative to the dataset root: the key used in split files
+    label: int  # index into the class names; 1 is the positive class
+    sha256: str
+    split: str | None = None
+
+
+@dataclass
+class LabelledDataset:
+    """The images found under ``root`` and how they were found."""
+
+    root: Path
+    layout: str  # "pre-split" or "class-folders"
+    class_names: list[str]
+    samples: list[Sample]
+    skipped: list[str]  # "path: reason" for files that could not be decoded
+
+    def subset(self, split: str) -> list[Sample]:
+        """Samples of one split ("train", "val", "test")."""
+        return [s for s in self.samples if s.split == split]
+
+    def counts(self) -> dict[str, dict[str, int]]:
+        """Images per split and class, for summaries."""
+        table: dict[str, dict[str, int]] = {}
+        for sample in self.samples:
+            row = table.setdefault(sample.split or "unsplit", dict.fromkeys(self.class_names, 0))
+            row[self.class_names[sample.label]] += 1
+        return table
+
+
+def _child_dirs(folder: Path) -> dict[str, Path]:
+    return {p.name.lower(): p for p in sorted(folder.iterdir()) if p.is_dir()}
+
+
+def _detect_layout(root: Path, folder_names: list[str]) -> str:
+    children = _child_dirs(root)
+    if "train" in children:
+        return "pre-split"
+    if any(name in children for name in folder_names):
+        return "class-folders"
+    raise DataError(
+        f"{root} holds neither train/ + validation/ folders nor class folders "
+        f"({'/, '.join(folder_names)}/); put the images in one subfolder per class"
+    )
+
+
+def _scan_class_folders(
+    folder: Path, root: Path, class_folders: dict[str, int], split: str | None
+) -> tuple[list[Sample], list[str]]:
+    samples, skipped = [], []
+    children = _child_dirs(folder)
+    for name, label in class_folders.items():
+        class_dir = children.get(name)
+        if class_dir is None:
+            continue
+        files = sorted(p for p in class_dir.rglob("*") if p.is_file() and is_image_file(p))
+        for path in files:
+            try:
+                load_image(path)
+            except ImageDecodeError as exc:
+                skipped.append(str(exc))
+                logger.warning("skipping %s", exc)
+                continue
+            relpath = path.relative_to(root).as_posix()
+            samples.append(Sample(path, relpath, label, sha256_file(path), split))
+    return samples, skipped
+
+
+def scan_dataset(
+    root: str | Path, class_names: Sequence[str], *, include_normal: bool = False
+) -> LabelledDataset:
+    """Find and check every image under ``root``.
+
+    ``class_names`` lists the negative class first and the positive class second. With
+    ``include_normal``, images in ``normal/`` folders are labelled as the negative class.
+    Raises :class:`DataError` when the folder is missing, empty or lacks a class.
+    """
+    root = Path(root).expanduser().resolve()
+    if not root.is_dir():
+        raise DataError(f"data folder {root} does not exist")
+    class_names = list(class_names)
+    class_folders = {name.lower(): i for i, name in enumerate(class_names)}
+    if include_normal:
+        class_folders[NORMAL_CLASS] = 0
+    layout = _detect_layout(root, list(class_folders))
+    samples: list[Sample] = []
+    skipped: list[str] = []
+    if layout == "pre-split":
+        for folder_name, path in _child_dirs(root).items():
+            split = _SPLIT_FOLDERS.get(folder_name)
+            if split is not None:
+                found, bad = _scan_class_folders(path, root, class_folders, split)
+                samples += found
+                skipped += bad
+        if not any(s.split == "val" for s in samples):
+            raise DataError(f"{root} has a train/ folder but no images in validation/ (or val/)")
+    else:
+        samples, skipped = _scan_class_folders(root, root, class_folders, None)
+    dataset = LabelledDataset(root, layout, class_names, samples, skipped)
+    _check_classes(dataset)
+    return dataset
+
+
+def _check_classes(dataset: LabelledDataset) -> None:
+    found = Counter(s.label for s in dataset.samples)
+    if not dataset.samples:
+        raise DataError(f"no readable images (.png/.jpg/.jpeg/.bmp/.tif) found in {dataset.root}")
+    missing = [name for i, name in enumerate(dataset.class_names) if found[i] == 0]
+    if missing:
+        raise DataError(
+            f"no images for class {', '.join(missing)} in {dataset.root}; both "
+            f"{' and '.join(dataset.class_names)} images are needed (one folder per class)"
+        )
+
+
+def draw_split(
+    samples: Sequence[Sample], *, val_fraction: float, test_fraction: float, seed: int
+) -> list[Sample]:
+    """Assign train/val/test stratified by class, reproducibly for a given ``seed``.
+
+    Each class is shuffled with its own seeded generator and cut by the fractions (rounded),
+    keeping at least one image of each class in each non-empty split.
+    """
+    result: list[Sample] = []
+    by_label: dict[int, list[Sample]] = {}
+    for sample in sorted(samples, key=lambda s: s.relpath):
+        by_label.setdefault(sample.label, []).append(sample)
+    for label, group in sorted(by_label.items()):
+        wanted = [f for f in (val_fraction, test_fraction) if f > 0]
+        if len(group) < len(wanted) + 1:
+            raise DataError(
+                f"class {label} has only {len(group)} image(s): too few for a train/val/test "
+                "split; add images or set data.val_fraction / data.test_fraction to 0"
+            )
+        order = np.random.default_rng([seed, label]).permutation(len(group))
+        n_test = max(1, round(len(group) * test_fraction)) if test_fraction > 0 else 0
+        n_val = max(1, round(len(group) * val_fraction)) if val_fraction > 0 else 0
+        for rank, index in enumerate(order):
+            split = "test" if rank < n_test else "val" if rank < n_test + n_val else "train"
+            result.append(replace(group[index], split=split))
+    return sorted(result, key=lambda s: s.relpath)
+
+
+def write_split_csv(dataset: LabelledDataset, path: str | Path) -> None:
+    """Save ``path,label,split,sha256`` rows, one per image, for audit and re-use."""
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(["path", "label", "split", "sha256"])
+    for s in dataset.samples:
+        writer.writerow([s.relpath, dataset.class_names[s.label], s.split or "", s.sha256])
+    atomic_write_text(path, buffer.getvalue())
+
+
+def apply_split_file(dataset: LabelledDataset, path: str | Path) -> LabelledDataset:
+    """Return ``dataset`` restricted to, and split as, the rows of a split CSV.
+
+    The file needs ``path``, ``label`` and ``split`` columns (``split.csv`` of any run works);
+    ``validation`` is read as ``val``. Images missing on disk or labelled differently are errors;
+    images on disk that the file does not list are left out, with a warning.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"split file {path} does not exist")
+    with path.open(newline="", encoding="utf-8") as handle:
+        reader = csv.DictReader(handle)
+        missing_columns = {"path", "label", "split"} - set(reader.fieldnames or [])
+        if missing_columns:
+            raise DataError(f"split file {path} lacks column(s) {', '.join(sorted(missing_columns))}")
+        rows = list(reader)
+    by_path = {s.relpath: s for s in dataset.samples}
+    chosen, absent = [], []
+    for row in rows:
+        split = _SPLIT_FOLDERS.get(row["split"].strip().lower())
+        if split is None:
+            raise DataError(f"split file {path}: unknown split {row['split']!r} for {row['path']}")
+        sample = by_path.get(row["path"])
+        if sample is None:
+            absent.append(row["path"])
+            continue
+        if dataset.class_names[sample.label] != row["label"]:
+            raise DataError(
+                f"split file {path}: {row['path']} is labelled {row['label']!r} there but "
+                f"{dataset.class_names[sample.label]!r} on disk"
+            )
+        chosen.append(replace(sample, split=split))
+    if absent:
+        raise DataError(
+            f"split file {path} lists {len(absent)} image(s) not found (or unreadable) under "
+            f"{dataset.root}, e.g. {absent[0]!r}; is --data the dataset the split was made for?"
+        )
+    left_out = len(dataset.samples) - len(chosen)
+    if left_out:
+        logger.warning("%d image(s) on disk are not in %s and are left out", left_out, path)
+    return replace(dataset, samples=sorted(chosen, key=lambda s: s.relpath))
+
+
+class ImageDataset(Dataset):
+    """Decode, transform and label a list of samples for a DataLoader."""
+
+    def __init__(self, samples: Sequence[Sample], transform: Callable) -> None:
+        self.samples = list(samples)
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        sample = self.samples[index]
+        return self.transform(load_image(sample.path)), sample.label

@@ -1,0 +1,75 @@
+"""Decode image files of any common mode into 8-bit RGB, or fail with a clear error.
+
+Ultrasound exports come as 8-bit grayscale, RGB, RGBA, palette and 16-bit grayscale PNG, JPEG,
+BMP and TIFF. All of them are converted the same way: grayscale is replicated to three channels,
+alpha is dropped, 16-bit and float data are rescaled by their own range to 0..255.
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from busdx.errors import ImageDecodeError
+
+__all__ = ["IMAGE_EXTENSIONS", "MAX_IMAGE_PIXELS", "is_image_file", "load_image", "to_rgb"]
+
+IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"})
+MAX_IMAGE_PIXELS = 100_000_000  # refuse decompression bombs above 100 megapixels
+
+
+def is_image_file(path: Path) -> bool:
+    """True for a file with an image extension (any case) that is not a segmentation mask."""
+    return path.suffix.lower() in IMAGE_EXTENSIONS and "_mask" not in path.stem.lower()
+
+
+def _rescale_to_uint8(array: np.ndarray) -> np.ndarray:
+    array = array.astype(np.float64)
+    low, high = float(array.min()), float(array.max())
+    if high <= low:
+        return np.zeros(array.shape, dtype=np.uint8)
+    return np.round((array - low) * (255.0 / (high - low))).astype(np.uint8)
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Convert a PIL image of any mode to 8-bit RGB."""
+    if image.mode in {"I;16", "I;16B", "I;16L", "I", "F"}:
+        return Image.fromarray(_rescale_to_uint8(np.asarray(image)), mode="L").convert("RGB")
+    if image.mode in {"RGBA", "LA", "PA"} or (image.mode == "P" and "transparency" in image.info):
+        # ultrasound pixels carry no meaning in alpha: drop it rather than blend
+        return image.convert("RGBA").convert("RGB")
+    return image.convert("RGB")
+
+
+def load_image(path: str | Path) -> Image.Image:
+    """Read ``path`` fully and return it as an 8-bit RGB PIL image.
+
+    Raises :class:`ImageDecodeError` for a missing, empty, truncated or non-image file, or one
+    larger than :data:`MAX_IMAGE_PIXELS`. Multi-frame files (TIFF pages, GIF) use the first frame.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ImageDecodeError(f"{path}: no such file")
+    if path.stat().st_size == 0:
+        raise ImageDecodeError(f"{path}: file is empty (0 bytes)")
+    try:
+        with Image.open(path) as image:
+            width, height = image.size
+            if width * height > MAX_IMAGE_PIXELS:
+                raise ImageDecodeError(
+                    f"{path}: {width}x{height} pixels exceeds the limit of {MAX_IMAGE_PIXELS:,}"
+                )
+            with warnings.catch_warnings():
+                warnings.simplefilter("error", Image.DecompressionBombWarning)
+                image.load()
+            return to_rgb(image)
+    except ImageDecodeError:
+        raise
+    except UnidentifiedImageError as exc:
+        raise ImageDecodeError(f"{path}: not a readable image file") from exc
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombWarning) as exc:
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise ImageDecodeError(f"{path}: cannot decode image ({reason})") from exc

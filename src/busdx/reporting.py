@@ -1,0 +1,99 @@
+"""Figures a person would rather look at than read: curves, ROC, confusion matrix, samples.
+
+Every figure is written atomically as PNG with matplotlib's non-interactive Agg backend.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from busdx.fileio import atomic_path  # noqa: E402
+from busdx.metrics import roc_curve  # noqa: E402
+
+__all__ = [
+    "plot_confusion_matrix",
+    "plot_roc_curve",
+    "plot_sample_predictions",
+    "plot_training_curves",
+]
+
+
+def _save(figure: Figure, path: Path) -> None:
+    with atomic_path(path) as tmp:
+        figure.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
+    plt.close(figure)
+
+
+def plot_training_curves(history: Sequence[dict], path: Path) -> None:
+    """Accuracy and loss per epoch, train vs validation (the recipe's Training.png)."""
+    epochs = [row["epoch"] for row in history]
+    figure, (acc_ax, loss_ax) = plt.subplots(1, 2, figsize=(11, 4))
+    for axis, metric, title in ((acc_ax, "accuracy", "Accuracy"), (loss_ax, "loss", "Loss")):
+        axis.plot(epochs, [row[f"train_{metric}"] for row in history], "o-", label="train")
+        axis.plot(epochs, [row[f"val_{metric}"] for row in history], "s-", label="validation")
+        axis.set(title=f"{title} per epoch", xlabel="epoch", ylabel=metric)
+        axis.grid(alpha=0.3)
+        axis.legend()
+    _save(figure, path)
+
+
+def plot_roc_curve(y_true: np.ndarray, y_score: np.ndarray, metrics: dict, path: Path) -> None:
+    """ROC curve with the operating point of the decision threshold."""
+    fpr, tpr, _ = roc_curve(y_true, y_score)
+    figure, axis = plt.subplots(figsize=(5, 5))
+    axis.plot(fpr, tpr, lw=2, label=f"ROC (AUC {metrics['roc_auc']:.3f}, n={metrics['n']})")
+    axis.plot([0, 1], [0, 1], "--", color="grey", lw=1, label="chance")
+    axis.plot(1 - metrics["specificity"], metrics["sensitivity"], "o", color="crimson",
+              label=f"threshold {metrics['threshold']:.2f}")
+    axis.set(xlabel="1 - specificity (false-positive rate)",
+             ylabel="sensitivity (true-positive rate)", title="ROC curve", xlim=(0, 1), ylim=(0, 1.02))
+    axis.grid(alpha=0.3)
+    axis.legend(loc="lower right")
+    _save(figure, path)
+
+
+def plot_confusion_matrix(counts: dict[str, int], class_names: Sequence[str], path: Path) -> None:
+    """2x2 confusion matrix, rows = true class, columns = predicted class."""
+    matrix = np.array([[counts["tn"], counts["fp"]], [counts["fn"], counts["tp"]]])
+    figure, axis = plt.subplots(figsize=(4.5, 4))
+    axis.imshow(matrix, cmap="Blues")
+    for (row, col), value in np.ndenumerate(matrix):
+        color = "white" if value > matrix.max() / 2 else "black"
+        axis.text(col, row, str(value), ha="center", va="center", fontsize=14, color=color)
+    axis.set(xticks=[0, 1], yticks=[0, 1], xticklabels=class_names, yticklabels=class_names,
+             xlabel="predicted", ylabel="true", title="Confusion matrix")
+    _save(figure, path)
+
+
+def plot_sample_predictions(
+    images: Sequence[Image.Image], true_labels: Sequence[str], probabilities: Sequence[float],
+    *, threshold: float, class_names: Sequence[str], path: Path, columns: int = 4,
+) -> None:
+    """Grid of images titled with true label, predicted label and probability; errors in red."""
+    rows = max(1, int(np.ceil(len(images) / columns)))
+    figure, axes = plt.subplots(rows, columns, figsize=(3 * columns, 3.3 * rows), squeeze=False)
+    for axis in axes.flat:
+        axis.axis("off")
+    for axis, image, truth, prob in zip(axes.flat, images, true_labels, probabilities, strict=False):
+        predicted = class_names[1] if prob >= threshold else class_names[0]
+        wrong = predicted != truth
+        axis.imshow(image)
+        axis.set_title(f"true {truth}\npred {predicted} (p={prob:.2f})",
+                       color="crimson" if wrong else "black", fontsize=9)
+        if wrong:
+            axis.axis("on")
+            axis.set_xticks([])
+            axis.set_yticks([])
+            for spine in axis.spines.values():
+                spine.set(color="crimson", linewidth=3)
+    figure.suptitle(f"Sample predictions (p = probability of {class_names[1]}; errors in red)")
+    _save(figure, path)

@@ -1,0 +1,111 @@
+"""Run directories: create them, record their config and split, and read them back."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from busdx import __version__
+from busdx.config import Config, config_from_dict
+from busdx.data import LabelledDataset, apply_split_file, draw_split, scan_dataset, write_split_csv
+from busdx.errors import CheckpointError, DataError, RunDirError
+from busdx.fileio import atomic_write_text
+
+__all__ = [
+    "CONFIG_FILE",
+    "SPLIT_FILE",
+    "create_run_dir",
+    "load_run",
+    "prepare_dataset",
+    "samples_for_split",
+    "save_run",
+]
+
+logger = logging.getLogger(__name__)
+
+CONFIG_FILE = "config.yaml"
+SPLIT_FILE = "split.csv"
+INFO_FILE = "run.json"
+
+
+def create_run_dir(out: str | Path | None, recipe: str) -> Path:
+    """A new, empty run directory (default ``runs/<recipe>-<timestamp>``)."""
+    run_dir = Path(out) if out else Path("runs") / f"{recipe}-{time.strftime('%Y%m%d-%H%M%S')}"
+    if run_dir.exists() and (not run_dir.is_dir() or any(run_dir.iterdir())):
+        raise RunDirError(
+            f"{run_dir} already exists and is not empty; choose another --out, or continue "
+            f"that run with --resume {run_dir}"
+        )
+    run_dir.mkdir(parents=True, exist_ok=True)
+    return run_dir
+
+
+def prepare_dataset(config: Config, data_root: str | Path) -> LabelledDataset:
+    """Scan the data and assign splits: from a split file, the folders, or a seeded draw."""
+    dataset = scan_dataset(data_root, config.data.classes, include_normal=config.data.include_normal)
+    if config.data.split_file:
+        return apply_split_file(dataset, config.data.split_file)
+    if dataset.layout == "pre-split":
+        return dataset
+    dataset.samples = draw_split(
+        dataset.samples, val_fraction=config.data.val_fraction,
+        test_fraction=config.data.test_fraction, seed=config.train.seed,
+    )
+    return dataset
+
+
+def save_run(run_dir: Path, config: Config, dataset: LabelledDataset) -> None:
+    """Write the resolved config, the split and where the data came from."""
+    atomic_write_text(run_dir / CONFIG_FILE, yaml.safe_dump(config.to_dict(), sort_keys=False))
+    write_split_csv(dataset, run_dir / SPLIT_FILE)
+    info = {
+        "data_root": str(dataset.root),
+        "layout": dataset.layout,
+        "counts": dataset.counts(),
+        "skipped_files": dataset.skipped,
+        "busdx_version": __version__,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "command": " ".join(["busdx", *sys.argv[1:]]),
+    }
+    atomic_write_text(run_dir / INFO_FILE, json.dumps(info, indent=2) + "\n")
+
+
+def load_run(run_dir: str | Path) -> tuple[Config, dict[str, Any]]:
+    """The config and run info of an existing run directory."""
+    run_dir = Path(run_dir)
+    config_path, info_path = run_dir / CONFIG_FILE, run_dir / INFO_FILE
+    if not config_path.is_file() or not info_path.is_file():
+        raise CheckpointError(f"{run_dir} is not a busdx run directory (no {CONFIG_FILE}/{INFO_FILE})")
+    config = config_from_dict(yaml.safe_load(config_path.read_text(encoding="utf-8")))
+    return config, json.loads(info_path.read_text(encoding="utf-8"))
+
+
+def samples_for_split(
+    run_dir: Path, config: Config, info: dict[str, Any], data_root: str | Path | None, split: str
+) -> LabelledDataset:
+    """The dataset to evaluate, split as the run split it when it is the run's own data.
+
+    For other data: a pre-split dataset keeps its folders; a class-folder dataset has no split,
+    so it must be evaluated whole with ``split='all'``.
+    """
+    root = Path(data_root or info["data_root"]).expanduser().resolve()
+    dataset = scan_dataset(root, config.data.classes, include_normal=config.data.include_normal)
+    if str(root) == info["data_root"]:
+        dataset = apply_split_file(dataset, run_dir / SPLIT_FILE)
+    if split == "all":
+        return dataset
+    chosen = dataset.subset(split)
+    if not chosen:
+        available = sorted({s.split for s in dataset.samples if s.split})
+        raise DataError(
+            f"no {split!r} images in {root} (splits found: {', '.join(available) or 'none'}); "
+            "evaluate another split, or --split all for a dataset the run never saw"
+        )
+    dataset.samples = chosen
+    return dataset
