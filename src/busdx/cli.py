@@ -42,11 +42,21 @@ EXAMPLES = """examples:
 
 
 def _overrides(args: argparse.Namespace) -> list[str]:
-    shortcuts = {"epochs": "train.epochs", "batch_size": "train.batch_size", "lr": "train.lr",
-                 "seed": "train.seed", "device": "train.device", "weights": "model.weights",
-                 "split_file": "data.split_file", "image_size": "data.image_size"}
-    items = [f"{key}={getattr(args, name)}" for name, key in shortcuts.items()
-             if getattr(args, name, None) is not None]
+    shortcuts = {
+        "epochs": "train.epochs",
+        "batch_size": "train.batch_size",
+        "lr": "train.lr",
+        "seed": "train.seed",
+        "device": "train.device",
+        "weights": "model.weights",
+        "split_file": "data.split_file",
+        "image_size": "data.image_size",
+    }
+    items = [
+        f"{key}={getattr(args, name)}"
+        for name, key in shortcuts.items()
+        if getattr(args, name, None) is not None
+    ]
     return items + list(args.set or [])
 
 
@@ -57,14 +67,24 @@ def _finish_run(run_dir: Path, dataset: LabelledDataset, progress: bool) -> dict
     plot_training_curves(history, run_dir / "training_curves.png")
     split = "test" if dataset.subset("test") else "val"
     loaded = load_model(run_dir)
-    return evaluate_samples(loaded, dataset.subset(split), run_dir, split=split,
-                            data_root=dataset.root, progress=progress)
+    return evaluate_samples(
+        loaded,
+        dataset.subset(split),
+        run_dir,
+        split=split,
+        data_root=dataset.root,
+        progress=progress,
+    )
 
 
 def _train(config: Config, dataset: LabelledDataset, run_dir: Path, progress: bool) -> dict:
     counts = dataset.counts()
-    logger.info("data %s (%s): %s", dataset.root, dataset.layout,
-                "; ".join(f"{split} {dict(row)}" for split, row in sorted(counts.items())))
+    logger.info(
+        "data %s (%s): %s",
+        dataset.root,
+        dataset.layout,
+        "; ".join(f"{split} {dict(row)}" for split, row in sorted(counts.items())),
+    )
     save_run(run_dir, config, dataset)
     started = time.perf_counter()
     fit(config, dataset, run_dir, progress=progress)
@@ -97,8 +117,14 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     dataset = samples_for_split(run_dir, config, info, args.data, args.split)
     out = Path(args.out) if args.out else run_dir / "eval" / f"{dataset.root.name}-{args.split}"
     loaded = load_model(run_dir, device=args.device)
-    result = evaluate_samples(loaded, dataset.samples, out, split=args.split,
-                              data_root=dataset.root, progress=not args.no_progress)
+    result = evaluate_samples(
+        loaded,
+        dataset.samples,
+        out,
+        split=args.split,
+        data_root=dataset.root,
+        progress=not args.no_progress,
+    )
     print(format_metrics(result))
     print(f"written to {out}")
     return 0
@@ -109,22 +135,34 @@ def cmd_predict(args: argparse.Namespace) -> int:
     if not files:
         raise DataError(f"no image files found in {', '.join(args.paths)}")
     loaded = load_model(args.run, device=args.device)
-    rows = [row.to_dict() for row in predict_files(
-        loaded, files, batch_size=args.batch_size, threshold=args.threshold,
-        progress=not args.no_progress)]
+    rows = [
+        row.to_dict()
+        for row in predict_files(
+            loaded,
+            files,
+            batch_size=args.batch_size,
+            threshold=args.threshold,
+            progress=not args.no_progress,
+        )
+    ]
     if args.out and Path(args.out).suffix.lower() == ".json":
         atomic_write_text(args.out, json.dumps(rows, indent=2) + "\n")
     else:
         lines = [",".join(rows[0])] + [
-            ",".join(_csv_cell(value) for value in row.values()) for row in rows]
+            ",".join(_csv_cell(value) for value in row.values()) for row in rows
+        ]
         text = "\n".join(lines) + "\n"
         if args.out:
             atomic_write_text(args.out, text)
         else:
             sys.stdout.write(text)
     failed = sum(row["error"] is not None for row in rows)
-    logger.info("%d image(s) predicted, %d failed%s", len(rows) - failed, failed,
-                f"; written to {args.out}" if args.out else "")
+    logger.info(
+        "%d image(s) predicted, %d failed%s",
+        len(rows) - failed,
+        failed,
+        f"; written to {args.out}" if args.out else "",
+    )
     return 0
 
 
@@ -134,11 +172,15 @@ def _csv_cell(value: object) -> str:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    out = Path(args.out)
+    out = Path(args.out) / time.strftime("%Y%m%d-%H%M%S")
     run_dir = create_run_dir(out / "run", "demo")
     data_dir = write_synthetic_dataset(out / "data", n_per_class=args.n_per_class, seed=0)
-    logger.info("synthetic dataset: %s (%d benign, %d malignant)", data_dir, args.n_per_class,
-                args.n_per_class)
+    logger.info(
+        "synthetic dataset: %s (%d benign, %d malignant)",
+        data_dir,
+        args.n_per_class,
+        args.n_per_class,
+    )
     overrides = [f"train.epochs={args.epochs}", "train.batch_size=16"]
     try:
         resolve_weights_file(get_weight_spec("vgg16", "imagenet"), download=False)
@@ -148,29 +190,39 @@ def cmd_demo(args: argparse.Namespace) -> int:
     config = apply_overrides(load_config(), overrides)
     started = time.perf_counter()
     result = _train(config, prepare_dataset(config, data_dir), run_dir, not args.no_progress)
-    examples = sorted((data_dir / "malignant").glob("*.png"))[:2] + sorted(
-        (data_dir / "benign").glob("*.png"))[:2]
+    examples = (
+        sorted((data_dir / "malignant").glob("*.png"))[:2]
+        + sorted((data_dir / "benign").glob("*.png"))[:2]
+    )
     loaded = load_model(run_dir)
     print(format_metrics(result))
     for row in predict_files(loaded, examples, progress=False):
         print(f"  predict {Path(row.path).name}: p(malignant)={row.probability:.3f} -> {row.label}")
-    print(f"demo finished in {time.perf_counter() - started:.0f} s; outputs in {run_dir} "
-          "(training_curves.png, sample_predictions.png, roc_curve.png, metrics.json, model.pt)")
+    print(
+        f"demo finished in {time.perf_counter() - started:.0f} s; outputs in {run_dir} "
+        "(training_curves.png, sample_predictions.png, roc_curve.png, metrics.json, model.pt)"
+    )
     return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="busdx", description="Benign vs malignant breast-ultrasound classification.",
-        epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+        prog="busdx",
+        description="Benign vs malignant breast-ultrasound classification.",
+        epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--version", action="version", version=f"busdx {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def common(sub: argparse.ArgumentParser) -> None:
         sub.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
-    train = commands.add_parser("train", help="train a model (default recipe: vgg16-frozen)",
-                                description="Train a model; writes a complete run directory.")
+    train = commands.add_parser(
+        "train",
+        help="train a model (default recipe: vgg16-frozen)",
+        description="Train a model; writes a complete run directory.",
+    )
     train.add_argument("--data", help="dataset folder (train/validation/<class> or <class>/)")
     train.add_argument("--config", help="YAML config file (values over the recipe's)")
     train.add_argument("--recipe", help=f"built-in recipe: {', '.join(list_recipes())}")
@@ -184,13 +236,20 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--weights", help="imagenet | none | PATH to a backbone state_dict")
     train.add_argument("--device", help="auto | cpu | cuda")
     train.add_argument("--split-file", help="re-use a split CSV (path,label,split columns)")
-    train.add_argument("--set", action="append", metavar="KEY=VALUE",
-                       help="override any config value, e.g. --set augment.zoom=0.1")
+    train.add_argument(
+        "--set",
+        action="append",
+        metavar="KEY=VALUE",
+        help="override any config value, e.g. --set augment.zoom=0.1",
+    )
     common(train)
     train.set_defaults(func=cmd_train)
 
-    evaluate = commands.add_parser("evaluate", help="metrics of a trained model on a split",
-                                   description="Evaluate a run's best model on labelled data.")
+    evaluate = commands.add_parser(
+        "evaluate",
+        help="metrics of a trained model on a split",
+        description="Evaluate a run's best model on labelled data.",
+    )
     evaluate.add_argument("--run", required=True, metavar="RUNDIR")
     evaluate.add_argument("--data", help="dataset folder (default: the run's own data)")
     evaluate.add_argument("--split", default="test", choices=["train", "val", "test", "all"])
@@ -199,8 +258,11 @@ def build_parser() -> argparse.ArgumentParser:
     common(evaluate)
     evaluate.set_defaults(func=cmd_evaluate)
 
-    predict = commands.add_parser("predict", help="probability of malignancy for images",
-                                  description="Predict image files and/or folders of images.")
+    predict = commands.add_parser(
+        "predict",
+        help="probability of malignancy for images",
+        description="Predict image files and/or folders of images.",
+    )
     predict.add_argument("--run", required=True, metavar="RUNDIR", help="run directory or model.pt")
     predict.add_argument("paths", nargs="+", metavar="PATH", help="image files and/or folders")
     predict.add_argument("--out", help="write .csv or .json here (default: CSV to stdout)")
@@ -210,9 +272,16 @@ def build_parser() -> argparse.ArgumentParser:
     common(predict)
     predict.set_defaults(func=cmd_predict)
 
-    demo = commands.add_parser("demo", help="synthetic data, train, evaluate, predict",
-                               description="End-to-end run on generated images; no download.")
-    demo.add_argument("--out", default="busdx-demo", help="output folder (default busdx-demo)")
+    demo = commands.add_parser(
+        "demo",
+        help="synthetic data, train, evaluate, predict",
+        description="End-to-end run on generated images; no download.",
+    )
+    demo.add_argument(
+        "--out",
+        default="busdx-demo",
+        help="parent folder; each demo writes a new <time>/ folder inside it",
+    )
     demo.add_argument("--n-per-class", type=int, default=40)
     demo.add_argument("--epochs", type=int, default=4)
     common(demo)

@@ -99,21 +99,35 @@ class Config:
     def validate(self) -> Config:
         """Check ranges and cross-field rules; return self for chaining."""
         checks = [
-            (self.data.image_size >= 32 and self.data.image_size % 32 == 0,
-             f"data.image_size must be a multiple of 32 and >= 32, got {self.data.image_size}"),
-            (0 <= self.data.val_fraction < 1 and 0 <= self.data.test_fraction < 1
-             and self.data.val_fraction + self.data.test_fraction < 1,
-             "data.val_fraction and data.test_fraction must be in [0, 1) and sum to less than 1"),
-            (len(self.data.classes) == 2 and len(set(self.data.classes)) == 2,
-             f"data.classes must name two different classes, got {self.data.classes}"),
-            (self.data.positive_class in self.data.classes,
-             f"data.positive_class {self.data.positive_class!r} is not one of {self.data.classes}"),
+            (
+                self.data.image_size >= 32 and self.data.image_size % 32 == 0,
+                f"data.image_size must be a multiple of 32 and >= 32, got {self.data.image_size}",
+            ),
+            (
+                0 <= self.data.val_fraction < 1
+                and 0 <= self.data.test_fraction < 1
+                and self.data.val_fraction + self.data.test_fraction < 1,
+                "data.val_fraction and data.test_fraction must be in [0, 1) and sum to less than 1",
+            ),
+            (
+                len(self.data.classes) == 2 and len(set(self.data.classes)) == 2,
+                f"data.classes must name two different classes, got {self.data.classes}",
+            ),
+            (
+                self.data.classes[-1] == self.data.positive_class,
+                f"data.positive_class ({self.data.positive_class!r}) must be the last of "
+                f"data.classes ({self.data.classes}): list the negative class first",
+            ),
             (self.train.epochs >= 1, f"train.epochs must be >= 1, got {self.train.epochs}"),
-            (self.train.batch_size >= 1,
-             f"train.batch_size must be >= 1, got {self.train.batch_size}"),
+            (
+                self.train.batch_size >= 1,
+                f"train.batch_size must be >= 1, got {self.train.batch_size}",
+            ),
             (self.train.lr > 0, f"train.lr must be > 0, got {self.train.lr}"),
-            (0 <= self.model.dropout < 1,
-             f"model.dropout must be in [0, 1), got {self.model.dropout}"),
+            (
+                0 <= self.model.dropout < 1,
+                f"model.dropout must be in [0, 1), got {self.model.dropout}",
+            ),
             (self.augment.zoom < 1, f"augment.zoom must be < 1, got {self.augment.zoom}"),
         ]
         for ok, message in checks:
@@ -185,7 +199,9 @@ def _copy(config: Config) -> Config:
 def list_recipes() -> list[str]:
     """Names of the built-in recipes (YAML files shipped in ``busdx/configs``)."""
     folder = resources.files("busdx") / "configs"
-    return sorted(p.name.removesuffix(".yaml") for p in folder.iterdir() if p.name.endswith(".yaml"))
+    return sorted(
+        p.name.removesuffix(".yaml") for p in folder.iterdir() if p.name.endswith(".yaml")
+    )
 
 
 def _read_yaml(text: str, source: str) -> dict[str, Any]:

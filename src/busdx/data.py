@@ -219,7 +219,9 @@ def apply_split_file(dataset: LabelledDataset, path: str | Path) -> LabelledData
         reader = csv.DictReader(handle)
         missing_columns = {"path", "label", "split"} - set(reader.fieldnames or [])
         if missing_columns:
-            raise DataError(f"split file {path} lacks column(s) {', '.join(sorted(missing_columns))}")
+            raise DataError(
+                f"split file {path} lacks column(s) {', '.join(sorted(missing_columns))}"
+            )
         rows = list(reader)
     by_path = {s.relpath: s for s in dataset.samples}
     chosen, absent = [], []

@@ -24,7 +24,9 @@ __all__ = ["evaluate_samples", "format_metrics", "score_samples"]
 METRICS_FILE = "metrics.json"
 
 
-def score_samples(loaded: LoadedModel, samples: list[Sample], *, progress: bool = True) -> np.ndarray:
+def score_samples(
+    loaded: LoadedModel, samples: list[Sample], *, progress: bool = True
+) -> np.ndarray:
     """Probability of the positive class for each sample, in order."""
     rows = list(predict_files(loaded, [s.path for s in samples], progress=progress))
     failed = [row.error for row in rows if row.error]
@@ -41,7 +43,9 @@ def _json_safe(value: Any) -> Any:
     return value
 
 
-def _sample_indices(y_true: np.ndarray, y_score: np.ndarray, threshold: float, n: int = 12) -> list[int]:
+def _sample_indices(
+    y_true: np.ndarray, y_score: np.ndarray, threshold: float, n: int = 12
+) -> list[int]:
     """A few of each class, errors first, so the grid shows what goes wrong."""
     wrong = (y_score >= threshold) != y_true.astype(bool)
     order = np.lexsort((np.arange(len(y_true)), ~wrong))
@@ -52,8 +56,13 @@ def _sample_indices(y_true: np.ndarray, y_score: np.ndarray, threshold: float, n
 
 
 def evaluate_samples(
-    loaded: LoadedModel, samples: list[Sample], out_dir: Path, *, split: str,
-    data_root: Path, progress: bool = True,
+    loaded: LoadedModel,
+    samples: list[Sample],
+    out_dir: Path,
+    *,
+    split: str,
+    data_root: Path,
+    progress: bool = True,
 ) -> dict[str, Any]:
     """Evaluate ``samples`` and write ``metrics.json``, ``predictions.csv`` and figures.
 
@@ -71,8 +80,11 @@ def evaluate_samples(
         "data": str(data_root),
         "positive_class": names[1],
         **metrics,
-        "model": {"busdx_version": loaded.metadata["busdx_version"],
-                  "weights": loaded.metadata["weights"], "epoch": loaded.metadata.get("epoch")},
+        "model": {
+            "busdx_version": loaded.metadata["busdx_version"],
+            "weights": loaded.metadata["weights"],
+            "epoch": loaded.metadata.get("epoch"),
+        },
     }
     out_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out_dir / METRICS_FILE, json.dumps(_json_safe(result), indent=2) + "\n")
@@ -81,16 +93,20 @@ def evaluate_samples(
     writer = csv.writer(buffer, lineterminator="\n")
     writer.writerow(["path", "label", "probability_malignant", "predicted"])
     for sample, score in zip(samples, y_score, strict=True):
-        writer.writerow([sample.relpath, names[sample.label], f"{score:.6f}",
-                         names[int(score >= threshold)]])
+        writer.writerow(
+            [sample.relpath, names[sample.label], f"{score:.6f}", names[int(score >= threshold)]]
+        )
     atomic_write_text(out_dir / "predictions.csv", buffer.getvalue())
 
     plot_confusion_matrix(metrics["confusion"], names, out_dir / "confusion_matrix.png")
     plot_roc_curve(y_true, y_score, metrics, out_dir / "roc_curve.png")
     picked = _sample_indices(y_true, y_score, threshold)
     plot_sample_predictions(
-        [load_image(samples[i].path) for i in picked], [names[y_true[i]] for i in picked],
-        [float(y_score[i]) for i in picked], threshold=threshold, class_names=names,
+        [load_image(samples[i].path) for i in picked],
+        [names[y_true[i]] for i in picked],
+        [float(y_score[i]) for i in picked],
+        threshold=threshold,
+        class_names=names,
         path=out_dir / "sample_predictions.png",
     )
     return result
@@ -99,11 +115,23 @@ def evaluate_samples(
 def format_metrics(result: dict[str, Any]) -> str:
     """A compact, aligned text table for the terminal."""
     c = result["confusion"]
-    lines = [f"{result['split']} split: n={result['n']} ({result['n_positive']} "
-             f"{result['positive_class']}), threshold {result['threshold']:.2f}"]
-    for key in ("accuracy", "balanced_accuracy", "roc_auc", "sensitivity", "specificity",
-                "ppv", "npv", "f1"):
+    lines = [
+        f"{result['split']} split: n={result['n']} ({result['n_positive']} "
+        f"{result['positive_class']}), threshold {result['threshold']:.2f}"
+    ]
+    for key in (
+        "accuracy",
+        "balanced_accuracy",
+        "roc_auc",
+        "sensitivity",
+        "specificity",
+        "ppv",
+        "npv",
+        "f1",
+    ):
         value = result[key]
-        lines.append(f"  {key:<18} {'n/a' if value is None or math.isnan(value) else f'{value:.3f}'}")
+        lines.append(
+            f"  {key:<18} {'n/a' if value is None or math.isnan(value) else f'{value:.3f}'}"
+        )
     lines.append(f"  confusion          TP {c['tp']}  FP {c['fp']}  TN {c['tn']}  FN {c['fn']}")
     return "\n".join(lines)

@@ -60,7 +60,9 @@ def load_model(path: str | Path, *, device: str = "auto") -> LoadedModel:
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
-        raise CheckpointError(f"{path} is not a loadable busdx model file ({type(exc).__name__})") from exc
+        raise CheckpointError(
+            f"{path} is not a loadable busdx model file ({type(exc).__name__})"
+        ) from exc
     if not isinstance(payload, dict) or payload.get("format") != "busdx-model":
         raise CheckpointError(f"{path} is not a busdx model file")
     prep = Preprocessing.from_dict(payload["preprocessing"])
@@ -102,8 +104,13 @@ class Prediction:
 
     def to_dict(self) -> dict[str, Any]:
         prob = None if self.probability is None else round(self.probability, 6)
-        return {"path": self.path, "probability_malignant": prob, "label": self.label,
-                "threshold": self.threshold, "error": self.error}
+        return {
+            "path": self.path,
+            "probability_malignant": prob,
+            "label": self.label,
+            "threshold": self.threshold,
+            "error": self.error,
+        }
 
 
 def _batches(items: Iterable, size: int) -> Iterator[list]:
@@ -118,7 +125,11 @@ def _batches(items: Iterable, size: int) -> Iterator[list]:
 
 
 def predict_files(
-    loaded: LoadedModel, files: Sequence[Path], *, batch_size: int = 16, progress: bool = True,
+    loaded: LoadedModel,
+    files: Sequence[Path],
+    *,
+    batch_size: int = 16,
+    progress: bool = True,
     threshold: float | None = None,
 ) -> Iterator[Prediction]:
     """Yield one :class:`Prediction` per file, in order, batch by batch."""
@@ -143,4 +154,3 @@ def predict_files(
             bar.update()
             yield row
     bar.close()
-

@@ -11,13 +11,13 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-from matplotlib.figure import Figure  # noqa: E402
-from PIL import Image  # noqa: E402
+import matplotlib.pyplot as plt
+import numpy as np
+from matplotlib.figure import Figure
+from PIL import Image
 
-from busdx.fileio import atomic_path  # noqa: E402
-from busdx.metrics import roc_curve  # noqa: E402
+from busdx.fileio import atomic_path
+from busdx.metrics import roc_curve
 
 __all__ = [
     "plot_confusion_matrix",
@@ -52,10 +52,20 @@ def plot_roc_curve(y_true: np.ndarray, y_score: np.ndarray, metrics: dict, path:
     figure, axis = plt.subplots(figsize=(5, 5))
     axis.plot(fpr, tpr, lw=2, label=f"ROC (AUC {metrics['roc_auc']:.3f}, n={metrics['n']})")
     axis.plot([0, 1], [0, 1], "--", color="grey", lw=1, label="chance")
-    axis.plot(1 - metrics["specificity"], metrics["sensitivity"], "o", color="crimson",
-              label=f"threshold {metrics['threshold']:.2f}")
-    axis.set(xlabel="1 - specificity (false-positive rate)",
-             ylabel="sensitivity (true-positive rate)", title="ROC curve", xlim=(0, 1), ylim=(0, 1.02))
+    axis.plot(
+        1 - metrics["specificity"],
+        metrics["sensitivity"],
+        "o",
+        color="crimson",
+        label=f"threshold {metrics['threshold']:.2f}",
+    )
+    axis.set(
+        xlabel="1 - specificity (false-positive rate)",
+        ylabel="sensitivity (true-positive rate)",
+        title="ROC curve",
+        xlim=(0, 1),
+        ylim=(0, 1.02),
+    )
     axis.grid(alpha=0.3)
     axis.legend(loc="lower right")
     _save(figure, path)
@@ -69,26 +79,44 @@ def plot_confusion_matrix(counts: dict[str, int], class_names: Sequence[str], pa
     for (row, col), value in np.ndenumerate(matrix):
         color = "white" if value > matrix.max() / 2 else "black"
         axis.text(col, row, str(value), ha="center", va="center", fontsize=14, color=color)
-    axis.set(xticks=[0, 1], yticks=[0, 1], xticklabels=class_names, yticklabels=class_names,
-             xlabel="predicted", ylabel="true", title="Confusion matrix")
+    axis.set(
+        xticks=[0, 1],
+        yticks=[0, 1],
+        xticklabels=class_names,
+        yticklabels=class_names,
+        xlabel="predicted",
+        ylabel="true",
+        title="Confusion matrix",
+    )
     _save(figure, path)
 
 
 def plot_sample_predictions(
-    images: Sequence[Image.Image], true_labels: Sequence[str], probabilities: Sequence[float],
-    *, threshold: float, class_names: Sequence[str], path: Path, columns: int = 4,
+    images: Sequence[Image.Image],
+    true_labels: Sequence[str],
+    probabilities: Sequence[float],
+    *,
+    threshold: float,
+    class_names: Sequence[str],
+    path: Path,
+    columns: int = 4,
 ) -> None:
     """Grid of images titled with true label, predicted label and probability; errors in red."""
     rows = max(1, int(np.ceil(len(images) / columns)))
     figure, axes = plt.subplots(rows, columns, figsize=(3 * columns, 3.3 * rows), squeeze=False)
     for axis in axes.flat:
         axis.axis("off")
-    for axis, image, truth, prob in zip(axes.flat, images, true_labels, probabilities, strict=False):
+    for axis, image, truth, prob in zip(
+        axes.flat, images, true_labels, probabilities, strict=False
+    ):
         predicted = class_names[1] if prob >= threshold else class_names[0]
         wrong = predicted != truth
         axis.imshow(image)
-        axis.set_title(f"true {truth}\npred {predicted} (p={prob:.2f})",
-                       color="crimson" if wrong else "black", fontsize=9)
+        axis.set_title(
+            f"true {truth}\npred {predicted} (p={prob:.2f})",
+            color="crimson" if wrong else "black",
+            fontsize=9,
+        )
         if wrong:
             axis.axis("on")
             axis.set_xticks([])

@@ -48,14 +48,18 @@ def create_run_dir(out: str | Path | None, recipe: str) -> Path:
 
 def prepare_dataset(config: Config, data_root: str | Path) -> LabelledDataset:
     """Scan the data and assign splits: from a split file, the folders, or a seeded draw."""
-    dataset = scan_dataset(data_root, config.data.classes, include_normal=config.data.include_normal)
+    dataset = scan_dataset(
+        data_root, config.data.classes, include_normal=config.data.include_normal
+    )
     if config.data.split_file:
         return apply_split_file(dataset, config.data.split_file)
     if dataset.layout == "pre-split":
         return dataset
     dataset.samples = draw_split(
-        dataset.samples, val_fraction=config.data.val_fraction,
-        test_fraction=config.data.test_fraction, seed=config.train.seed,
+        dataset.samples,
+        val_fraction=config.data.val_fraction,
+        test_fraction=config.data.test_fraction,
+        seed=config.train.seed,
     )
     return dataset
 
@@ -81,7 +85,9 @@ def load_run(run_dir: str | Path) -> tuple[Config, dict[str, Any]]:
     run_dir = Path(run_dir)
     config_path, info_path = run_dir / CONFIG_FILE, run_dir / INFO_FILE
     if not config_path.is_file() or not info_path.is_file():
-        raise CheckpointError(f"{run_dir} is not a busdx run directory (no {CONFIG_FILE}/{INFO_FILE})")
+        raise CheckpointError(
+            f"{run_dir} is not a busdx run directory (no {CONFIG_FILE}/{INFO_FILE})"
+        )
     config = config_from_dict(yaml.safe_load(config_path.read_text(encoding="utf-8")))
     return config, json.loads(info_path.read_text(encoding="utf-8"))
 

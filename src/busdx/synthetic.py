@@ -37,8 +37,11 @@ def make_lesion_image(
     base = rng.uniform(0.08, 0.13)
     if malignant:
         spikes = rng.integers(7, 14)
-        edge = base * (1 + 0.35 * np.abs(np.sin(spikes * angle / 2 + rng.uniform(0, np.pi))) ** 3
-                       + 0.1 * np.sin(3 * angle + rng.uniform(0, np.pi)))
+        edge = base * (
+            1
+            + 0.35 * np.abs(np.sin(spikes * angle / 2 + rng.uniform(0, np.pi))) ** 3
+            + 0.1 * np.sin(3 * angle + rng.uniform(0, np.pi))
+        )
         edge = edge * np.where(np.abs(np.sin(angle)) > 0.7, 1.15, 0.9)  # taller than wide
         lesion = radius < edge
         shadow = (yy > cy) & (np.abs(xx - cx) < base * size * 0.8)

@@ -160,7 +160,9 @@ def _load_last(path: Path) -> dict[str, Any]:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
-        raise CheckpointError(f"{path} is unreadable ({type(exc).__name__}); start a new run") from exc
+        raise CheckpointError(
+            f"{path} is unreadable ({type(exc).__name__}); start a new run"
+        ) from exc
 
 
 def fit(
@@ -184,7 +186,9 @@ def fit(
     val_loader = DataLoader(val_set, batch_size=config.train.batch_size, num_workers=workers)
 
     trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.Adam(trainable, lr=config.train.lr, weight_decay=config.train.weight_decay)
+    optimizer = torch.optim.Adam(
+        trainable, lr=config.train.lr, weight_decay=config.train.weight_decay
+    )
     criterion = nn.BCEWithLogitsLoss()
 
     history: list[EpochRecord] = []
@@ -201,10 +205,14 @@ def fit(
 
     if model.backbone_frozen:  # the validation forward pass of a frozen backbone never changes
         val_loader = DataLoader(
-            _backbone_features(model, tqdm(val_loader, desc="val features", disable=not progress,
-                                           leave=False), device),
+            _backbone_features(
+                model,
+                tqdm(val_loader, desc="val features", disable=not progress, leave=False),
+                device,
+            ),
             batch_size=config.train.batch_size,
         )
+
         def val_forward(features: torch.Tensor) -> torch.Tensor:
             return model.head(features).squeeze(1)
     else:
@@ -219,33 +227,64 @@ def fit(
         torch.manual_seed(_epoch_seed(config.train.seed, epoch))
         shuffle = torch.Generator().manual_seed(_epoch_seed(config.train.seed, epoch))
         train_loader = DataLoader(
-            train_set, batch_size=config.train.batch_size, shuffle=True, generator=shuffle,
+            train_set,
+            batch_size=config.train.batch_size,
+            shuffle=True,
+            generator=shuffle,
             num_workers=workers,
         )
-        bar = tqdm(train_loader, desc=f"epoch {epoch}/{config.train.epochs}", unit="batch",
-                   disable=not progress, leave=False)
+        bar = tqdm(
+            train_loader,
+            desc=f"epoch {epoch}/{config.train.epochs}",
+            unit="batch",
+            disable=not progress,
+            leave=False,
+        )
         train_loss, train_acc = train_one_epoch(model, bar, optimizer, criterion, device)
         model.eval()
         val_loss, val_acc = evaluate_epoch(val_forward, val_loader, criterion, device)
-        record = EpochRecord(epoch, train_loss, train_acc, val_loss, val_acc,
-                             round(time.perf_counter() - started, 2))
+        record = EpochRecord(
+            epoch, train_loss, train_acc, val_loss, val_acc, round(time.perf_counter() - started, 2)
+        )
         history.append(record)
 
         improved = val_loss < best_val_loss
         if improved:
             best_val_loss, stale_epochs = val_loss, 0
-            _save(run_dir / MODEL_FILE, {**metadata, "state_dict": model.state_dict(),
-                                         "epoch": epoch, "val_loss": val_loss})
+            _save(
+                run_dir / MODEL_FILE,
+                {
+                    **metadata,
+                    "state_dict": model.state_dict(),
+                    "epoch": epoch,
+                    "val_loss": val_loss,
+                },
+            )
         else:
             stale_epochs += 1
-        _save(last_path, {**metadata, "state_dict": model.state_dict(), "epoch": epoch,
-                          "val_loss": val_loss, "optimizer": optimizer.state_dict(),
-                          "history": [asdict(r) for r in history],
-                          "best_val_loss": best_val_loss, "stale_epochs": stale_epochs})
+        _save(
+            last_path,
+            {
+                **metadata,
+                "state_dict": model.state_dict(),
+                "epoch": epoch,
+                "val_loss": val_loss,
+                "optimizer": optimizer.state_dict(),
+                "history": [asdict(r) for r in history],
+                "best_val_loss": best_val_loss,
+                "stale_epochs": stale_epochs,
+            },
+        )
         _write_history(run_dir / HISTORY_FILE, history)
         logger.info(
             "epoch %d/%d  train loss %.4f acc %.3f  val loss %.4f acc %.3f  %.0fs%s",
-            epoch, config.train.epochs, train_loss, train_acc, val_loss, val_acc,
-            record.seconds, "  *best" if improved else "",
+            epoch,
+            config.train.epochs,
+            train_loss,
+            train_acc,
+            val_loss,
+            val_acc,
+            record.seconds,
+            "  *best" if improved else "",
         )
     return history

@@ -80,7 +80,9 @@ def get_weight_spec(arch: str, tag: str) -> WeightSpec:
 
 def weights_dirs() -> list[Path]:
     """Folders searched for weights files, in order."""
-    folders = [Path(p).expanduser() for p in os.environ.get(WEIGHTS_ENV_VAR, "").split(os.pathsep) if p]
+    folders = [
+        Path(p).expanduser() for p in os.environ.get(WEIGHTS_ENV_VAR, "").split(os.pathsep) if p
+    ]
     cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")).expanduser()
     return [*folders, cache / "busdx" / "weights"]
 
@@ -127,7 +129,9 @@ def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises many types for a non-checkpoint file
-        raise WeightsError(f"{path} is not a loadable PyTorch state_dict ({type(exc).__name__})") from exc
+        raise WeightsError(
+            f"{path} is not a loadable PyTorch state_dict ({type(exc).__name__})"
+        ) from exc
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise WeightsError(f"{path} does not hold a state_dict (a mapping of names to tensors)")
     return state

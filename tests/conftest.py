@@ -1,0 +1,34 @@
+"""Shared fixtures: small synthetic datasets and the location of ../shared."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from busdx.synthetic import write_synthetic_dataset
+
+SHARED = Path(__file__).resolve().parents[2] / "shared"
+WEIGHTS_DIR = SHARED / "weights"
+BUSI_DIR = SHARED / "data" / "busi"
+
+
+@pytest.fixture(autouse=True)
+def _weights_dir(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """Point busdx at ../shared/weights and keep the user cache out of the tests."""
+    monkeypatch.setenv("BUSDX_WEIGHTS_DIR", str(WEIGHTS_DIR))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+
+
+@pytest.fixture(scope="session")
+def synthetic_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """12 benign + 12 malignant generated images in the class-folder layout (read-only use)."""
+    return write_synthetic_dataset(tmp_path_factory.mktemp("synthetic"), n_per_class=12, seed=1)
+
+
+def needs_shared(path: Path) -> pytest.MarkDecorator:
+    return pytest.mark.skipif(not path.exists(), reason=f"{path} not available")
+
+
+# Small and fast: a 32x32 input gives VGG16 a 1x1x512 feature map.
+FAST = ["--image-size", "32", "--weights", "none", "--batch-size", "8", "--no-progress"]

@@ -1,0 +1,202 @@
+import csv
+import json
+import shutil
+
+import pytest
+from PIL import Image
+
+from busdx.cli import main
+
+from conftest import FAST
+
+
+@pytest.fixture(scope="module")
+def trained_run(synthetic_data, tmp_path_factory):
+    run = tmp_path_factory.mktemp("runs") / "run"
+    code = main(
+        [
+            "train",
+            "--data",
+            str(synthetic_data),
+            "--out",
+            str(run),
+            "--epochs",
+            "2",
+            "--set",
+            "data.val_fraction=0.25",
+            "--set",
+            "data.test_fraction=0.25",
+            *FAST,
+        ]
+    )
+    assert code == 0
+    return run
+
+
+def test_train_writes_a_complete_run_directory(trained_run):
+    expected = {
+        "config.yaml",
+        "split.csv",
+        "model.pt",
+        "last.pt",
+        "history.csv",
+        "run.json",
+        "training_curves.png",
+        "sample_predictions.png",
+        "metrics.json",
+        "confusion_matrix.png",
+        "roc_curve.png",
+        "predictions.csv",
+    }
+    assert expected <= {p.name for p in trained_run.iterdir()}
+    metrics = json.loads((trained_run / "metrics.json").read_text())
+    assert (
+        metrics["split"] == "test"
+        and metrics["n"] == 6
+        and metrics["positive_class"] == "malignant"
+    )
+    for key in ("accuracy", "roc_auc", "sensitivity", "specificity", "ppv", "npv", "f1"):
+        assert key in metrics
+    assert not [p for p in trained_run.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_evaluate_prints_and_writes_metrics(trained_run, tmp_path, capsys):
+    assert (
+        main(
+            [
+                "evaluate",
+                "--run",
+                str(trained_run),
+                "--split",
+                "val",
+                "--out",
+                str(tmp_path),
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
+    assert "sensitivity" in capsys.readouterr().out
+    assert json.loads((tmp_path / "metrics.json").read_text())["n"] == 6
+
+
+def test_evaluate_external_data_whole(trained_run, synthetic_data, tmp_path):
+    other = shutil.copytree(synthetic_data, tmp_path / "other")
+    assert (
+        main(
+            [
+                "evaluate",
+                "--run",
+                str(trained_run),
+                "--data",
+                str(other),
+                "--split",
+                "all",
+                "--out",
+                str(tmp_path / "e"),
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
+    assert json.loads((tmp_path / "e" / "metrics.json").read_text())["n"] == 24
+
+
+def test_predict_files_and_folders_with_a_bad_file(trained_run, synthetic_data, tmp_path):
+    folder = tmp_path / "scans"
+    folder.mkdir()
+    Image.open(next((synthetic_data / "malignant").glob("*.png"))).save(folder / "good.png")
+    (folder / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    single = next((synthetic_data / "benign").glob("*.png"))
+    out = tmp_path / "pred.csv"
+    assert (
+        main(
+            [
+                "predict",
+                "--run",
+                str(trained_run),
+                str(folder),
+                str(single),
+                "--out",
+                str(out),
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
+    rows = {r["path"].rsplit("/", 1)[-1]: r for r in csv.DictReader(out.open())}
+    assert set(rows) == {"broken.png", "good.png", single.name}
+    assert rows["broken.png"]["error"] and not rows["broken.png"]["probability_malignant"]
+    assert 0 <= float(rows["good.png"]["probability_malignant"]) <= 1
+    assert rows["good.png"]["label"] in {"benign", "malignant"}
+    assert float(rows["good.png"]["threshold"]) == 0.5
+
+
+def test_predict_json(trained_run, synthetic_data, tmp_path):
+    out = tmp_path / "p.json"
+    assert (
+        main(
+            [
+                "predict",
+                "--run",
+                str(trained_run),
+                str(synthetic_data / "benign"),
+                "--out",
+                str(out),
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
+    rows = json.loads(out.read_text())
+    assert len(rows) == 12 and all(r["error"] is None for r in rows)
+
+
+def test_resume_of_a_finished_run_only_re_evaluates(trained_run, capsys):
+    before = (trained_run / "history.csv").read_text()
+    assert main(["train", "--resume", str(trained_run), "--no-progress"]) == 0
+    assert (trained_run / "history.csv").read_text() == before
+
+
+def _error_case(tmp_path, synthetic_data, case):
+    one_class = tmp_path / "one"
+    shutil.copytree(synthetic_data / "benign", one_class / "benign")
+    existing = tmp_path / "existing"
+    existing.mkdir()
+    (existing / "file").write_text("x")
+    return {
+        "missing data": ["train", "--data", str(tmp_path / "nope"), *FAST],
+        "single class": ["train", "--data", str(one_class), *FAST],
+        "existing run dir": ["train", "--data", str(synthetic_data), "--out", str(existing), *FAST],
+        "unknown key": ["train", "--data", str(synthetic_data), "--set", "train.epoch=3"],
+        "not a run": ["evaluate", "--run", str(tmp_path)],
+        "missing image": ["predict", "--run", str(existing), str(tmp_path / "x.png")],
+        "not a model": ["predict", "--run", str(existing / "file"), str(synthetic_data)],
+    }[case]
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        "missing data",
+        "single class",
+        "existing run dir",
+        "unknown key",
+        "not a run",
+        "missing image",
+        "not a model",
+    ],
+)
+def test_user_errors_exit_2_with_one_line(tmp_path, synthetic_data, capsys, case):
+    assert main(_error_case(tmp_path, synthetic_data, case)) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("busdx: error: ") and "Traceback" not in "\n".join(err)
+
+
+def test_version_and_help(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--version"])
+    assert exit_info.value.code == 0 and capsys.readouterr().out.startswith("busdx ")
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    assert "--resume" in capsys.readouterr().out

@@ -1,0 +1,104 @@
+import importlib.util
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from busdx.config import AugmentConfig, ModelConfig
+from busdx.errors import UnknownModelError, WeightsError
+from busdx.models import create_model, list_models
+from busdx.transforms import build_eval_transform, build_train_transform
+from busdx.weights import get_weight_spec, resolve_weights_file
+
+from conftest import WEIGHTS_DIR, needs_shared
+
+
+def test_registry_and_output_shape():
+    assert "vgg16" in list_models()
+    model, info, prep = create_model(ModelConfig(weights="none"), image_size=64)
+    assert info.name == "none" and info.sha256 is None and prep.image_size == 64
+    assert model(torch.zeros(3, 3, 64, 64)).shape == (3,)
+    assert model.head[1].in_features == 512 * 2 * 2
+    assert [type(m).__name__ for m in model.head] == [
+        "Flatten",
+        "Linear",
+        "ReLU",
+        "Dropout",
+        "Linear",
+    ]
+
+
+def test_frozen_backbone_gets_no_gradient_and_stays_in_eval_mode():
+    model, _, _ = create_model(ModelConfig(weights="none"), image_size=32)
+    assert not any(p.requires_grad for p in model.backbone.parameters())
+    assert all(p.requires_grad for p in model.head.parameters())
+    model.train()
+    assert not model.backbone.training and model.head.training
+    model(torch.randn(2, 3, 32, 32)).sum().backward()
+    assert all(p.grad is None for p in model.backbone.parameters())
+    assert model.head[1].weight.grad is not None
+
+
+def test_unfrozen_backbone_trains():
+    model, _, _ = create_model(ModelConfig(weights="none", freeze_backbone=False), image_size=32)
+    model(torch.randn(2, 3, 32, 32)).sum().backward()
+    assert model.backbone[0].weight.grad is not None
+
+
+def test_unknown_model_suggests_a_name():
+    with pytest.raises(UnknownModelError, match="Did you mean 'vgg16'"):
+        create_model(ModelConfig(name="vgg61"), image_size=32)
+
+
+@needs_shared(WEIGHTS_DIR)
+def test_imagenet_weights_load_exactly_with_checksum():
+    model, info, prep = create_model(ModelConfig(), image_size=32)
+    state = torch.load(WEIGHTS_DIR / "vgg16_features_imagenet_rgb.pth", weights_only=True)
+    assert info.sha256 == get_weight_spec("vgg16", "imagenet").sha256
+    for key, tensor in state.items():
+        torch.testing.assert_close(model.backbone.state_dict()[key], tensor, rtol=0, atol=0)
+    assert prep.mean == (123.68, 116.779, 103.939) and prep.std == (1.0, 1.0, 1.0)
+
+
+@needs_shared(WEIGHTS_DIR)
+def test_eval_preprocessing_matches_the_weights_reference_helper():
+    """Our transform must equal MANIFEST.md's preprocess_rgb255 (Caffe-style, RGB, no std)."""
+    spec = importlib.util.spec_from_file_location(
+        "ref", WEIGHTS_DIR / "tools" / "vgg16_features.py"
+    )
+    ref = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ref)
+    rgb = np.random.default_rng(0).integers(0, 256, (224, 224, 3), dtype=np.uint8)
+    _, _, prep = create_model(ModelConfig(weights="none"), image_size=224)
+    ours = build_eval_transform(prep)(Image.fromarray(rgb))
+    expected = ref.preprocess_rgb255(torch.from_numpy(rgb).permute(2, 0, 1)[None].float())[0]
+    torch.testing.assert_close(ours, expected, rtol=0, atol=1e-4)
+
+
+def test_train_transform_is_random_and_keeps_shape():
+    _, _, prep = create_model(ModelConfig(weights="none"), image_size=64)
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (80, 90, 3), np.uint8))
+    transform = build_train_transform(prep, AugmentConfig())
+    torch.manual_seed(0)
+    first, second = transform(image), transform(image)
+    assert first.shape == (3, 64, 64) and not torch.equal(first, second)
+
+
+def test_missing_weights_file_says_where_to_put_it(monkeypatch, tmp_path):
+    monkeypatch.setenv("BUSDX_WEIGHTS_DIR", str(tmp_path / "empty"))
+    with pytest.raises(WeightsError, match=r"vgg16_features_imagenet_rgb\.pth.*not found in"):
+        resolve_weights_file(get_weight_spec("vgg16", "imagenet"))
+
+
+def test_corrupt_weights_file_fails_its_checksum(monkeypatch, tmp_path):
+    (tmp_path / "vgg16_features_imagenet_rgb.pth").write_bytes(b"not the weights")
+    monkeypatch.setenv("BUSDX_WEIGHTS_DIR", str(tmp_path))
+    with pytest.raises(WeightsError, match="expected 89712a06"):
+        resolve_weights_file(get_weight_spec("vgg16", "imagenet"))
+
+
+def test_weights_from_a_path_must_fit(tmp_path):
+    torch.save({"conv.weight": torch.zeros(1)}, tmp_path / "other.pth")
+    with pytest.raises(WeightsError, match="does not fit"):
+        create_model(ModelConfig(weights=str(tmp_path / "other.pth")), image_size=32)

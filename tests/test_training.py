@@ -1,0 +1,57 @@
+import torch
+
+from busdx.config import apply_overrides, load_config
+from busdx.runs import prepare_dataset
+from busdx.training import LAST_FILE, MODEL_FILE, fit
+
+FAST = [
+    "data.image_size=32",
+    "model.weights=none",
+    "train.batch_size=8",
+    "train.epochs=3",
+    "data.val_fraction=0.25",
+    "data.test_fraction=0.25",
+]
+
+
+def _setup(synthetic_data, *extra):
+    config = apply_overrides(load_config(), [*FAST, *extra])
+    return config, prepare_dataset(config, synthetic_data)
+
+
+def test_resume_after_interruption_continues_exactly(synthetic_data, tmp_path):
+    config, dataset = _setup(synthetic_data)
+    straight = fit(config, dataset, tmp_path / "straight", progress=False)
+
+    short = apply_overrides(config, ["train.epochs=1"])
+    fit(short, dataset, tmp_path / "resumed", progress=False)  # "killed" after epoch 1
+    resumed = fit(config, dataset, tmp_path / "resumed", progress=False)
+
+    assert [r.epoch for r in resumed] == [1, 2, 3]
+    for a, b in zip(straight, resumed, strict=True):
+        assert (a.train_loss, a.val_loss) == (b.train_loss, b.val_loss)
+    final = [
+        torch.load(d / LAST_FILE, weights_only=True)["state_dict"]
+        for d in (tmp_path / "straight", tmp_path / "resumed")
+    ]
+    for key in final[0]:
+        assert torch.equal(final[0][key], final[1][key])
+
+
+def test_model_file_carries_its_metadata(synthetic_data, tmp_path):
+    config, dataset = _setup(synthetic_data, "train.epochs=1")
+    fit(config, dataset, tmp_path, progress=False)
+    payload = torch.load(tmp_path / MODEL_FILE, weights_only=True)  # safe loading works
+    assert payload["format"] == "busdx-model" and payload["class_names"] == ["benign", "malignant"]
+    assert payload["preprocessing"]["mean"] == [123.68, 116.779, 103.939]
+    assert payload["weights"] == {"name": "none", "sha256": None}
+    assert payload["config"]["train"]["epochs"] == 1 and payload["busdx_version"]
+    assert (tmp_path / "history.csv").read_text().startswith("epoch,train_loss,train_accuracy")
+
+
+def test_early_stopping_stops(synthetic_data, tmp_path):
+    config, dataset = _setup(
+        synthetic_data, "train.epochs=30", "train.early_stopping_patience=1", "train.lr=10.0"
+    )
+    history = fit(config, dataset, tmp_path, progress=False)
+    assert len(history) < 30
