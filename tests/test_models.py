@@ -87,14 +87,14 @@ def test_train_transform_is_random_and_keeps_shape():
 
 def test_missing_weights_file_says_where_to_put_it(monkeypatch, tmp_path):
     monkeypatch.setenv("BUSDX_WEIGHTS_DIR", str(tmp_path / "empty"))
-    with pytest.raises(WeightsError, match=r"vgg16_features_imagenet_rgb\.pth.*not found in"):
-        resolve_weights_file(get_weight_spec("vgg16", "imagenet"))
+    with pytest.raises(WeightsError, match=r"imagenet_rgb\.pth \(vgg16\.imagenet\) not found; put"):
+        resolve_weights_file(get_weight_spec("vgg16", "imagenet"), download=False)
 
 
 def test_corrupt_weights_file_fails_its_checksum(monkeypatch, tmp_path):
     (tmp_path / "vgg16_features_imagenet_rgb.pth").write_bytes(b"not the weights")
     monkeypatch.setenv("BUSDX_WEIGHTS_DIR", str(tmp_path))
-    with pytest.raises(WeightsError, match="expected 89712a06"):
+    with pytest.raises(WeightsError, match=r"does not hold the vgg16\.imagenet weights"):
         resolve_weights_file(get_weight_spec("vgg16", "imagenet"))
 
 

@@ -25,7 +25,15 @@ from busdx.evaluation import evaluate_samples, format_metrics
 from busdx.fileio import atomic_write_text
 from busdx.inference import expand_paths, load_model, predict_files
 from busdx.reporting import plot_training_curves
-from busdx.runs import create_run_dir, load_run, prepare_dataset, samples_for_split, save_run
+from busdx.runs import (
+    SPLIT_FILE,
+    create_run_dir,
+    load_run,
+    prepare_dataset,
+    samples_for_split,
+    save_config,
+    save_run,
+)
 from busdx.synthetic import write_synthetic_dataset
 from busdx.training import fit
 from busdx.weights import get_weight_spec, resolve_weights_file
@@ -85,7 +93,6 @@ def _train(config: Config, dataset: LabelledDataset, run_dir: Path, progress: bo
         dataset.layout,
         "; ".join(f"{split} {dict(row)}" for split, row in sorted(counts.items())),
     )
-    save_run(run_dir, config, dataset)
     started = time.perf_counter()
     fit(config, dataset, run_dir, progress=progress)
     logger.info("training took %.0f s", time.perf_counter() - started)
@@ -97,14 +104,16 @@ def cmd_train(args: argparse.Namespace) -> int:
         run_dir = Path(args.resume)
         config, info = load_run(run_dir)
         config = apply_overrides(config, _overrides(args))
-        config.data.split_file = str(run_dir / "split.csv")
+        config.data.split_file = str(run_dir / SPLIT_FILE)
         dataset = prepare_dataset(config, args.data or info["data_root"])
+        save_config(run_dir, config)  # overrides such as more epochs are recorded
     else:
         if not args.data:
             raise DataError("--data DIR is required (or --resume RUNDIR to continue a run)")
         config = apply_overrides(load_config(args.config, recipe=args.recipe), _overrides(args))
         dataset = prepare_dataset(config, args.data)
         run_dir = create_run_dir(args.out, config.recipe)
+        save_run(run_dir, config, dataset)
     result = _train(config, dataset, run_dir, not args.no_progress)
     print(format_metrics(result))
     print(f"run directory: {run_dir}")
@@ -189,7 +198,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
         overrides.append("model.weights=none")
     config = apply_overrides(load_config(), overrides)
     started = time.perf_counter()
-    result = _train(config, prepare_dataset(config, data_dir), run_dir, not args.no_progress)
+    dataset = prepare_dataset(config, data_dir)
+    save_run(run_dir, config, dataset)
+    result = _train(config, dataset, run_dir, not args.no_progress)
     examples = (
         sorted((data_dir / "malignant").glob("*.png"))[:2]
         + sorted((data_dir / "benign").glob("*.png"))[:2]

@@ -113,7 +113,6 @@ def _initial_weights(backbone: nn.Module, arch: str, weights: str) -> WeightsInf
     if weights == "imagenet":
         spec = get_weight_spec(arch, "imagenet")
         path = resolve_weights_file(spec)
-        digest = spec.sha256
     else:
         spec = get_weight_spec(arch, "imagenet")
         path = Path(weights).expanduser()
@@ -121,7 +120,7 @@ def _initial_weights(backbone: nn.Module, arch: str, weights: str) -> WeightsInf
             raise WeightsError(
                 f"--weights {weights!r} is neither 'imagenet', 'none' nor an existing file"
             )
-        digest = sha256_file(path)
+    digest = sha256_file(path)
     state = load_state_dict(path)
     result = backbone.load_state_dict(state, strict=False)
     if result.missing_keys or result.unexpected_keys:

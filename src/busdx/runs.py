@@ -24,6 +24,7 @@ __all__ = [
     "load_run",
     "prepare_dataset",
     "samples_for_split",
+    "save_config",
     "save_run",
 ]
 
@@ -64,9 +65,14 @@ def prepare_dataset(config: Config, data_root: str | Path) -> LabelledDataset:
     return dataset
 
 
+def save_config(run_dir: Path, config: Config) -> None:
+    """Write the resolved config as ``config.yaml``."""
+    atomic_write_text(run_dir / CONFIG_FILE, yaml.safe_dump(config.to_dict(), sort_keys=False))
+
+
 def save_run(run_dir: Path, config: Config, dataset: LabelledDataset) -> None:
     """Write the resolved config, the split and where the data came from."""
-    atomic_write_text(run_dir / CONFIG_FILE, yaml.safe_dump(config.to_dict(), sort_keys=False))
+    save_config(run_dir, config)
     write_split_csv(dataset, run_dir / SPLIT_FILE)
     info = {
         "data_root": str(dataset.root),

@@ -3,13 +3,16 @@
 A named weights file is looked for, in order, in each folder of ``$BUSDX_WEIGHTS_DIR``
 (``os.pathsep``-separated) and in the user cache ``$XDG_CACHE_HOME/busdx/weights`` (default
 ``~/.cache/busdx/weights``). A file with a download address is fetched into the cache when it
-is found nowhere. Every file is checked against its sha256 before use, and loaded with
-``torch.load(..., weights_only=True)``, which runs no code from the file.
+is found nowhere (the VGG16 trunk comes from the Keras release and is converted; that needs
+``h5py``). Every file is checked before use, by the sha256 of the file or, for a converted copy,
+of its tensors, and loaded with ``torch.load(..., weights_only=True)``, which runs no code.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,6 +24,8 @@ from busdx.fileio import atomic_path, sha256_file
 __all__ = [
     "WEIGHTS_ENV_VAR",
     "WeightSpec",
+    "content_sha256",
+    "convert_keras_vgg16_h5",
     "get_weight_spec",
     "load_state_dict",
     "resolve_weights_file",
@@ -40,9 +45,11 @@ class WeightSpec:
     sha256: str
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
+    content_sha256: str  # of key names + float32 bytes: independent of the torch.save container
     source: str
     license: str
-    url: str | None = None  # direct download address, when the file is published as is
+    url: str | None = None  # download address
+    url_format: str = "pth"  # "pth" (the file itself) or "keras-h5" (converted after download)
 
     @property
     def name(self) -> str:
@@ -60,9 +67,13 @@ _SPECS = {
             sha256="89712a0613d662f4d6f51b5d01667fff754e1b22b8169316b0b59584704f18a3",
             mean=(123.68, 116.779, 103.939),  # Caffe-style: RGB means, no std scaling
             std=(1.0, 1.0, 1.0),
+            content_sha256="3d86a843ff35e070043575af732c3dae694d4953abf64a50779c00f406eae769",
             source="Oxford VGG16 ImageNet weights (Simonyan & Zisserman 2015) via Keras, "
             "convolutional trunk only, RGB channel order",
             license="CC BY 4.0",
+            url="https://storage.googleapis.com/tensorflow/keras-applications/vgg16/"
+            "vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5",
+            url_format="keras-h5",
         ),
     ]
 }
@@ -87,18 +98,82 @@ def weights_dirs() -> list[Path]:
     return [*folders, cache / "busdx" / "weights"]
 
 
+def content_sha256(state: dict[str, torch.Tensor]) -> str:
+    """sha256 over each key name and its tensor's raw float32 bytes, in order."""
+    digest = hashlib.sha256()
+    for key, tensor in state.items():
+        digest.update(key.encode())
+        digest.update(tensor.detach().float().contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+# Keras layer name -> index of the same conv in torchvision's vgg16().features
+_VGG16_KERAS_LAYERS = {
+    f"block{block}_conv{conv}": index
+    for (block, conv), index in zip(
+        [(1, 1), (1, 2), (2, 1), (2, 2), (3, 1), (3, 2), (3, 3),
+         (4, 1), (4, 2), (4, 3), (5, 1), (5, 2), (5, 3)],
+        [0, 2, 5, 7, 10, 12, 14, 17, 19, 21, 24, 26, 28],
+        strict=True,
+    )
+}  # fmt: skip
+
+
+def convert_keras_vgg16_h5(path: str | Path) -> dict[str, torch.Tensor]:
+    """Keras ``VGG16(include_top=False)`` weights (HDF5, BGR input) -> torchvision-keyed, RGB.
+
+    Kernels go from HWIO to OIHW, and the first conv's input channels are reversed so that the
+    network takes RGB; everything else is copied unchanged.
+    """
+    try:
+        import h5py
+    except ImportError as exc:
+        raise WeightsError(
+            "converting the Keras VGG16 weights needs h5py: pip install h5py"
+        ) from exc
+    state: dict[str, torch.Tensor] = {}
+    with h5py.File(path, "r") as handle:
+        for layer, index in _VGG16_KERAS_LAYERS.items():
+            if layer not in handle:
+                raise WeightsError(f"{path} has no layer {layer}: not the Keras VGG16 weights")
+            group = handle[layer]
+            names = [n.decode() if isinstance(n, bytes) else n for n in group.attrs["weight_names"]]
+            kernel_name = next(n for n in names if "kernel" in n)
+            bias_name = next(n for n in names if "bias" in n)
+            kernel = torch.from_numpy(group[kernel_name][()]).permute(3, 2, 0, 1).contiguous()
+            if index == 0:
+                kernel = kernel.flip(1).contiguous()  # BGR -> RGB input channels
+            state[f"{index}.weight"] = kernel.float()
+            state[f"{index}.bias"] = torch.from_numpy(group[bias_name][()]).float()
+    return state
+
+
 def _download(spec: WeightSpec, target: Path) -> None:
+    target.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(target) as tmp:
-        torch.hub.download_url_to_file(spec.url, str(tmp), progress=True)
+        if spec.url_format == "keras-h5":
+            with tempfile.TemporaryDirectory(dir=target.parent) as folder:
+                source = Path(folder) / "download.h5"
+                torch.hub.download_url_to_file(spec.url, str(source), progress=True)
+                torch.save(convert_keras_vgg16_h5(source), tmp)
+        else:
+            torch.hub.download_url_to_file(spec.url, str(tmp), progress=True)
         _verify(spec, tmp)
 
 
 def _verify(spec: WeightSpec, path: Path) -> None:
-    digest = sha256_file(path)
-    if digest != spec.sha256:
+    """Accept the published file (sha256) or any container of the same tensors (content hash)."""
+    if sha256_file(path) == spec.sha256:
+        return
+    try:
+        matches = content_sha256(load_state_dict(path)) == spec.content_sha256
+    except WeightsError:
+        matches = False
+    if not matches:
         raise WeightsError(
-            f"{path} has sha256 {digest}, expected {spec.sha256} for {spec.name}; "
-            "the file is corrupt or a different version: replace it"
+            f"{path} does not hold the {spec.name} weights (sha256 {spec.sha256[:12]}... or "
+            f"tensor hash {spec.content_sha256[:12]}... expected): the file is corrupt or a "
+            "different version; replace it"
         )
 
 
@@ -110,15 +185,22 @@ def resolve_weights_file(spec: WeightSpec, *, download: bool = True) -> Path:
             _verify(spec, candidate)
             return candidate
     cache_target = weights_dirs()[-1] / spec.filename
-    if download and spec.url:
-        _download(spec, cache_target)
-        return cache_target
     searched = ", ".join(str(d) for d in weights_dirs())
-    raise WeightsError(
-        f"weights file {spec.filename} ({spec.name}, sha256 {spec.sha256[:12]}...) not found in "
-        f"{searched}; put it in one of these folders or point ${WEIGHTS_ENV_VAR} at its folder "
+    where = (
+        f"put {spec.filename} in one of {searched}, or point ${WEIGHTS_ENV_VAR} at its folder "
         "(or train with --weights none)"
     )
+    if download and spec.url:
+        try:
+            _download(spec, cache_target)
+        except OSError as exc:  # URLError, HTTPError and socket errors are OSErrors
+            if isinstance(exc, WeightsError):
+                raise
+            raise WeightsError(
+                f"could not download {spec.name} from {spec.url} ({exc}); {where}"
+            ) from exc
+        return cache_target
+    raise WeightsError(f"weights file {spec.filename} ({spec.name}) not found; {where}")
 
 
 def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
