@@ -105,3 +105,21 @@ def test_dataset_is_never_modified(synthetic_data):
     before = {p: p.stat().st_mtime_ns for p in synthetic_data.rglob("*")}
     scan_dataset(synthetic_data, CLASSES)
     assert {p: p.stat().st_mtime_ns for p in synthetic_data.rglob("*")} == before
+
+
+def test_grouped_split_never_separates_a_group(synthetic_data):
+    samples = scan_dataset(synthetic_data, CLASSES).samples
+    groups = [i // 3 for i in range(len(samples))]  # 8 groups of 3 images
+    split = draw_split(samples, val_fraction=0.25, test_fraction=0.25, seed=0, groups=groups)
+    by_path = {s.relpath: s.split for s in split}
+    pairs = list(zip(samples, groups, strict=True))
+    for group in set(groups):
+        assert len({by_path[s.relpath] for s, g in pairs if g == group}) == 1
+    assert {s.split for s in split} == {"train", "val", "test"}
+
+
+def test_grouped_split_keeps_train_non_empty(synthetic_data):
+    samples = scan_dataset(synthetic_data, CLASSES).samples
+    groups = [s.label * 10 + i % 3 for i, s in enumerate(samples)]  # 3 big groups per class
+    split = draw_split(samples, val_fraction=0.45, test_fraction=0.45, seed=0, groups=groups)
+    assert all(sum(s.split == "train" and s.label == c for s in split) for c in (0, 1))

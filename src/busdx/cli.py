@@ -18,8 +18,9 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from busdx import __version__
+from busdx.audit import DEFAULT_MAX_DISTANCE, audit_dataset, write_audit
 from busdx.config import Config, apply_overrides, list_recipes, load_config
-from busdx.data import LabelledDataset
+from busdx.data import LabelledDataset, apply_split_file, scan_dataset
 from busdx.errors import BusdxError, DataError
 from busdx.evaluation import evaluate_samples, format_metrics
 from busdx.fileio import atomic_write_text
@@ -180,6 +181,25 @@ def _csv_cell(value: object) -> str:
     return f'"{text.replace(chr(34), chr(34) * 2)}"' if any(c in text for c in ',"\n') else text
 
 
+def cmd_audit(args: argparse.Namespace) -> int:
+    config = load_config()
+    dataset = scan_dataset(args.data, config.data.classes, include_normal=not args.exclude_normal)
+    if args.split_file:
+        dataset = apply_split_file(dataset, args.split_file)
+    result = audit_dataset(dataset, max_distance=args.max_distance, progress=not args.no_progress)
+    out = Path(args.out) if args.out else Path("audit") / dataset.root.name
+    write_audit(result, out)
+    summary = result.summary()
+    width = max(len(key) for key in summary)
+    print(f"audit of {dataset.root} ({dataset.layout})")
+    for key, value in summary.items():
+        print(f"  {key.replace('_', ' '):<{width}}  {value}")
+    if result.cross_split_pairs:
+        print(f"  LEAKAGE: {len(result.cross_split_pairs)} duplicate pair(s) straddle two splits")
+    print(f"report: {out / 'audit.html'} and {out / 'audit.json'}")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     out = Path(args.out) / time.strftime("%Y%m%d-%H%M%S")
     run_dir = create_run_dir(out / "run", "demo")
@@ -282,6 +302,26 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--device", default="auto")
     common(predict)
     predict.set_defaults(func=cmd_predict)
+
+    audit = commands.add_parser(
+        "audit",
+        help="counts, broken files, duplicates and leakage",
+        description="Audit a dataset: class counts, image sizes and modes, unreadable files, "
+        "exact and near-duplicate images, and duplicates that straddle two splits.",
+    )
+    audit.add_argument("--data", required=True, help="dataset folder")
+    audit.add_argument("--split-file", help="check this split (path,label,split CSV) for leaks")
+    audit.add_argument("--out", help="report folder (default audit/<data name>)")
+    audit.add_argument(
+        "--max-distance",
+        type=int,
+        default=DEFAULT_MAX_DISTANCE,
+        help="perceptual-hash bits (of 63) that still count as duplicate "
+        f"(default {DEFAULT_MAX_DISTANCE})",
+    )
+    audit.add_argument("--exclude-normal", action="store_true", help="skip normal/ folders")
+    common(audit)
+    audit.set_defaults(func=cmd_audit)
 
     demo = commands.add_parser(
         "demo",

@@ -52,6 +52,8 @@ class DataConfig:
     val_fraction: float = 0.15
     test_fraction: float = 0.15
     split_file: str | None = None  # re-use a split.csv instead of drawing a new split
+    group_duplicates: bool = True  # keep near-duplicate images in one split (see busdx audit)
+    duplicate_distance: int = 10  # perceptual-hash bits (of 63) that still count as duplicate
     num_workers: int = 0
 
 

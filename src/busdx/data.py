@@ -56,7 +56,9 @@ class Sample:
     relpath: str  # POSIX path relative to the dataset root: the key used in split files
     label: int  # index into the class names; 1 is the positive class
     sha256: str
+    class_folder: str  # the folder the image was found in ("normal" may be labelled benign)
     split: str | None = None
+    group: int | None = None  # near-duplicate group: images of one group share a split
 
 
 @dataclass
@@ -116,7 +118,7 @@ def _scan_class_folders(
                 logger.warning("skipping %s", exc)
                 continue
             relpath = path.relative_to(root).as_posix()
-            samples.append(Sample(path, relpath, label, sha256_file(path), split))
+            samples.append(Sample(path, relpath, label, sha256_file(path), class_dir.name, split))
     return samples, skipped
 
 
@@ -168,40 +170,68 @@ def _check_classes(dataset: LabelledDataset) -> None:
 
 
 def draw_split(
-    samples: Sequence[Sample], *, val_fraction: float, test_fraction: float, seed: int
+    samples: Sequence[Sample],
+    *,
+    val_fraction: float,
+    test_fraction: float,
+    seed: int,
+    groups: Sequence[int] | None = None,
 ) -> list[Sample]:
     """Assign train/val/test stratified by class, reproducibly for a given ``seed``.
 
-    Each class is shuffled with its own seeded generator and cut by the fractions (rounded),
-    keeping at least one image of each class in each non-empty split.
+    ``groups`` (one id per sample, e.g. near-duplicate groups from the audit) keeps every group
+    in a single split; a group counts for the class most of its images have. Within each class
+    the groups are shuffled with a seeded generator and dealt to test, then val, until each holds
+    its fraction of the class's images (at least one group each), the rest to train.
     """
+    groups = list(range(len(samples))) if groups is None else list(groups)
+    members: dict[int, list[Sample]] = {}
+    for sample, group in sorted(zip(samples, groups, strict=True), key=lambda p: p[0].relpath):
+        members.setdefault(group, []).append(replace(sample, group=group))
+    by_label: dict[int, list[list[Sample]]] = {}
+    for group_samples in members.values():
+        labels = Counter(s.label for s in group_samples)
+        majority = max(labels, key=lambda label: (labels[label], label))
+        by_label.setdefault(majority, []).append(group_samples)
     result: list[Sample] = []
-    by_label: dict[int, list[Sample]] = {}
-    for sample in sorted(samples, key=lambda s: s.relpath):
-        by_label.setdefault(sample.label, []).append(sample)
-    for label, group in sorted(by_label.items()):
-        wanted = [f for f in (val_fraction, test_fraction) if f > 0]
-        if len(group) < len(wanted) + 1:
+    for label, units in sorted(by_label.items()):
+        wanted = [f for f in (test_fraction, val_fraction) if f > 0]
+        if len(units) < len(wanted) + 1:
             raise DataError(
-                f"class {label} has only {len(group)} image(s): too few for a train/val/test "
-                "split; add images or set data.val_fraction / data.test_fraction to 0"
+                f"class {label} has only {len(units)} independent image group(s): too few for a "
+                "train/val/test split; add images or set data.val_fraction and "
+                "data.test_fraction to 0"
             )
-        order = np.random.default_rng([seed, label]).permutation(len(group))
-        n_test = max(1, round(len(group) * test_fraction)) if test_fraction > 0 else 0
-        n_val = max(1, round(len(group) * val_fraction)) if val_fraction > 0 else 0
-        for rank, index in enumerate(order):
-            split = "test" if rank < n_test else "val" if rank < n_test + n_val else "train"
-            result.append(replace(group[index], split=split))
+        total = sum(len(unit) for unit in units)
+        quota = {"test": test_fraction * total, "val": val_fraction * total}
+        filled = {"test": 0, "val": 0, "train": 0}
+        order = np.random.default_rng([seed, label]).permutation(len(units))
+        for position, index in enumerate(order):
+            unit = units[index]
+            last_chance_for_train = position == len(order) - 1 and filled["train"] == 0
+            split = next(
+                (
+                    name
+                    for name in ("test", "val")
+                    if quota[name] > 0
+                    and not last_chance_for_train
+                    and (filled[name] == 0 or filled[name] + len(unit) / 2 <= quota[name])
+                ),
+                "train",
+            )
+            filled[split] += len(unit)
+            result += [replace(s, split=split) for s in unit]
     return sorted(result, key=lambda s: s.relpath)
 
 
 def write_split_csv(dataset: LabelledDataset, path: str | Path) -> None:
-    """Save ``path,label,split,sha256`` rows, one per image, for audit and re-use."""
+    """Save ``path,label,split,group,sha256`` rows, one per image, for audit and re-use."""
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(["path", "label", "split", "sha256"])
+    writer.writerow(["path", "label", "split", "group", "sha256"])
     for s in dataset.samples:
-        writer.writerow([s.relpath, dataset.class_names[s.label], s.split or "", s.sha256])
+        group = "" if s.group is None else s.group
+        writer.writerow([s.relpath, dataset.class_names[s.label], s.split or "", group, s.sha256])
     atomic_write_text(path, buffer.getvalue())
 
 

@@ -6,12 +6,14 @@ import json
 import logging
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 from busdx import __version__
+from busdx.audit import audit_dataset
 from busdx.config import Config, config_from_dict
 from busdx.data import LabelledDataset, apply_split_file, draw_split, scan_dataset, write_split_csv
 from busdx.errors import CheckpointError, DataError, RunDirError
@@ -47,20 +49,45 @@ def create_run_dir(out: str | Path | None, recipe: str) -> Path:
     return run_dir
 
 
-def prepare_dataset(config: Config, data_root: str | Path) -> LabelledDataset:
-    """Scan the data and assign splits: from a split file, the folders, or a seeded draw."""
+def prepare_dataset(
+    config: Config, data_root: str | Path, *, progress: bool = False
+) -> LabelledDataset:
+    """Scan the data and assign splits: from a split file, the folders, or a seeded draw.
+
+    With ``data.group_duplicates`` (default) a drawn split keeps near-duplicate groups whole, and
+    a given split (folders or split file) is checked for duplicates across splits: a warning.
+    """
     dataset = scan_dataset(
         data_root, config.data.classes, include_normal=config.data.include_normal
     )
     if config.data.split_file:
-        return apply_split_file(dataset, config.data.split_file)
-    if dataset.layout == "pre-split":
+        dataset = apply_split_file(dataset, config.data.split_file)
+    if not config.data.group_duplicates:
+        groups = None
+    else:
+        audit = audit_dataset(
+            dataset, max_distance=config.data.duplicate_distance, progress=progress
+        )
+        groups = audit.groups
+        if dataset.layout == "pre-split" or config.data.split_file:
+            if audit.cross_split_pairs:
+                logger.warning(
+                    "LEAKAGE: %d duplicate or near-duplicate image pair(s) straddle two splits; "
+                    "validation/test metrics will be optimistic. See: busdx audit --data %s",
+                    len(audit.cross_split_pairs),
+                    dataset.root,
+                )
+            dataset.samples = [
+                replace(s, group=g) for s, g in zip(dataset.samples, groups, strict=True)
+            ]
+    if dataset.layout == "pre-split" or config.data.split_file:
         return dataset
     dataset.samples = draw_split(
         dataset.samples,
         val_fraction=config.data.val_fraction,
         test_fraction=config.data.test_fraction,
         seed=config.train.seed,
+        groups=groups,
     )
     return dataset
 
