@@ -3,6 +3,7 @@ import json
 import shutil
 
 import pytest
+import torch
 from PIL import Image
 
 from busdx.cli import main
@@ -55,8 +56,21 @@ def test_train_writes_a_complete_run_directory(trained_run):
         and metrics["n"] == 6
         and metrics["positive_class"] == "malignant"
     )
-    for key in ("accuracy", "roc_auc", "sensitivity", "specificity", "ppv", "npv", "f1"):
-        assert key in metrics
+    for key in (
+        "accuracy",
+        "roc_auc",
+        "pr_auc",
+        "brier",
+        "ece",
+        "sensitivity",
+        "specificity",
+        "ppv",
+        "npv",
+        "f1",
+    ):
+        assert key in metrics and key in metrics["ci"]
+    assert set(metrics["operating_points"]) == {"target_sensitivity", "youden", "fixed"}
+    assert metrics["calibrated"] and metrics["threshold_policy"] == "target_sensitivity"
     assert not [p for p in trained_run.iterdir() if p.name.endswith(".tmp")]
 
 
@@ -129,7 +143,8 @@ def test_predict_files_and_folders_with_a_bad_file(trained_run, synthetic_data, 
     assert rows["broken.png"]["error"] and not rows["broken.png"]["probability_malignant"]
     assert 0 <= float(rows["good.png"]["probability_malignant"]) <= 1
     assert rows["good.png"]["label"] in {"benign", "malignant"}
-    assert float(rows["good.png"]["threshold"]) == 0.5
+    stored = torch.load(trained_run / "model.pt", weights_only=True)["threshold"]
+    assert float(rows["good.png"]["threshold"]) == pytest.approx(stored)
 
 
 def test_predict_json(trained_run, synthetic_data, tmp_path):

@@ -3,7 +3,15 @@ import pytest
 from sklearn import metrics as skm
 
 from busdx.errors import SingleClassError
-from busdx.metrics import binary_metrics, roc_auc, roc_curve
+from busdx.metrics import (
+    binary_metrics,
+    bootstrap_ci,
+    expected_calibration_error,
+    roc_auc,
+    roc_curve,
+    threshold_for_sensitivity,
+    youden_threshold,
+)
 
 
 @pytest.mark.parametrize("seed", range(5))
@@ -45,3 +53,55 @@ def test_undefined_ratio_is_nan_not_zero():
 def test_single_class_is_an_error_not_nan():
     with pytest.raises(SingleClassError, match="both benign and malignant"):
         binary_metrics([1, 1, 1], [0.2, 0.5, 0.9])
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_pr_auc_and_brier_match_scikit_learn(seed):
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, 2, 150)
+    y[:2] = [0, 1]
+    p = np.round(np.clip(0.3 * y + rng.normal(0.35, 0.2, 150), 0, 1), 2)
+    m = binary_metrics(y, p)
+    assert m["pr_auc"] == pytest.approx(skm.average_precision_score(y, p))
+    assert m["brier"] == pytest.approx(skm.brier_score_loss(y, p))
+
+
+def test_ece_of_a_calibrated_and_an_overconfident_model():
+    rng = np.random.default_rng(0)
+    p = rng.uniform(0, 1, 20000)
+    y = (rng.uniform(0, 1, 20000) < p).astype(int)  # outcomes drawn at the stated probability
+    assert expected_calibration_error(y, p) < 0.02
+    overconfident = np.where(p > 0.5, 0.99, 0.01)
+    assert expected_calibration_error(y, overconfident) > 0.2
+
+
+def test_bootstrap_interval_covers_the_truth_at_about_its_level():
+    """Over 60 simulated studies of n=120, the 90% CI of sensitivity covers the true 0.8."""
+    covered, widths = 0, []
+    for study in range(60):
+        rng = np.random.default_rng(100 + study)
+        y = np.r_[np.ones(60, int), np.zeros(60, int)]
+        hit = rng.uniform(size=60) < 0.8  # true sensitivity 0.8
+        score = np.r_[np.where(hit, 0.9, 0.1), rng.uniform(0, 0.4, 60)]
+        ci = bootstrap_ci(y, score, threshold=0.5, n_resamples=300, level=0.9, seed=study)
+        covered += ci["sensitivity"]["low"] <= 0.8 <= ci["sensitivity"]["high"]
+        widths.append(ci["sensitivity"]["high"] - ci["sensitivity"]["low"])
+    assert 0.75 <= covered / 60 < 1.0
+    # binomial sd at n=60, p=0.8 is 0.052, so a 90% interval is about 0.17 wide
+    assert 0.12 <= np.mean(widths) <= 0.22
+
+
+def test_bootstrap_is_seeded_and_counts_skipped_resamples():
+    y, p = np.array([0, 1, 0, 0]), np.array([0.2, 0.8, 0.4, 0.1])
+    first = bootstrap_ci(y, p, threshold=0.5, n_resamples=200, seed=1)
+    assert first == bootstrap_ci(y, p, threshold=0.5, n_resamples=200, seed=1)
+    assert first["_resamples"]["skipped"] > 0  # many resamples miss the single positive
+    assert first["_resamples"]["used"] + first["_resamples"]["skipped"] == 200
+
+
+def test_operating_point_thresholds():
+    y = np.array([0, 0, 0, 0, 1, 1, 1, 1])
+    p = np.array([0.1, 0.2, 0.3, 0.6, 0.4, 0.7, 0.8, 0.9])
+    assert threshold_for_sensitivity(y, p, 1.0) == 0.4
+    assert threshold_for_sensitivity(y, p, 0.75) == 0.7
+    assert youden_threshold(y, p) == 0.7  # sens 0.75 + spec 1.0

@@ -55,3 +55,10 @@ def test_early_stopping_stops(synthetic_data, tmp_path):
     )
     history = fit(config, dataset, tmp_path, progress=False)
     assert len(history) < 30
+
+
+def test_atomic_files_get_normal_permissions(tmp_path):
+    from busdx.fileio import atomic_write_text
+
+    atomic_write_text(tmp_path / "x.txt", "hello")
+    assert (tmp_path / "x.txt").stat().st_mode & 0o044 == 0o044  # group/other can read

@@ -22,7 +22,7 @@ from busdx.audit import DEFAULT_MAX_DISTANCE, audit_dataset, write_audit
 from busdx.config import Config, apply_overrides, list_recipes, load_config
 from busdx.data import LabelledDataset, apply_split_file, scan_dataset
 from busdx.errors import BusdxError, DataError
-from busdx.evaluation import evaluate_samples, format_metrics
+from busdx.evaluation import calibrate_model, evaluate_samples, format_metrics
 from busdx.fileio import atomic_write_text
 from busdx.inference import expand_paths, load_model, predict_files
 from busdx.reporting import plot_training_curves
@@ -69,19 +69,29 @@ def _overrides(args: argparse.Namespace) -> list[str]:
     return items + list(args.set or [])
 
 
-def _finish_run(run_dir: Path, dataset: LabelledDataset, progress: bool) -> dict:
-    """Curves from the history, then the best model evaluated on test (or val if no test)."""
+def _finish_run(run_dir: Path, config: Config, dataset: LabelledDataset, progress: bool) -> dict:
+    """Curves, calibration and thresholds on val, then the best model evaluated on test."""
     with (run_dir / "history.csv").open(newline="") as handle:
         history = [{k: float(v) for k, v in row.items()} for row in csv.DictReader(handle)]
     plot_training_curves(history, run_dir / "training_curves.png")
     split = "test" if dataset.subset("test") else "val"
     loaded = load_model(run_dir)
+    fitted = calibrate_model(
+        run_dir, loaded, dataset.subset("val"), config.evaluate, progress=progress
+    )
+    logger.info(
+        "calibrated on validation: temperature %.3f; threshold %.3f (%s)",
+        fitted["temperature"],
+        fitted["threshold"],
+        fitted["threshold_policy"],
+    )
     return evaluate_samples(
         loaded,
         dataset.subset(split),
         run_dir,
         split=split,
         data_root=dataset.root,
+        settings=config.evaluate,
         progress=progress,
     )
 
@@ -97,7 +107,7 @@ def _train(config: Config, dataset: LabelledDataset, run_dir: Path, progress: bo
     started = time.perf_counter()
     fit(config, dataset, run_dir, progress=progress)
     logger.info("training took %.0f s", time.perf_counter() - started)
-    return _finish_run(run_dir, dataset, progress)
+    return _finish_run(run_dir, config, dataset, progress)
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -133,6 +143,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         out,
         split=args.split,
         data_root=dataset.root,
+        settings=config.evaluate,
         progress=not args.no_progress,
     )
     print(format_metrics(result))

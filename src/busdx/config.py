@@ -21,6 +21,7 @@ __all__ = [
     "AugmentConfig",
     "Config",
     "DataConfig",
+    "EvaluateConfig",
     "ModelConfig",
     "TrainConfig",
     "apply_overrides",
@@ -85,6 +86,19 @@ class TrainConfig:
 
 
 @dataclass
+class EvaluateConfig:
+    """Calibration, decision threshold and confidence intervals (all fitted on validation data)."""
+
+    calibrate: bool = True  # temperature scaling
+    threshold_policy: str = "target_sensitivity"  # "target_sensitivity", "youden" or "fixed"
+    target_sensitivity: float = 0.95
+    fixed_threshold: float = 0.5
+    n_bootstrap: int = 1000
+    ci_level: float = 0.95
+    seed: int = 0
+
+
+@dataclass
 class Config:
     """Everything a run needs; saved as ``config.yaml`` in the run directory."""
 
@@ -93,6 +107,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain nested dict (YAML- and checkpoint-safe)."""
@@ -131,6 +146,19 @@ class Config:
                 f"model.dropout must be in [0, 1), got {self.model.dropout}",
             ),
             (self.augment.zoom < 1, f"augment.zoom must be < 1, got {self.augment.zoom}"),
+            (
+                self.evaluate.threshold_policy in {"target_sensitivity", "youden", "fixed"},
+                "evaluate.threshold_policy must be target_sensitivity, youden or fixed, got "
+                f"{self.evaluate.threshold_policy!r}",
+            ),
+            (
+                0 < self.evaluate.target_sensitivity <= 1 and 0 < self.evaluate.ci_level < 1,
+                "evaluate.target_sensitivity must be in (0, 1] and evaluate.ci_level in (0, 1)",
+            ),
+            (
+                self.evaluate.n_bootstrap >= 100,
+                f"evaluate.n_bootstrap must be >= 100, got {self.evaluate.n_bootstrap}",
+            ),
         ]
         for ok, message in checks:
             if not ok:

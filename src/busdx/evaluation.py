@@ -1,4 +1,10 @@
-"""Score a labelled split with a trained model and write metrics, per-image scores and figures."""
+"""Score labelled images with a trained model; calibrate on validation; report with CIs.
+
+``calibrate_model`` fits temperature scaling and the decision thresholds on the validation split
+and stores them in ``model.pt``. ``evaluate_samples`` reports, on any labelled set, every metric
+at the model's chosen threshold and at each candidate operating point, each with a seeded
+percentile-bootstrap confidence interval, plus calibration (ECE, reliability diagram) and figures.
+"""
 
 from __future__ import annotations
 
@@ -11,28 +17,54 @@ from typing import Any
 
 import numpy as np
 
+from busdx.calibration import apply_temperature, fit_operating_points
+from busdx.config import EvaluateConfig
 from busdx.data import Sample
 from busdx.errors import DataError
 from busdx.fileio import atomic_write_text
 from busdx.imaging import load_image
 from busdx.inference import LoadedModel, predict_files
-from busdx.metrics import binary_metrics
-from busdx.reporting import plot_confusion_matrix, plot_roc_curve, plot_sample_predictions
+from busdx.metrics import binary_metrics, bootstrap_ci, reliability_bins, roc_band
+from busdx.reporting import (
+    plot_confusion_matrix,
+    plot_reliability_diagram,
+    plot_roc_curve,
+    plot_sample_predictions,
+)
+from busdx.training import MODEL_FILE, update_model_metadata
 
-__all__ = ["evaluate_samples", "format_metrics", "score_samples"]
+__all__ = ["calibrate_model", "evaluate_samples", "format_metrics", "sample_logits"]
 
 METRICS_FILE = "metrics.json"
 
 
-def score_samples(
+def sample_logits(
     loaded: LoadedModel, samples: list[Sample], *, progress: bool = True
 ) -> np.ndarray:
-    """Probability of the positive class for each sample, in order."""
+    """Raw logit (before temperature scaling) of each sample, in order."""
     rows = list(predict_files(loaded, [s.path for s in samples], progress=progress))
     failed = [row.error for row in rows if row.error]
     if failed:
         raise DataError(f"{len(failed)} evaluation image(s) could not be read, e.g. {failed[0]}")
-    return np.array([row.probability for row in rows])
+    return np.array([row.logit for row in rows])
+
+
+def calibrate_model(
+    run_dir: Path,
+    loaded: LoadedModel,
+    val_samples: list[Sample],
+    settings: EvaluateConfig,
+    *,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Fit temperature and thresholds on validation data; store them in ``run_dir/model.pt``."""
+    labels = np.array([s.label for s in val_samples])
+    fitted = fit_operating_points(
+        sample_logits(loaded, val_samples, progress=progress), labels, settings
+    )
+    update_model_metadata(run_dir / MODEL_FILE, fitted)
+    loaded.metadata.update(fitted)
+    return fitted
 
 
 def _json_safe(value: Any) -> Any:
@@ -40,6 +72,8 @@ def _json_safe(value: Any) -> Any:
         return None
     if isinstance(value, dict):
         return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_json_safe(v) for v in value]
     return value
 
 
@@ -55,6 +89,19 @@ def _sample_indices(
     return sorted(picked, key=lambda i: (not wrong[i], i))
 
 
+def _metrics_with_ci(y_true, y_prob, threshold: float, settings: EvaluateConfig) -> dict[str, Any]:
+    metrics = binary_metrics(y_true, y_prob, threshold=threshold)
+    metrics["ci"] = bootstrap_ci(
+        y_true,
+        y_prob,
+        threshold=threshold,
+        n_resamples=settings.n_bootstrap,
+        level=settings.ci_level,
+        seed=settings.seed,
+    )
+    return metrics
+
+
 def evaluate_samples(
     loaded: LoadedModel,
     samples: list[Sample],
@@ -62,24 +109,35 @@ def evaluate_samples(
     *,
     split: str,
     data_root: Path,
+    settings: EvaluateConfig,
     progress: bool = True,
 ) -> dict[str, Any]:
-    """Evaluate ``samples`` and write ``metrics.json``, ``predictions.csv`` and figures.
+    """Evaluate ``samples``; write ``metrics.json``, ``predictions.csv`` and figures.
 
-    Returns the metrics dict (malignant is the positive class; threshold from the model).
+    Returns the metrics dict: malignant is the positive class; the headline numbers are at the
+    model's own threshold, ``operating_points`` holds the same table at each candidate threshold.
     """
     if not samples:
         raise DataError(f"the {split} split is empty: nothing to evaluate")
     y_true = np.array([s.label for s in samples])
-    y_score = score_samples(loaded, samples, progress=progress)
+    logits = sample_logits(loaded, samples, progress=progress)
+    y_prob = apply_temperature(logits, loaded.temperature)
     threshold = loaded.threshold
-    metrics = binary_metrics(y_true, y_score, threshold=threshold)
+    points = dict(loaded.metadata.get("operating_points") or {"fixed": threshold})
     names = loaded.class_names
     result = {
         "split": split,
         "data": str(data_root),
         "positive_class": names[1],
-        **metrics,
+        "threshold_policy": loaded.metadata.get("threshold_policy", "fixed"),
+        **_metrics_with_ci(y_true, y_prob, threshold, settings),
+        "calibrated": "temperature" in loaded.metadata,
+        "temperature": loaded.temperature,
+        "reliability": reliability_bins(y_true, y_prob),
+        "operating_points": {
+            name: {k: v for k, v in _metrics_with_ci(y_true, y_prob, t, settings).items()}
+            for name, t in points.items()
+        },
         "model": {
             "busdx_version": loaded.metadata["busdx_version"],
             "weights": loaded.metadata["weights"],
@@ -92,19 +150,27 @@ def evaluate_samples(
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
     writer.writerow(["path", "label", "probability_malignant", "predicted"])
-    for sample, score in zip(samples, y_score, strict=True):
+    for sample, score in zip(samples, y_prob, strict=True):
         writer.writerow(
             [sample.relpath, names[sample.label], f"{score:.6f}", names[int(score >= threshold)]]
         )
     atomic_write_text(out_dir / "predictions.csv", buffer.getvalue())
 
-    plot_confusion_matrix(metrics["confusion"], names, out_dir / "confusion_matrix.png")
-    plot_roc_curve(y_true, y_score, metrics, out_dir / "roc_curve.png")
-    picked = _sample_indices(y_true, y_score, threshold)
+    band = roc_band(
+        y_true,
+        y_prob,
+        n_resamples=settings.n_bootstrap,
+        level=settings.ci_level,
+        seed=settings.seed,
+    )
+    plot_confusion_matrix(result["confusion"], names, out_dir / "confusion_matrix.png")
+    plot_roc_curve(y_true, y_prob, result, out_dir / "roc_curve.png", band=band)
+    plot_reliability_diagram(result["reliability"], result["ece"], out_dir / "reliability.png")
+    picked = _sample_indices(y_true, y_prob, threshold)
     plot_sample_predictions(
         [load_image(samples[i].path) for i in picked],
         [names[y_true[i]] for i in picked],
-        [float(y_score[i]) for i in picked],
+        [float(y_prob[i]) for i in picked],
         threshold=threshold,
         class_names=names,
         path=out_dir / "sample_predictions.png",
@@ -112,26 +178,37 @@ def evaluate_samples(
     return result
 
 
+def _with_ci(result: dict[str, Any], key: str) -> str:
+    value = result[key]
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "n/a"
+    ci = result.get("ci", {}).get(key)
+    return f"{value:.3f}" + (f" [{ci['low']:.3f}, {ci['high']:.3f}]" if ci else "")
+
+
 def format_metrics(result: dict[str, Any]) -> str:
-    """A compact, aligned text table for the terminal."""
-    c = result["confusion"]
+    """A compact, aligned text table for the terminal, with 95% CIs."""
     lines = [
         f"{result['split']} split: n={result['n']} ({result['n_positive']} "
-        f"{result['positive_class']}), threshold {result['threshold']:.2f}"
+        f"{result['positive_class']}); 95% bootstrap CIs in brackets"
     ]
-    for key in (
-        "accuracy",
-        "balanced_accuracy",
-        "roc_auc",
-        "sensitivity",
-        "specificity",
-        "ppv",
-        "npv",
-        "f1",
-    ):
-        value = result[key]
+    for key in ("roc_auc", "pr_auc", "brier", "ece"):
+        lines.append(f"  {key:<18} {_with_ci(result, key)}")
+    for name, point in result["operating_points"].items():
+        chosen = "  <- model's threshold" if point["threshold"] == result["threshold"] else ""
+        c = point["confusion"]
+        lines.append(f"  at {name} threshold {point['threshold']:.3f}{chosen}")
+        for key in (
+            "sensitivity",
+            "specificity",
+            "ppv",
+            "npv",
+            "accuracy",
+            "balanced_accuracy",
+            "f1",
+        ):
+            lines.append(f"    {key:<18} {_with_ci(point, key)}")
         lines.append(
-            f"  {key:<18} {'n/a' if value is None or math.isnan(value) else f'{value:.3f}'}"
+            f"    confusion          TP {c['tp']}  FP {c['fp']}  TN {c['tn']}  FN {c['fn']}"
         )
-    lines.append(f"  confusion          TP {c['tp']}  FP {c['fp']}  TN {c['tn']}  FN {c['fn']}")
     return "\n".join(lines)

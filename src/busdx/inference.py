@@ -7,6 +7,7 @@ code. A file that cannot be decoded yields an error row; the rest of the batch g
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,10 +45,19 @@ class LoadedModel:
     def threshold(self) -> float:
         return float(self.metadata["threshold"])
 
+    @property
+    def temperature(self) -> float:
+        """Temperature-scaling factor fitted on validation data (1.0: uncalibrated)."""
+        return float(self.metadata.get("temperature", 1.0))
+
     @torch.inference_mode()
+    def predict_logits(self, images: torch.Tensor) -> torch.Tensor:
+        """Raw log-odds of the positive class for a batch of preprocessed images."""
+        return self.model(images.to(self.device)).cpu()
+
     def predict_proba(self, images: torch.Tensor) -> torch.Tensor:
-        """Probability of the positive class for a batch of preprocessed images."""
-        return torch.sigmoid(self.model(images.to(self.device))).cpu()
+        """Calibrated probability of the positive class for a batch of preprocessed images."""
+        return torch.sigmoid(self.predict_logits(images) / self.temperature)
 
 
 def load_model(path: str | Path, *, device: str = "auto") -> LoadedModel:
@@ -101,6 +111,7 @@ class Prediction:
     label: str | None
     threshold: float
     error: str | None = None
+    logit: float | None = None  # before temperature scaling
 
     def to_dict(self) -> dict[str, Any]:
         prob = None if self.probability is None else round(self.probability, 6)
@@ -146,10 +157,11 @@ def predict_files(
             except ImageDecodeError as exc:
                 logger.warning("%s", exc)
                 rows.append(Prediction(str(path), None, None, threshold, error=str(exc)))
-        probabilities = iter(loaded.predict_proba(torch.stack(tensors)).tolist() if tensors else [])
+        logits = iter(loaded.predict_logits(torch.stack(tensors)).tolist() if tensors else [])
         for row in rows:
             if row.error is None:
-                row.probability = next(probabilities)
+                row.logit = next(logits)
+                row.probability = 1.0 / (1.0 + math.exp(-row.logit / loaded.temperature))
                 row.label = positive if row.probability >= threshold else negative
             bar.update()
             yield row

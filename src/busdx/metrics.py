@@ -14,7 +14,20 @@ import numpy as np
 
 from busdx.errors import DataError, SingleClassError
 
-__all__ = ["binary_metrics", "confusion_counts", "roc_auc", "roc_curve"]
+__all__ = [
+    "average_precision",
+    "binary_metrics",
+    "bootstrap_ci",
+    "brier_score",
+    "confusion_counts",
+    "expected_calibration_error",
+    "reliability_bins",
+    "roc_auc",
+    "roc_band",
+    "roc_curve",
+    "threshold_for_sensitivity",
+    "youden_threshold",
+]
 
 
 def _check(y_true: np.ndarray, y_score: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -68,6 +81,62 @@ def roc_auc(y_true: np.ndarray, y_score: np.ndarray) -> float:
     return float(np.trapezoid(tpr, fpr))
 
 
+def average_precision(y_true: np.ndarray, y_score: np.ndarray) -> float:
+    """Area under the precision-recall curve as a step sum (scikit-learn's definition)."""
+    y_true, y_score = _check(y_true, y_score)
+    order = np.argsort(-y_score, kind="mergesort")
+    scores, labels = y_score[order], y_true[order]
+    last_of_tie = np.r_[np.flatnonzero(np.diff(scores)), len(scores) - 1]
+    tps = np.cumsum(labels)[last_of_tie]
+    precision = tps / (last_of_tie + 1)
+    recall = tps / tps[-1]
+    return float(np.sum(np.diff(np.r_[0.0, recall]) * precision))
+
+
+def brier_score(y_true: np.ndarray, y_prob: np.ndarray) -> float:
+    """Mean squared difference between predicted probability and outcome (lower is better)."""
+    y_true, y_prob = _check(y_true, y_prob)
+    return float(np.mean((y_prob - y_true) ** 2))
+
+
+def reliability_bins(
+    y_true: np.ndarray, y_prob: np.ndarray, n_bins: int = 10
+) -> list[dict[str, float]]:
+    """Per equal-width probability bin: count, mean predicted probability, observed frequency."""
+    y_true = np.asarray(y_true, dtype=float)
+    y_prob = np.asarray(y_prob, dtype=float)
+    index = np.minimum((y_prob * n_bins).astype(int), n_bins - 1)
+    bins = []
+    for b in range(n_bins):
+        chosen = index == b
+        if chosen.any():
+            bins.append({"low": b / n_bins, "high": (b + 1) / n_bins, "count": int(chosen.sum()),
+                         "mean_predicted": float(y_prob[chosen].mean()),
+                         "observed": float(y_true[chosen].mean())})  # fmt: skip
+    return bins
+
+
+def expected_calibration_error(y_true: np.ndarray, y_prob: np.ndarray, n_bins: int = 10) -> float:
+    """Count-weighted mean |observed frequency - mean predicted probability| over the bins."""
+    bins = reliability_bins(y_true, y_prob, n_bins)
+    total = sum(b["count"] for b in bins)
+    return float(sum(b["count"] * abs(b["observed"] - b["mean_predicted"]) for b in bins) / total)
+
+
+def threshold_for_sensitivity(y_true: np.ndarray, y_score: np.ndarray, target: float) -> float:
+    """The highest threshold whose sensitivity (score >= threshold) reaches ``target``."""
+    _, tpr, thresholds = roc_curve(y_true, y_score)
+    return float(thresholds[np.flatnonzero(tpr >= target)[0]])
+
+
+def youden_threshold(y_true: np.ndarray, y_score: np.ndarray) -> float:
+    """The threshold maximising Youden's J = sensitivity + specificity - 1."""
+    fpr, tpr, thresholds = roc_curve(y_true, y_score)
+    j = tpr - fpr
+    j[0] = -np.inf  # threshold +inf calls nothing positive
+    return float(thresholds[int(np.argmax(j))])
+
+
 def _ratio(numerator: int, denominator: int) -> float:
     return numerator / denominator if denominator else math.nan
 
@@ -91,5 +160,74 @@ def binary_metrics(y_true: np.ndarray, y_score: np.ndarray, *, threshold: float 
         "ppv": _ratio(tp, tp + fp),
         "npv": _ratio(tn, tn + fn),
         "f1": _ratio(2 * tp, 2 * tp + fp + fn),
+        "pr_auc": average_precision(y_true, y_score),
+        "brier": brier_score(y_true, y_score),
+        "ece": expected_calibration_error(y_true, y_score),
         "confusion": counts,
     }
+
+
+BOOTSTRAPPED = ("accuracy", "balanced_accuracy", "roc_auc", "pr_auc", "sensitivity",
+                "specificity", "ppv", "npv", "f1", "brier", "ece")  # fmt: skip
+
+
+def bootstrap_ci(
+    y_true: np.ndarray,
+    y_score: np.ndarray,
+    *,
+    threshold: float,
+    n_resamples: int = 1000,
+    level: float = 0.95,
+    seed: int = 0,
+) -> dict[str, dict[str, float | int]]:
+    """Percentile bootstrap confidence intervals of :func:`binary_metrics`, per metric.
+
+    Cases are resampled with replacement; a resample holding a single class is skipped and
+    counted in ``n_skipped``. Each metric gets ``low`` and ``high``; a ratio that is undefined in
+    some resamples (e.g. PPV with no positive calls) is taken over the others.
+    """
+    y_true, y_score = _check(y_true, y_score)
+    rng = np.random.default_rng(seed)
+    values: dict[str, list[float]] = {name: [] for name in BOOTSTRAPPED}
+    skipped = 0
+    for _ in range(n_resamples):
+        index = rng.integers(0, len(y_true), len(y_true))
+        if y_true[index].min() == y_true[index].max():
+            skipped += 1
+            continue
+        resample = binary_metrics(y_true[index], y_score[index], threshold=threshold)
+        for name in BOOTSTRAPPED:
+            values[name].append(resample[name])
+    alpha = (1 - level) / 2
+    intervals: dict[str, dict[str, float | int]] = {}
+    for name, samples in values.items():
+        finite = np.array([v for v in samples if not math.isnan(v)])
+        low, high = np.quantile(finite, [alpha, 1 - alpha]) if len(finite) else (math.nan,) * 2
+        intervals[name] = {"low": float(low), "high": float(high)}
+    intervals["_resamples"] = {"used": n_resamples - skipped, "skipped": skipped, "level": level}
+    return intervals
+
+
+def roc_band(
+    y_true: np.ndarray,
+    y_score: np.ndarray,
+    *,
+    n_resamples: int = 1000,
+    level: float = 0.95,
+    seed: int = 0,
+    grid_points: int = 101,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Pointwise bootstrap band of the ROC curve: (fpr grid, tpr low, tpr high)."""
+    y_true, y_score = _check(y_true, y_score)
+    grid = np.linspace(0, 1, grid_points)
+    rng = np.random.default_rng(seed)
+    curves = []
+    for _ in range(n_resamples):
+        index = rng.integers(0, len(y_true), len(y_true))
+        if y_true[index].min() == y_true[index].max():
+            continue
+        fpr, tpr, _ = roc_curve(y_true[index], y_score[index])
+        curves.append(np.interp(grid, fpr, tpr))
+    alpha = (1 - level) / 2
+    low, high = np.quantile(np.array(curves), [alpha, 1 - alpha], axis=0)
+    return grid, low, high

@@ -21,6 +21,7 @@ from busdx.metrics import roc_curve
 
 __all__ = [
     "plot_confusion_matrix",
+    "plot_reliability_diagram",
     "plot_roc_curve",
     "plot_sample_predictions",
     "plot_training_curves",
@@ -46,28 +47,61 @@ def plot_training_curves(history: Sequence[dict], path: Path) -> None:
     _save(figure, path)
 
 
-def plot_roc_curve(y_true: np.ndarray, y_score: np.ndarray, metrics: dict, path: Path) -> None:
-    """ROC curve with the operating point of the decision threshold."""
+def plot_roc_curve(
+    y_true: np.ndarray,
+    y_score: np.ndarray,
+    metrics: dict,
+    path: Path,
+    *,
+    band: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None,
+) -> None:
+    """ROC curve, its bootstrap band, and the operating point of each candidate threshold."""
     fpr, tpr, _ = roc_curve(y_true, y_score)
-    figure, axis = plt.subplots(figsize=(5, 5))
+    figure, axis = plt.subplots(figsize=(5.5, 5.5))
+    if band is not None:
+        grid, low, high = band
+        axis.fill_between(grid, low, high, alpha=0.2, label="95% bootstrap band")
     axis.plot(fpr, tpr, lw=2, label=f"ROC (AUC {metrics['roc_auc']:.3f}, n={metrics['n']})")
     axis.plot([0, 1], [0, 1], "--", color="grey", lw=1, label="chance")
-    axis.plot(
-        1 - metrics["specificity"],
-        metrics["sensitivity"],
-        "o",
-        color="crimson",
-        label=f"threshold {metrics['threshold']:.2f}",
-    )
+    points = metrics.get("operating_points") or {"threshold": metrics}
+    for (name, point), marker in zip(points.items(), "osD^", strict=False):
+        axis.plot(
+            1 - point["specificity"],
+            point["sensitivity"],
+            marker,
+            ms=8,
+            label=f"{name} (t={point['threshold']:.2f})",
+        )
     axis.set(
         xlabel="1 - specificity (false-positive rate)",
-        ylabel="sensitivity (true-positive rate)",
+        ylabel="sensitivity",
         title="ROC curve",
         xlim=(0, 1),
         ylim=(0, 1.02),
     )
     axis.grid(alpha=0.3)
-    axis.legend(loc="lower right")
+    axis.legend(loc="lower right", fontsize=8)
+    _save(figure, path)
+
+
+def plot_reliability_diagram(bins: Sequence[dict], ece: float, path: Path) -> None:
+    """Observed frequency of malignancy against mean predicted probability, per bin."""
+    figure, axis = plt.subplots(figsize=(5, 5))
+    axis.plot([0, 1], [0, 1], "--", color="grey", lw=1, label="perfect calibration")
+    centers = [b["mean_predicted"] for b in bins]
+    observed = [b["observed"] for b in bins]
+    sizes = [20 + 200 * b["count"] / max(c["count"] for c in bins) for b in bins]
+    axis.plot(centers, observed, "-", color="tab:blue", lw=1)
+    axis.scatter(centers, observed, s=sizes, color="tab:blue", label="bins (area = count)")
+    axis.set(
+        xlabel="mean predicted probability",
+        ylabel="observed fraction malignant",
+        title=f"Reliability (ECE {ece:.3f})",
+        xlim=(0, 1),
+        ylim=(0, 1),
+    )
+    axis.grid(alpha=0.3)
+    axis.legend(loc="upper left")
     _save(figure, path)
 
 

@@ -40,6 +40,7 @@ __all__ = [
     "model_metadata",
     "resolve_device",
     "train_one_epoch",
+    "update_model_metadata",
 ]
 
 logger = logging.getLogger(__name__)
@@ -146,6 +147,12 @@ def model_metadata(
 def _save(path: Path, payload: dict[str, Any]) -> None:
     with atomic_path(path) as tmp:
         torch.save(payload, tmp)
+
+
+def update_model_metadata(path: Path, updates: dict[str, Any]) -> None:
+    """Rewrite a model file atomically with some metadata entries added or replaced."""
+    payload = torch.load(path, map_location="cpu", weights_only=True)
+    _save(path, {**payload, **updates})
 
 
 def _write_history(path: Path, history: list[EpochRecord]) -> None:
