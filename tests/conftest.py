@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
+import torch
 
 from busdx.synthetic import write_synthetic_dataset
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 WEIGHTS_DIR = SHARED / "weights"
 BUSI_DIR = SHARED / "data" / "busi"
+os.environ["BUSDX_WEIGHTS_DIR"] = str(WEIGHTS_DIR)  # also for module-scoped fixtures
 
 
 @pytest.fixture(autouse=True)
@@ -18,6 +21,14 @@ def _weights_dir(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     """Point busdx at ../shared/weights and keep the user cache out of the tests."""
     monkeypatch.setenv("BUSDX_WEIGHTS_DIR", str(WEIGHTS_DIR))
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    real_download = torch.hub.download_url_to_file
+
+    def local_only(url: str, *args, **kwargs):
+        if not url.startswith("file:"):
+            raise OSError(f"tests never touch the network (asked for {url})")
+        return real_download(url, *args, **kwargs)
+
+    monkeypatch.setattr(torch.hub, "download_url_to_file", local_only)
 
 
 @pytest.fixture(scope="session")

@@ -80,6 +80,8 @@ class TrainConfig:
     lr: float = 1e-3
     weight_decay: float = 0.0
     early_stopping_patience: int = 0  # 0 disables early stopping
+    feature_cache: bool = False  # frozen backbone only: train the head on cached features
+    cache_views: int = 5  # augmented views per training image in the cache
     seed: int = 42
     device: str = "auto"  # "auto", "cpu", "cuda", "cuda:1", ...
     threads: int = 0  # CPU threads for torch; 0 keeps torch's default
@@ -141,6 +143,12 @@ class Config:
                 f"train.batch_size must be >= 1, got {self.train.batch_size}",
             ),
             (self.train.lr > 0, f"train.lr must be > 0, got {self.train.lr}"),
+            (
+                not self.train.feature_cache
+                or (self.model.freeze_backbone and self.model.weights != "none"),
+                "train.feature_cache needs a frozen backbone with pretrained weights",
+            ),
+            (self.train.cache_views >= 1, "train.cache_views must be >= 1"),
             (
                 0 <= self.model.dropout < 1,
                 f"model.dropout must be in [0, 1), got {self.model.dropout}",

@@ -102,8 +102,12 @@ class BinaryClassifier(nn.Module):
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self.backbone_frozen):
             return self.backbone(images)
 
+    def classify(self, features: torch.Tensor) -> torch.Tensor:
+        """Head only: backbone features -> one logit per image."""
+        return self.head(features).squeeze(1)
+
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.head(self.features(images)).squeeze(1)
+        return self.classify(self.features(images))
 
 
 def _initial_weights(backbone: nn.Module, arch: str, weights: str) -> WeightsInfo:

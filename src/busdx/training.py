@@ -20,13 +20,14 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader, Dataset, TensorDataset
 from tqdm.auto import tqdm
 
 from busdx import __version__
 from busdx.config import Config
 from busdx.data import ImageDataset, LabelledDataset
 from busdx.errors import CheckpointError
+from busdx.features import CachedFeatures, FeatureCache
 from busdx.fileio import atomic_path, atomic_write_text
 from busdx.models import BinaryClassifier, WeightsInfo, create_model
 from busdx.transforms import Preprocessing, build_eval_transform, build_train_transform
@@ -74,18 +75,20 @@ def _epoch_seed(seed: int, epoch: int) -> int:
 
 
 def train_one_epoch(
-    model: BinaryClassifier,
+    forward: Callable[[torch.Tensor], torch.Tensor],
     loader: Iterable,
     optimizer: torch.optim.Optimizer,
     criterion: nn.Module,
     device: torch.device,
 ) -> tuple[float, float]:
-    """One pass over ``loader``; returns mean loss and accuracy at threshold 0.5."""
-    model.train()
+    """One pass of ``forward`` (images or features -> logits) over ``loader``.
+
+    Returns mean loss and accuracy at threshold 0.5. The caller puts the model in train mode.
+    """
     total_loss, correct, seen = 0.0, 0, 0
-    for images, labels in loader:
-        images, labels = images.to(device), labels.to(device).float()
-        logits = model(images)
+    for inputs, labels in loader:
+        inputs, labels = inputs.to(device), labels.to(device).float()
+        logits = forward(inputs)
         loss = criterion(logits, labels)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -172,6 +175,44 @@ def _load_last(path: Path) -> dict[str, Any]:
         ) from exc
 
 
+def _inputs(
+    config: Config,
+    dataset: LabelledDataset,
+    model: BinaryClassifier,
+    prep: Preprocessing,
+    weights: WeightsInfo,
+    device: torch.device,
+    progress: bool,
+) -> tuple[Dataset, Dataset, Callable[[torch.Tensor], torch.Tensor]]:
+    """Training set, validation set and the training forward function.
+
+    * trainable backbone: images in, whole model;
+    * frozen backbone: augmented images through the whole model, and the validation images
+      through the backbone once (their features never change);
+    * frozen backbone + feature cache: cached features of K augmented views, head only.
+    """
+    train, val = dataset.subset("train"), dataset.subset("val")
+    if config.train.feature_cache:
+        cache = FeatureCache(
+            model_name=config.model.name,
+            weights_sha256=weights.sha256,
+            preprocessing=prep,
+            augment=config.augment,
+            seed=config.train.seed,
+        )
+        views = list(range(1, config.train.cache_views + 1))
+        cache.fill(model, train, views, device=device, progress=progress)
+        cache.fill(model, val, [0], device=device, progress=progress)
+        return CachedFeatures(train, cache, views), CachedFeatures(val, cache, [0]), model.classify
+    train_set = ImageDataset(train, build_train_transform(prep, config.augment))
+    val_set = ImageDataset(val, build_eval_transform(prep))
+    if not model.backbone_frozen:
+        return train_set, val_set, model
+    loader = DataLoader(val_set, batch_size=config.train.batch_size)
+    bar = tqdm(loader, desc="val features", disable=not progress, leave=False)
+    return train_set, _backbone_features(model, bar, device), model
+
+
 def fit(
     config: Config, dataset: LabelledDataset, run_dir: Path, *, progress: bool = True
 ) -> list[EpochRecord]:
@@ -186,11 +227,6 @@ def fit(
     model, weights, prep = create_model(config.model, image_size=config.data.image_size)
     model.to(device)
     metadata = model_metadata(config, weights, prep, dataset.class_names)
-
-    train_set = ImageDataset(dataset.subset("train"), build_train_transform(prep, config.augment))
-    val_set = ImageDataset(dataset.subset("val"), build_eval_transform(prep))
-    workers = config.data.num_workers
-    val_loader = DataLoader(val_set, batch_size=config.train.batch_size, num_workers=workers)
 
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.Adam(
@@ -210,20 +246,9 @@ def fit(
         start_epoch = state["epoch"] + 1
         logger.info("resuming %s after epoch %d", run_dir, state["epoch"])
 
-    if model.backbone_frozen:  # the validation forward pass of a frozen backbone never changes
-        val_loader = DataLoader(
-            _backbone_features(
-                model,
-                tqdm(val_loader, desc="val features", disable=not progress, leave=False),
-                device,
-            ),
-            batch_size=config.train.batch_size,
-        )
-
-        def val_forward(features: torch.Tensor) -> torch.Tensor:
-            return model.head(features).squeeze(1)
-    else:
-        val_forward = model
+    train_set, val_set, forward = _inputs(config, dataset, model, prep, weights, device, progress)
+    batch, workers = config.train.batch_size, config.data.num_workers
+    val_loader = DataLoader(val_set, batch_size=batch, num_workers=workers)
 
     patience = config.train.early_stopping_patience
     for epoch in range(start_epoch, config.train.epochs + 1):
@@ -233,12 +258,10 @@ def fit(
         started = time.perf_counter()
         torch.manual_seed(_epoch_seed(config.train.seed, epoch))
         shuffle = torch.Generator().manual_seed(_epoch_seed(config.train.seed, epoch))
+        if isinstance(train_set, CachedFeatures):
+            train_set.set_epoch(epoch)
         train_loader = DataLoader(
-            train_set,
-            batch_size=config.train.batch_size,
-            shuffle=True,
-            generator=shuffle,
-            num_workers=workers,
+            train_set, batch_size=batch, shuffle=True, generator=shuffle, num_workers=workers
         )
         bar = tqdm(
             train_loader,
@@ -247,9 +270,15 @@ def fit(
             disable=not progress,
             leave=False,
         )
-        train_loss, train_acc = train_one_epoch(model, bar, optimizer, criterion, device)
+        model.train()
+        train_loss, train_acc = train_one_epoch(forward, bar, optimizer, criterion, device)
         model.eval()
-        val_loss, val_acc = evaluate_epoch(val_forward, val_loader, criterion, device)
+        val_loss, val_acc = evaluate_epoch(
+            model.classify if isinstance(val_set, TensorDataset | CachedFeatures) else model,
+            val_loader,
+            criterion,
+            device,
+        )
         record = EpochRecord(
             epoch, train_loss, train_acc, val_loss, val_acc, round(time.perf_counter() - started, 2)
         )

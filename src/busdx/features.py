@@ -1,0 +1,136 @@
+"""Disk cache of frozen-backbone features, one file per (image, augmented view).
+
+With a frozen backbone, the recipe's 30 epochs repeat 30 full VGG16 forward passes per image.
+Caching the backbone output of K augmented views per image once (view 0 is the plain eval
+image) and training the head on the cache gives the same model family for a fraction of the
+cost, and the cache is shared by every run and cross-validation fold that uses the same images,
+weights, preprocessing and augmentation.
+
+Each entry is a ``.npy`` file (memory-mapped when read) under a folder named by a fingerprint of
+model, weights sha256, preprocessing and, for augmented views, the augmentation settings and seed;
+changing any of these starts a new folder, so stale features are never read. Files are written
+atomically: a kill leaves complete entries or none. The cache lives in ``$BUSDX_CACHE_DIR`` or
+``$XDG_CACHE_HOME/busdx/features`` (default ``~/.cache/busdx/features``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Sequence
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+from tqdm.auto import tqdm
+
+from busdx.config import AugmentConfig
+from busdx.data import Sample
+from busdx.fileio import atomic_path
+from busdx.imaging import load_image
+from busdx.models import BinaryClassifier
+from busdx.transforms import Preprocessing, build_eval_transform, build_train_transform
+
+__all__ = ["CACHE_ENV_VAR", "CachedFeatures", "FeatureCache", "default_cache_dir"]
+
+CACHE_ENV_VAR = "BUSDX_CACHE_DIR"
+FORMAT_VERSION = 1
+
+
+def default_cache_dir() -> Path:
+    """``$BUSDX_CACHE_DIR``, else ``$XDG_CACHE_HOME/busdx/features``."""
+    if os.environ.get(CACHE_ENV_VAR):
+        return Path(os.environ[CACHE_ENV_VAR]).expanduser()
+    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")).expanduser()
+    return cache / "busdx" / "features"
+
+
+def _fingerprint(parts: dict) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:20]
+
+
+class FeatureCache:
+    """Backbone features of images under one model, weights, preprocessing and augmentation."""
+
+    def __init__(
+        self, *, model_name: str, weights_sha256: str | None, preprocessing: Preprocessing,
+        augment: AugmentConfig, seed: int, root: Path | None = None,
+    ) -> None:  # fmt: skip
+        if weights_sha256 is None:
+            raise ValueError("caching needs reproducible backbone weights (not --weights none)")
+        base = {"format": FORMAT_VERSION, "model": model_name, "weights": weights_sha256,
+                "preprocessing": preprocessing.to_dict()}  # fmt: skip
+        self.root = root or default_cache_dir()
+        self.eval_key = _fingerprint(base)
+        self.augment_key = _fingerprint({**base, "augment": asdict(augment), "seed": seed})
+        self.preprocessing = preprocessing
+        self.augment = augment
+        self.seed = seed
+
+    def path(self, sample: Sample, view: int) -> Path:
+        """Where the features of ``sample`` under ``view`` (0: no augmentation) are stored."""
+        key = self.eval_key if view == 0 else self.augment_key
+        return self.root / key / sample.sha256[:2] / f"{sample.sha256}-{view}.npy"
+
+    def _view_image(self, sample: Sample, view: int, transforms: dict) -> torch.Tensor:
+        image = load_image(sample.path)
+        if view == 0:
+            return transforms["eval"](image)
+        # the same image and view always get the same random augmentation
+        torch.manual_seed(int(sample.sha256[:12], 16) + 1_000_003 * view + self.seed)
+        return transforms["train"](image)
+
+    @torch.inference_mode()
+    def fill(
+        self, model: BinaryClassifier, samples: Sequence[Sample], views: Sequence[int], *,
+        device: torch.device, batch_size: int = 32, progress: bool = True,
+    ) -> int:  # fmt: skip
+        """Compute and store every missing (sample, view) entry; returns how many were new."""
+        missing = [(s, v) for s in samples for v in views if not self.path(s, v).is_file()]
+        transforms = {"eval": build_eval_transform(self.preprocessing),
+                      "train": build_train_transform(self.preprocessing, self.augment)}  # fmt: skip
+        rng_state = torch.get_rng_state()
+        bar = tqdm(total=len(missing), desc="feature cache", unit="view", disable=not progress)
+        for start in range(0, len(missing), batch_size):
+            chunk = missing[start : start + batch_size]
+            images = torch.stack([self._view_image(s, v, transforms) for s, v in chunk])
+            features = model.features(images.to(device)).float().cpu().numpy()
+            for (sample, view), array in zip(chunk, features, strict=True):
+                target = self.path(sample, view)
+                target.parent.mkdir(parents=True, exist_ok=True)
+                with atomic_path(target) as tmp, open(tmp, "wb") as handle:
+                    np.save(handle, array)
+            bar.update(len(chunk))
+        bar.close()
+        torch.set_rng_state(rng_state)
+        return len(missing)
+
+    def load(self, sample: Sample, view: int) -> np.ndarray:
+        """Memory-mapped features of one entry."""
+        return np.load(self.path(sample, view), mmap_mode="r")
+
+
+class CachedFeatures(Dataset):
+    """(features, label) pairs from the cache; ``set_epoch`` cycles through augmented views."""
+
+    def __init__(
+        self, samples: Sequence[Sample], cache: FeatureCache, views: Sequence[int]
+    ) -> None:
+        self.samples = list(samples)
+        self.cache = cache
+        self.views = list(views)
+        self.view = self.views[0]
+
+    def set_epoch(self, epoch: int) -> None:
+        """Epoch 1 reads the first view, epoch 2 the second, and so on, cyclically."""
+        self.view = self.views[(epoch - 1) % len(self.views)]
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        sample = self.samples[index]
+        return torch.from_numpy(np.array(self.cache.load(sample, self.view))), sample.label

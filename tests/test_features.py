@@ -1,0 +1,94 @@
+"""Feature cache: hits, misses, invalidation, determinism, kill safety, and training on it."""
+
+import numpy as np
+import pytest
+import torch
+
+from busdx.config import AugmentConfig, ModelConfig, apply_overrides, load_config
+from busdx.data import scan_dataset
+from busdx.features import FeatureCache
+from busdx.models import create_model
+from busdx.runs import prepare_dataset
+from busdx.training import fit
+
+from conftest import WEIGHTS_DIR, needs_shared
+
+pytestmark = needs_shared(WEIGHTS_DIR)
+
+
+@pytest.fixture(scope="module")
+def model_and_prep():
+    model, info, prep = create_model(ModelConfig(), image_size=32)
+    return model, info, prep
+
+
+@pytest.fixture
+def samples(synthetic_data):
+    return scan_dataset(synthetic_data, ["benign", "malignant"]).samples[:6]
+
+
+def _cache(model_and_prep, root, **augment):
+    _, info, prep = model_and_prep
+    return FeatureCache(model_name="vgg16", weights_sha256=info.sha256, preprocessing=prep,
+                        augment=AugmentConfig(**augment), seed=0, root=root)  # fmt: skip
+
+
+def test_hit_miss_and_invalidation(model_and_prep, samples, tmp_path):
+    model = model_and_prep[0]
+    cache = _cache(model_and_prep, tmp_path)
+    cpu = torch.device("cpu")
+    assert cache.fill(model, samples, [0, 1, 2], device=cpu, progress=False) == 18
+    assert cache.fill(model, samples, [0, 1, 2], device=cpu, progress=False) == 0
+    other_augment = _cache(model_and_prep, tmp_path, zoom=0.1)
+    # the plain view is shared; augmented views depend on the augmentation settings
+    assert other_augment.fill(model, samples, [0, 1, 2], device=cpu, progress=False) == 12
+    plain, augmented = cache.load(samples[0], 0), cache.load(samples[0], 1)
+    assert plain.shape == (512, 1, 1) and not np.array_equal(plain, augmented)
+    assert not np.array_equal(augmented, other_augment.load(samples[0], 1))
+
+
+def test_views_are_deterministic_across_caches(model_and_prep, samples, tmp_path):
+    model, cpu = model_and_prep[0], torch.device("cpu")
+    first, second = _cache(model_and_prep, tmp_path / "a"), _cache(model_and_prep, tmp_path / "b")
+    first.fill(model, samples, [1, 2], device=cpu, progress=False)
+    second.fill(model, list(reversed(samples)), [2, 1], device=cpu, batch_size=4, progress=False)
+    for sample in samples:
+        np.testing.assert_allclose(first.load(sample, 2), second.load(sample, 2), rtol=1e-5)
+
+
+def test_a_kill_mid_write_leaves_no_entry(model_and_prep, samples, tmp_path, monkeypatch):
+    model, cpu = model_and_prep[0], torch.device("cpu")
+    cache = _cache(model_and_prep, tmp_path)
+
+    def dying_save(handle, array):
+        handle.write(b"\x93NUMPY partial")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(np, "save", dying_save)
+    with pytest.raises(KeyboardInterrupt):
+        cache.fill(model, samples[:1], [0], device=cpu, progress=False)
+    monkeypatch.undo()
+    assert not list(tmp_path.rglob("*.npy"))
+    assert cache.fill(model, samples[:1], [0], device=cpu, progress=False) == 1
+
+
+def test_training_on_cached_features_learns_and_resumes(synthetic_data, tmp_path, monkeypatch):
+    monkeypatch.setenv("BUSDX_CACHE_DIR", str(tmp_path / "cache"))
+    config = apply_overrides(load_config(), [
+        "data.image_size=64", "train.feature_cache=true", "train.cache_views=2", "train.epochs=4",
+        "train.batch_size=8", "data.val_fraction=0.25", "data.test_fraction=0.25"])  # fmt: skip
+    dataset = prepare_dataset(config, synthetic_data)
+    history = fit(config, dataset, tmp_path / "run", progress=False)
+    assert history[-1].train_accuracy >= 0.9 and max(r.val_accuracy for r in history) >= 5 / 6
+    entries = len(list((tmp_path / "cache").rglob("*.npy")))
+    assert entries == 12 * 2 + 6  # 12 training images x 2 views + 6 validation images
+    short = apply_overrides(config, ["train.epochs=2"])
+    fit(short, dataset, tmp_path / "resumed", progress=False)
+    resumed = fit(config, dataset, tmp_path / "resumed", progress=False)
+    assert [r.val_loss for r in resumed] == [r.val_loss for r in history]
+    assert len(list((tmp_path / "cache").rglob("*.npy"))) == entries  # all hits
+
+
+def test_cache_needs_pretrained_frozen_backbone():
+    with pytest.raises(ValueError, match="frozen backbone with pretrained weights"):
+        apply_overrides(load_config(), ["train.feature_cache=true", "model.weights=none"])
