@@ -8,7 +8,6 @@ its traceback.
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import logging
 import os
@@ -19,14 +18,15 @@ from pathlib import Path
 
 from busdx import __version__
 from busdx.audit import DEFAULT_MAX_DISTANCE, audit_dataset, write_audit
-from busdx.config import Config, apply_overrides, list_recipes, load_config
-from busdx.data import LabelledDataset, apply_split_file, scan_dataset
-from busdx.errors import BusdxError, DataError
-from busdx.evaluation import calibrate_model, evaluate_samples, format_metrics
+from busdx.config import apply_overrides, list_recipes, load_config
+from busdx.data import apply_split_file, scan_dataset
+from busdx.errors import BusdxError, DataError, RunDirError
+from busdx.evaluation import evaluate_samples, format_metrics
 from busdx.fileio import atomic_write_text
 from busdx.inference import expand_paths, load_model, predict_files
-from busdx.reporting import plot_training_curves
+from busdx.pipeline import cross_validate, format_cv, train_and_evaluate
 from busdx.runs import (
+    CONFIG_FILE,
     SPLIT_FILE,
     create_run_dir,
     load_run,
@@ -36,7 +36,6 @@ from busdx.runs import (
     save_run,
 )
 from busdx.synthetic import write_synthetic_dataset
-from busdx.training import fit
 from busdx.weights import get_weight_spec, resolve_weights_file
 
 logger = logging.getLogger("busdx")
@@ -69,47 +68,6 @@ def _overrides(args: argparse.Namespace) -> list[str]:
     return items + list(args.set or [])
 
 
-def _finish_run(run_dir: Path, config: Config, dataset: LabelledDataset, progress: bool) -> dict:
-    """Curves, calibration and thresholds on val, then the best model evaluated on test."""
-    with (run_dir / "history.csv").open(newline="") as handle:
-        history = [{k: float(v) for k, v in row.items()} for row in csv.DictReader(handle)]
-    plot_training_curves(history, run_dir / "training_curves.png")
-    split = "test" if dataset.subset("test") else "val"
-    loaded = load_model(run_dir)
-    fitted = calibrate_model(
-        run_dir, loaded, dataset.subset("val"), config.evaluate, progress=progress
-    )
-    logger.info(
-        "calibrated on validation: temperature %.3f; threshold %.3f (%s)",
-        fitted["temperature"],
-        fitted["threshold"],
-        fitted["threshold_policy"],
-    )
-    return evaluate_samples(
-        loaded,
-        dataset.subset(split),
-        run_dir,
-        split=split,
-        data_root=dataset.root,
-        settings=config.evaluate,
-        progress=progress,
-    )
-
-
-def _train(config: Config, dataset: LabelledDataset, run_dir: Path, progress: bool) -> dict:
-    counts = dataset.counts()
-    logger.info(
-        "data %s (%s): %s",
-        dataset.root,
-        dataset.layout,
-        "; ".join(f"{split} {dict(row)}" for split, row in sorted(counts.items())),
-    )
-    started = time.perf_counter()
-    fit(config, dataset, run_dir, progress=progress)
-    logger.info("training took %.0f s", time.perf_counter() - started)
-    return _finish_run(run_dir, config, dataset, progress)
-
-
 def cmd_train(args: argparse.Namespace) -> int:
     if args.resume:
         run_dir = Path(args.resume)
@@ -125,7 +83,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         dataset = prepare_dataset(config, args.data)
         run_dir = create_run_dir(args.out, config.recipe)
         save_run(run_dir, config, dataset)
-    result = _train(config, dataset, run_dir, not args.no_progress)
+    result = train_and_evaluate(config, dataset, run_dir, progress=not args.no_progress)
     print(format_metrics(result))
     print(f"run directory: {run_dir}")
     return 0
@@ -192,6 +150,26 @@ def _csv_cell(value: object) -> str:
     return f'"{text.replace(chr(34), chr(34) * 2)}"' if any(c in text for c in ',"\n') else text
 
 
+def cmd_cv(args: argparse.Namespace) -> int:
+    config = apply_overrides(load_config(args.config, recipe=args.recipe), _overrides(args))
+    out = Path(args.out) if args.out else Path("runs") / f"cv-{config.recipe}"
+    if out.exists() and not (out / "folds.csv").is_file() and any(out.iterdir()):
+        raise RunDirError(
+            f"{out} exists and is not a cross-validation folder; choose another --out"
+        )
+    if (out / CONFIG_FILE).is_file():  # resuming: the saved config wins
+        config = load_config(out / CONFIG_FILE)
+    dataset = prepare_dataset(config, args.data, progress=not args.no_progress)
+    out.mkdir(parents=True, exist_ok=True)
+    save_config(out, config)
+    summary = cross_validate(
+        config, dataset, out, n_folds=args.folds, progress=not args.no_progress
+    )
+    print(format_cv(summary))
+    print(f"written to {out} (cv_metrics.json, cv_roc_curve.png, fold-*/)")
+    return 0
+
+
 def cmd_audit(args: argparse.Namespace) -> int:
     config = load_config()
     dataset = scan_dataset(args.data, config.data.classes, include_normal=not args.exclude_normal)
@@ -231,7 +209,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     dataset = prepare_dataset(config, data_dir)
     save_run(run_dir, config, dataset)
-    result = _train(config, dataset, run_dir, not args.no_progress)
+    result = train_and_evaluate(config, dataset, run_dir, progress=not args.no_progress)
     examples = (
         sorted((data_dir / "malignant").glob("*.png"))[:2]
         + sorted((data_dir / "benign").glob("*.png"))[:2]
@@ -245,6 +223,26 @@ def cmd_demo(args: argparse.Namespace) -> int:
         "(training_curves.png, sample_predictions.png, roc_curve.png, metrics.json, model.pt)"
     )
     return 0
+
+
+def add_config_options(parser: argparse.ArgumentParser) -> None:
+    """Recipe, config file and overrides: the same flags for every command that trains."""
+    parser.add_argument("--config", help="YAML config file (values over the recipe's)")
+    parser.add_argument("--recipe", help=f"built-in recipe: {', '.join(list_recipes())}")
+    parser.add_argument("--epochs", type=int)
+    parser.add_argument("--batch-size", type=int)
+    parser.add_argument("--lr", type=float)
+    parser.add_argument("--seed", type=int)
+    parser.add_argument("--image-size", type=int)
+    parser.add_argument("--weights", help="imagenet | none | PATH to a backbone state_dict")
+    parser.add_argument("--device", help="auto | cpu | cuda")
+    parser.add_argument("--split-file", help="re-use a split CSV (path,label,split columns)")
+    parser.add_argument(
+        "--set",
+        action="append",
+        metavar="KEY=VALUE",
+        help="override any config value, e.g. --set augment.zoom=0.1",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -266,24 +264,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Train a model; writes a complete run directory.",
     )
     train.add_argument("--data", help="dataset folder (train/validation/<class> or <class>/)")
-    train.add_argument("--config", help="YAML config file (values over the recipe's)")
-    train.add_argument("--recipe", help=f"built-in recipe: {', '.join(list_recipes())}")
     train.add_argument("--out", help="new run directory (default runs/<recipe>-<time>)")
     train.add_argument("--resume", metavar="RUNDIR", help="continue an interrupted run")
-    train.add_argument("--epochs", type=int)
-    train.add_argument("--batch-size", type=int)
-    train.add_argument("--lr", type=float)
-    train.add_argument("--seed", type=int)
-    train.add_argument("--image-size", type=int)
-    train.add_argument("--weights", help="imagenet | none | PATH to a backbone state_dict")
-    train.add_argument("--device", help="auto | cpu | cuda")
-    train.add_argument("--split-file", help="re-use a split CSV (path,label,split columns)")
-    train.add_argument(
-        "--set",
-        action="append",
-        metavar="KEY=VALUE",
-        help="override any config value, e.g. --set augment.zoom=0.1",
-    )
+    add_config_options(train)
     common(train)
     train.set_defaults(func=cmd_train)
 
@@ -313,6 +296,19 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--device", default="auto")
     common(predict)
     predict.set_defaults(func=cmd_predict)
+
+    cv = commands.add_parser(
+        "cv",
+        help="grouped stratified k-fold cross-validation",
+        description="Cross-validate a recipe with near-duplicate groups kept within one fold; "
+        "re-running the same command resumes unfinished folds.",
+    )
+    cv.add_argument("--data", required=True, help="dataset folder")
+    cv.add_argument("--folds", type=int, default=5)
+    cv.add_argument("--out", help="output folder (default runs/cv-<recipe>)")
+    add_config_options(cv)
+    common(cv)
+    cv.set_defaults(func=cmd_cv)
 
     audit = commands.add_parser(
         "audit",

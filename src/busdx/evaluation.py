@@ -33,7 +33,7 @@ from busdx.reporting import (
 )
 from busdx.training import MODEL_FILE, update_model_metadata
 
-__all__ = ["calibrate_model", "evaluate_samples", "format_metrics", "sample_logits"]
+__all__ = ["calibrate_model", "evaluate_samples", "format_metrics", "json_safe", "sample_logits"]
 
 METRICS_FILE = "metrics.json"
 
@@ -67,13 +67,14 @@ def calibrate_model(
     return fitted
 
 
-def _json_safe(value: Any) -> Any:
+def json_safe(value: Any) -> Any:
+    """NaN (undefined ratios) becomes null, recursively."""
     if isinstance(value, float) and math.isnan(value):
         return None
     if isinstance(value, dict):
-        return {k: _json_safe(v) for k, v in value.items()}
+        return {k: json_safe(v) for k, v in value.items()}
     if isinstance(value, list):
-        return [_json_safe(v) for v in value]
+        return [json_safe(v) for v in value]
     return value
 
 
@@ -145,7 +146,7 @@ def evaluate_samples(
         },
     }
     out_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out_dir / METRICS_FILE, json.dumps(_json_safe(result), indent=2) + "\n")
+    atomic_write_text(out_dir / METRICS_FILE, json.dumps(json_safe(result), indent=2) + "\n")
 
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")

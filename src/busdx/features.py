@@ -56,13 +56,23 @@ class FeatureCache:
     """Backbone features of images under one model, weights, preprocessing and augmentation."""
 
     def __init__(
-        self, *, model_name: str, weights_sha256: str | None, preprocessing: Preprocessing,
-        augment: AugmentConfig, seed: int, root: Path | None = None,
-    ) -> None:  # fmt: skip
+        self,
+        *,
+        model_name: str,
+        weights_sha256: str | None,
+        preprocessing: Preprocessing,
+        augment: AugmentConfig,
+        seed: int,
+        root: Path | None = None,
+    ) -> None:
         if weights_sha256 is None:
             raise ValueError("caching needs reproducible backbone weights (not --weights none)")
-        base = {"format": FORMAT_VERSION, "model": model_name, "weights": weights_sha256,
-                "preprocessing": preprocessing.to_dict()}  # fmt: skip
+        base = {
+            "format": FORMAT_VERSION,
+            "model": model_name,
+            "weights": weights_sha256,
+            "preprocessing": preprocessing.to_dict(),
+        }
         self.root = root or default_cache_dir()
         self.eval_key = _fingerprint(base)
         self.augment_key = _fingerprint({**base, "augment": asdict(augment), "seed": seed})
@@ -85,13 +95,21 @@ class FeatureCache:
 
     @torch.inference_mode()
     def fill(
-        self, model: BinaryClassifier, samples: Sequence[Sample], views: Sequence[int], *,
-        device: torch.device, batch_size: int = 32, progress: bool = True,
-    ) -> int:  # fmt: skip
+        self,
+        model: BinaryClassifier,
+        samples: Sequence[Sample],
+        views: Sequence[int],
+        *,
+        device: torch.device,
+        batch_size: int = 32,
+        progress: bool = True,
+    ) -> int:
         """Compute and store every missing (sample, view) entry; returns how many were new."""
         missing = [(s, v) for s in samples for v in views if not self.path(s, v).is_file()]
-        transforms = {"eval": build_eval_transform(self.preprocessing),
-                      "train": build_train_transform(self.preprocessing, self.augment)}  # fmt: skip
+        transforms = {
+            "eval": build_eval_transform(self.preprocessing),
+            "train": build_train_transform(self.preprocessing, self.augment),
+        }
         rng_state = torch.get_rng_state()
         bar = tqdm(total=len(missing), desc="feature cache", unit="view", disable=not progress)
         for start in range(0, len(missing), batch_size):

@@ -110,9 +110,15 @@ def reliability_bins(
     for b in range(n_bins):
         chosen = index == b
         if chosen.any():
-            bins.append({"low": b / n_bins, "high": (b + 1) / n_bins, "count": int(chosen.sum()),
-                         "mean_predicted": float(y_prob[chosen].mean()),
-                         "observed": float(y_true[chosen].mean())})  # fmt: skip
+            bins.append(
+                {
+                    "low": b / n_bins,
+                    "high": (b + 1) / n_bins,
+                    "count": int(chosen.sum()),
+                    "mean_predicted": float(y_prob[chosen].mean()),
+                    "observed": float(y_true[chosen].mean()),
+                }
+            )
     return bins
 
 
@@ -167,8 +173,19 @@ def binary_metrics(y_true: np.ndarray, y_score: np.ndarray, *, threshold: float 
     }
 
 
-BOOTSTRAPPED = ("accuracy", "balanced_accuracy", "roc_auc", "pr_auc", "sensitivity",
-                "specificity", "ppv", "npv", "f1", "brier", "ece")  # fmt: skip
+BOOTSTRAPPED = (
+    "accuracy",
+    "balanced_accuracy",
+    "roc_auc",
+    "pr_auc",
+    "sensitivity",
+    "specificity",
+    "ppv",
+    "npv",
+    "f1",
+    "brier",
+    "ece",
+)
 
 
 def bootstrap_ci(
