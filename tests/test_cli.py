@@ -215,3 +215,36 @@ def test_version_and_help(capsys):
     with pytest.raises(SystemExit):
         main(["train", "--help"])
     assert "--resume" in capsys.readouterr().out
+
+
+def test_report_and_model_card(trained_run, capsys):
+    assert main(["report", str(trained_run)]) == 0
+    page = (trained_run / "report.html").read_text()
+    card = (trained_run / "MODEL_CARD.md").read_text()
+    assert "Research use only" in page and page.count("data:image/png;base64,") == 5
+    assert "Not a medical device" in card and "| sensitivity |" in card
+    metrics = json.loads((trained_run / "metrics.json").read_text())
+    auc = metrics["roc_auc"]
+    assert f"{auc:.3f}" in card  # numbers come from metrics.json
+    assert "Temperature scaling T =" in card
+
+
+def test_report_of_an_unfinished_run_is_a_user_error(trained_run, tmp_path, capsys):
+    unfinished = shutil.copytree(trained_run, tmp_path / "unfinished")
+    (unfinished / "metrics.json").unlink()
+    assert main(["report", str(unfinished)]) == 2
+    assert "finish training first" in capsys.readouterr().err
+
+
+def test_uncalibrated_model_still_works_and_says_so(trained_run, tmp_path, capsys):
+    legacy = shutil.copytree(trained_run, tmp_path / "legacy")
+    payload = torch.load(legacy / "model.pt", weights_only=True)
+    for key in ("temperature", "operating_points", "threshold_policy"):
+        payload.pop(key)
+    payload["threshold"] = 0.5
+    torch.save(payload, legacy / "model.pt")
+    assert main(["evaluate", "--run", str(legacy), "--out", str(legacy), "--no-progress"]) == 0
+    metrics = json.loads((legacy / "metrics.json").read_text())
+    assert metrics["calibrated"] is False and list(metrics["operating_points"]) == ["fixed"]
+    assert main(["report", str(legacy)]) == 0
+    assert "**Not calibrated**" in (legacy / "MODEL_CARD.md").read_text()

@@ -13,6 +13,7 @@ import math
 
 import numpy as np
 from scipy.optimize import minimize_scalar
+from scipy.special import expit
 
 from busdx.config import EvaluateConfig
 from busdx.metrics import expected_calibration_error, threshold_for_sensitivity, youden_threshold
@@ -22,7 +23,7 @@ __all__ = ["apply_temperature", "fit_operating_points", "fit_temperature"]
 
 def apply_temperature(logits: np.ndarray, temperature: float) -> np.ndarray:
     """Calibrated probabilities ``sigmoid(logit / T)``."""
-    return 1.0 / (1.0 + np.exp(-np.asarray(logits, dtype=float) / temperature))
+    return expit(np.asarray(logits, dtype=float) / temperature)
 
 
 def _nll(log_t: float, logits: np.ndarray, labels: np.ndarray) -> float:

@@ -24,6 +24,7 @@ from busdx.errors import BusdxError, DataError, RunDirError
 from busdx.evaluation import evaluate_samples, format_metrics
 from busdx.fileio import atomic_write_text
 from busdx.inference import expand_paths, load_model, predict_files
+from busdx.model_card import write_report
 from busdx.pipeline import cross_validate, format_cv, train_and_evaluate
 from busdx.runs import (
     CONFIG_FILE,
@@ -170,6 +171,12 @@ def cmd_cv(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    report, card = write_report(args.run)
+    print(f"report: {report}\nmodel card: {card}")
+    return 0
+
+
 def cmd_audit(args: argparse.Namespace) -> int:
     config = load_config()
     dataset = scan_dataset(args.data, config.data.classes, include_normal=not args.exclude_normal)
@@ -310,6 +317,14 @@ def build_parser() -> argparse.ArgumentParser:
     common(cv)
     cv.set_defaults(func=cmd_cv)
 
+    report = commands.add_parser(
+        "report",
+        help="HTML report and model card of a run",
+        description="Write RUNDIR/report.html (self-contained) and RUNDIR/MODEL_CARD.md.",
+    )
+    report.add_argument("run", metavar="RUNDIR")
+    report.set_defaults(func=cmd_report)
+
     audit = commands.add_parser(
         "audit",
         help="counts, broken files, duplicates and leakage",
@@ -340,8 +355,8 @@ def build_parser() -> argparse.ArgumentParser:
         default="busdx-demo",
         help="parent folder; each demo writes a new <time>/ folder inside it",
     )
-    demo.add_argument("--n-per-class", type=int, default=40)
-    demo.add_argument("--epochs", type=int, default=4)
+    demo.add_argument("--n-per-class", type=int, default=50)
+    demo.add_argument("--epochs", type=int, default=5)
     common(demo)
     demo.set_defaults(func=cmd_demo)
     return parser

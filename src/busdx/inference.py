@@ -7,7 +7,6 @@ code. A file that cannot be decoded yields an error row; the rest of the batch g
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -157,11 +156,12 @@ def predict_files(
             except ImageDecodeError as exc:
                 logger.warning("%s", exc)
                 rows.append(Prediction(str(path), None, None, threshold, error=str(exc)))
-        logits = iter(loaded.predict_logits(torch.stack(tensors)).tolist() if tensors else [])
+        logits = loaded.predict_logits(torch.stack(tensors)) if tensors else torch.zeros(0)
+        probabilities = torch.sigmoid(logits / loaded.temperature)
+        scores = iter(zip(logits.tolist(), probabilities.tolist(), strict=True))
         for row in rows:
             if row.error is None:
-                row.logit = next(logits)
-                row.probability = 1.0 / (1.0 + math.exp(-row.logit / loaded.temperature))
+                row.logit, row.probability = next(scores)
                 row.label = positive if row.probability >= threshold else negative
             bar.update()
             yield row
