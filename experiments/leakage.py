@@ -69,13 +69,7 @@ def main() -> None:
     )
     dataset = prepare_dataset(config, args.data, progress=True)
     model, weights, prep = create_model(config.model, image_size=config.data.image_size)
-    cache = FeatureCache(
-        model_name=config.model.name,
-        weights_sha256=weights.sha256,
-        preprocessing=prep,
-        augment=config.augment,
-        seed=config.train.seed,
-    )
+    cache = FeatureCache.for_config(config, weights, prep)
     views = list(range(1, args.copies + 1))
     cache.fill(model, dataset.samples, views, device=torch.device("cpu"))
     samples = dataset.samples

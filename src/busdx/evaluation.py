@@ -24,7 +24,14 @@ from busdx.errors import DataError
 from busdx.fileio import atomic_write_text
 from busdx.imaging import load_image
 from busdx.inference import LoadedModel, predict_files
-from busdx.metrics import binary_metrics, bootstrap_ci, reliability_bins, roc_band
+from busdx.metrics import (
+    DECISION_METRICS,
+    SCORE_METRICS,
+    binary_metrics,
+    bootstrap_ci,
+    reliability_bins,
+    roc_band,
+)
 from busdx.reporting import (
     plot_confusion_matrix,
     plot_reliability_diagram,
@@ -193,21 +200,13 @@ def format_metrics(result: dict[str, Any]) -> str:
         f"{result['split']} split: n={result['n']} ({result['n_positive']} "
         f"{result['positive_class']}); 95% bootstrap CIs in brackets"
     ]
-    for key in ("roc_auc", "pr_auc", "brier", "ece"):
+    for key in SCORE_METRICS:
         lines.append(f"  {key:<18} {_with_ci(result, key)}")
     for name, point in result["operating_points"].items():
         chosen = "  <- model's threshold" if point["threshold"] == result["threshold"] else ""
         c = point["confusion"]
         lines.append(f"  at {name} threshold {point['threshold']:.3f}{chosen}")
-        for key in (
-            "sensitivity",
-            "specificity",
-            "ppv",
-            "npv",
-            "accuracy",
-            "balanced_accuracy",
-            "f1",
-        ):
+        for key in DECISION_METRICS:
             lines.append(f"    {key:<18} {_with_ci(point, key)}")
         lines.append(
             f"    confusion          TP {c['tp']}  FP {c['fp']}  TN {c['tn']}  FN {c['fn']}"

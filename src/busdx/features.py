@@ -27,11 +27,11 @@ import torch
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
-from busdx.config import AugmentConfig
+from busdx.config import AugmentConfig, Config
 from busdx.data import Sample
 from busdx.fileio import atomic_path
 from busdx.imaging import load_image
-from busdx.models import BinaryClassifier
+from busdx.models import BinaryClassifier, WeightsInfo
 from busdx.transforms import Preprocessing, build_eval_transform, build_train_transform
 
 __all__ = ["CACHE_ENV_VAR", "CachedFeatures", "FeatureCache", "default_cache_dir"]
@@ -79,6 +79,12 @@ class FeatureCache:
         self.preprocessing = preprocessing
         self.augment = augment
         self.seed = seed
+
+    @classmethod
+    def for_config(cls, config: Config, weights: WeightsInfo, prep: Preprocessing) -> FeatureCache:
+        """The cache of a run's model, weights, preprocessing, augmentation and seed."""
+        return cls(model_name=config.model.name, weights_sha256=weights.sha256,
+                   preprocessing=prep, augment=config.augment, seed=config.train.seed)  # fmt: skip
 
     def path(self, sample: Sample, view: int) -> Path:
         """Where the features of ``sample`` under ``view`` (0: no augmentation) are stored."""

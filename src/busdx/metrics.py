@@ -15,6 +15,8 @@ import numpy as np
 from busdx.errors import DataError, SingleClassError
 
 __all__ = [
+    "DECISION_METRICS",
+    "SCORE_METRICS",
     "average_precision",
     "binary_metrics",
     "bootstrap_ci",
@@ -173,19 +175,17 @@ def binary_metrics(y_true: np.ndarray, y_score: np.ndarray, *, threshold: float 
     }
 
 
-BOOTSTRAPPED = (
-    "accuracy",
-    "balanced_accuracy",
-    "roc_auc",
-    "pr_auc",
+SCORE_METRICS = ("roc_auc", "pr_auc", "brier", "ece")  # need no threshold
+DECISION_METRICS = (
     "sensitivity",
     "specificity",
     "ppv",
     "npv",
+    "accuracy",
+    "balanced_accuracy",
     "f1",
-    "brier",
-    "ece",
 )
+BOOTSTRAPPED = SCORE_METRICS + DECISION_METRICS
 
 
 def bootstrap_ci(

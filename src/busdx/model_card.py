@@ -18,6 +18,7 @@ from typing import Any
 from busdx.errors import CheckpointError
 from busdx.fileio import atomic_write_text
 from busdx.inference import load_model
+from busdx.metrics import DECISION_METRICS, SCORE_METRICS
 from busdx.runs import SPLIT_FILE, load_run
 
 __all__ = ["write_report"]
@@ -36,8 +37,7 @@ FIGURES = [
     ("confusion_matrix.png", "Confusion matrix (test, model's threshold)"),
     ("sample_predictions.png", "Sample predictions (errors in red)"),
 ]
-ROWS = ("roc_auc", "pr_auc", "sensitivity", "specificity", "ppv", "npv", "accuracy",
-        "balanced_accuracy", "f1", "brier", "ece")  # fmt: skip
+ROWS = SCORE_METRICS[:2] + DECISION_METRICS + SCORE_METRICS[2:]
 
 
 def _value(metrics: dict[str, Any], key: str) -> str:

@@ -20,7 +20,13 @@ from busdx.errors import DataError
 from busdx.evaluation import calibrate_model, evaluate_samples, json_safe
 from busdx.fileio import atomic_write_text
 from busdx.inference import load_model
-from busdx.metrics import binary_metrics, bootstrap_ci, roc_band
+from busdx.metrics import (
+    DECISION_METRICS,
+    SCORE_METRICS,
+    binary_metrics,
+    bootstrap_ci,
+    roc_band,
+)
 from busdx.reporting import plot_roc_curve, plot_training_curves
 from busdx.runs import save_run
 from busdx.training import fit
@@ -142,18 +148,7 @@ def cross_validate(
     )
 
 
-FOLD_KEYS = (
-    "roc_auc",
-    "pr_auc",
-    "sensitivity",
-    "specificity",
-    "ppv",
-    "npv",
-    "accuracy",
-    "balanced_accuracy",
-    "brier",
-    "ece",
-)
+FOLD_KEYS = SCORE_METRICS + DECISION_METRICS
 
 
 def _summarise(config, per_fold, y_true, y_prob, decisions, out_dir) -> dict[str, Any]:
@@ -163,23 +158,10 @@ def _summarise(config, per_fold, y_true, y_prob, decisions, out_dir) -> dict[str
     ranking_ci = bootstrap_ci(y_true, y_prob, threshold=0.5, **ci)
     decided = binary_metrics(y_true, decisions)  # each fold at its own validation threshold
     decided_ci = bootstrap_ci(y_true, decisions, threshold=0.5, **ci)
-    pooled = {key: ranking[key] for key in ("roc_auc", "pr_auc", "brier", "ece")}
-    pooled |= {
-        key: decided[key]
-        for key in (
-            "sensitivity",
-            "specificity",
-            "ppv",
-            "npv",
-            "accuracy",
-            "balanced_accuracy",
-            "f1",
-        )
-    }
-    pooled_ci = {
-        key: (ranking_ci if key in ("roc_auc", "pr_auc", "brier", "ece") else decided_ci)[key]
-        for key in pooled
-    }
+    pooled = {key: ranking[key] for key in SCORE_METRICS}
+    pooled |= {key: decided[key] for key in DECISION_METRICS}
+    pooled_ci = {key: ranking_ci[key] for key in SCORE_METRICS}
+    pooled_ci |= {key: decided_ci[key] for key in DECISION_METRICS}
     table = {key: [fold[key] for fold in per_fold] for key in FOLD_KEYS}
     summary = {
         "folds": len(per_fold),

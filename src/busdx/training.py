@@ -193,13 +193,7 @@ def _inputs(
     """
     train, val = dataset.subset("train"), dataset.subset("val")
     if config.train.feature_cache:
-        cache = FeatureCache(
-            model_name=config.model.name,
-            weights_sha256=weights.sha256,
-            preprocessing=prep,
-            augment=config.augment,
-            seed=config.train.seed,
-        )
+        cache = FeatureCache.for_config(config, weights, prep)
         views = list(range(1, config.train.cache_views + 1))
         cache.fill(model, train, views, device=device, progress=progress)
         cache.fill(model, val, [0], device=device, progress=progress)
