@@ -7,9 +7,11 @@ import torch
 from busdx.config import AugmentConfig, ModelConfig, apply_overrides, load_config
 from busdx.data import scan_dataset
 from busdx.features import FeatureCache
+from busdx.imaging import load_image
 from busdx.models import create_model
 from busdx.runs import prepare_dataset
 from busdx.training import fit
+from busdx.transforms import build_eval_transform
 
 from conftest import WEIGHTS_DIR, needs_shared
 
@@ -43,6 +45,10 @@ def test_hit_miss_and_invalidation(model_and_prep, samples, tmp_path):
     # the plain view is shared; augmented views depend on the augmentation settings
     assert other_augment.fill(model, samples, [0, 1, 2], device=cpu, progress=False) == 12
     plain, augmented = cache.load(samples[0], 0), cache.load(samples[0], 1)
+    image = build_eval_transform(model_and_prep[2])(load_image(samples[0].path))
+    with torch.inference_mode():
+        direct = model.features(image[None])[0].numpy()
+    np.testing.assert_allclose(plain, direct, rtol=1e-5, atol=1e-4)  # the cache holds the truth
     assert plain.shape == (512, 1, 1) and not np.array_equal(plain, augmented)
     assert not np.array_equal(augmented, other_augment.load(samples[0], 1))
 
@@ -79,7 +85,7 @@ def test_training_on_cached_features_learns_and_resumes(synthetic_data, tmp_path
         "train.batch_size=8", "data.val_fraction=0.25", "data.test_fraction=0.25"])  # fmt: skip
     dataset = prepare_dataset(config, synthetic_data)
     history = fit(config, dataset, tmp_path / "run", progress=False)
-    assert history[-1].train_accuracy >= 0.9 and max(r.val_accuracy for r in history) >= 5 / 6
+    assert history[-1].train_accuracy >= 0.9 and history[-1].train_loss < history[0].train_loss
     entries = len(list((tmp_path / "cache").rglob("*.npy")))
     assert entries == 12 * 2 + 6  # 12 training images x 2 views + 6 validation images
     short = apply_overrides(config, ["train.epochs=2"])
