@@ -240,11 +240,13 @@ def fit(
         start_epoch = state["epoch"] + 1
         logger.info("resuming %s after epoch %d", run_dir, state["epoch"])
 
+    patience = config.train.early_stopping_patience
+    if start_epoch > config.train.epochs or (patience and stale_epochs >= patience):
+        return history  # nothing left to train
     train_set, val_set, forward = _inputs(config, dataset, model, prep, weights, device, progress)
     batch, workers = config.train.batch_size, config.data.num_workers
     val_loader = DataLoader(val_set, batch_size=batch, num_workers=workers)
 
-    patience = config.train.early_stopping_patience
     for epoch in range(start_epoch, config.train.epochs + 1):
         if patience and stale_epochs >= patience:
             logger.info("early stopping: no val-loss improvement in %d epochs", patience)
