@@ -179,7 +179,10 @@ def _summarise(config, per_fold, y_true, y_prob, decisions, out_dir) -> dict[str
     plot_roc_curve(
         y_true,
         y_prob,
-        {**ranking, "operating_points": {"pooled folds": decided}},
+        {
+            **ranking,
+            "operating_points": {"each fold at its own threshold": {**decided, "threshold": None}},
+        },
         out_dir / "cv_roc_curve.png",
         band=roc_band(y_true, y_prob, **ci),
     )

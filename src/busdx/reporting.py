@@ -65,13 +65,9 @@ def plot_roc_curve(
     axis.plot([0, 1], [0, 1], "--", color="grey", lw=1, label="chance")
     points = metrics.get("operating_points") or {"threshold": metrics}
     for (name, point), marker in zip(points.items(), "osD^", strict=False):
-        axis.plot(
-            1 - point["specificity"],
-            point["sensitivity"],
-            marker,
-            ms=8,
-            label=f"{name} (t={point['threshold']:.2f})",
-        )
+        threshold = point.get("threshold")
+        label = name if threshold is None else f"{name} (t={threshold:.2f})"
+        axis.plot(1 - point["specificity"], point["sensitivity"], marker, ms=8, label=label)
     axis.set(
         xlabel="1 - specificity (false-positive rate)",
         ylabel="sensitivity",
