@@ -143,8 +143,7 @@ def evaluate_samples(
         "temperature": loaded.temperature,
         "reliability": reliability_bins(y_true, y_prob),
         "operating_points": {
-            name: {k: v for k, v in _metrics_with_ci(y_true, y_prob, t, settings).items()}
-            for name, t in points.items()
+            name: _metrics_with_ci(y_true, y_prob, t, settings) for name, t in points.items()
         },
         "model": {
             "busdx_version": loaded.metadata["busdx_version"],

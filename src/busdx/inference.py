@@ -54,10 +54,6 @@ class LoadedModel:
         """Raw log-odds of the positive class for a batch of preprocessed images."""
         return self.model(images.to(self.device)).cpu()
 
-    def predict_proba(self, images: torch.Tensor) -> torch.Tensor:
-        """Calibrated probability of the positive class for a batch of preprocessed images."""
-        return torch.sigmoid(self.predict_logits(images) / self.temperature)
-
 
 def load_model(path: str | Path, *, device: str = "auto") -> LoadedModel:
     """Load ``model.pt`` (or a run directory containing one) safely."""

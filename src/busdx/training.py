@@ -175,6 +175,9 @@ def _load_last(path: Path) -> dict[str, Any]:
         ) from exc
 
 
+Forward = Callable[[torch.Tensor], torch.Tensor]
+
+
 def _inputs(
     config: Config,
     dataset: LabelledDataset,
@@ -183,8 +186,8 @@ def _inputs(
     weights: WeightsInfo,
     device: torch.device,
     progress: bool,
-) -> tuple[Dataset, Dataset, Callable[[torch.Tensor], torch.Tensor]]:
-    """Training set, validation set and the training forward function.
+) -> tuple[Dataset, Dataset, Forward, Forward]:
+    """Training set, validation set, and the forward functions (inputs -> logits) of each.
 
     * trainable backbone: images in, whole model;
     * frozen backbone: augmented images through the whole model, and the validation images
@@ -197,14 +200,15 @@ def _inputs(
         views = list(range(1, config.train.cache_views + 1))
         cache.fill(model, train, views, device=device, progress=progress)
         cache.fill(model, val, [0], device=device, progress=progress)
-        return CachedFeatures(train, cache, views), CachedFeatures(val, cache, [0]), model.classify
+        cached = CachedFeatures(train, cache, views), CachedFeatures(val, cache, [0])
+        return *cached, model.classify, model.classify
     train_set = ImageDataset(train, build_train_transform(prep, config.augment))
     val_set = ImageDataset(val, build_eval_transform(prep))
     if not model.backbone_frozen:
-        return train_set, val_set, model
+        return train_set, val_set, model, model
     loader = DataLoader(val_set, batch_size=config.train.batch_size)
     bar = tqdm(loader, desc="val features", disable=not progress, leave=False)
-    return train_set, _backbone_features(model, bar, device), model
+    return train_set, _backbone_features(model, bar, device), model, model.classify
 
 
 def fit(
@@ -243,7 +247,9 @@ def fit(
     patience = config.train.early_stopping_patience
     if start_epoch > config.train.epochs or (patience and stale_epochs >= patience):
         return history  # nothing left to train
-    train_set, val_set, forward = _inputs(config, dataset, model, prep, weights, device, progress)
+    train_set, val_set, forward, val_forward = _inputs(
+        config, dataset, model, prep, weights, device, progress
+    )
     batch, workers = config.train.batch_size, config.data.num_workers
     val_loader = DataLoader(val_set, batch_size=batch, num_workers=workers)
 
@@ -269,12 +275,7 @@ def fit(
         model.train()
         train_loss, train_acc = train_one_epoch(forward, bar, optimizer, criterion, device)
         model.eval()
-        val_loss, val_acc = evaluate_epoch(
-            model.classify if isinstance(val_set, TensorDataset | CachedFeatures) else model,
-            val_loader,
-            criterion,
-            device,
-        )
+        val_loss, val_acc = evaluate_epoch(val_forward, val_loader, criterion, device)
         record = EpochRecord(
             epoch, train_loss, train_acc, val_loss, val_acc, round(time.perf_counter() - started, 2)
         )

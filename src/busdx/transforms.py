@@ -11,12 +11,11 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
-from PIL import Image
 from torchvision.transforms import v2
 
 from busdx.config import AugmentConfig
 
-__all__ = ["Preprocessing", "build_eval_transform", "build_train_transform", "preview"]
+__all__ = ["Preprocessing", "build_eval_transform", "build_train_transform"]
 
 
 @dataclass(frozen=True)
@@ -80,11 +79,3 @@ def build_train_transform(prep: Preprocessing, augment: AugmentConfig) -> v2.Com
     if augment.horizontal_flip:
         steps.append(v2.RandomHorizontalFlip())
     return v2.Compose(steps + _to_normalized_tensor(prep))
-
-
-def preview(tensor: torch.Tensor, prep: Preprocessing) -> Image.Image:
-    """Undo normalization of a CHW tensor, for figures."""
-    mean = torch.tensor(prep.mean).view(3, 1, 1)
-    std = torch.tensor(prep.std).view(3, 1, 1)
-    array = (tensor.detach().cpu() * std + mean).clamp(0, 255).byte().permute(1, 2, 0).numpy()
-    return Image.fromarray(array)
