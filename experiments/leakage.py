@@ -48,11 +48,11 @@ def _train_head(config, train_x, train_y, val_x, val_y, seed: int) -> dict[str, 
     cpu = torch.device("cpu")
     for _ in range(config.train.epochs):
         model.train()
-        train_one_epoch(model.classify, train, optimizer, criterion, cpu)
+        train_one_epoch(model.from_stem, train, optimizer, criterion, cpu)
     model.eval()
-    _, accuracy = evaluate_epoch(model.classify, val, criterion, cpu)
+    _, accuracy = evaluate_epoch(model.from_stem, val, criterion, cpu)
     with torch.inference_mode():
-        scores = torch.cat([model.classify(x) for x, _ in val]).numpy()
+        scores = torch.cat([model.from_stem(x) for x, _ in val]).numpy()
     return {"val_accuracy": accuracy, "val_roc_auc": roc_auc(val_y.numpy(), scores)}
 
 

@@ -98,3 +98,27 @@ def test_training_on_cached_features_learns_and_resumes(synthetic_data, tmp_path
 def test_cache_needs_pretrained_frozen_backbone():
     with pytest.raises(ValueError, match="frozen backbone with pretrained weights"):
         apply_overrides(load_config(), ["train.feature_cache=true", "model.weights=none"])
+
+
+def test_finetune_recipe_caches_the_input_of_its_last_block(synthetic_data, tmp_path, monkeypatch):
+    monkeypatch.setenv("BUSDX_CACHE_DIR", str(tmp_path / "cache"))
+    overrides = ["data.image_size=64", "train.cache_views=2", "train.epochs=3",
+                 "train.batch_size=8", "data.val_fraction=0.25", "data.test_fraction=0.25"]  # fmt: skip
+    finetune = apply_overrides(load_config(recipe="vgg16-finetune"), overrides)
+    dataset = prepare_dataset(finetune, synthetic_data)
+    fit(finetune, dataset, tmp_path / "finetune", progress=False)
+    entries = sorted((tmp_path / "cache").rglob("*.npy"))
+    assert len(entries) == 12 * 2 + 6
+    assert {np.load(e).shape for e in entries} == {(512, 4, 4)}  # pool4 output, not pool5
+
+    model, _, _ = create_model(finetune.model, image_size=64, load_weights=False)
+    state = torch.load(tmp_path / "finetune" / "model.pt", weights_only=True)["state_dict"]
+    model.load_state_dict(state)
+    initial, _, _ = create_model(finetune.model, image_size=64)
+    block5_moved = not torch.equal(model.backbone[24].weight, initial.backbone[24].weight)
+    stem_kept = torch.equal(model.backbone[0].weight, initial.backbone[0].weight)
+    assert block5_moved and stem_kept
+
+    frozen = apply_overrides(load_config(), [*overrides, "train.feature_cache=true"])
+    fit(frozen, dataset, tmp_path / "frozen", progress=False)
+    assert len(list((tmp_path / "cache").rglob("*.npy"))) == 2 * len(entries)  # own folder

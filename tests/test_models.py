@@ -6,7 +6,7 @@ import torch
 from PIL import Image
 
 from busdx.config import AugmentConfig, ModelConfig
-from busdx.errors import UnknownModelError, WeightsError
+from busdx.errors import ConfigError, UnknownModelError, WeightsError
 from busdx.models import create_model, list_models
 from busdx.transforms import build_eval_transform, build_train_transform
 from busdx.weights import get_weight_spec, resolve_weights_file
@@ -44,6 +44,27 @@ def test_unfrozen_backbone_trains():
     model, _, _ = create_model(ModelConfig(weights="none", freeze_backbone=False), image_size=32)
     model(torch.randn(2, 3, 32, 32)).sum().backward()
     assert model.backbone[0].weight.grad is not None
+
+
+def test_trainable_blocks_leave_the_last_block_trainable_and_the_stem_frozen():
+    model, _, _ = create_model(ModelConfig(weights="none", trainable_blocks=1), image_size=64)
+    assert model.stem_layers == 24  # VGG16 block5 starts at layer 24 (after pool4)
+    images = torch.randn(2, 3, 64, 64)
+    stem = model.stem(images)
+    assert stem.shape == (2, 512, 4, 4) and not stem.requires_grad
+    model.train()
+    assert not model.backbone[0].training and model.backbone[24].training
+    model.from_stem(stem).sum().backward()
+    assert model.backbone[0].weight.grad is None
+    assert model.backbone[24].weight.grad is not None and model.backbone[28].weight.grad is not None
+    model.eval()
+    torch.testing.assert_close(model(images), model.from_stem(model.stem(images)))
+
+
+@pytest.mark.parametrize("blocks", [-1, 5])
+def test_trainable_blocks_out_of_range_is_a_config_error(blocks):
+    with pytest.raises(ConfigError, match="between 0 and 4"):
+        create_model(ModelConfig(weights="none", trainable_blocks=blocks), image_size=32)
 
 
 def test_unknown_model_suggests_a_name():

@@ -38,6 +38,7 @@ class ModelConfig:
     name: str = "vgg16"
     weights: str = "imagenet"  # "imagenet", "none" or a path to a state_dict file
     freeze_backbone: bool = True
+    trainable_blocks: int = 0  # with a frozen backbone: its last blocks still trained
     hidden_units: int = 512
     dropout: float = 0.5
 

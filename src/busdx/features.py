@@ -1,4 +1,4 @@
-"""Disk cache of frozen-backbone features, one file per (image, augmented view).
+"""Disk cache of frozen-backbone outputs, one file per (image, augmented view).
 
 With a frozen backbone, the recipe's 30 epochs repeat 30 full VGG16 forward passes per image.
 Caching the backbone output of K augmented views per image once (view 0 is the plain eval
@@ -60,6 +60,7 @@ class FeatureCache:
         *,
         model_name: str,
         weights_sha256: str | None,
+        trainable_blocks: int = 0,
         preprocessing: Preprocessing,
         augment: AugmentConfig,
         seed: int,
@@ -73,6 +74,8 @@ class FeatureCache:
             "weights": weights_sha256,
             "preprocessing": preprocessing.to_dict(),
         }
+        if trainable_blocks:  # a shorter stem (the whole backbone keeps its original key)
+            base["trainable_blocks"] = trainable_blocks
         self.root = root or default_cache_dir()
         self.eval_key = _fingerprint(base)
         self.augment_key = _fingerprint({**base, "augment": asdict(augment), "seed": seed})
@@ -84,7 +87,8 @@ class FeatureCache:
     def for_config(cls, config: Config, weights: WeightsInfo, prep: Preprocessing) -> FeatureCache:
         """The cache of a run's model, weights, preprocessing, augmentation and seed."""
         return cls(model_name=config.model.name, weights_sha256=weights.sha256,
-                   preprocessing=prep, augment=config.augment, seed=config.train.seed)  # fmt: skip
+                   trainable_blocks=config.model.trainable_blocks, preprocessing=prep,
+                   augment=config.augment, seed=config.train.seed)  # fmt: skip
 
     def path(self, sample: Sample, view: int) -> Path:
         """Where the features of ``sample`` under ``view`` (0: no augmentation) are stored."""
@@ -121,7 +125,7 @@ class FeatureCache:
         for start in range(0, len(missing), batch_size):
             chunk = missing[start : start + batch_size]
             images = torch.stack([self._view_image(s, v, transforms) for s, v in chunk])
-            features = model.features(images.to(device)).float().cpu().numpy()
+            features = model.stem(images.to(device)).float().cpu().numpy()
             for (sample, view), array in zip(chunk, features, strict=True):
                 target = self.path(sample, view)
                 target.parent.mkdir(parents=True, exist_ok=True)

@@ -67,7 +67,10 @@ def _facts(run_dir: Path) -> dict[str, Any]:
 def _model_card(facts: dict[str, Any]) -> str:
     config, info, metrics, model = facts["config"], facts["info"], facts["metrics"], facts["model"]
     calibrated = "temperature" in model
-    backbone_state = "frozen" if config.model.freeze_backbone else "trained"
+    backbone_state = "trained"
+    if config.model.freeze_backbone:
+        blocks = config.model.trainable_blocks
+        backbone_state = f"frozen but its last {blocks} block(s)" if blocks else "frozen"
     size, prep = model["preprocessing"]["image_size"], model["preprocessing"]
     counts = "; ".join(f"{split}: {dict(row)}" for split, row in sorted(info["counts"].items()))
     lines = [

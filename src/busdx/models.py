@@ -18,7 +18,7 @@ from torch import nn
 from torchvision.models import vgg16 as tv_vgg16
 
 from busdx.config import ModelConfig
-from busdx.errors import UnknownModelError, WeightsError
+from busdx.errors import ConfigError, UnknownModelError, WeightsError
 from busdx.fileio import sha256_file
 from busdx.transforms import Preprocessing
 from busdx.weights import get_weight_spec, load_state_dict, resolve_weights_file
@@ -26,6 +26,7 @@ from busdx.weights import get_weight_spec, load_state_dict, resolve_weights_file
 __all__ = [
     "BinaryClassifier",
     "WeightsInfo",
+    "block_starts",
     "create_model",
     "list_models",
     "register_backbone",
@@ -35,7 +36,11 @@ _BACKBONES: dict[str, Callable[[], nn.Module]] = {}
 
 
 def register_backbone(name: str) -> Callable[[Callable[[], nn.Module]], Callable[[], nn.Module]]:
-    """Decorator: register a function that builds a feature extractor (N,3,H,W) -> (N,C,h,w)."""
+    """Decorator: register a function that builds a feature extractor (N,3,H,W) -> (N,C,h,w).
+
+    The extractor is an ``nn.Sequential`` whose blocks each end with a max-pool layer, so that
+    ``model.trainable_blocks`` can leave the last blocks trainable.
+    """
 
     def decorator(builder: Callable[[], nn.Module]) -> Callable[[], nn.Module]:
         _BACKBONES[name] = builder
@@ -66,10 +71,15 @@ class WeightsInfo:
 
 
 class BinaryClassifier(nn.Module):
-    """``backbone`` -> Flatten -> Linear(hidden) -> ReLU -> Dropout -> Linear(1) logit."""
+    """``backbone`` -> Flatten -> Linear(hidden) -> ReLU -> Dropout -> Linear(1) logit.
+
+    The backbone may be frozen up to a layer (``freeze_backbone``): its frozen layers are the
+    *stem*, whose output (``stem``) does not change during training and can be cached, and
+    ``from_stem`` runs the trainable layers and the head on it.
+    """
 
     def __init__(
-        self, backbone: nn.Module, *, image_size: int, hidden_units: int, dropout: float
+        self, backbone: nn.Sequential, *, image_size: int, hidden_units: int, dropout: float
     ) -> None:
         super().__init__()
         self.backbone = backbone
@@ -82,32 +92,55 @@ class BinaryClassifier(nn.Module):
             nn.Dropout(dropout),
             nn.Linear(hidden_units, 1),
         )
-        self.backbone_frozen = False
+        self.stem_layers = 0  # backbone layers frozen
 
-    def freeze_backbone(self) -> None:
-        """Stop gradients through the backbone and keep it in eval mode."""
-        self.backbone.requires_grad_(False)
-        self.backbone.eval()
-        self.backbone_frozen = True
+    @property
+    def backbone_frozen(self) -> bool:
+        """Whether part of the backbone is frozen (its output can then be cached)."""
+        return self.stem_layers > 0
+
+    def freeze_backbone(self, trainable_blocks: int = 0) -> None:
+        """Freeze the backbone except its last ``trainable_blocks`` blocks (kept in eval mode)."""
+        starts = block_starts(self.backbone)
+        if not 0 <= trainable_blocks < len(starts):
+            raise ConfigError(
+                f"model.trainable_blocks must be between 0 and {len(starts) - 1} for this "
+                f"backbone, got {trainable_blocks}"
+            )
+        self.stem_layers = starts[-trainable_blocks] if trainable_blocks else len(self.backbone)
+        self.backbone.requires_grad_(True)
+        self.backbone[: self.stem_layers].requires_grad_(False)
+        self.train(self.training)
 
     def train(self, mode: bool = True) -> BinaryClassifier:
         super().train(mode)
-        if self.backbone_frozen:
+        self.backbone[: self.stem_layers].eval()
+        if self.stem_layers == len(self.backbone):
             self.backbone.eval()
         return self
 
-    def features(self, images: torch.Tensor) -> torch.Tensor:
-        """Backbone output; no autograd graph is built when the backbone is frozen."""
+    def stem(self, images: torch.Tensor) -> torch.Tensor:
+        """Output of the frozen backbone layers; no autograd graph is built for them."""
         images = images.contiguous(memory_format=torch.channels_last)  # ~1.4x faster on CPU
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self.backbone_frozen):
-            return self.backbone(images)
+            return self.backbone[: self.stem_layers](images)
 
-    def classify(self, features: torch.Tensor) -> torch.Tensor:
-        """Head only: backbone features -> one logit per image."""
-        return self.head(features).squeeze(1)
+    def from_stem(self, stem_output: torch.Tensor) -> torch.Tensor:
+        """Trainable backbone layers and head: stem output -> one logit per image."""
+        return self.head(self.backbone[self.stem_layers :](stem_output)).squeeze(1)
+
+    def features(self, images: torch.Tensor) -> torch.Tensor:
+        """Output of the whole backbone."""
+        return self.backbone[self.stem_layers :](self.stem(images))
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.classify(self.features(images))
+        return self.from_stem(self.stem(images))
+
+
+def block_starts(backbone: nn.Sequential) -> list[int]:
+    """Index of the first layer of each block (blocks end with a max-pool layer)."""
+    ends = [i + 1 for i, layer in enumerate(backbone) if isinstance(layer, nn.MaxPool2d)]
+    return [0, *(end for end in ends if end < len(backbone))]
 
 
 def _initial_weights(backbone: nn.Module, arch: str, weights: str) -> WeightsInfo:
@@ -156,5 +189,5 @@ def create_model(
         backbone, image_size=image_size, hidden_units=config.hidden_units, dropout=config.dropout
     )
     if config.freeze_backbone:
-        model.freeze_backbone()
+        model.freeze_backbone(config.trainable_blocks)
     return model, info, Preprocessing(image_size=image_size, mean=info.mean, std=info.std)

@@ -118,13 +118,13 @@ def evaluate_epoch(
 
 
 @torch.inference_mode()
-def _backbone_features(
+def _stem_outputs(
     model: BinaryClassifier, loader: Iterable, device: torch.device
 ) -> TensorDataset:
-    """Run a frozen backbone once over a deterministic loader (validation needs no re-runs)."""
+    """Run the frozen stem once over a deterministic loader (validation needs no re-runs)."""
     features, labels = [], []
     for images, batch_labels in loader:
-        features.append(model.features(images.to(device)).cpu())
+        features.append(model.stem(images.to(device)).cpu())
         labels.append(batch_labels)
     return TensorDataset(torch.cat(features), torch.cat(labels))
 
@@ -190,9 +190,10 @@ def _inputs(
     """Training set, validation set, and the forward functions (inputs -> logits) of each.
 
     * trainable backbone: images in, whole model;
-    * frozen backbone: augmented images through the whole model, and the validation images
-      through the backbone once (their features never change);
-    * frozen backbone + feature cache: cached features of K augmented views, head only.
+    * (partly) frozen backbone: augmented images through the whole model, and the validation
+      images through the frozen stem once (its output never changes);
+    * frozen stem + feature cache: cached stem outputs of K augmented views, trainable layers
+      and head only.
     """
     train, val = dataset.subset("train"), dataset.subset("val")
     if config.train.feature_cache:
@@ -201,14 +202,14 @@ def _inputs(
         cache.fill(model, train, views, device=device, progress=progress)
         cache.fill(model, val, [0], device=device, progress=progress)
         cached = CachedFeatures(train, cache, views), CachedFeatures(val, cache, [0])
-        return *cached, model.classify, model.classify
+        return *cached, model.from_stem, model.from_stem
     train_set = ImageDataset(train, build_train_transform(prep, config.augment))
     val_set = ImageDataset(val, build_eval_transform(prep))
     if not model.backbone_frozen:
         return train_set, val_set, model, model
     loader = DataLoader(val_set, batch_size=config.train.batch_size)
     bar = tqdm(loader, desc="val features", disable=not progress, leave=False)
-    return train_set, _backbone_features(model, bar, device), model, model.classify
+    return train_set, _stem_outputs(model, bar, device), model, model.from_stem
 
 
 def fit(
