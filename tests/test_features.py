@@ -103,7 +103,8 @@ def test_cache_needs_pretrained_frozen_backbone():
 def test_finetune_recipe_caches_the_input_of_its_last_block(synthetic_data, tmp_path, monkeypatch):
     monkeypatch.setenv("BUSDX_CACHE_DIR", str(tmp_path / "cache"))
     overrides = ["data.image_size=64", "train.cache_views=2", "train.epochs=3",
-                 "train.batch_size=8", "data.val_fraction=0.25", "data.test_fraction=0.25"]  # fmt: skip
+                 "train.batch_size=8", "data.val_fraction=0.25",
+                 "data.test_fraction=0.25"]  # fmt: skip
     finetune = apply_overrides(load_config(recipe="vgg16-finetune"), overrides)
     dataset = prepare_dataset(finetune, synthetic_data)
     fit(finetune, dataset, tmp_path / "finetune", progress=False)

@@ -118,9 +118,7 @@ def evaluate_epoch(
 
 
 @torch.inference_mode()
-def _stem_outputs(
-    model: BinaryClassifier, loader: Iterable, device: torch.device
-) -> TensorDataset:
+def _stem_outputs(model: BinaryClassifier, loader: Iterable, device: torch.device) -> TensorDataset:
     """Run the frozen stem once over a deterministic loader (validation needs no re-runs)."""
     features, labels = [], []
     for images, batch_labels in loader:
