@@ -1,4 +1,4 @@
-"""Command-line interface: ``busdx train | evaluate | predict | demo``.
+"""Command-line interface: ``busdx train | evaluate | predict | export | cv | audit | demo``.
 
 Only wiring lives here: parse arguments, call the library, print results, choose exit codes.
 Any :class:`BusdxError` becomes a one-line message and exit code 2; set ``BUSDX_DEBUG=1`` to see
@@ -8,7 +8,6 @@ its traceback.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import sys
@@ -22,8 +21,14 @@ from busdx.config import apply_overrides, list_recipes, load_config
 from busdx.data import apply_split_file, scan_dataset
 from busdx.errors import BusdxError, DataError, RunDirError
 from busdx.evaluation import evaluate_samples, format_metrics
-from busdx.fileio import atomic_write_text
-from busdx.inference import expand_paths, load_model, predict_files
+from busdx.export import EXPORT_REPORT, export_run
+from busdx.inference import (
+    BACKENDS,
+    iter_image_paths,
+    load_model,
+    predict_files,
+    write_predictions,
+)
 from busdx.model_card import write_report
 from busdx.pipeline import cross_validate, format_cv, train_and_evaluate
 from busdx.runs import (
@@ -47,6 +52,8 @@ EXAMPLES = """examples:
   busdx train --resume runs/vgg16
   busdx evaluate --run runs/vgg16 --data BUSI/ --split test
   busdx predict --run runs/vgg16 scans/ extra.png --out predictions.csv
+  busdx export --run runs/vgg16 --int8
+  busdx predict --run runs/vgg16 --backend onnx scans/ --out predictions.csv
 """
 
 
@@ -111,44 +118,62 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    files = expand_paths(args.paths)
-    if not files:
+    total = sum(1 for _ in iter_image_paths(args.paths))
+    if not total:
         raise DataError(f"no image files found in {', '.join(args.paths)}")
-    loaded = load_model(args.run, device=args.device)
-    rows = [
-        row.to_dict()
-        for row in predict_files(
-            loaded,
-            files,
-            batch_size=args.batch_size,
-            threshold=args.threshold,
-            progress=not args.no_progress,
-        )
-    ]
-    if args.out and Path(args.out).suffix.lower() == ".json":
-        atomic_write_text(args.out, json.dumps(rows, indent=2) + "\n")
-    else:
-        lines = [",".join(rows[0])] + [
-            ",".join(_csv_cell(value) for value in row.values()) for row in rows
-        ]
-        text = "\n".join(lines) + "\n"
-        if args.out:
-            atomic_write_text(args.out, text)
-        else:
-            sys.stdout.write(text)
-    failed = sum(row["error"] is not None for row in rows)
+    loaded = load_model(args.run, device=args.device, backend=args.backend)
+    started = time.perf_counter()
+    rows = predict_files(
+        loaded,
+        iter_image_paths(args.paths),
+        total=total,
+        batch_size=args.batch_size,
+        threshold=args.threshold,
+        progress=not args.no_progress,
+    )
+    count, failed = write_predictions(rows, args.out)
+    seconds = time.perf_counter() - started
     logger.info(
-        "%d image(s) predicted, %d failed%s",
-        len(rows) - failed,
+        "%d image(s) predicted, %d failed, in %.1f s (%.1f img/s, %s backend, %s)%s",
+        count - failed,
         failed,
+        seconds,
+        count / seconds,
+        loaded.backend,
+        loaded.path.name,
         f"; written to {args.out}" if args.out else "",
     )
     return 0
 
 
-def _csv_cell(value: object) -> str:
-    text = "" if value is None else str(value)
-    return f'"{text.replace(chr(34), chr(34) * 2)}"' if any(c in text for c in ',"\n') else text
+def cmd_export(args: argparse.Namespace) -> int:
+    report = export_run(
+        args.run,
+        int8=args.int8,
+        calibration_dir=args.calibration,
+        calibration_size=args.calibration_size,
+        data_root=args.data,
+        max_auc_drop=args.max_auc_drop,
+        force=args.allow_auc_drop,
+    )
+    run_dir = Path(args.run)
+    check = report["onnx"]["vs_torch"]
+    print(
+        f"{run_dir / report['onnx']['file']}: fp32 ONNX; on {check['n']} validation images "
+        f"max |logit - torch| {check['max_abs_logit_difference']:.2e}, "
+        f"decision agreement {check['agreement']:.3f}"
+    )
+    if "int8" in report:
+        check = report["int8"]["vs_fp32"]
+        aucs = (check["roc_auc_reference"], check["roc_auc_candidate"], check["roc_auc_drop"])
+        auc_text = "ROC AUC fp32 {:.3f} -> int8 {:.3f} (drop {:+.3f})".format(*aucs)
+        print(
+            f"{run_dir / report['int8']['file']}: int8 (calibrated on "
+            f"{report['int8']['calibration']['images']} images); decision agreement with fp32 "
+            f"{check['agreement']:.3f}; " + (auc_text if aucs[0] is not None else "no AUC")
+        )
+    print(f"report: {run_dir / EXPORT_REPORT}; predict with: busdx predict --backend onnx")
+    return 0
 
 
 def cmd_cv(args: argparse.Namespace) -> int:
@@ -300,9 +325,40 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--out", help="write .csv or .json here (default: CSV to stdout)")
     predict.add_argument("--threshold", type=float, help="decision threshold (default: model's)")
     predict.add_argument("--batch-size", type=int, default=16)
-    predict.add_argument("--device", default="auto")
+    predict.add_argument("--device", default="auto", help="torch backend: auto | cpu | cuda")
+    predict.add_argument(
+        "--backend",
+        choices=BACKENDS,
+        default="torch",
+        help="torch (model.pt) or onnx (model.int8.onnx if exported, else model.onnx)",
+    )
     common(predict)
     predict.set_defaults(func=cmd_predict)
+
+    export = commands.add_parser(
+        "export",
+        help="ONNX (and int8) model for fast CPU inference",
+        description="Export RUNDIR/model.pt to RUNDIR/model.onnx and, with --int8, a "
+        "statically quantized RUNDIR/model.int8.onnx checked against fp32 on validation images.",
+    )
+    export.add_argument("--run", required=True, metavar="RUNDIR")
+    export.add_argument("--format", choices=["onnx"], default="onnx")
+    export.add_argument("--int8", action="store_true", help="also write an int8 model")
+    export.add_argument(
+        "--calibration", metavar="DIR", help="calibration images (default: training split)"
+    )
+    export.add_argument("--calibration-size", type=int, default=100, metavar="N")
+    export.add_argument("--data", help="the run's dataset folder, if it has moved")
+    export.add_argument(
+        "--max-auc-drop",
+        type=float,
+        default=0.01,
+        help="refuse an int8 model whose validation AUC drops more (default 0.01)",
+    )
+    export.add_argument(
+        "--allow-auc-drop", action="store_true", help="keep the int8 model whatever its AUC"
+    )
+    export.set_defaults(func=cmd_export)
 
     cv = commands.add_parser(
         "cv",

@@ -11,6 +11,7 @@ __all__ = [
     "CheckpointError",
     "ConfigError",
     "DataError",
+    "ExportError",
     "ImageDecodeError",
     "RunDirError",
     "SingleClassError",
@@ -49,6 +50,10 @@ class WeightsError(BusdxError, OSError):
 
 class CheckpointError(BusdxError, OSError):
     """A run directory or model file is missing, incomplete or not a busdx model."""
+
+
+class ExportError(BusdxError, RuntimeError):
+    """An exported model does not meet its accuracy guard."""
 
 
 class RunDirError(BusdxError, FileExistsError):

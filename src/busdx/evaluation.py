@@ -23,7 +23,7 @@ from busdx.data import Sample
 from busdx.errors import DataError
 from busdx.fileio import atomic_write_text
 from busdx.imaging import load_image
-from busdx.inference import LoadedModel, predict_files
+from busdx.inference import LoadedModel, file_logits
 from busdx.metrics import (
     DECISION_METRICS,
     SCORE_METRICS,
@@ -40,20 +40,9 @@ from busdx.reporting import (
 )
 from busdx.training import MODEL_FILE, update_model_metadata
 
-__all__ = ["calibrate_model", "evaluate_samples", "format_metrics", "json_safe", "sample_logits"]
+__all__ = ["calibrate_model", "evaluate_samples", "format_metrics", "json_safe"]
 
 METRICS_FILE = "metrics.json"
-
-
-def sample_logits(
-    loaded: LoadedModel, samples: list[Sample], *, progress: bool = True
-) -> np.ndarray:
-    """Raw logit (before temperature scaling) of each sample, in order."""
-    rows = list(predict_files(loaded, [s.path for s in samples], progress=progress))
-    failed = [row.error for row in rows if row.error]
-    if failed:
-        raise DataError(f"{len(failed)} evaluation image(s) could not be read, e.g. {failed[0]}")
-    return np.array([row.logit for row in rows])
 
 
 def calibrate_model(
@@ -67,7 +56,7 @@ def calibrate_model(
     """Fit temperature and thresholds on validation data; store them in ``run_dir/model.pt``."""
     labels = np.array([s.label for s in val_samples])
     fitted = fit_operating_points(
-        sample_logits(loaded, val_samples, progress=progress), labels, settings
+        file_logits(loaded, [s.path for s in val_samples], progress=progress), labels, settings
     )
     update_model_metadata(run_dir / MODEL_FILE, fitted)
     loaded.metadata.update(fitted)
@@ -128,7 +117,7 @@ def evaluate_samples(
     if not samples:
         raise DataError(f"the {split} split is empty: nothing to evaluate")
     y_true = np.array([s.label for s in samples])
-    logits = sample_logits(loaded, samples, progress=progress)
+    logits = file_logits(loaded, [s.path for s in samples], progress=progress)
     y_prob = apply_temperature(logits, loaded.temperature)
     threshold = loaded.threshold
     points = dict(loaded.metadata.get("operating_points") or {"fixed": threshold})

@@ -1,0 +1,213 @@
+"""Export a trained model to ONNX, and quantize it to int8 for fast CPU inference.
+
+``export_run`` writes ``model.onnx`` (fp32, dynamic batch) into a run directory and, with
+``int8=True``, ``model.int8.onnx``: static int8 quantization (QDQ, per-channel weights) with
+activation ranges calibrated on training images. Both files carry the model's metadata
+(preprocessing, class names, threshold, temperature, weights sha256, busdx version), so
+``busdx predict --backend onnx`` needs nothing else.
+
+The int8 model is checked against the fp32 one on the run's validation images: the fraction of
+identical decisions and the ROC AUC of each are reported in ``export.json``, and an int8 model
+that loses more than ``max_auc_drop`` AUC is refused unless ``force`` is set.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import tempfile
+import warnings
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import torch
+from onnxruntime.quantization import (
+    CalibrationDataReader,
+    QuantFormat,
+    QuantType,
+    quantize_static,
+)
+from onnxruntime.quantization.shape_inference import quant_pre_process
+
+from busdx import __version__
+from busdx.errors import DataError, ExportError, ImageDecodeError, SingleClassError
+from busdx.evaluation import json_safe
+from busdx.fileio import atomic_path, atomic_write_text, sha256_file
+from busdx.imaging import load_image
+from busdx.inference import (
+    INT8_FILE,
+    ONNX_FILE,
+    ONNX_METADATA_KEY,
+    LoadedModel,
+    expand_paths,
+    file_logits,
+    load_model,
+)
+from busdx.metrics import roc_auc
+from busdx.runs import load_run, samples_for_split
+from busdx.transforms import build_eval_transform
+
+__all__ = ["EXPORT_REPORT", "compare_backends", "export_onnx", "export_run", "quantize_int8"]
+
+logger = logging.getLogger(__name__)
+
+EXPORT_REPORT = "export.json"
+OPSET = 17
+
+
+def _add_metadata(path: Path, metadata: dict[str, Any]) -> None:
+    model = onnx.load(str(path))
+    del model.metadata_props[:]
+    entry = model.metadata_props.add()
+    entry.key, entry.value = ONNX_METADATA_KEY, json.dumps(json_safe(metadata))
+    onnx.save(model, str(path))
+
+
+def export_onnx(loaded: LoadedModel, path: Path) -> Path:
+    """Write the torch model as fp32 ONNX (input ``images`` (N, 3, H, W), output ``logits`` N)."""
+    size = loaded.preprocessing.image_size
+    model = loaded.model.to("cpu").eval()
+    with atomic_path(path) as tmp, warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation notice
+        torch.onnx.export(
+            model,
+            (torch.zeros(1, 3, size, size),),
+            str(tmp),
+            input_names=["images"],
+            output_names=["logits"],
+            dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}},
+            opset_version=OPSET,
+            dynamo=False,
+        )
+        _add_metadata(tmp, loaded.metadata)
+    return path
+
+
+class _CalibrationImages(CalibrationDataReader):
+    """Calibration reader: one preprocessed image at a time; unreadable files are skipped."""
+
+    def __init__(self, files: Sequence[Path], loaded: LoadedModel) -> None:
+        self.transform = build_eval_transform(loaded.preprocessing)
+        self.files: Iterator[Path] = iter(files)
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        for path in self.files:
+            try:
+                return {"images": self.transform(load_image(path))[None].numpy()}
+            except ImageDecodeError as exc:
+                logger.warning("calibration: skipped %s", exc)
+        return None
+
+
+def quantize_int8(
+    fp32_path: Path, out_path: Path, calibration: Sequence[Path], loaded: LoadedModel
+) -> Path:
+    """Static int8 quantization (QDQ; per-channel int8 weights, uint8 activations)."""
+    with tempfile.TemporaryDirectory() as folder, atomic_path(out_path) as tmp:
+        prepared = Path(folder) / "prepared.onnx"
+        quant_pre_process(str(fp32_path), str(prepared), skip_symbolic_shape=True)
+        quantize_static(
+            str(prepared),
+            str(tmp),
+            _CalibrationImages(calibration, loaded),
+            quant_format=QuantFormat.QDQ,
+            per_channel=True,
+            activation_type=QuantType.QUInt8,
+            weight_type=QuantType.QInt8,
+        )
+        _add_metadata(tmp, loaded.metadata)
+    return out_path
+
+
+def compare_backends(
+    reference: LoadedModel, candidate: LoadedModel, files: Sequence[Path], labels: Sequence[int]
+) -> dict[str, Any]:
+    """Decision agreement, largest logit difference and ROC AUC of two models on labelled files."""
+    ref, cand = (file_logits(model, files, progress=False) for model in (reference, candidate))
+    temperature, threshold = reference.temperature, reference.threshold
+    ref_pos = 1 / (1 + np.exp(-ref / temperature)) >= threshold
+    cand_pos = 1 / (1 + np.exp(-cand / temperature)) >= threshold
+    y = np.asarray(labels)
+    try:
+        auc_ref, auc_cand = roc_auc(y, ref), roc_auc(y, cand)
+    except SingleClassError:
+        auc_ref = auc_cand = None
+    return {
+        "n": len(files),
+        "agreement": float(np.mean(ref_pos == cand_pos)),
+        "max_abs_logit_difference": float(np.max(np.abs(ref - cand))),
+        "roc_auc_reference": auc_ref,
+        "roc_auc_candidate": auc_cand,
+        "roc_auc_drop": None if auc_ref is None else auc_ref - auc_cand,
+    }
+
+
+def _calibration_files(
+    run_dir: Path, calibration_dir: str | Path | None, data_root: str | Path | None, count: int
+) -> list[Path]:
+    if calibration_dir is not None:
+        files = expand_paths([calibration_dir])
+    else:
+        config, info = load_run(run_dir)
+        train = samples_for_split(run_dir, config, info, data_root, "train").samples
+        files = [sample.path for sample in train]
+    if not files:
+        raise DataError(f"no calibration images found in {calibration_dir}")
+    return random.Random(0).sample(files, min(count, len(files)))
+
+
+def export_run(
+    run_dir: str | Path,
+    *,
+    int8: bool = False,
+    calibration_dir: str | Path | None = None,
+    calibration_size: int = 100,
+    data_root: str | Path | None = None,
+    max_auc_drop: float = 0.01,
+    force: bool = False,
+) -> dict[str, Any]:
+    """Export a run's ``model.pt`` to ONNX (and int8); returns what ``export.json`` records."""
+    run_dir = Path(run_dir)
+    loaded = load_model(run_dir, device="cpu")
+    config, info = load_run(run_dir)
+    fp32_path = export_onnx(loaded, run_dir / ONNX_FILE)
+    report: dict[str, Any] = {
+        "busdx_version": __version__,
+        "source": str(loaded.path),
+        "onnx": {"file": ONNX_FILE, "sha256": sha256_file(fp32_path), "opset": OPSET},
+    }
+    val = samples_for_split(run_dir, config, info, data_root, "val").samples
+    files, labels = [s.path for s in val], [s.label for s in val]
+    report["onnx"]["vs_torch"] = compare_backends(loaded, load_model(fp32_path), files, labels)
+    if int8:
+        calibration = _calibration_files(run_dir, calibration_dir, data_root, calibration_size)
+        candidate = run_dir / ".int8-candidate.onnx"
+        try:
+            quantize_int8(fp32_path, candidate, calibration, loaded)
+            check = compare_backends(load_model(fp32_path), load_model(candidate), files, labels)
+            drop = check["roc_auc_drop"]
+            if drop is not None and drop > max_auc_drop and not force:
+                raise ExportError(
+                    f"int8 lowers validation ROC AUC by {drop:.3f} (more than {max_auc_drop}); "
+                    "kept the fp32 model only. Calibrate on more images (--calibration-size), "
+                    "or accept it with --allow-auc-drop"
+                )
+            candidate.replace(run_dir / INT8_FILE)
+        finally:
+            candidate.unlink(missing_ok=True)
+        report["int8"] = {
+            "file": INT8_FILE,
+            "sha256": sha256_file(run_dir / INT8_FILE),
+            "calibration": {
+                "source": str(calibration_dir or "training split"),
+                "images": len(calibration),
+            },
+            "vs_fp32": check,
+            "accepted_auc_drop": bool(drop is not None and drop > max_auc_drop),
+        }
+    atomic_write_text(run_dir / EXPORT_REPORT, json.dumps(json_safe(report), indent=2) + "\n")
+    return report

@@ -1,0 +1,138 @@
+"""ONNX export, int8 quantization with its accuracy guard, and the onnx predict backend."""
+
+import csv
+import json
+import shutil
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from busdx.cli import main
+from busdx.errors import ExportError
+from busdx.export import export_run
+from busdx.inference import file_logits, iter_image_paths, load_model, predict_files
+
+from conftest import FAST, WEIGHTS_DIR, needs_shared
+
+pytestmark = needs_shared(WEIGHTS_DIR)
+
+
+@pytest.fixture(scope="module")
+def trained_run(synthetic_data, tmp_path_factory):
+    run = tmp_path_factory.mktemp("runs") / "run"
+    imagenet = [arg for arg in FAST if arg not in {"--weights", "none"}]  # realistic activations
+    args = ["train", "--data", str(synthetic_data), "--out", str(run), "--epochs", "3", "--set",
+            "data.val_fraction=0.25", "--set", "data.test_fraction=0.25", *imagenet]  # fmt: skip
+    assert main(args) == 0
+    return run
+
+
+@pytest.fixture
+def run_copy(trained_run, tmp_path):
+    return shutil.copytree(trained_run, tmp_path / "run")
+
+
+@pytest.fixture
+def images(synthetic_data):
+    return sorted(iter_image_paths([synthetic_data]))
+
+
+def test_fp32_onnx_matches_torch_and_carries_the_metadata(run_copy, images, capsys):
+    assert main(["export", "--run", str(run_copy)]) == 0
+    assert "fp32 ONNX" in capsys.readouterr().out
+    torch_model, onnx_model = load_model(run_copy), load_model(run_copy, backend="onnx")
+    assert onnx_model.backend == "onnx" and onnx_model.path.name == "model.onnx"
+    np.testing.assert_allclose(
+        file_logits(onnx_model, images, progress=False),
+        file_logits(torch_model, images, progress=False),
+        rtol=1e-4,
+        atol=1e-4,
+    )
+    for key in ("class_names", "threshold", "temperature", "preprocessing", "weights"):
+        assert onnx_model.metadata[key] == torch_model.metadata[key]
+    report = json.loads((run_copy / "export.json").read_text())
+    assert report["onnx"]["vs_torch"]["max_abs_logit_difference"] < 1e-3
+    assert "int8" not in report and not (run_copy / "model.int8.onnx").exists()
+    graph_input = onnx.load(run_copy / "model.onnx").graph.input[0]
+    assert graph_input.type.tensor_type.shape.dim[0].dim_param == "batch"  # dynamic batch
+
+
+def test_int8_export_agrees_with_fp32_and_onnx_backend_prefers_it(run_copy, images, caplog):
+    report = export_run(run_copy, int8=True, calibration_size=12)
+    assert report["int8"]["calibration"]["images"] == 12
+    check = report["int8"]["vs_fp32"]
+    assert check["n"] == 6 and check["agreement"] >= 5 / 6
+    quantized = onnx.load(run_copy / "model.int8.onnx")
+    assert any(node.op_type == "QuantizeLinear" for node in quantized.graph.node)
+    size = {name: (run_copy / name).stat().st_size for name in ("model.onnx", "model.int8.onnx")}
+    assert size["model.int8.onnx"] < size["model.onnx"] / 3
+    loaded = load_model(run_copy, backend="onnx")
+    assert loaded.path.name == "model.int8.onnx"
+    fp32 = load_model(run_copy / "model.onnx")
+    int8_logits = file_logits(loaded, images, progress=False)
+    fp32_logits = file_logits(fp32, images, progress=False)
+    assert np.corrcoef(int8_logits, fp32_logits)[0, 1] > 0.95
+
+    out = run_copy / "pred.csv"
+    assert main(["predict", "--run", str(run_copy), "--backend", "onnx", *map(str, images[:5]),
+                 "--out", str(out), "--no-progress"]) == 0  # fmt: skip
+    rows = list(csv.DictReader(out.open()))
+    assert len(rows) == 5 and all(0 <= float(r["probability_malignant"]) <= 1 for r in rows)
+    assert "onnx backend, model.int8.onnx" in caplog.text
+
+
+def test_int8_guard_refuses_and_keeps_only_fp32(run_copy, capsys):
+    with pytest.raises(ExportError, match="lowers validation ROC AUC"):
+        export_run(run_copy, int8=True, calibration_size=4, max_auc_drop=-1.0)
+    assert (run_copy / "model.onnx").exists() and not (run_copy / "model.int8.onnx").exists()
+    assert not list(run_copy.glob(".*onnx*"))  # no temporary files left
+    args = ["export", "--run", str(run_copy), "--int8", "--calibration-size", "4"]
+    assert main([*args, "--max-auc-drop", "-1"]) == 2
+    assert capsys.readouterr().err.count("\n") == 1
+    assert main([*args, "--max-auc-drop", "-1", "--allow-auc-drop"]) == 0
+    report = json.loads((run_copy / "export.json").read_text())
+    assert report["int8"]["accepted_auc_drop"] is True
+
+
+def test_calibration_folder_with_a_broken_file(run_copy, synthetic_data, tmp_path):
+    folder = tmp_path / "calibration"
+    shutil.copytree(synthetic_data / "benign", folder)
+    (folder / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    report = export_run(run_copy, int8=True, calibration_dir=folder, calibration_size=100)
+    assert report["int8"]["calibration"]["images"] == 13  # the broken file is skipped
+    assert (run_copy / "model.int8.onnx").exists()
+
+
+def test_onnx_backend_without_export_is_a_user_error(trained_run, images, capsys):
+    code = main(["predict", "--run", str(trained_run), "--backend", "onnx", str(images[0])])
+    assert code == 2
+    assert "busdx export --run" in capsys.readouterr().err
+
+
+def test_predict_streams_from_a_generator_and_writes_json(trained_run, synthetic_data, tmp_path):
+    loaded = load_model(trained_run)
+    paths = iter_image_paths([synthetic_data])
+    assert not isinstance(paths, list)  # lazy: folders are walked while predicting
+    rows = list(predict_files(loaded, paths, batch_size=5, progress=False))
+    assert len(rows) == 24 and all(r.error is None for r in rows)
+    out = tmp_path / "p.json"
+    assert main(["predict", "--run", str(trained_run), str(synthetic_data), "--out", str(out),
+                 "--no-progress", "--batch-size", "7"]) == 0  # fmt: skip
+    written = json.loads(out.read_text())
+    assert [r["probability_malignant"] for r in written] == pytest.approx(
+        [r.probability for r in rows],
+        abs=1e-4,  # batch size changes float rounding only
+    )
+
+
+def test_stdout_csv_is_parseable(trained_run, synthetic_data, capsys):
+    assert main(["predict", "--run", str(trained_run), str(synthetic_data / "benign"),
+                 "--no-progress"]) == 0  # fmt: skip
+    rows = list(csv.DictReader(capsys.readouterr().out.splitlines()))
+    assert len(rows) == 12 and {r["label"] for r in rows} <= {"benign", "malignant"}
+    assert torch.load(trained_run / "model.pt", weights_only=True)["class_names"] == [
+        "benign",
+        "malignant",
+    ]
