@@ -1,0 +1,143 @@
+"""Turn the benchmark JSON files into docs/benchmarks.md and a bar chart.
+
+python benchmarks/report.py   # reads docs/benchmarks/*.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+
+from _common import REPO
+
+KERAS = "Keras/TensorFlow fp32 (recipe)"
+INT8 = "ONNX Runtime int8 (static QDQ)"
+
+
+def _machine(machine: dict) -> str:
+    return (
+        f"{machine['cpu']}, {machine['cores']} cores ({', '.join(machine['simd'])}); "
+        f"torch {machine['torch']}, ONNX Runtime {machine['onnxruntime']}; commit "
+        f"{machine['commit']}, {machine['date']}"
+    )
+
+
+def inference_section(result: dict, figure: Path) -> list[str]:
+    rates, batches = result["img_per_s"], [str(b) for b in result["batch_sizes"]]
+    base_name = KERAS if KERAS in rates else next(iter(rates))
+    header = " | ".join(f"batch {b}" for b in batches)
+    lines = [
+        "## Inference",
+        "",
+        f"Images per second at {result['image_size']}x{result['image_size']}, higher is better;"
+        f" in brackets the ratio to {base_name}. Machine: {_machine(result['machine'])}.",
+        "",
+        f"| backend | {header} |",
+        "|---|" + "---|" * len(batches),
+    ]
+    for name, row in rates.items():
+        cells = [f"{row[b]:.1f} ({row[b] / rates[base_name][b]:.2f}x)" for b in batches]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    compiled = rates.get("torch.compile fp32 channels_last", {}).get("first_call_seconds")
+    if compiled is not None:
+        lines += ["", f"torch.compile's first call (compilation) took {compiled:.0f} s."]
+    if not any("bf16" in name for name in rates):
+        lines += ["", "bf16 is not measured: this CPU has no native bf16 (avx512_bf16 / amx)."]
+    if KERAS in rates and INT8 in rates and "8" in batches:
+        ratio = rates[INT8]["8"] / rates[KERAS]["8"]
+        verdict = "met" if ratio >= 3.5 else "not met on this CPU"
+        lines += ["", f"Target int8 >= 3.5x Keras at batch 8: **{ratio:.2f}x**, {verdict}."]
+
+    fig, ax = plt.subplots(figsize=(8, 0.5 + 0.45 * len(rates)))
+    names = list(rates)
+    for offset, batch in enumerate(batches):
+        ax.barh(
+            [i + 0.25 * (offset - 1) for i in range(len(names))],
+            [rates[n][batch] for n in names],
+            height=0.25,
+            label=f"batch {batch}",
+        )
+    ax.set_yticks(range(len(names)), names)
+    ax.invert_yaxis()
+    ax.set_xlabel("images / second (higher is better)")
+    ax.legend(loc="lower right")
+    ax.set_title("VGG16 recipe inference on this CPU")
+    fig.tight_layout()
+    figure.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(figure, dpi=110)
+    plt.close(fig)
+    return [*lines, "", f"![inference throughput](figures/{figure.name})", ""]
+
+
+def training_section(result: dict) -> list[str]:
+    seconds = result["seconds"]
+    eager = seconds["busdx eager frozen-base loop"]
+    lines = [
+        "## Training",
+        "",
+        f"Wall time of the default recipe, {result['epochs']} epochs, on a stratified subset of"
+        f" {result['train_images']} training + {result['val_images']} validation BUSI images"
+        f" (benign vs malignant), lower is better. Machine: {_machine(result['machine'])}.",
+        "",
+        "| loop | seconds | speed-up vs busdx eager |",
+        "|---|---|---|",
+    ]
+    for name, value in seconds.items():
+        lines.append(f"| {name} | {value:.0f} | {eager / value:.1f}x |")
+    cold = next(v for k, v in seconds.items() if "cold" in k)
+    verdict = "met" if eager / cold >= 10 else "not met"
+    lines += ["", f"Target cached >= 10x faster than the eager loop end to end (cold cache): "
+              f"**{eager / cold:.1f}x**, {verdict}.", ""]  # fmt: skip
+    return lines
+
+
+def memory_section(result: dict) -> list[str]:
+    lines = [
+        "## Predict memory",
+        "",
+        f"Peak resident memory of one `busdx predict --backend {result['backend']}` process over"
+        f" a folder of N images (batch {result['batch_size']}). Machine: "
+        f"{_machine(result['machine'])}.",
+        "",
+        "| images | peak RSS (MB) | wall time (s) | img/s |",
+        "|---|---|---|---|",
+    ]
+    for row in result["runs"]:
+        rate = row["images"] / row["seconds"]
+        lines.append(f"| {row['images']} | {row['peak_rss_mb']} | {row['seconds']} | {rate:.1f} |")
+    peaks = [row["peak_rss_mb"] for row in result["runs"]]
+    growth = result["runs"][-1]["images"] / result["runs"][0]["images"]
+    lines += ["", f"Largest / smallest peak: {max(peaks) / min(peaks):.2f}x for {growth:.0f}x "
+              "the images.", ""]  # fmt: skip
+    return lines
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--results", default=str(REPO / "docs" / "benchmarks"))
+    parser.add_argument("--out", default=str(REPO / "docs" / "benchmarks.md"))
+    args = parser.parse_args()
+    folder, out = Path(args.results), Path(args.out)
+    commands = (folder / "commands.md").read_text() if (folder / "commands.md").is_file() else ""
+    lines = ["# Benchmarks", "", "Generated by `python benchmarks/report.py` from the JSON "
+             "files in docs/benchmarks/; each table was measured in one run on one machine.", ""]  # fmt: skip
+    sections = {
+        "inference.json": lambda r: inference_section(r, out.parent / "figures" / "inference.png"),
+        "training.json": training_section,
+        "predict_memory.json": memory_section,
+    }
+    for name, section in sections.items():
+        if (folder / name).is_file():
+            lines += section(json.loads((folder / name).read_text()))
+    out.write_text("\n".join(lines) + commands, encoding="utf-8")
+    print(f"written to {out}")
+
+
+if __name__ == "__main__":
+    main()
