@@ -1,4 +1,4 @@
-"""Command-line interface: ``busdx train | evaluate | predict | export | cv | audit | demo``.
+"""Command-line interface: ``busdx train | evaluate | predict | export | serve | cv | ...``.
 
 Only wiring lives here: parse arguments, call the library, print results, choose exit codes.
 Any :class:`BusdxError` becomes a one-line message and exit code 2; set ``BUSDX_DEBUG=1`` to see
@@ -12,7 +12,7 @@ import logging
 import os
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
 from busdx import __version__
@@ -21,9 +21,14 @@ from busdx.config import apply_overrides, list_recipes, load_config
 from busdx.data import apply_split_file, scan_dataset
 from busdx.errors import BusdxError, DataError, RunDirError
 from busdx.evaluation import evaluate_samples, format_metrics
+from busdx.explain import explain_image
 from busdx.export import EXPORT_REPORT, export_run
+from busdx.fileio import atomic_path
+from busdx.imaging import load_image
 from busdx.inference import (
     BACKENDS,
+    LoadedModel,
+    Prediction,
     iter_image_paths,
     load_model,
     predict_files,
@@ -41,6 +46,7 @@ from busdx.runs import (
     save_config,
     save_run,
 )
+from busdx.serving import ServeSettings, serve
 from busdx.synthetic import write_synthetic_dataset
 from busdx.weights import get_weight_spec, resolve_weights_file
 
@@ -54,6 +60,8 @@ EXAMPLES = """examples:
   busdx predict --run runs/vgg16 scans/ extra.png --out predictions.csv
   busdx export --run runs/vgg16 --int8
   busdx predict --run runs/vgg16 --backend onnx scans/ --out predictions.csv
+  busdx predict --run runs/vgg16 scan.png --explain overlays/
+  busdx serve --run runs/vgg16
 """
 
 
@@ -131,6 +139,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
         threshold=args.threshold,
         progress=not args.no_progress,
     )
+    if args.explain:
+        rows = _with_explanations(rows, load_model(args.run, device=args.device), args.explain)
     count, failed = write_predictions(rows, args.out)
     seconds = time.perf_counter() - started
     logger.info(
@@ -143,6 +153,36 @@ def cmd_predict(args: argparse.Namespace) -> int:
         loaded.path.name,
         f"; written to {args.out}" if args.out else "",
     )
+    return 0
+
+
+def _with_explanations(
+    rows: Iterable[Prediction], loaded: LoadedModel, out: str
+) -> Iterator[Prediction]:
+    """Pass rows through, writing a Grad-CAM overlay for each readable image into ``out``."""
+    folder = Path(out)
+    folder.mkdir(parents=True, exist_ok=True)
+    for index, row in enumerate(rows):
+        if row.error is None:
+            explanation = explain_image(loaded, load_image(row.path))
+            target = folder / f"{index:05d}-{Path(row.path).stem}-gradcam.png"
+            with atomic_path(target) as tmp:
+                explanation.overlay.save(tmp, format="PNG")
+        yield row
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    settings = ServeSettings(
+        max_upload_mb=args.max_upload_mb,
+        max_pixels=args.max_pixels,
+        workers=args.workers,
+        queue_size=args.queue_size,
+        api_key=args.api_key or os.environ.get("BUSDX_API_KEY") or None,
+        cors_origins=tuple(args.cors_origin or ()),
+        backend=args.backend,
+    )
+    serve(args.run, host=args.host, port=args.port, settings=settings,
+          allow_no_key=args.no_api_key)  # fmt: skip
     return 0
 
 
@@ -332,8 +372,36 @@ def build_parser() -> argparse.ArgumentParser:
         default="torch",
         help="torch (model.pt) or onnx (model.int8.onnx if exported, else model.onnx)",
     )
+    predict.add_argument(
+        "--explain", metavar="OUTDIR", help="also write Grad-CAM overlays (PNG) into OUTDIR"
+    )
     common(predict)
     predict.set_defaults(func=cmd_predict)
+
+    serve_parser = commands.add_parser(
+        "serve",
+        help="web app and REST API",
+        description="Serve a run's model: web page at /, API at /predict, /explain, /model, "
+        "/health, docs at /docs. Research use only; not a medical device.",
+    )
+    serve_parser.add_argument("--run", required=True, metavar="RUNDIR")
+    serve_parser.add_argument("--host", default="127.0.0.1")
+    serve_parser.add_argument("--port", type=int, default=8000)
+    serve_parser.add_argument("--backend", choices=BACKENDS, default="torch")
+    serve_parser.add_argument(
+        "--api-key", help="required in the X-API-Key header (default: $BUSDX_API_KEY)"
+    )
+    serve_parser.add_argument(
+        "--no-api-key", action="store_true", help="allow a non-loopback host without a key"
+    )
+    serve_parser.add_argument(
+        "--cors-origin", action="append", metavar="ORIGIN", help="allow this origin (CORS)"
+    )
+    serve_parser.add_argument("--max-upload-mb", type=float, default=20.0)
+    serve_parser.add_argument("--max-pixels", type=int, default=50_000_000)
+    serve_parser.add_argument("--workers", type=int, default=1, help="model calls at a time")
+    serve_parser.add_argument("--queue-size", type=int, default=64, help="waiting requests")
+    serve_parser.set_defaults(func=cmd_serve)
 
     export = commands.add_parser(
         "export",

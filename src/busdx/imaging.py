@@ -7,15 +7,24 @@ alpha is dropped, 16-bit and float data are rescaled by their own range to 0..25
 
 from __future__ import annotations
 
+import io
 import warnings
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from busdx.errors import ImageDecodeError
 
-__all__ = ["IMAGE_EXTENSIONS", "MAX_IMAGE_PIXELS", "is_image_file", "load_image", "to_rgb"]
+__all__ = [
+    "IMAGE_EXTENSIONS",
+    "MAX_IMAGE_PIXELS",
+    "decode_image",
+    "is_image_file",
+    "load_image",
+    "to_rgb",
+]
 
 IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"})
 MAX_IMAGE_PIXELS = 100_000_000  # refuse decompression bombs above 100 megapixels
@@ -44,23 +53,34 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
-def load_image(path: str | Path) -> Image.Image:
+def load_image(path: str | Path, *, max_pixels: int = MAX_IMAGE_PIXELS) -> Image.Image:
     """Read ``path`` fully and return it as an 8-bit RGB PIL image.
 
     Raises :class:`ImageDecodeError` for a missing, empty, truncated or non-image file, or one
-    larger than :data:`MAX_IMAGE_PIXELS`. Multi-frame files (TIFF pages, GIF) use the first frame.
+    larger than ``max_pixels``. Multi-frame files (TIFF pages, GIF) use the first frame.
     """
     path = Path(path)
     if not path.is_file():
         raise ImageDecodeError(f"{path}: no such file")
-    if path.stat().st_size == 0:
-        raise ImageDecodeError(f"{path}: file is empty (0 bytes)")
+    return _decode(path, str(path), path.stat().st_size, max_pixels)
+
+
+def decode_image(
+    data: bytes, name: str = "upload", *, max_pixels: int = MAX_IMAGE_PIXELS
+) -> Image.Image:
+    """:func:`load_image` for bytes in memory (an upload); ``name`` appears in errors."""
+    return _decode(io.BytesIO(data), name, len(data), max_pixels)
+
+
+def _decode(source: Path | BinaryIO, name: str, size: int, max_pixels: int) -> Image.Image:
+    if size == 0:
+        raise ImageDecodeError(f"{name}: file is empty (0 bytes)")
     try:
-        with Image.open(path) as image:
+        with Image.open(source) as image:
             width, height = image.size
-            if width * height > MAX_IMAGE_PIXELS:
+            if width * height > max_pixels:
                 raise ImageDecodeError(
-                    f"{path}: {width}x{height} pixels exceeds the limit of {MAX_IMAGE_PIXELS:,}"
+                    f"{name}: {width}x{height} pixels exceeds the limit of {max_pixels:,}"
                 )
             with warnings.catch_warnings():
                 warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -69,7 +89,7 @@ def load_image(path: str | Path) -> Image.Image:
     except ImageDecodeError:
         raise
     except UnidentifiedImageError as exc:
-        raise ImageDecodeError(f"{path}: not a readable image file") from exc
+        raise ImageDecodeError(f"{name}: not a readable image file") from exc
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombWarning) as exc:
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise ImageDecodeError(f"{path}: cannot decode image ({reason})") from exc
+        raise ImageDecodeError(f"{name}: cannot decode image ({reason})") from exc
