@@ -43,3 +43,14 @@ def needs_shared(path: Path) -> pytest.MarkDecorator:
 
 # Small and fast: a 32x32 input gives VGG16 a 1x1x512 feature map.
 FAST = ["--image-size", "32", "--weights", "none", "--batch-size", "8", "--no-progress"]
+
+
+def train_run(data: Path, out: Path, *options: str, epochs: int = 2) -> Path:
+    """``busdx train`` on ``data`` with a 50/25/25 split; returns the run directory."""
+    from busdx.cli import main
+
+    split = ["--set", "data.val_fraction=0.25", "--set", "data.test_fraction=0.25"]
+    args = ["train", "--data", str(data), "--out", str(out), "--epochs", str(epochs), *split]
+    args += options
+    assert main(args) == 0
+    return out

@@ -8,30 +8,12 @@ from PIL import Image
 
 from busdx.cli import main
 
-from conftest import FAST
+from conftest import FAST, train_run
 
 
 @pytest.fixture(scope="module")
 def trained_run(synthetic_data, tmp_path_factory):
-    run = tmp_path_factory.mktemp("runs") / "run"
-    code = main(
-        [
-            "train",
-            "--data",
-            str(synthetic_data),
-            "--out",
-            str(run),
-            "--epochs",
-            "2",
-            "--set",
-            "data.val_fraction=0.25",
-            "--set",
-            "data.test_fraction=0.25",
-            *FAST,
-        ]
-    )
-    assert code == 0
-    return run
+    return train_run(synthetic_data, tmp_path_factory.mktemp("runs") / "run", *FAST)
 
 
 def test_train_writes_a_complete_run_directory(trained_run):

@@ -14,19 +14,15 @@ from busdx.errors import ExportError
 from busdx.export import export_run
 from busdx.inference import file_logits, iter_image_paths, load_model, predict_files
 
-from conftest import FAST, WEIGHTS_DIR, needs_shared
+from conftest import FAST, WEIGHTS_DIR, needs_shared, train_run
 
 pytestmark = needs_shared(WEIGHTS_DIR)
 
 
 @pytest.fixture(scope="module")
 def trained_run(synthetic_data, tmp_path_factory):
-    run = tmp_path_factory.mktemp("runs") / "run"
     imagenet = [arg for arg in FAST if arg not in {"--weights", "none"}]  # realistic activations
-    args = ["train", "--data", str(synthetic_data), "--out", str(run), "--epochs", "3", "--set",
-            "data.val_fraction=0.25", "--set", "data.test_fraction=0.25", *imagenet]  # fmt: skip
-    assert main(args) == 0
-    return run
+    return train_run(synthetic_data, tmp_path_factory.mktemp("runs") / "run", *imagenet, epochs=3)
 
 
 @pytest.fixture

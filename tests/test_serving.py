@@ -11,16 +11,12 @@ from busdx.cli import main
 from busdx.errors import ConfigError
 from busdx.serving import ServeSettings, check_bind, create_app
 
-from conftest import FAST
+from conftest import FAST, train_run
 
 
 @pytest.fixture(scope="module")
 def run(synthetic_data, tmp_path_factory):
-    out = tmp_path_factory.mktemp("serve") / "run"
-    args = ["train", "--data", str(synthetic_data), "--out", str(out), "--epochs", "1",
-            "--set", "data.val_fraction=0.25", "--set", "data.test_fraction=0.25", *FAST]  # fmt: skip
-    assert main(args) == 0
-    return out
+    return train_run(synthetic_data, tmp_path_factory.mktemp("serve") / "run", *FAST, epochs=1)
 
 
 @pytest.fixture(scope="module")
