@@ -11,6 +11,7 @@ import torch
 from busdx.synthetic import write_synthetic_dataset
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 WEIGHTS_DIR = SHARED / "weights"
 BUSI_DIR = SHARED / "data" / "busi"
 os.environ["BUSDX_WEIGHTS_DIR"] = str(WEIGHTS_DIR)  # also for module-scoped fixtures

@@ -1,0 +1,83 @@
+"""The real server: a headless Chromium drives the web page, then a bounded load test.
+
+Both start ``busdx serve`` in a subprocess on a free loopback port. The browser test needs
+Debian's Chromium (``.ci/run`` installs it): it is skipped where Chromium is missing, except
+in CI, where that is a failure.
+"""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import httpx
+import pytest
+
+from conftest import BENCHMARKS, FAST, train_run
+
+sys.path.insert(0, str(BENCHMARKS))
+from load_test import running_server
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+@pytest.fixture(scope="module")
+def run(synthetic_data, tmp_path_factory):
+    options = [arg for arg in FAST if arg not in {"--image-size", "32"}] + ["--image-size", "64"]
+    return train_run(synthetic_data, tmp_path_factory.mktemp("web") / "run", *options, epochs=1)
+
+
+@pytest.fixture
+def screenshot_dir(tmp_path):
+    return Path(os.environ.get("BUSDX_SCREENSHOT_DIR", tmp_path))
+
+
+def test_browser_upload_shows_probability_and_overlay(run, synthetic_data, screenshot_dir):
+    if CHROMIUM is None:
+        if os.environ.get("CI"):
+            pytest.fail("Chromium is missing: .ci/run installs it (apt-get install chromium)")
+        pytest.skip("Chromium not installed (apt-get install chromium)")
+    from playwright.sync_api import expect, sync_playwright
+
+    images = sorted((synthetic_data / "malignant").glob("*.png"))[:2]
+    with running_server(run) as url, sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
+        page = browser.new_page(viewport={"width": 1100, "height": 900})
+        page.goto(url)
+        expect(page.locator("#status")).to_have_text("Ready.")
+        expect(page.locator("#notice")).to_contain_text("not a medical device")
+        page.check("#explain")
+        page.set_input_files("#files", [str(path) for path in images])
+        rows = page.locator("tr.result")
+        expect(rows).to_have_count(2)
+        expect(page.locator("#status")).to_contain_text("Done: 2 image(s)", timeout=60_000)
+        shown = float(rows.nth(0).locator(".prob").inner_text())
+        overlays = page.locator("img.overlay")
+        expect(overlays).to_have_count(2)
+        assert page.evaluate(
+            "() => [...document.querySelectorAll('img.overlay')].every(i => i.naturalWidth > 0)"
+        )
+        label = rows.nth(0).locator("td").nth(3).inner_text()
+        screenshot = screenshot_dir / "web-app.png"
+        page.screenshot(path=str(screenshot), full_page=True)
+        browser.close()
+        with images[0].open("rb") as handle:
+            api = httpx.post(f"{url}/predict", files={"files": (images[0].name, handle)}).json()
+    expected = api["predictions"][0]
+    assert shown == pytest.approx(expected["probability_malignant"], abs=1e-3)
+    assert label == expected["label"]
+    assert screenshot.stat().st_size > 10_000
+    assert running_server.exit_codes[-1] == 0  # clean shutdown on SIGINT
+
+
+def test_bounded_load_test_has_no_errors(run, tmp_path):
+    out = tmp_path / "load.json"
+    command = [sys.executable, str(BENCHMARKS / "load_test.py"), "--run", str(run),
+               "--requests", "200", "--concurrency", "8", "--time-limit", "300",
+               "--out", str(out)]  # fmt: skip
+    subprocess.run(command, check=True, capture_output=True, timeout=600)
+    result = json.loads(out.read_text())
+    assert result["requests"] == 200 and result["errors"] == 0
+    assert 0 < result["p50_ms"] <= result["p99_ms"] and result["server_exit_code"] == 0
