@@ -2,7 +2,8 @@
 
 Both start ``busdx serve`` in a subprocess on a free loopback port. The browser test needs
 Debian's Chromium (``.ci/run`` installs it): it is skipped where Chromium is missing, except
-in CI, where that is a failure.
+in CI, where that is a failure. ``BUSDX_WEB_RUN`` serves another run (e.g. from ``busdx demo``)
+and ``BUSDX_SCREENSHOT_DIR`` keeps the screenshot (docs/figures/web-app.png was made so).
 """
 
 import json
@@ -25,6 +26,8 @@ CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
 @pytest.fixture(scope="module")
 def run(synthetic_data, tmp_path_factory):
+    if os.environ.get("BUSDX_WEB_RUN"):
+        return Path(os.environ["BUSDX_WEB_RUN"])
     options = [arg for arg in FAST if arg not in {"--image-size", "32"}] + ["--image-size", "64"]
     return train_run(synthetic_data, tmp_path_factory.mktemp("web") / "run", *options, epochs=1)
 
