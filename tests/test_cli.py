@@ -26,6 +26,7 @@ def test_train_writes_a_complete_run_directory(trained_run):
         "run.json",
         "training_curves.png",
         "sample_predictions.png",
+        "gradcam_samples.png",
         "metrics.json",
         "confusion_matrix.png",
         "roc_curve.png",
@@ -203,7 +204,8 @@ def test_report_and_model_card(trained_run, capsys):
     assert main(["report", str(trained_run)]) == 0
     page = (trained_run / "report.html").read_text()
     card = (trained_run / "MODEL_CARD.md").read_text()
-    assert "Research use only" in page and page.count("data:image/png;base64,") == 5
+    assert "Research use only" in page and page.count("data:image/png;base64,") == 6
+    assert "Grad-CAM" in page
     assert "Not a medical device" in card and "| sensitivity |" in card
     metrics = json.loads((trained_run / "metrics.json").read_text())
     auc = metrics["roc_auc"]

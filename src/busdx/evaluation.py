@@ -21,6 +21,7 @@ from busdx.calibration import apply_temperature, fit_operating_points
 from busdx.config import EvaluateConfig
 from busdx.data import Sample
 from busdx.errors import DataError
+from busdx.explain import explain_image
 from busdx.fileio import atomic_write_text
 from busdx.imaging import load_image
 from busdx.inference import LoadedModel, file_logits
@@ -163,14 +164,15 @@ def evaluate_samples(
     plot_roc_curve(y_true, y_prob, result, out_dir / "roc_curve.png", band=band)
     plot_reliability_diagram(result["reliability"], result["ece"], out_dir / "reliability.png")
     picked = _sample_indices(y_true, y_prob, threshold)
-    plot_sample_predictions(
-        [load_image(samples[i].path) for i in picked],
-        [names[y_true[i]] for i in picked],
-        [float(y_prob[i]) for i in picked],
-        threshold=threshold,
-        class_names=names,
-        path=out_dir / "sample_predictions.png",
-    )
+    images = [load_image(samples[i].path) for i in picked]
+    shown = {"true_labels": [names[y_true[i]] for i in picked],
+             "probabilities": [float(y_prob[i]) for i in picked],
+             "threshold": threshold, "class_names": names}  # fmt: skip
+    plot_sample_predictions(images, **shown, path=out_dir / "sample_predictions.png")
+    if loaded.model is not None:  # Grad-CAM needs the torch model
+        overlays = [explain_image(loaded, image).overlay for image in images]
+        plot_sample_predictions(overlays, **shown, path=out_dir / "gradcam_samples.png",
+                                title="Grad-CAM: where the model found its evidence")  # fmt: skip
     return result
 
 

@@ -36,6 +36,7 @@ FIGURES = [
     ("reliability.png", "Calibration (test)"),
     ("confusion_matrix.png", "Confusion matrix (test, model's threshold)"),
     ("sample_predictions.png", "Sample predictions (errors in red)"),
+    ("gradcam_samples.png", "Grad-CAM of the same images: where the model found its evidence"),
 ]
 ROWS = SCORE_METRICS[:2] + DECISION_METRICS + SCORE_METRICS[2:]
 

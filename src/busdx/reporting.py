@@ -130,6 +130,7 @@ def plot_sample_predictions(
     class_names: Sequence[str],
     path: Path,
     columns: int = 4,
+    title: str = "Sample predictions",
 ) -> None:
     """Grid of images titled with true label, predicted label and probability; errors in red."""
     rows = max(1, int(np.ceil(len(images) / columns)))
@@ -153,5 +154,5 @@ def plot_sample_predictions(
             axis.set_yticks([])
             for spine in axis.spines.values():
                 spine.set(color="crimson", linewidth=3)
-    figure.suptitle(f"Sample predictions (p = probability of {class_names[1]}; errors in red)")
+    figure.suptitle(f"{title} (p = probability of {class_names[1]}; errors in red)")
     _save(figure, path)
