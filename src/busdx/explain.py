@@ -18,6 +18,7 @@ import torch
 from PIL import Image
 from torch import nn
 
+from busdx.errors import CheckpointError
 from busdx.inference import LoadedModel
 from busdx.models import BinaryClassifier
 from busdx.transforms import build_eval_transform
@@ -89,7 +90,10 @@ class Explanation:
 def explain_image(loaded: LoadedModel, image: Image.Image) -> Explanation:
     """Grad-CAM of the torch model for one RGB image (any size)."""
     if loaded.model is None:
-        raise ValueError("explanations need the torch model (load_model(..., backend='torch'))")
+        raise CheckpointError(
+            f"Grad-CAM needs the PyTorch model, not {loaded.path.name}: pass the run directory "
+            "or its model.pt"
+        )
     tensor = build_eval_transform(loaded.preprocessing)(image)[None].to(loaded.device)
     threshold = min(max(loaded.threshold, 1e-6), 1 - 1e-6)
     threshold_logit = float(np.log(threshold / (1 - threshold))) * loaded.temperature
