@@ -6,7 +6,7 @@ and checks that it shut down cleanly. Only loopback traffic; the loop is bounded
 time.
 
     python benchmarks/load_test.py --run busdx-demo/<time>/run --requests 500 --concurrency 8 \
-        --out docs/load-test.json
+        --out docs/benchmarks/load_test.json
 """
 
 from __future__ import annotations
@@ -126,7 +126,7 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=8)
     parser.add_argument("--time-limit", type=float, default=900, help="seconds, at most")
     parser.add_argument("--backend", default="torch", choices=["torch", "onnx"])
-    parser.add_argument("--out", default=str(REPO / "docs" / "load-test.json"))
+    parser.add_argument("--out", default=str(REPO / "docs" / "benchmarks" / "load_test.json"))
     args = parser.parse_args()
     with running_server(args.run, "--backend", args.backend) as url:
         result = asyncio.run(hammer(url, args.requests, args.concurrency, args.time_limit))

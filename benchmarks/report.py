@@ -118,6 +118,26 @@ def memory_section(result: dict) -> list[str]:
     return lines
 
 
+def load_section(result: dict) -> list[str]:
+    return [
+        "## Serving under load",
+        "",
+        f"`busdx serve` ({result['backend']} backend) on loopback, {result['requests']} POST "
+        f"/predict requests (one 256x256 PNG each), {result['concurrency']} in flight "
+        f"(`benchmarks/load_test.py`). Machine: {_machine(result['machine'])}.",
+        "",
+        "| p50 | p90 | p99 | max | requests/s | errors | server exit after SIGINT |",
+        "|---|---|---|---|---|---|---|",
+        f"| {result['p50_ms']:.0f} ms | {result['p90_ms']:.0f} ms | {result['p99_ms']:.0f} ms | "
+        f"{result['max_ms']:.0f} ms | {result['requests_per_s']:.2f} | {result['errors']} | "
+        f"{result['server_exit_code']} |",
+        "",
+        "With one model worker, requests queue: latency is mostly waiting time, about "
+        "concurrency x the time of one prediction.",
+        "",
+    ]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--results", default=str(REPO / "docs" / "benchmarks"))
@@ -132,6 +152,7 @@ def main() -> None:
         "inference.json": lambda r: inference_section(r, out.parent / "figures" / "inference.png"),
         "training.json": training_section,
         "predict_memory.json": memory_section,
+        "load_test.json": load_section,
     }
     for name, section in sections.items():
         if (folder / name).is_file():
