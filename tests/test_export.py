@@ -54,6 +54,14 @@ def test_fp32_onnx_matches_torch_and_carries_the_metadata(run_copy, images, caps
     graph_input = onnx.load(run_copy / "model.onnx").graph.input[0]
     assert graph_input.type.tensor_type.shape.dim[0].dim_param == "batch"  # dynamic batch
 
+    out = run_copy / "onnx-eval"
+    evaluate = ["evaluate", "--run", str(run_copy), "--backend", "onnx", "--out", str(out)]
+    assert main([*evaluate, "--no-progress"]) == 0
+    by_onnx = json.loads((out / "metrics.json").read_text())
+    by_torch = json.loads((run_copy / "metrics.json").read_text())
+    assert by_onnx["n"] == by_torch["n"] == 6
+    assert by_onnx["roc_auc"] == pytest.approx(by_torch["roc_auc"], abs=1e-6)
+
 
 def test_int8_export_agrees_with_fp32_and_onnx_backend_prefers_it(run_copy, images, caplog):
     report = export_run(run_copy, int8=True, calibration_size=12)

@@ -109,8 +109,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     run_dir = Path(args.run)
     config, info = load_run(run_dir)
     dataset = samples_for_split(run_dir, config, info, args.data, args.split)
-    out = Path(args.out) if args.out else run_dir / "eval" / f"{dataset.root.name}-{args.split}"
-    loaded = load_model(run_dir, device=args.device)
+    name = f"{dataset.root.name}-{args.split}" + ("-onnx" if args.backend == "onnx" else "")
+    out = Path(args.out) if args.out else run_dir / "eval" / name
+    loaded = load_model(run_dir, device=args.device, backend=args.backend)
     result = evaluate_samples(
         loaded,
         dataset.samples,
@@ -352,6 +353,9 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--split", default="test", choices=["train", "val", "test", "all"])
     evaluate.add_argument("--out", help="output folder (default RUNDIR/eval/<data>-<split>)")
     evaluate.add_argument("--device", default="auto")
+    evaluate.add_argument(
+        "--backend", choices=BACKENDS, default="torch", help="onnx: the exported (int8) model"
+    )
     common(evaluate)
     evaluate.set_defaults(func=cmd_evaluate)
 
