@@ -99,6 +99,7 @@ def main() -> None:
             print(f"{key}: {seconds[key]:.0f} s", flush=True)
     write_json(Path(args.out), {
         "machine": machine_info(), "epochs": args.epochs, "train_images": args.train,
+        "cache_views": args.cache_views,
         "val_images": args.val, "seconds": seconds})  # fmt: skip
     print(f"written to {args.out}")
 
