@@ -25,6 +25,7 @@ import onnxruntime
 import torch
 
 from busdx.inference import INT8_FILE, ONNX_FILE, load_model
+from busdx.models import BinaryClassifier
 
 from _common import REPO, cpu_flags, machine_info, throughput, write_json
 
@@ -39,9 +40,8 @@ def _inference(function: Callable[[torch.Tensor], object]) -> Runner:
     return run
 
 
-def torch_runners(run: Path) -> dict[str, Runner]:
+def torch_runners(model: BinaryClassifier) -> dict[str, Runner]:
     """Every torch variant, each a function of one preprocessed batch."""
-    model = load_model(run, device="cpu").model.eval()
     plain = copy.deepcopy(model).to(memory_format=torch.contiguous_format)
     runners = {
         "torch eager fp32 (NCHW)": _inference(lambda x: plain.head(plain.backbone(x))),
@@ -85,8 +85,9 @@ def main() -> None:
         if not (run / name).is_file():
             parser.error(f"{run / name} missing: run busdx export --run {run} --int8 first")
 
-    size = load_model(run, device="cpu").preprocessing.image_size
-    runners = torch_runners(run)
+    loaded = load_model(run, device="cpu")
+    size = loaded.preprocessing.image_size
+    runners = torch_runners(loaded.model.eval())
     runners["ONNX Runtime fp32"] = onnx_runner(run / ONNX_FILE)
     runners["ONNX Runtime int8 (static QDQ)"] = onnx_runner(run / INT8_FILE)
     results: dict[str, dict] = {}

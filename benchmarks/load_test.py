@@ -21,6 +21,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
@@ -37,38 +38,39 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-@contextlib.contextmanager
-def running_server(run: str | Path, *options: str, timeout: float = 120) -> Iterator[str]:
-    """``busdx serve`` in a subprocess on loopback; yields its URL; SIGINT on exit.
+@dataclass
+class Server:
+    """A running ``busdx serve``: its URL, and its exit code once stopped."""
 
-    The server's exit code after SIGINT is stored in the ``exit_codes`` list of this function.
-    """
+    url: str
+    exit_code: int | None = None
+
+
+@contextlib.contextmanager
+def running_server(run: str | Path, *options: str, timeout: float = 120) -> Iterator[Server]:
+    """``busdx serve`` in a subprocess on loopback; stopped with SIGINT on exit."""
     port = free_port()
     command = [sys.executable, "-m", "busdx", "serve", "--run", str(run),
                "--port", str(port), *options]  # fmt: skip
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
+    server = Server(f"http://127.0.0.1:{port}")
     try:
         deadline = time.monotonic() + timeout
         while True:
             with contextlib.suppress(httpx.TransportError):
-                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                if httpx.get(f"{server.url}/health", timeout=2).status_code == 200:
                     break
             if process.poll() is not None or time.monotonic() > deadline:
                 output = process.stdout.read().decode(errors="replace") if process.stdout else ""
                 raise RuntimeError(f"busdx serve did not start: {output[-2000:]}")
             time.sleep(0.3)
-        yield url
+        yield server
     finally:
         process.send_signal(signal.SIGINT)
         try:
-            running_server.exit_codes.append(process.wait(timeout=60))
+            server.exit_code = process.wait(timeout=60)
         except subprocess.TimeoutExpired:
             process.kill()
-            running_server.exit_codes.append(None)
-
-
-running_server.exit_codes = []
 
 
 def _images(count: int) -> list[bytes]:
@@ -128,9 +130,9 @@ def main() -> None:
     parser.add_argument("--backend", default="torch", choices=["torch", "onnx"])
     parser.add_argument("--out", default=str(REPO / "docs" / "benchmarks" / "load_test.json"))
     args = parser.parse_args()
-    with running_server(args.run, "--backend", args.backend) as url:
-        result = asyncio.run(hammer(url, args.requests, args.concurrency, args.time_limit))
-    result["server_exit_code"] = running_server.exit_codes[-1]
+    with running_server(args.run, "--backend", args.backend) as server:
+        result = asyncio.run(hammer(server.url, args.requests, args.concurrency, args.time_limit))
+    result["server_exit_code"] = server.exit_code
     result["backend"] = args.backend
     write_json(Path(args.out), {"machine": machine_info(), **result})
     print({k: v for k, v in result.items() if k != "error_examples"})

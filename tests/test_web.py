@@ -45,10 +45,10 @@ def test_browser_upload_shows_probability_and_overlay(run, synthetic_data, scree
     from playwright.sync_api import expect, sync_playwright
 
     images = sorted((synthetic_data / "malignant").glob("*.png"))[:2]
-    with running_server(run) as url, sync_playwright() as playwright:
+    with running_server(run) as server, sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
         page = browser.new_page(viewport={"width": 1100, "height": 900})
-        page.goto(url)
+        page.goto(server.url)
         expect(page.locator("#status")).to_have_text("Ready.")
         expect(page.locator("#notice")).to_contain_text("not a medical device")
         page.check("#explain")
@@ -67,12 +67,14 @@ def test_browser_upload_shows_probability_and_overlay(run, synthetic_data, scree
         page.screenshot(path=str(screenshot), full_page=True)
         browser.close()
         with images[0].open("rb") as handle:
-            api = httpx.post(f"{url}/predict", files={"files": (images[0].name, handle)}).json()
+            api = httpx.post(
+                f"{server.url}/predict", files={"files": (images[0].name, handle)}
+            ).json()
     expected = api["predictions"][0]
     assert shown == pytest.approx(expected["probability_malignant"], abs=1e-3)
     assert label == expected["label"]
     assert screenshot.stat().st_size > 10_000
-    assert running_server.exit_codes[-1] == 0  # clean shutdown on SIGINT
+    assert server.exit_code == 0  # clean shutdown on SIGINT
 
 
 def test_bounded_load_test_has_no_errors(run, tmp_path):

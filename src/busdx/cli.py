@@ -141,7 +141,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
         progress=not args.no_progress,
     )
     if args.explain:
-        rows = _with_explanations(rows, load_model(args.run, device=args.device), args.explain)
+        explainer = loaded if loaded.model is not None else load_model(args.run, device=args.device)
+        rows = _with_explanations(rows, explainer, args.explain)
     count, failed = write_predictions(rows, args.out)
     seconds = time.perf_counter() - started
     logger.info(

@@ -98,8 +98,6 @@ def explain_image(loaded: LoadedModel, image: Image.Image) -> Explanation:
     threshold = min(max(loaded.threshold, 1e-6), 1 - 1e-6)
     threshold_logit = float(np.log(threshold / (1 - threshold))) * loaded.temperature
     cams, logits = grad_cam(loaded.model, tensor, threshold_logit)
-    probability = float(torch.sigmoid(logits[0].cpu() / loaded.temperature))
-    negative, positive = loaded.class_names
+    probability = float(loaded.probabilities(logits[0].cpu()))
     cam = cams[0].cpu().numpy()
-    label = positive if probability >= loaded.threshold else negative
-    return Explanation(cam, probability, label, overlay_heatmap(image, cam))
+    return Explanation(cam, probability, loaded.label(probability), overlay_heatmap(image, cam))

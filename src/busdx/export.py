@@ -34,6 +34,7 @@ from onnxruntime.quantization import (
 from onnxruntime.quantization.shape_inference import quant_pre_process
 
 from busdx import __version__
+from busdx.calibration import apply_temperature
 from busdx.errors import DataError, ExportError, ImageDecodeError, SingleClassError
 from busdx.evaluation import json_safe
 from busdx.fileio import atomic_path, atomic_write_text, sha256_file
@@ -51,7 +52,7 @@ from busdx.metrics import roc_auc
 from busdx.runs import load_run, samples_for_split
 from busdx.transforms import build_eval_transform
 
-__all__ = ["EXPORT_REPORT", "compare_backends", "export_onnx", "export_run", "quantize_int8"]
+__all__ = ["EXPORT_REPORT", "compare_logits", "export_onnx", "export_run", "quantize_int8"]
 
 logger = logging.getLogger(__name__)
 
@@ -129,23 +130,26 @@ def quantize_int8(
     return out_path
 
 
-def compare_backends(
-    reference: LoadedModel, candidate: LoadedModel, files: Sequence[Path], labels: Sequence[int]
+def compare_logits(
+    reference: np.ndarray,
+    candidate: np.ndarray,
+    labels: Sequence[int],
+    *,
+    temperature: float,
+    threshold: float,
 ) -> dict[str, Any]:
-    """Decision agreement, largest logit difference and ROC AUC of two models on labelled files."""
-    ref, cand = (file_logits(model, files, progress=False) for model in (reference, candidate))
-    temperature, threshold = reference.temperature, reference.threshold
-    ref_pos = 1 / (1 + np.exp(-ref / temperature)) >= threshold
-    cand_pos = 1 / (1 + np.exp(-cand / temperature)) >= threshold
+    """Decision agreement, largest logit difference and ROC AUC of two models' logits."""
+    ref_pos = apply_temperature(reference, temperature) >= threshold
+    cand_pos = apply_temperature(candidate, temperature) >= threshold
     y = np.asarray(labels)
     try:
-        auc_ref, auc_cand = roc_auc(y, ref), roc_auc(y, cand)
+        auc_ref, auc_cand = roc_auc(y, reference), roc_auc(y, candidate)
     except SingleClassError:
         auc_ref = auc_cand = None
     return {
-        "n": len(files),
+        "n": len(y),
         "agreement": float(np.mean(ref_pos == cand_pos)),
-        "max_abs_logit_difference": float(np.max(np.abs(ref - cand))),
+        "max_abs_logit_difference": float(np.max(np.abs(reference - candidate))),
         "roc_auc_reference": auc_ref,
         "roc_auc_candidate": auc_cand,
         "roc_auc_drop": None if auc_ref is None else auc_ref - auc_cand,
@@ -188,13 +192,18 @@ def export_run(
     }
     val = samples_for_split(run_dir, config, info, data_root, "val").samples
     files, labels = [s.path for s in val], [s.label for s in val]
-    report["onnx"]["vs_torch"] = compare_backends(loaded, load_model(fp32_path), files, labels)
+    decision = {"temperature": loaded.temperature, "threshold": loaded.threshold}
+    torch_logits, fp32_logits = (
+        file_logits(model, files, progress=False) for model in (loaded, load_model(fp32_path))
+    )
+    report["onnx"]["vs_torch"] = compare_logits(torch_logits, fp32_logits, labels, **decision)
     if int8:
         calibration = _calibration_files(run_dir, calibration_dir, data_root, calibration_size)
         candidate = run_dir / ".int8-candidate.onnx"
         try:
             quantize_int8(fp32_path, candidate, calibration, loaded)
-            check = compare_backends(load_model(fp32_path), load_model(candidate), files, labels)
+            int8_logits = file_logits(load_model(candidate), files, progress=False)
+            check = compare_logits(fp32_logits, int8_logits, labels, **decision)
             drop = check["roc_auc_drop"]
             if drop is not None and drop > max_auc_drop and not force:
                 raise ExportError(

@@ -87,6 +87,19 @@ class LoadedModel:
         """Temperature-scaling factor fitted on validation data (1.0: uncalibrated)."""
         return float(self.metadata.get("temperature", 1.0))
 
+    def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
+        """Calibrated probability of the positive class: ``sigmoid(logit / temperature)``."""
+        return torch.sigmoid(logits / self.temperature)
+
+    def label(self, probability: float, threshold: float | None = None) -> str:
+        """Class name decided at ``threshold`` (default: the model's own)."""
+        negative, positive = self.class_names
+        return (
+            positive
+            if probability >= (self.threshold if threshold is None else threshold)
+            else negative
+        )
+
     @torch.inference_mode()
     def predict_logits(self, images: torch.Tensor) -> torch.Tensor:
         """Raw log-odds of the positive class for a batch of preprocessed images."""
@@ -233,7 +246,6 @@ def predict_files(
     """
     threshold = loaded.threshold if threshold is None else threshold
     transform = build_eval_transform(loaded.preprocessing)
-    negative, positive = loaded.class_names
     total = len(files) if total is None and isinstance(files, Sized) else total
     bar = tqdm(total=total, unit="img", desc="predict", disable=not progress, leave=False)
     for batch in _batches(files, batch_size):
@@ -246,12 +258,12 @@ def predict_files(
                 logger.warning("%s", exc)
                 rows.append(Prediction(str(path), None, None, threshold, error=str(exc)))
         logits = loaded.predict_logits(torch.stack(tensors)) if tensors else torch.zeros(0)
-        probabilities = torch.sigmoid(logits / loaded.temperature)
+        probabilities = loaded.probabilities(logits)
         scores = iter(zip(logits.tolist(), probabilities.tolist(), strict=True))
         for row in rows:
             if row.error is None:
                 row.logit, row.probability = next(scores)
-                row.label = positive if row.probability >= threshold else negative
+                row.label = loaded.label(row.probability, threshold)
             bar.update()
             yield row
     bar.close()

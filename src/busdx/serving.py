@@ -65,6 +65,10 @@ class ServeSettings:
     cors_origins: tuple[str, ...] = ()
     backend: str = "torch"
 
+    @property
+    def max_upload_bytes(self) -> int:
+        return int(self.max_upload_mb * 1024 * 1024)
+
 
 def check_bind(host: str, api_key: str | None, allow_no_key: bool) -> None:
     """Refuse to serve beyond the loopback interface without an API key, unless told to."""
@@ -130,10 +134,6 @@ def _model_card(loaded: LoadedModel, run_dir: Path, backend: str) -> dict[str, A
     return card
 
 
-def _upload_limit(settings: ServeSettings) -> int:
-    return int(settings.max_upload_mb * 1024 * 1024)
-
-
 def create_app(run: str | Path, settings: ServeSettings | None = None) -> FastAPI:
     """The FastAPI application serving the model of ``run`` (a run directory or model file)."""
     settings = settings or ServeSettings()
@@ -169,7 +169,7 @@ def create_app(run: str | Path, settings: ServeSettings | None = None) -> FastAP
                 return _json_error(401, "unauthorized", f"missing or wrong {API_KEY_HEADER} header")
             length = request.headers.get("content-length")
             if length is not None and (
-                not length.isdigit() or int(length) > _upload_limit(settings)
+                not length.isdigit() or int(length) > settings.max_upload_bytes
             ):
                 return _json_error(
                     413, "too_large", f"upload exceeds {settings.max_upload_mb:g} MB"
@@ -201,11 +201,10 @@ def create_app(run: str | Path, settings: ServeSettings | None = None) -> FastAP
                 "unsupported_media_type",
                 f"send multipart/form-data with image file(s) in the field {field!r}",
             )
-        limit = _upload_limit(settings)
         body = bytearray()
         async for chunk in request.stream():  # chunked uploads carry no content-length
             body += chunk
-            if len(body) > limit:
+            if len(body) > settings.max_upload_bytes:
                 raise _ApiError(413, "too_large", f"upload exceeds {settings.max_upload_mb:g} MB")
         request._body = bytes(body)  # Starlette's own cache: form() parses these bytes
         try:
@@ -226,14 +225,12 @@ def create_app(run: str | Path, settings: ServeSettings | None = None) -> FastAP
 
     def _predict(images: list[Any]) -> list[float]:
         batch = torch.stack([transform(image) for image in images])
-        logits = predictor.predict_logits(batch)
-        return torch.sigmoid(logits / predictor.temperature).tolist()
+        return predictor.probabilities(predictor.predict_logits(batch)).tolist()
 
     def _row(name: str, probability: float) -> dict[str, Any]:
-        negative, positive = predictor.class_names
-        label = positive if probability >= predictor.threshold else negative
         return {"filename": name, "probability_malignant": round(probability, 6),
-                "label": label, "threshold": predictor.threshold, "error": None}  # fmt: skip
+                "label": predictor.label(probability), "threshold": predictor.threshold,
+                "error": None}  # fmt: skip
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     async def index() -> HTMLResponse:
