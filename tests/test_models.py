@@ -123,3 +123,41 @@ def test_weights_from_a_path_must_fit(tmp_path):
     torch.save({"conv.weight": torch.zeros(1)}, tmp_path / "other.pth")
     with pytest.raises(WeightsError, match="does not fit"):
         create_model(ModelConfig(weights=str(tmp_path / "other.pth")), image_size=32)
+
+
+def test_efficientnet_lite0_trains_end_to_end_with_a_pooled_linear_head():
+    config = ModelConfig(name="efficientnet_lite0", weights="none", freeze_backbone=False,
+                         pooling="avg", hidden_units=0, dropout=0.2)  # fmt: skip
+    model, _, prep = create_model(config, image_size=64)
+    assert prep.mean == (127.0, 127.0, 127.0) and prep.std == (128.0, 128.0, 128.0)
+    assert [type(m).__name__ for m in model.head] == ["GlobalPool", "Dropout", "Linear"]
+    assert model.head[-1].in_features == 1280
+    model.train()
+    model(torch.randn(4, 3, 64, 64)).sum().backward()
+    assert all(p.grad is not None for p in model.backbone.parameters())
+
+
+def test_efficientnet_lite0_blocks_can_stay_trainable():
+    config = ModelConfig(name="efficientnet_lite0", weights="none", trainable_blocks=1)
+    model, _, _ = create_model(config, image_size=64)
+    trainable = {name.split(".")[0] for name, p in model.backbone.named_parameters()
+                 if p.requires_grad}  # fmt: skip
+    assert trainable == {"7", "8", "9"}  # the last stage and the 1x1 head conv + BN
+
+
+@pytest.mark.parametrize("pooling, inputs", [("flatten", 512 * 4), ("avg", 512), ("avgmax", 1024)])
+def test_pooling_choices_set_the_head_size(pooling, inputs):
+    config = ModelConfig(weights="none", pooling=pooling, hidden_units=0)
+    model, _, _ = create_model(config, image_size=64)
+    assert model.head[-1].in_features == inputs
+    assert model(torch.zeros(2, 3, 64, 64)).shape == (2,)
+
+
+@needs_shared(WEIGHTS_DIR / "efficientnet_lite0_imagenet.pth")
+def test_efficientnet_lite0_imagenet_weights_fill_every_tensor():
+    model, info, _ = create_model(ModelConfig(name="efficientnet_lite0"), image_size=64)
+    assert info.sha256.startswith("57934424")
+    state = torch.load(WEIGHTS_DIR / "efficientnet_lite0_imagenet.pth", weights_only=True)
+    # the stem conv and the last BN's running variance, renamed into busdx's layout
+    assert torch.equal(model.backbone[0][0].weight, state["_conv_stem.weight"])
+    assert torch.equal(model.backbone[9].running_var, state["_bn1.running_var"])

