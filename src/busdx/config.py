@@ -39,7 +39,8 @@ class ModelConfig:
     weights: str = "imagenet"  # "imagenet", "none" or a path to a state_dict file
     freeze_backbone: bool = True
     trainable_blocks: int = 0  # with a frozen backbone: its last blocks still trained
-    hidden_units: int = 512
+    pooling: str = "flatten"  # "flatten" (the recipe), "avg" or "avgmax" (global pooling)
+    hidden_units: int = 512  # 0: a linear head
     dropout: float = 0.5
 
 
@@ -51,6 +52,8 @@ class DataConfig:
     positive_class: str = "malignant"
     include_normal: bool = False  # class-folder layout: count normal/ images as benign
     image_size: int = 224
+    crop: str = "none"  # "content": crop to the B-mode field (drop black margins and UI)
+    resize: str = "squash"  # "squash" (the recipe) or "pad" (keep the aspect ratio)
     val_fraction: float = 0.15
     test_fraction: float = 0.15
     split_file: str | None = None  # re-use a split.csv instead of drawing a new split
@@ -70,6 +73,13 @@ class AugmentConfig:
     shear_degrees: float = 0.2
     zoom: float = 0.2
     horizontal_flip: bool = True
+    # Ultrasound-specific intensity changes (0 = off; see transforms.UltrasoundIntensity)
+    gain: float = 0.0
+    contrast: float = 0.0
+    gamma: float = 0.0
+    speckle: float = 0.0
+    blur: float = 0.0
+    attenuation: float = 0.0
 
 
 @dataclass
@@ -80,6 +90,7 @@ class TrainConfig:
     batch_size: int = 32
     lr: float = 1e-3
     weight_decay: float = 0.0
+    schedule: str = "constant"  # "constant" or "cosine" (decay to 0 over the epochs)
     early_stopping_patience: int = 0  # 0 disables early stopping
     feature_cache: bool = False  # frozen backbone only: train the head on cached features
     cache_views: int = 5  # augmented views per training image in the cache
@@ -95,6 +106,9 @@ class EvaluateConfig:
     calibrate: bool = True  # temperature scaling
     threshold_policy: str = "target_sensitivity"  # "target_sensitivity", "youden" or "fixed"
     target_sensitivity: float = 0.95
+    # > 0: the sensitivity's one-sided Clopper-Pearson lower bound at this confidence must
+    # reach the target, not just its point estimate (needs many positives: see busdx cv)
+    threshold_confidence: float = 0.0
     fixed_threshold: float = 0.5
     n_bootstrap: int = 1000
     ci_level: float = 0.95
@@ -138,12 +152,26 @@ class Config:
                 f"data.positive_class ({self.data.positive_class!r}) must be the last of "
                 f"data.classes ({self.data.classes}): list the negative class first",
             ),
+            (
+                self.data.crop in {"none", "content"} and self.data.resize in {"squash", "pad"},
+                f"data.crop must be none or content and data.resize squash or pad, got "
+                f"{self.data.crop!r} and {self.data.resize!r}",
+            ),
+            (
+                self.model.pooling in {"flatten", "avg", "avgmax"} and self.model.hidden_units >= 0,
+                f"model.pooling must be flatten, avg or avgmax (got {self.model.pooling!r}) and "
+                f"model.hidden_units >= 0 (0: a linear head)",
+            ),
             (self.train.epochs >= 1, f"train.epochs must be >= 1, got {self.train.epochs}"),
             (
                 self.train.batch_size >= 1,
                 f"train.batch_size must be >= 1, got {self.train.batch_size}",
             ),
             (self.train.lr > 0, f"train.lr must be > 0, got {self.train.lr}"),
+            (
+                self.train.schedule in {"constant", "cosine"},
+                f"train.schedule must be constant or cosine, got {self.train.schedule!r}",
+            ),
             (
                 not self.train.feature_cache
                 or (self.model.freeze_backbone and self.model.weights != "none"),
@@ -161,8 +189,11 @@ class Config:
                 f"{self.evaluate.threshold_policy!r}",
             ),
             (
-                0 < self.evaluate.target_sensitivity <= 1 and 0 < self.evaluate.ci_level < 1,
-                "evaluate.target_sensitivity must be in (0, 1] and evaluate.ci_level in (0, 1)",
+                0 < self.evaluate.target_sensitivity <= 1
+                and 0 < self.evaluate.ci_level < 1
+                and 0 <= self.evaluate.threshold_confidence < 1,
+                "evaluate.target_sensitivity must be in (0, 1], evaluate.ci_level in (0, 1) and "
+                "evaluate.threshold_confidence in [0, 1)",
             ),
             (
                 self.evaluate.n_bootstrap >= 100,

@@ -14,7 +14,7 @@ import io
 import logging
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -222,12 +222,18 @@ def fit(
         torch.set_num_threads(config.train.threads)
     torch.manual_seed(config.train.seed)
     model, weights, prep = create_model(config.model, image_size=config.data.image_size)
+    prep = replace(prep, crop=config.data.crop, resize=config.data.resize)
     model.to(device)
     metadata = model_metadata(config, weights, prep, dataset.class_names)
 
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.Adam(
         trainable, lr=config.train.lr, weight_decay=config.train.weight_decay
+    )
+    schedule = (
+        torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=config.train.epochs)
+        if config.train.schedule == "cosine"
+        else torch.optim.lr_scheduler.LambdaLR(optimizer, lambda epoch: 1.0)
     )
     criterion = nn.BCEWithLogitsLoss()
 
@@ -238,6 +244,8 @@ def fit(
         state = _load_last(last_path)
         model.load_state_dict(state["state_dict"])
         optimizer.load_state_dict(state["optimizer"])
+        if "schedule" in state:
+            schedule.load_state_dict(state["schedule"])
         history = [EpochRecord(**row) for row in state["history"]]
         best_val_loss, stale_epochs = state["best_val_loss"], state["stale_epochs"]
         start_epoch = state["epoch"] + 1
@@ -273,6 +281,7 @@ def fit(
         )
         model.train()
         train_loss, train_acc = train_one_epoch(forward, bar, optimizer, criterion, device)
+        schedule.step()
         model.eval()
         val_loss, val_acc = evaluate_epoch(val_forward, val_loader, criterion, device)
         record = EpochRecord(
@@ -302,6 +311,7 @@ def fit(
                 "epoch": epoch,
                 "val_loss": val_loss,
                 "optimizer": optimizer.state_dict(),
+                "schedule": schedule.state_dict(),
                 "history": [asdict(r) for r in history],
                 "best_val_loss": best_val_loss,
                 "stale_epochs": stale_epochs,

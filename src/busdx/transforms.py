@@ -7,28 +7,50 @@ model file, so evaluation, prediction and serving always match training.
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 from typing import Any
 
+import numpy as np
 import torch
+from PIL import Image
 from torchvision.transforms import v2
 
 from busdx.config import AugmentConfig
 
-__all__ = ["Preprocessing", "build_eval_transform", "build_train_transform"]
+__all__ = [
+    "CROPS",
+    "RESIZES",
+    "ContentCrop",
+    "PadToSquare",
+    "Preprocessing",
+    "UltrasoundIntensity",
+    "build_eval_transform",
+    "build_train_transform",
+    "content_box",
+]
+
+CROPS = ("none", "content")
+INTENSITY_KEYS = ("gain", "contrast", "gamma", "speckle", "blur", "attenuation")
+RESIZES = ("squash", "pad")
 
 
 @dataclass(frozen=True)
 class Preprocessing:
-    """How an 8-bit RGB image becomes the network's input: resize, then ``(x - mean) / std``.
+    """How an 8-bit RGB image becomes the network's input.
 
-    ``mean`` and ``std`` are in 0..255 pixel units, per RGB channel.
+    Optionally crop to the scan's content (``crop="content"``, see :func:`content_box`), then
+    resize to ``image_size`` squared, either squashing the aspect ratio (``resize="squash"``,
+    the recipe) or padding the shorter side with black first (``"pad"``), then
+    ``(x - mean) / std`` with ``mean`` and ``std`` in 0..255 pixel units, per RGB channel.
     """
 
     image_size: int
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
     interpolation: str = "bilinear"
+    crop: str = "none"
+    resize: str = "squash"
 
     def to_dict(self) -> dict[str, Any]:
         """Plain dict for model files and JSON."""
@@ -42,7 +64,65 @@ class Preprocessing:
             mean=tuple(float(v) for v in values["mean"]),
             std=tuple(float(v) for v in values["std"]),
             interpolation=str(values.get("interpolation", "bilinear")),
+            crop=str(values.get("crop", "none")),
+            resize=str(values.get("resize", "squash")),
         )
+
+
+def content_box(image: Image.Image, *, dark: int = 12, min_fill: float = 0.3) -> tuple:
+    """Bounding box ``(left, top, right, bottom)`` of the B-mode field in a scan or screenshot.
+
+    A row or column belongs to the field when at least ``min_fill`` of its pixels are brighter
+    than ``dark`` (speckle fills the field; black margins, text and thin UI lines do not); the
+    box spans the longest run of such rows and of such columns. When that leaves less than a
+    quarter of the image, the whole image is kept: a crop must never cut a lesion away.
+    """
+    grey = np.asarray(image.convert("L"), dtype=np.uint8) > dark
+    spans = []
+    for axis in (0, 1):  # columns (fill over rows), then rows
+        filled = grey.mean(axis=axis) >= min_fill
+        best, start, run = (0, len(filled)), None, (0, 0)
+        for index, value in enumerate([*filled, False]):
+            if value and start is None:
+                start = index
+            elif not value and start is not None:
+                if index - start > run[1] - run[0]:
+                    run = (start, index)
+                start = None
+        spans.append(run if run[1] > run[0] else best)
+    (left, right), (top, bottom) = spans
+    if (right - left) * (bottom - top) < 0.25 * grey.size:
+        return (0, 0, image.width, image.height)
+    return (left, top, right, bottom)
+
+
+class ContentCrop(v2.Transform):
+    """Crop a PIL image to :func:`content_box`."""
+
+    def forward(self, image: Image.Image) -> Image.Image:  # type: ignore[override]
+        return image.crop(content_box(image))
+
+
+class PadToSquare(v2.Transform):
+    """Pad a PIL image with black to a centred square, keeping its aspect ratio."""
+
+    def forward(self, image: Image.Image) -> Image.Image:  # type: ignore[override]
+        side = max(image.size)
+        if image.width == image.height:
+            return image
+        canvas = Image.new(image.mode, (side, side))
+        canvas.paste(image, ((side - image.width) // 2, (side - image.height) // 2))
+        return canvas
+
+
+def _geometry(prep: Preprocessing) -> list[v2.Transform]:
+    """PIL-level steps before the tensor conversion: content crop, aspect-keeping pad."""
+    steps: list[v2.Transform] = []
+    if prep.crop == "content":
+        steps.append(ContentCrop())
+    if prep.resize == "pad":
+        steps.append(PadToSquare())
+    return steps
 
 
 def _resize(prep: Preprocessing) -> v2.Resize:
@@ -56,17 +136,76 @@ def _to_normalized_tensor(prep: Preprocessing) -> list[v2.Transform]:
 
 def build_eval_transform(prep: Preprocessing) -> v2.Compose:
     """Deterministic PIL RGB image -> normalized CHW float tensor."""
-    return v2.Compose([v2.PILToTensor(), _resize(prep), *_to_normalized_tensor(prep)])
+    return v2.Compose(
+        [*_geometry(prep), v2.PILToTensor(), _resize(prep), *_to_normalized_tensor(prep)]
+    )
+
+
+class UltrasoundIntensity(v2.Transform):
+    """Scanner-to-scanner variation of a B-mode image (uint8 or float tensor in 0..255, CHW).
+
+    Each image draws: an overall gain (``gain``: factor in [1 - g, 1 + g]), a contrast change
+    about the mean (``contrast``), a gamma (``gamma``: exponent in [1 - g, 1 + g]),
+    multiplicative speckle (``speckle``: unit-mean gamma noise whose standard deviation is
+    drawn up to this value), a blur / resolution loss (``blur``: Gaussian sigma drawn up to
+    this, in pixels) and depth-dependent attenuation (``attenuation``: brightness falling
+    linearly by up to this fraction from top to bottom). A value of 0 turns a step off. The
+    output is float32 in 0..255.
+    """
+
+    def __init__(
+        self,
+        *,
+        gain: float = 0.0,
+        contrast: float = 0.0,
+        gamma: float = 0.0,
+        speckle: float = 0.0,
+        blur: float = 0.0,
+        attenuation: float = 0.0,
+    ) -> None:
+        super().__init__()
+        self.gain, self.contrast, self.gamma = gain, contrast, gamma
+        self.speckle, self.blur, self.attenuation = speckle, blur, attenuation
+
+    @staticmethod
+    def _uniform(low: float, high: float) -> float:
+        return float(torch.empty(()).uniform_(low, high))
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        x = image.float() / 255.0
+        if self.blur:
+            sigma = self._uniform(0.0, self.blur)
+            if sigma > 0.3:
+                x = v2.functional.gaussian_blur(x, [2 * math.ceil(2 * sigma) + 1] * 2, [sigma])
+        if self.speckle:
+            spread = self._uniform(0.0, self.speckle)
+            if spread > 0:
+                shape = 1.0 / spread**2  # gamma(k, 1/k): mean 1, standard deviation 1/sqrt(k)
+                noise = torch.distributions.Gamma(shape, shape).sample(x.shape[1:])
+                x = x * noise
+        if self.attenuation:
+            depth = torch.linspace(0, 1, x.shape[1])[:, None]
+            x = x * (1 - self._uniform(0.0, self.attenuation) * depth)
+        if self.gamma:
+            x = x.clamp(0, 1) ** self._uniform(1 - self.gamma, 1 + self.gamma)
+        if self.contrast:
+            mean = x.mean()
+            x = (x - mean) * self._uniform(1 - self.contrast, 1 + self.contrast) + mean
+        if self.gain:
+            x = x * self._uniform(1 - self.gain, 1 + self.gain)
+        x = torch.where(image == 0, 0.0, x)  # the black outside the scan stays black
+        return (x.clamp(0, 1) * 255.0).to(torch.float32)
 
 
 def build_train_transform(prep: Preprocessing, augment: AugmentConfig) -> v2.Compose:
-    """Eval transform plus random rotation, shift, shear, zoom and horizontal flip.
+    """Eval transform plus random rotation, shift, shear, zoom and horizontal flip, then
+    ultrasound intensity changes when any is set (see :class:`UltrasoundIntensity`).
 
     Mirrors Keras' ImageDataGenerator(rotation_range, width/height_shift_range, shear_range,
     zoom_range, horizontal_flip) except that zoom is isotropic and the border is filled with
     black (ultrasound frames are black outside the scan) instead of repeating edge pixels.
     """
-    steps: list[v2.Transform] = [v2.PILToTensor(), _resize(prep)]
+    steps: list[v2.Transform] = [*_geometry(prep), v2.PILToTensor(), _resize(prep)]
     steps.append(
         v2.RandomAffine(
             degrees=augment.rotation_degrees,
@@ -78,4 +217,7 @@ def build_train_transform(prep: Preprocessing, augment: AugmentConfig) -> v2.Com
     )
     if augment.horizontal_flip:
         steps.append(v2.RandomHorizontalFlip())
+    intensity = {name: getattr(augment, name) for name in INTENSITY_KEYS}
+    if any(intensity.values()):
+        steps.append(UltrasoundIntensity(**intensity))
     return v2.Compose(steps + _to_normalized_tensor(prep))

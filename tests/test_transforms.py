@@ -1,0 +1,76 @@
+"""Geometry (content crop, aspect-keeping pad) and ultrasound intensity augmentation."""
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image, ImageDraw
+
+from busdx.config import AugmentConfig
+from busdx.transforms import (
+    PadToSquare,
+    Preprocessing,
+    UltrasoundIntensity,
+    build_eval_transform,
+    build_train_transform,
+    content_box,
+)
+
+
+def _screenshot() -> Image.Image:
+    """A 300x200 'screenshot': black margins, a text line on top, speckle field inside."""
+    rng = np.random.default_rng(0)
+    canvas = np.zeros((200, 300), dtype=np.uint8)
+    canvas[40:180, 60:260] = rng.integers(30, 200, (140, 200))
+    image = Image.fromarray(canvas).convert("RGB")
+    ImageDraw.Draw(image).text((5, 5), "GE LOGIQ 12L  Gain 45  Depth 4.0 cm", fill="white")
+    return image
+
+
+def test_content_box_finds_the_scan_field_and_ignores_text():
+    assert content_box(_screenshot()) == (60, 40, 260, 180)
+
+
+def test_content_box_keeps_an_image_with_nothing_to_crop():
+    blank = Image.new("RGB", (64, 48))
+    assert content_box(blank) == (0, 0, 64, 48)
+
+
+def test_pad_keeps_the_aspect_ratio_and_eval_transform_applies_geometry():
+    padded = PadToSquare()(Image.new("RGB", (300, 100), "white"))
+    assert padded.size == (300, 300)
+    column = np.asarray(padded)[:, 150, 0]
+    assert column[:100].max() == 0 and column[100:200].min() == 255
+    prep = Preprocessing(64, (0.0, 0.0, 0.0), (1.0, 1.0, 1.0), crop="content", resize="pad")
+    tensor = build_eval_transform(prep)(_screenshot())
+    assert tensor.shape == (3, 64, 64)
+    assert tensor[:, :8].abs().max() == 0  # the pad above the (wider than tall) field
+    restored = Preprocessing.from_dict(prep.to_dict())
+    assert restored == prep
+    assert (
+        Preprocessing.from_dict({"image_size": 8, "mean": [0] * 3, "std": [1] * 3}).crop == "none"
+    )
+
+
+def test_ultrasound_intensity_varies_the_scan_but_not_the_black_outside_it():
+    image = torch.zeros(3, 32, 32, dtype=torch.uint8)
+    image[:, 8:24, 8:24] = 120
+    augment = UltrasoundIntensity(gain=0.3, contrast=0.3, gamma=0.3, speckle=0.3, blur=1.0,
+                                  attenuation=0.5)  # fmt: skip
+    torch.manual_seed(0)
+    outputs = [augment(image) for _ in range(5)]
+    for out in outputs:
+        assert out.dtype == torch.float32 and out.min() >= 0 and out.max() <= 255
+        assert out[:, :8].abs().max() == 0 and out[:, 24:].abs().max() == 0
+    means = [float(out[:, 8:24, 8:24].mean()) for out in outputs]
+    assert np.std(means) > 1  # each draw differs
+    torch.manual_seed(0)
+    assert torch.equal(augment(image), outputs[0])  # seeded: reproducible
+
+
+@pytest.mark.parametrize("name", ["gain", "speckle", "blur", "attenuation"])
+def test_each_intensity_option_switches_the_step_on(name):
+    prep = Preprocessing(32, (0.0, 0.0, 0.0), (1.0, 1.0, 1.0))
+    steps = build_train_transform(prep, AugmentConfig(**{name: 0.2})).transforms
+    assert any(isinstance(step, UltrasoundIntensity) for step in steps)
+    plain = build_train_transform(prep, AugmentConfig()).transforms
+    assert not any(isinstance(step, UltrasoundIntensity) for step in plain)
