@@ -7,8 +7,10 @@ from busdx.metrics import (
     binary_metrics,
     bootstrap_ci,
     expected_calibration_error,
+    paired_bootstrap,
     roc_auc,
     roc_curve,
+    sensitivity_lower_bound,
     threshold_for_sensitivity,
     youden_threshold,
 )
@@ -105,3 +107,33 @@ def test_operating_point_thresholds():
     assert threshold_for_sensitivity(y, p, 1.0) == 0.4
     assert threshold_for_sensitivity(y, p, 0.75) == 0.7
     assert youden_threshold(y, p) == 0.7  # sens 0.75 + spec 1.0
+
+
+def test_paired_bootstrap_of_identical_and_of_better_scores():
+    rng = np.random.default_rng(3)
+    y = np.repeat([0, 1], 80)
+    weak = rng.random(160) + 0.2 * y
+    strong = rng.random(160) + 1.5 * y
+    same = paired_bootstrap(y, weak, weak, n_resamples=300)
+    assert same["delta"] == 0 and same["low"] == 0 and same["high"] == 0
+    better = paired_bootstrap(y, strong, weak, n_resamples=300)
+    assert better["delta"] == pytest.approx(roc_auc(y, strong) - roc_auc(y, weak))
+    assert 0 < better["low"] < better["delta"] < better["high"] and better["p_value"] < 0.01
+
+
+def test_clopper_pearson_bound_and_conservative_threshold():
+    # all 10 of 10 detected: the one-sided 95% lower bound is 0.05 ** (1 / 10)
+    assert sensitivity_lower_bound(10, 10, 0.95) == pytest.approx(0.05**0.1)
+    assert sensitivity_lower_bound(7, 10, 0.0) == pytest.approx(0.7)
+    rng = np.random.default_rng(0)
+    y = np.repeat([0, 1], 200)
+    scores = rng.random(400) + 0.8 * y
+    plain = threshold_for_sensitivity(y, scores, 0.9)
+    careful = threshold_for_sensitivity(y, scores, 0.9, confidence=0.95)
+    assert careful < plain
+    detected = int((scores[y == 1] >= careful).sum())
+    assert sensitivity_lower_bound(detected, 200, 0.95) >= 0.9
+    # too few positives to show 0.99 at 95% confidence: everything is called positive
+    assert threshold_for_sensitivity(y[190:210], scores[190:210], 0.99, confidence=0.95) == (
+        scores[190:210].min()
+    )

@@ -51,7 +51,10 @@ def fit_operating_points(
     probabilities = apply_temperature(logits, temperature)
     points = {
         "target_sensitivity": threshold_for_sensitivity(
-            labels, probabilities, settings.target_sensitivity
+            labels,
+            probabilities,
+            settings.target_sensitivity,
+            confidence=settings.threshold_confidence,
         ),
         "youden": youden_threshold(labels, probabilities),
         "fixed": settings.fixed_threshold,
@@ -62,6 +65,8 @@ def fit_operating_points(
         "threshold": points[settings.threshold_policy],
         "operating_points": points,
         "target_sensitivity": settings.target_sensitivity,
+        "threshold_confidence": settings.threshold_confidence,
+        "calibration_cases": {"n": len(labels), "n_positive": int(labels.sum())},
         "validation_ece": {
             "uncalibrated": expected_calibration_error(labels, apply_temperature(logits, 1.0)),
             "calibrated": expected_calibration_error(labels, probabilities),

@@ -8,8 +8,10 @@ its traceback.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
+import shutil
 import sys
 import time
 from collections.abc import Iterable, Iterator, Sequence
@@ -20,10 +22,16 @@ from busdx.audit import DEFAULT_MAX_DISTANCE, audit_dataset, write_audit
 from busdx.config import apply_overrides, list_recipes, load_config
 from busdx.data import apply_split_file, scan_dataset
 from busdx.errors import BusdxError, DataError, RunDirError
-from busdx.evaluation import evaluate_samples, format_metrics
+from busdx.evaluation import (
+    calibrate_model,
+    compare_evaluations,
+    evaluate_samples,
+    format_comparison,
+    format_metrics,
+)
 from busdx.explain import explain_image
 from busdx.export import EXPORT_REPORT, export_run
-from busdx.fileio import atomic_path
+from busdx.fileio import atomic_path, atomic_write_text
 from busdx.imaging import load_image
 from busdx.inference import (
     BACKENDS,
@@ -36,8 +44,10 @@ from busdx.inference import (
 )
 from busdx.model_card import write_report
 from busdx.pipeline import cross_validate, format_cv, train_and_evaluate
+from busdx.readers import match_reader_scores, read_reader_scores
 from busdx.runs import (
     CONFIG_FILE,
+    INFO_FILE,
     SPLIT_FILE,
     create_run_dir,
     load_run,
@@ -48,6 +58,7 @@ from busdx.runs import (
 )
 from busdx.serving import ServeSettings, serve
 from busdx.synthetic import write_synthetic_dataset
+from busdx.training import MODEL_FILE
 from busdx.weights import get_weight_spec, resolve_weights_file
 
 logger = logging.getLogger("busdx")
@@ -57,6 +68,8 @@ EXAMPLES = """examples:
   busdx train --data BUSI/ --out runs/vgg16 --epochs 30
   busdx train --resume runs/vgg16
   busdx evaluate --run runs/vgg16 --data BUSI/ --split test
+  busdx evaluate --run runs/vgg16 --data BrEaST/ --split all --site breast
+  busdx compare runs/vgg16/eval/breast-all runs/lite0/eval/breast-all
   busdx predict --run runs/vgg16 scans/ extra.png --out predictions.csv
   busdx export --run runs/vgg16 --int8
   busdx predict --run runs/vgg16 --backend onnx scans/ --out predictions.csv
@@ -105,11 +118,31 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _reader_ranks(args: argparse.Namespace, dataset_root: Path, relpaths: list[str]):
+    """Readers' BI-RADS ranks of the images, from --readers or DATA/labels.csv if it has them."""
+    path = Path(args.readers) if args.readers else dataset_root / "labels.csv"
+    if not path.is_file():
+        if args.readers:
+            raise DataError(f"reader scores file {path} does not exist")
+        return None
+    try:
+        scores = read_reader_scores(path, column=args.reader_column)
+    except DataError:
+        if args.readers:
+            raise
+        return None  # a labels.csv without reader scores
+    ranks = match_reader_scores(relpaths, scores)
+    if ranks is None:
+        logger.warning("%s lacks reader scores for some images: no reader comparison", path)
+    return ranks
+
+
 def cmd_evaluate(args: argparse.Namespace) -> int:
     run_dir = Path(args.run)
     config, info = load_run(run_dir)
     dataset = samples_for_split(run_dir, config, info, args.data, args.split)
-    name = f"{dataset.root.name}-{args.split}" + ("-onnx" if args.backend == "onnx" else "")
+    site = args.site or dataset.root.name
+    name = f"{site}-{args.split}" + ("-onnx" if args.backend == "onnx" else "")
     out = Path(args.out) if args.out else run_dir / "eval" / name
     loaded = load_model(run_dir, device=args.device, backend=args.backend)
     result = evaluate_samples(
@@ -119,10 +152,49 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         split=args.split,
         data_root=dataset.root,
         settings=config.evaluate,
+        site=site,
+        reader_ranks=_reader_ranks(args, dataset.root, [s.relpath for s in dataset.samples]),
         progress=not args.no_progress,
     )
     print(format_metrics(result))
     print(f"written to {out}")
+    return 0
+
+
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    run_dir = Path(args.run)
+    config, info = load_run(run_dir)
+    dataset = samples_for_split(run_dir, config, info, args.data, args.split)
+    site = args.site or dataset.root.name
+    out = Path(args.out) if args.out else run_dir.with_name(f"{run_dir.name}-{site}")
+    create_run_dir(out, config.recipe)  # refuses an existing run directory
+    config = apply_overrides(config, list(args.set or []))
+    for name in (CONFIG_FILE, SPLIT_FILE, MODEL_FILE):
+        shutil.copyfile(run_dir / name, out / name)
+    save_config(out, config)
+    info["calibrated"] = {"from_run": str(run_dir.resolve()), "data": str(dataset.root),
+                          "site": site, "split": args.split, "n": len(dataset.samples)}  # fmt: skip
+    atomic_write_text(out / INFO_FILE, json.dumps(info, indent=2) + "\n")
+    loaded = load_model(out, device=args.device)
+    fitted = calibrate_model(out, loaded, dataset.samples, config.evaluate,
+                             source=f"site {site}: {len(dataset.samples)} labelled cases",
+                             progress=not args.no_progress)  # fmt: skip
+    cases = fitted["calibration_cases"]
+    print(
+        f"calibrated on {cases['n']} cases of {site} ({cases['n_positive']} positive): "
+        f"temperature {fitted['temperature']:.3f}, threshold {fitted['threshold']:.3f} "
+        f"({fitted['threshold_policy']}); ECE {fitted['validation_ece']['uncalibrated']:.3f} -> "
+        f"{fitted['validation_ece']['calibrated']:.3f}\nnew run: {out} (the original is unchanged)"
+    )
+    return 0
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    settings = load_config().evaluate
+    settings.n_bootstrap = args.n_bootstrap
+    result = compare_evaluations(Path(args.a), Path(args.b), settings,
+                                 out=Path(args.out) if args.out else None)  # fmt: skip
+    print(format_comparison(result))
     return 0
 
 
@@ -352,13 +424,52 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--run", required=True, metavar="RUNDIR")
     evaluate.add_argument("--data", help="dataset folder (default: the run's own data)")
     evaluate.add_argument("--split", default="test", choices=["train", "val", "test", "all"])
-    evaluate.add_argument("--out", help="output folder (default RUNDIR/eval/<data>-<split>)")
+    evaluate.add_argument("--out", help="output folder (default RUNDIR/eval/<site>-<split>)")
+    evaluate.add_argument("--site", help="name of the images' site (default: the data folder's)")
+    evaluate.add_argument(
+        "--readers",
+        metavar="CSV",
+        help="readers' BI-RADS per image (default: DATA/labels.csv when it has the column)",
+    )
+    evaluate.add_argument("--reader-column", default="birads", help="column of reader scores")
     evaluate.add_argument("--device", default="auto")
     evaluate.add_argument(
         "--backend", choices=BACKENDS, default="torch", help="onnx: the exported (int8) model"
     )
     common(evaluate)
     evaluate.set_defaults(func=cmd_evaluate)
+
+    calibrate = commands.add_parser(
+        "calibrate",
+        help="refit temperature and threshold on a site's own labelled cases",
+        description="Copy a run into a new run directory whose temperature and decision "
+        "threshold are refitted on labelled cases from the site that will use it (the "
+        "original run is left unchanged). Evaluate the new run on other cases of that site.",
+    )
+    calibrate.add_argument("--run", required=True, metavar="RUNDIR")
+    calibrate.add_argument("--data", required=True, help="the site's labelled images")
+    calibrate.add_argument("--split", default="all", choices=["train", "val", "test", "all"])
+    calibrate.add_argument("--site", help="the site's name (default: the data folder's)")
+    calibrate.add_argument("--out", help="new run directory (default RUNDIR-<site>)")
+    calibrate.add_argument("--device", default="auto")
+    calibrate.add_argument(
+        "--set", action="append", metavar="KEY=VALUE", help="e.g. evaluate.target_sensitivity=0.98"
+    )
+    common(calibrate)
+    calibrate.set_defaults(func=cmd_calibrate)
+
+    compare = commands.add_parser(
+        "compare",
+        help="paired bootstrap of two models on the same images",
+        description="Compare two evaluations of the same images (run directories, whose test "
+        "split is evaluated at their top, or folders from busdx evaluate): ROC AUC, sensitivity "
+        "and specificity of A minus B, with paired bootstrap CIs.",
+    )
+    compare.add_argument("a", metavar="RUN_OR_EVAL_A")
+    compare.add_argument("b", metavar="RUN_OR_EVAL_B")
+    compare.add_argument("--out", help="also write the result as JSON here")
+    compare.add_argument("--n-bootstrap", type=int, default=2000)
+    compare.set_defaults(func=cmd_compare)
 
     predict = commands.add_parser(
         "predict",

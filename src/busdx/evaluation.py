@@ -30,9 +30,11 @@ from busdx.metrics import (
     SCORE_METRICS,
     binary_metrics,
     bootstrap_ci,
+    paired_bootstrap,
     reliability_bins,
     roc_band,
 )
+from busdx.readers import compare_with_readers
 from busdx.reporting import (
     plot_confusion_matrix,
     plot_reliability_diagram,
@@ -41,7 +43,14 @@ from busdx.reporting import (
 )
 from busdx.training import MODEL_FILE, update_model_metadata
 
-__all__ = ["calibrate_model", "evaluate_samples", "format_metrics", "json_safe"]
+__all__ = [
+    "calibrate_model",
+    "compare_evaluations",
+    "evaluate_samples",
+    "format_comparison",
+    "format_metrics",
+    "json_safe",
+]
 
 METRICS_FILE = "metrics.json"
 
@@ -52,13 +61,19 @@ def calibrate_model(
     val_samples: list[Sample],
     settings: EvaluateConfig,
     *,
+    source: str = "validation split",
     progress: bool = True,
 ) -> dict[str, Any]:
-    """Fit temperature and thresholds on validation data; store them in ``run_dir/model.pt``."""
+    """Fit temperature and thresholds on ``val_samples``; store them in ``run_dir/model.pt``.
+
+    After training these are the validation split's images; ``busdx calibrate`` passes a new
+    site's own labelled cases (``source`` then says so).
+    """
     labels = np.array([s.label for s in val_samples])
     fitted = fit_operating_points(
         file_logits(loaded, [s.path for s in val_samples], progress=progress), labels, settings
     )
+    fitted["calibration_source"] = source
     update_model_metadata(run_dir / MODEL_FILE, fitted)
     loaded.metadata.update(fitted)
     return fitted
@@ -73,6 +88,13 @@ def json_safe(value: Any) -> Any:
     if isinstance(value, list):
         return [json_safe(v) for v in value]
     return value
+
+
+def _promise(metadata: dict[str, Any]) -> float | None:
+    """The sensitivity the model's threshold was chosen to deliver (None for other policies)."""
+    if metadata.get("threshold_policy") != "target_sensitivity":
+        return None
+    return metadata.get("target_sensitivity")
 
 
 def _sample_indices(
@@ -108,12 +130,17 @@ def evaluate_samples(
     split: str,
     data_root: Path,
     settings: EvaluateConfig,
+    site: str | None = None,
+    reader_ranks: np.ndarray | None = None,
     progress: bool = True,
 ) -> dict[str, Any]:
     """Evaluate ``samples``; write ``metrics.json``, ``predictions.csv`` and figures.
 
     Returns the metrics dict: malignant is the positive class; the headline numbers are at the
     model's own threshold, ``operating_points`` holds the same table at each candidate threshold.
+    ``site`` names where the images come from (default: the data folder's name). With
+    ``reader_ranks`` (the readers' BI-RADS rank of each sample) the model is compared with the
+    readers (see :mod:`busdx.readers`) and the readers' ROC is drawn beside the model's.
     """
     if not samples:
         raise DataError(f"the {split} split is empty: nothing to evaluate")
@@ -124,6 +151,7 @@ def evaluate_samples(
     points = dict(loaded.metadata.get("operating_points") or {"fixed": threshold})
     names = loaded.class_names
     result = {
+        "site": site or data_root.name,
         "split": split,
         "data": str(data_root),
         "positive_class": names[1],
@@ -135,21 +163,37 @@ def evaluate_samples(
         "operating_points": {
             name: _metrics_with_ci(y_true, y_prob, t, settings) for name, t in points.items()
         },
+        "promised_sensitivity": _promise(loaded.metadata),
         "model": {
             "busdx_version": loaded.metadata["busdx_version"],
             "weights": loaded.metadata["weights"],
             "epoch": loaded.metadata.get("epoch"),
         },
     }
+    if reader_ranks is not None:
+        result["readers"] = compare_with_readers(
+            y_true,
+            y_prob,
+            reader_ranks,
+            n_resamples=settings.n_bootstrap,
+            level=settings.ci_level,
+            seed=settings.seed,
+        )
     out_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out_dir / METRICS_FILE, json.dumps(json_safe(result), indent=2) + "\n")
 
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(["path", "label", "probability_malignant", "predicted"])
-    for sample, score in zip(samples, y_prob, strict=True):
+    writer.writerow(["path", "label", "probability_malignant", "predicted", "logit"])
+    for sample, score, logit in zip(samples, y_prob, logits, strict=True):
         writer.writerow(
-            [sample.relpath, names[sample.label], f"{score:.6f}", names[int(score >= threshold)]]
+            [
+                sample.relpath,
+                names[sample.label],
+                f"{score:.6f}",
+                names[int(score >= threshold)],
+                f"{logit:.6f}",
+            ]
         )
     atomic_write_text(out_dir / "predictions.csv", buffer.getvalue())
 
@@ -161,7 +205,14 @@ def evaluate_samples(
         seed=settings.seed,
     )
     plot_confusion_matrix(result["confusion"], names, out_dir / "confusion_matrix.png")
-    plot_roc_curve(y_true, y_prob, result, out_dir / "roc_curve.png", band=band)
+    plot_roc_curve(
+        y_true,
+        y_prob,
+        result,
+        out_dir / "roc_curve.png",
+        band=band,
+        readers=None if reader_ranks is None else (reader_ranks, result["readers"]),
+    )
     plot_reliability_diagram(result["reliability"], result["ece"], out_dir / "reliability.png")
     picked = _sample_indices(y_true, y_prob, threshold)
     images = [load_image(samples[i].path) for i in picked]
@@ -187,8 +238,8 @@ def _with_ci(result: dict[str, Any], key: str) -> str:
 def format_metrics(result: dict[str, Any]) -> str:
     """A compact, aligned text table for the terminal, with 95% CIs."""
     lines = [
-        f"{result['split']} split: n={result['n']} ({result['n_positive']} "
-        f"{result['positive_class']}); 95% bootstrap CIs in brackets"
+        f"{result.get('site', '')} {result['split']} split: n={result['n']} "
+        f"({result['n_positive']} {result['positive_class']}); 95% bootstrap CIs in brackets"
     ]
     for key in SCORE_METRICS:
         lines.append(f"  {key:<18} {_with_ci(result, key)}")
@@ -200,5 +251,116 @@ def format_metrics(result: dict[str, Any]) -> str:
             lines.append(f"    {key:<18} {_with_ci(point, key)}")
         lines.append(
             f"    confusion          TP {c['tp']}  FP {c['fp']}  TN {c['tn']}  FN {c['fn']}"
+        )
+    if result.get("promised_sensitivity"):
+        lines.append(
+            f"  promised sensitivity {result['promised_sensitivity']:.2f}, achieved "
+            f"{_with_ci(result, 'sensitivity')}"
+        )
+    if "readers" in result:
+        lines += _format_readers(result["readers"])
+    return "\n".join(lines)
+
+
+def _format_readers(readers: dict[str, Any]) -> list[str]:
+    delta = readers["delta_roc_auc"]
+    auc_ci = readers["readers_roc_auc_ci"]
+    lines = [
+        f"  readers (BI-RADS) ROC AUC {readers['readers_roc_auc']:.3f} "
+        f"[{auc_ci['low']:.3f}, {auc_ci['high']:.3f}]; model - readers "
+        f"{delta['delta']:+.3f} [{delta['low']:+.3f}, {delta['high']:+.3f}] (paired bootstrap)"
+    ]
+    for name, point in readers["operating_points"].items():
+        ours = point["delta_specificity"]
+        lines.append(
+            f"  readers {name}: sensitivity {point['readers']['sensitivity']:.3f}, specificity "
+            f"{point['readers']['specificity']:.3f}; model at that sensitivity: specificity "
+            f"{point['model_specificity_at_readers_sensitivity']:.3f} "
+            f"(difference {ours['delta']:+.3f} [{ours['low']:+.3f}, {ours['high']:+.3f}])"
+        )
+    return lines
+
+
+def _read_predictions(folder: Path) -> tuple[dict[str, Any], dict[str, tuple[str, float, bool]]]:
+    """An evaluation's metrics and ``{path: (label, probability, called positive)}``."""
+    metrics_path, predictions_path = folder / METRICS_FILE, folder / "predictions.csv"
+    if not metrics_path.is_file() or not predictions_path.is_file():
+        raise DataError(
+            f"{folder} holds no evaluation ({METRICS_FILE} + predictions.csv): give a run "
+            "directory or an evaluation folder written by busdx evaluate"
+        )
+    metrics = json.loads(metrics_path.read_text(encoding="utf-8"))
+    with predictions_path.open(newline="", encoding="utf-8") as handle:
+        rows = {
+            row["path"]: (
+                row["label"],
+                float(row["probability_malignant"]),
+                row["predicted"] == metrics["positive_class"],
+            )
+            for row in csv.DictReader(handle)
+        }
+    return metrics, rows
+
+
+def compare_evaluations(
+    folder_a: Path, folder_b: Path, settings: EvaluateConfig, *, out: Path | None = None
+) -> dict[str, Any]:
+    """Paired bootstrap of two models on the same images: ΔAUC and the difference in each
+    decision metric at each model's own threshold (A - B).
+
+    Each folder is an evaluation written by ``busdx evaluate`` (or a run directory, whose test
+    evaluation is at its top); images are matched by path, and both must have scored the same
+    set. Resamples are drawn per case, the same for both models, so the shared difficulty of
+    the cases cancels out of the difference.
+    """
+    metrics_a, rows_a = _read_predictions(Path(folder_a))
+    metrics_b, rows_b = _read_predictions(Path(folder_b))
+    if set(rows_a) != set(rows_b):
+        only = sorted(set(rows_a) ^ set(rows_b))
+        raise DataError(
+            f"{folder_a} and {folder_b} scored different images ({len(only)} not in both, e.g. "
+            f"{only[0]!r}): evaluate both models on the same data and split"
+        )
+    paths = sorted(rows_a)
+    if any(rows_a[p][0] != rows_b[p][0] for p in paths):
+        raise DataError(f"{folder_a} and {folder_b} label some images differently")
+    y_true = np.array([int(rows_a[p][0] == metrics_a["positive_class"]) for p in paths])
+    columns = {
+        name: np.array([[rows[p][1], rows[p][2]] for p in paths], dtype=float)
+        for name, rows in (("a", rows_a), ("b", rows_b))
+    }
+    ci = dict(n_resamples=settings.n_bootstrap, level=settings.ci_level, seed=settings.seed)
+    result: dict[str, Any] = {
+        "a": {"folder": str(folder_a), "site": metrics_a.get("site"), "split": metrics_a["split"]},
+        "b": {"folder": str(folder_b), "site": metrics_b.get("site"), "split": metrics_b["split"]},
+        "n": len(paths),
+        "n_positive": int(y_true.sum()),
+        "roc_auc": paired_bootstrap(y_true, columns["a"][:, 0], columns["b"][:, 0], **ci),
+    }
+    for key in ("sensitivity", "specificity"):
+        result[key] = paired_bootstrap(
+            y_true,
+            columns["a"][:, 1],
+            columns["b"][:, 1],
+            lambda y, s, k=key: binary_metrics(y, s, threshold=0.5)[k],
+            **ci,
+        )
+    if out is not None:
+        atomic_write_text(out, json.dumps(json_safe(result), indent=2) + "\n")
+    return result
+
+
+def format_comparison(result: dict[str, Any]) -> str:
+    """Terminal summary of :func:`compare_evaluations`."""
+    lines = [
+        f"A: {result['a']['folder']}\nB: {result['b']['folder']}",
+        f"same {result['n']} images ({result['n_positive']} positive); A - B, 95% paired "
+        "bootstrap CI, two-sided bootstrap p",
+    ]
+    for key in ("roc_auc", "sensitivity", "specificity"):
+        d = result[key]
+        lines.append(
+            f"  {key:<12} A {d['a']:.3f}  B {d['b']:.3f}  difference {d['delta']:+.3f} "
+            f"[{d['low']:+.3f}, {d['high']:+.3f}]  p={d['p_value']:.3f}"
         )
     return "\n".join(lines)

@@ -97,7 +97,10 @@ def explain_image(loaded: LoadedModel, image: Image.Image) -> Explanation:
     tensor = build_eval_transform(loaded.preprocessing)(image)[None].to(loaded.device)
     threshold = min(max(loaded.threshold, 1e-6), 1 - 1e-6)
     threshold_logit = float(np.log(threshold / (1 - threshold))) * loaded.temperature
-    cams, logits = grad_cam(loaded.model, tensor, threshold_logit)
+    members = getattr(loaded.model, "members", [loaded.model])  # an ensemble: mean of its maps
+    maps = [grad_cam(member, tensor, threshold_logit) for member in members]
+    cams = torch.stack([cam for cam, _ in maps]).mean(dim=0)
+    logits = torch.stack([logit for _, logit in maps]).mean(dim=0)
     probability = float(loaded.probabilities(logits[0].cpu()))
     cam = cams[0].cpu().numpy()
     return Explanation(cam, probability, loaded.label(probability), overlay_heatmap(image, cam))

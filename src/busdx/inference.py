@@ -29,7 +29,7 @@ from busdx.config import ModelConfig
 from busdx.errors import CheckpointError, ConfigError, DataError, ImageDecodeError
 from busdx.fileio import atomic_path
 from busdx.imaging import is_image_file, load_image
-from busdx.models import BinaryClassifier, create_model
+from busdx.models import BinaryClassifier, Ensemble, create_model
 from busdx.training import MODEL_FILE, resolve_device
 from busdx.transforms import Preprocessing, build_eval_transform
 
@@ -66,7 +66,7 @@ class LoadedModel:
     metadata: dict[str, Any]
     preprocessing: Preprocessing
     path: Path
-    model: BinaryClassifier | None = None
+    model: BinaryClassifier | Ensemble | None = None
     session: Any = None  # onnxruntime.InferenceSession
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
 
@@ -134,7 +134,11 @@ def load_model(path: str | Path, *, device: str = "auto", backend: str = "torch"
         raise CheckpointError(f"{path} is not a busdx model file")
     prep = Preprocessing.from_dict(payload["preprocessing"])
     config = ModelConfig(**payload["model"])
-    model, _, _ = create_model(config, image_size=prep.image_size, load_weights=False)
+    members = [
+        create_model(config, image_size=prep.image_size, load_weights=False)[0]
+        for _ in range(int(payload.get("ensemble_size", 1)))
+    ]
+    model = Ensemble(members) if "ensemble_size" in payload else members[0]
     try:
         model.load_state_dict(payload["state_dict"])
     except RuntimeError as exc:

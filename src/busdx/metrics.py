@@ -9,8 +9,10 @@ NaN, reported as ``null`` in JSON; a label set with a single class raises
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import numpy as np
+from scipy.stats import beta
 
 from busdx.errors import DataError, SingleClassError
 
@@ -23,10 +25,12 @@ __all__ = [
     "brier_score",
     "confusion_counts",
     "expected_calibration_error",
+    "paired_bootstrap",
     "reliability_bins",
     "roc_auc",
     "roc_band",
     "roc_curve",
+    "sensitivity_lower_bound",
     "threshold_for_sensitivity",
     "youden_threshold",
 ]
@@ -131,10 +135,36 @@ def expected_calibration_error(y_true: np.ndarray, y_prob: np.ndarray, n_bins: i
     return float(sum(b["count"] * abs(b["observed"] - b["mean_predicted"]) for b in bins) / total)
 
 
-def threshold_for_sensitivity(y_true: np.ndarray, y_score: np.ndarray, target: float) -> float:
-    """The highest threshold whose sensitivity (score >= threshold) reaches ``target``."""
+def sensitivity_lower_bound(detected: np.ndarray, positives: int, confidence: float) -> np.ndarray:
+    """One-sided Clopper-Pearson lower confidence bound of sensitivity ``detected / positives``.
+
+    With ``confidence`` 0 it is the observed sensitivity itself.
+    """
+    detected = np.asarray(detected, dtype=float)
+    if confidence == 0:
+        return detected / positives
+    bound = beta.ppf(1 - confidence, np.maximum(detected, 1e-12), positives - detected + 1)
+    return np.where(detected > 0, bound, 0.0)
+
+
+def threshold_for_sensitivity(
+    y_true: np.ndarray, y_score: np.ndarray, target: float, *, confidence: float = 0.0
+) -> float:
+    """The highest threshold whose sensitivity (score >= threshold) reaches ``target``.
+
+    With ``confidence`` > 0, the sensitivity's one-sided Clopper-Pearson lower bound at that
+    confidence must reach ``target``, not just its point estimate: on ``n`` positives the
+    threshold then keeps its promise with that probability for new cases drawn like these. When
+    no threshold can show that (too few positives), the lowest score is returned (everything
+    positive).
+    """
+    y_true, y_score = _check(y_true, y_score)
     _, tpr, thresholds = roc_curve(y_true, y_score)
-    return float(thresholds[np.flatnonzero(tpr >= target)[0]])
+    positives = int(y_true.sum())
+    reached = np.flatnonzero(
+        sensitivity_lower_bound(tpr * positives, positives, confidence) >= target
+    )
+    return float(thresholds[reached[0]] if len(reached) else thresholds[-1])
 
 
 def youden_threshold(y_true: np.ndarray, y_score: np.ndarray) -> float:
@@ -223,6 +253,59 @@ def bootstrap_ci(
         intervals[name] = {"low": float(low), "high": float(high)}
     intervals["_resamples"] = {"used": n_resamples - skipped, "skipped": skipped, "level": level}
     return intervals
+
+
+def paired_bootstrap(
+    y_true: np.ndarray,
+    score_a: np.ndarray,
+    score_b: np.ndarray,
+    metric: Callable[[np.ndarray, np.ndarray], float] | None = None,
+    *,
+    metric_b: Callable[[np.ndarray, np.ndarray], float] | None = None,
+    n_resamples: int = 2000,
+    level: float = 0.95,
+    seed: int = 0,
+) -> dict[str, float | int]:
+    """Paired percentile bootstrap of ``metric(A) - metric_b(B)`` on the same cases.
+
+    Both scores are resampled with the same case indices, so what the two share (the cases)
+    cancels out of the difference. ``metric`` defaults to ROC AUC and ``metric_b`` to
+    ``metric``; pass, for example, ``lambda y, s: binary_metrics(y, s, threshold=t)[
+    "sensitivity"]`` for a decision metric (each arm may have its own threshold).
+    Returns the observed difference, its CI, and a two-sided bootstrap p-value (twice the
+    share of resampled differences on the other side of zero).
+    """
+    metric = metric or roc_auc
+    metric_b = metric_b or metric
+    y_true, score_a = _check(y_true, score_a)
+    score_b = np.asarray(score_b, dtype=float)
+    if score_b.shape != score_a.shape:
+        raise DataError(f"paired scores differ in length: {len(score_a)} vs {len(score_b)}")
+    rng = np.random.default_rng(seed)
+    deltas = []
+    for _ in range(n_resamples):
+        index = rng.integers(0, len(y_true), len(y_true))
+        if y_true[index].min() == y_true[index].max():
+            continue
+        deltas.append(
+            metric(y_true[index], score_a[index]) - metric_b(y_true[index], score_b[index])
+        )
+    deltas_array = np.array(deltas)
+    alpha = (1 - level) / 2
+    low, high = np.quantile(deltas_array, [alpha, 1 - alpha])
+    a, b = metric(y_true, score_a), metric_b(y_true, score_b)
+    tail = min(np.mean(deltas_array <= 0), np.mean(deltas_array >= 0))
+    return {
+        "a": float(a),
+        "b": float(b),
+        "delta": float(a - b),
+        "low": float(low),
+        "high": float(high),
+        "p_value": float(min(1.0, 2 * tail)),
+        "n": len(y_true),
+        "resamples": len(deltas),
+        "level": level,
+    }
 
 
 def roc_band(

@@ -54,8 +54,13 @@ def plot_roc_curve(
     path: Path,
     *,
     band: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None,
+    readers: tuple[np.ndarray, dict] | None = None,
 ) -> None:
-    """ROC curve, its bootstrap band, and the operating point of each candidate threshold."""
+    """ROC curve, its bootstrap band, and the operating point of each candidate threshold.
+
+    ``readers`` (reader ranks, :func:`busdx.readers.compare_with_readers` result) adds the
+    readers' ROC curve and their BI-RADS operating points.
+    """
     fpr, tpr, _ = roc_curve(y_true, y_score)
     figure, axis = plt.subplots(figsize=(5.5, 5.5))
     if band is not None:
@@ -68,6 +73,17 @@ def plot_roc_curve(
         threshold = point.get("threshold")
         label = name if threshold is None else f"{name} (t={threshold:.2f})"
         axis.plot(1 - point["specificity"], point["sensitivity"], marker, ms=8, label=label)
+    if readers is not None:
+        ranks, comparison = readers
+        reader_fpr, reader_tpr, _ = roc_curve(y_true, ranks)
+        axis.plot(reader_fpr, reader_tpr, "-", color="black", lw=1.5,
+                  label=f"readers' BI-RADS (AUC {comparison['readers_roc_auc']:.3f})")  # fmt: skip
+        for (name, point), marker in zip(
+            comparison["operating_points"].items(), "PX", strict=False
+        ):
+            reader = point["readers"]
+            axis.plot(1 - reader["specificity"], reader["sensitivity"], marker, color="black",
+                      ms=9, label=f"readers {name.replace('birads', 'BI-RADS ')}")  # fmt: skip
     axis.set(
         xlabel="1 - specificity (false-positive rate)",
         ylabel="sensitivity",

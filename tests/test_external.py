@@ -1,0 +1,109 @@
+"""External sites: evaluation with reader scores, paired comparison, local calibration."""
+
+import csv
+import json
+import shutil
+
+import pytest
+import torch
+
+from busdx.cli import main
+
+from conftest import FAST, train_run
+
+
+@pytest.fixture(scope="module")
+def run_and_site(synthetic_data, tmp_path_factory):
+    """A small trained run, and a copy of the data as a 'site' with readers' BI-RADS."""
+    root = tmp_path_factory.mktemp("external")
+    run = train_run(synthetic_data, root / "run", *FAST)
+    site = shutil.copytree(synthetic_data, root / "hospital")
+    rows = ["image,class,birads,relative_path"]
+    for index, path in enumerate(sorted(site.rglob("*.png"))):
+        label = path.parent.name
+        category = (
+            ("4b", "5", "4c")[index % 3] if label == "malignant" else ("2", "3", "4a")[index % 3]
+        )
+        rows.append(f"{path.name},{label},{category},{path.relative_to(site).as_posix()}")
+    (site / "labels.csv").write_text("\n".join(rows) + "\n")
+    return run, site
+
+
+def test_external_evaluation_names_the_site_and_compares_with_readers(
+    run_and_site, tmp_path, capsys
+):
+    run, site = run_and_site
+    out = tmp_path / "eval"
+    args = ["evaluate", "--run", str(run), "--data", str(site), "--split", "all",
+            "--site", "Hospital B", "--out", str(out), "--no-progress"]  # fmt: skip
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    assert "Hospital B" in printed and "readers (BI-RADS) ROC AUC 1.000" in printed
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["site"] == "Hospital B" and metrics["promised_sensitivity"] == 0.95
+    readers = metrics["readers"]
+    assert readers["readers_roc_auc"] == 1.0  # every malignant case was rated 4b or above
+    assert readers["operating_points"]["birads>=4b"]["readers"]["specificity"] == 1.0
+    assert readers["delta_roc_auc"]["delta"] == pytest.approx(metrics["roc_auc"] - 1.0)
+    logits = [float(r["logit"]) for r in csv.DictReader((out / "predictions.csv").open())]
+    assert len(logits) == 24
+
+
+def test_default_output_folder_is_named_after_the_site(run_and_site):
+    run, site = run_and_site
+    assert main(["evaluate", "--run", str(run), "--data", str(site), "--split", "all",
+                 "--no-progress"]) == 0  # fmt: skip
+    assert (run / "eval" / "hospital-all" / "metrics.json").is_file()
+
+
+def test_readers_file_without_the_column_is_a_clear_error(run_and_site, tmp_path, capsys):
+    run, site = run_and_site
+    bad = tmp_path / "readers.csv"
+    bad.write_text("image,class\nx.png,benign\n")
+    args = ["evaluate", "--run", str(run), "--data", str(site), "--split", "all",
+            "--readers", str(bad), "--out", str(tmp_path / "e"), "--no-progress"]  # fmt: skip
+    assert main(args) == 2
+    assert "birads" in capsys.readouterr().err
+
+
+def test_compare_two_models_on_the_same_images(run_and_site, synthetic_data, tmp_path, capsys):
+    run, site = run_and_site
+    other = train_run(synthetic_data, tmp_path / "other", *FAST, "--seed", "7")
+    for name, model in (("a", run), ("b", other)):
+        assert main(["evaluate", "--run", str(model), "--data", str(site), "--split", "all",
+                     "--out", str(tmp_path / name), "--no-progress"]) == 0  # fmt: skip
+    out = tmp_path / "compare.json"
+    assert main(["compare", str(tmp_path / "a"), str(tmp_path / "b"), "--out", str(out),
+                 "--n-bootstrap", "200"]) == 0  # fmt: skip
+    assert "difference" in capsys.readouterr().out
+    result = json.loads(out.read_text())
+    a = json.loads((tmp_path / "a" / "metrics.json").read_text())
+    b = json.loads((tmp_path / "b" / "metrics.json").read_text())
+    assert result["n"] == 24
+    assert result["roc_auc"]["delta"] == pytest.approx(a["roc_auc"] - b["roc_auc"], abs=1e-6)
+    assert result["sensitivity"]["delta"] == pytest.approx(a["sensitivity"] - b["sensitivity"])
+    assert result["roc_auc"]["low"] <= result["roc_auc"]["delta"] <= result["roc_auc"]["high"]
+    # a run's own test split and an external site are different images: refused
+    assert main(["compare", str(run), str(tmp_path / "a")]) == 2
+    assert "different images" in capsys.readouterr().err
+
+
+def test_local_calibration_writes_a_new_run_and_leaves_the_old_one(run_and_site, tmp_path, capsys):
+    run, site = run_and_site
+    before = (run / "model.pt").read_bytes()
+    out = tmp_path / "local"
+    args = ["calibrate", "--run", str(run), "--data", str(site), "--out", str(out),
+            "--set", "evaluate.target_sensitivity=1.0", "--no-progress"]  # fmt: skip
+    assert main(args) == 0
+    assert "calibrated on 24 cases" in capsys.readouterr().out
+    assert (run / "model.pt").read_bytes() == before
+    payload = torch.load(out / "model.pt", weights_only=True)
+    assert payload["calibration_source"].startswith("site hospital: 24")
+    assert payload["calibration_cases"] == {"n": 24, "n_positive": 12}
+    info = json.loads((out / "run.json").read_text())
+    assert info["calibrated"]["n"] == 24
+    # at a target of 1.0 on these very cases, every malignant case is called malignant
+    assert main(["evaluate", "--run", str(out), "--data", str(site), "--split", "all",
+                 "--out", str(tmp_path / "e"), "--no-progress"]) == 0  # fmt: skip
+    assert json.loads((tmp_path / "e" / "metrics.json").read_text())["sensitivity"] == 1.0
+    assert main(["calibrate", "--run", str(run), "--data", str(site), "--out", str(out)]) == 2
