@@ -12,13 +12,15 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 from sklearn.model_selection import StratifiedGroupKFold
 
+from busdx.calibration import apply_temperature, fit_operating_points
 from busdx.config import Config
 from busdx.data import LabelledDataset, draw_split
 from busdx.errors import DataError
 from busdx.evaluation import calibrate_model, evaluate_samples, json_safe
-from busdx.fileio import atomic_write_text
+from busdx.fileio import atomic_path, atomic_write_text
 from busdx.inference import load_model
 from busdx.metrics import (
     DECISION_METRICS,
@@ -29,9 +31,15 @@ from busdx.metrics import (
 )
 from busdx.reporting import plot_roc_curve, plot_training_curves
 from busdx.runs import save_run
-from busdx.training import fit
+from busdx.training import MODEL_FILE, fit
 
-__all__ = ["cross_validate", "format_cv", "train_and_evaluate"]
+__all__ = [
+    "assign_folds",
+    "cross_validate",
+    "format_cv",
+    "train_and_evaluate",
+    "write_crossfit_ensemble",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -72,7 +80,8 @@ def train_and_evaluate(
     )
 
 
-def _assign_folds(dataset: LabelledDataset, n_folds: int, seed: int) -> list[int]:
+def assign_folds(dataset: LabelledDataset, n_folds: int, seed: int) -> list[int]:
+    """Fold of each sample: stratified by class, near-duplicate groups kept in one fold."""
     labels = np.array([s.label for s in dataset.samples])
     groups = np.array([i if s.group is None else s.group for i, s in enumerate(dataset.samples)])
     if min(np.bincount(labels, minlength=2)) < n_folds:
@@ -117,7 +126,7 @@ def cross_validate(
     is tested once. Folds with a ``metrics.json`` are skipped, so an interrupted run resumes.
     """
     out_dir.mkdir(parents=True, exist_ok=True)
-    folds = _assign_folds(dataset, n_folds, config.train.seed)
+    folds = assign_folds(dataset, n_folds, config.train.seed)
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
     writer.writerow(["path", "label", "group", "fold"])
@@ -125,7 +134,7 @@ def cross_validate(
         writer.writerow([sample.relpath, dataset.class_names[sample.label], sample.group, fold])
     atomic_write_text(out_dir / "folds.csv", buffer.getvalue())
 
-    per_fold, y_true, y_prob, decisions = [], [], [], []
+    per_fold, y_true, y_prob, decisions, logits, fold_of = [], [], [], [], [], []
     for fold in range(n_folds):
         fold_dir = out_dir / f"fold-{fold}"
         fold_data = _fold_dataset(dataset, folds, fold, config)
@@ -143,9 +152,95 @@ def cross_validate(
         y_true += [dataset.class_names.index(r["label"]) for r in rows]
         y_prob += [float(r["probability_malignant"]) for r in rows]
         decisions += [float(r["predicted"] == dataset.class_names[1]) for r in rows]
-    return _summarise(
-        config, per_fold, np.array(y_true), np.array(y_prob), np.array(decisions), out_dir
+        logits += [float(r.get("logit") or "nan") for r in rows]
+        fold_of += [fold] * len(rows)
+    y_true_array, logits_array = np.array(y_true), np.array(logits)
+    summary = _summarise(
+        config, per_fold, y_true_array, np.array(y_prob), np.array(decisions), out_dir
     )
+    if np.isnan(logits_array).any():
+        logger.warning("fold predictions without logits (an older busdx): no cross-fitted model")
+        return summary
+    summary["crossfit"] = _leave_one_fold_out(config, y_true_array, logits_array, np.array(fold_of))
+    atomic_write_text(out_dir / "cv_metrics.json", json.dumps(json_safe(summary), indent=2) + "\n")
+    write_crossfit_ensemble(config, dataset, out_dir, n_folds, y_true_array, logits_array)
+    return summary
+
+
+def _leave_one_fold_out(
+    config: Config, y_true: np.ndarray, logits: np.ndarray, fold_of: np.ndarray
+) -> dict[str, Any]:
+    """How the cross-fitted threshold keeps its promise, honestly: each fold is decided with the
+    temperature and threshold fitted on the other folds' out-of-fold predictions."""
+    called = np.zeros(len(y_true))
+    thresholds = []
+    for fold in np.unique(fold_of):
+        rest = fold_of != fold
+        fitted = fit_operating_points(logits[rest], y_true[rest], config.evaluate)
+        probabilities = apply_temperature(logits[~rest], fitted["temperature"])
+        called[~rest] = probabilities >= fitted["threshold"]
+        thresholds.append(fitted["threshold"])
+    settings = config.evaluate
+    decided = binary_metrics(y_true, called)
+    decided_ci = bootstrap_ci(y_true, called, threshold=0.5, n_resamples=settings.n_bootstrap,
+                              level=settings.ci_level, seed=settings.seed)  # fmt: skip
+    return {
+        "policy": settings.threshold_policy,
+        "target_sensitivity": settings.target_sensitivity,
+        "threshold_confidence": settings.threshold_confidence,
+        "thresholds": thresholds,
+        **{key: decided[key] for key in DECISION_METRICS},
+        "ci": {key: decided_ci[key] for key in DECISION_METRICS},
+        "confusion": decided["confusion"],
+    }
+
+
+def write_crossfit_ensemble(
+    config: Config,
+    dataset: LabelledDataset,
+    out_dir: Path,
+    n_folds: int,
+    y_true: np.ndarray,
+    oof_logits: np.ndarray,
+) -> Path:
+    """``out_dir/ensemble``: a run whose model averages the fold models' logits, with the
+    temperature and threshold fitted on all out-of-fold predictions (cross-fitting).
+
+    Every image was a test image of exactly one fold model, so the calibration sees as many
+    cases as the dataset holds, none scored by a model that trained on it. Its split marks every
+    image ``train``: evaluate it on other data (``busdx evaluate --data SITE --split all``).
+    """
+    run_dir = out_dir / "ensemble"
+    run_dir.mkdir(exist_ok=True)
+    payloads = [
+        torch.load(out_dir / f"fold-{k}" / MODEL_FILE, map_location="cpu", weights_only=True)
+        for k in range(n_folds)
+    ]
+    metadata = {k: v for k, v in payloads[0].items() if k in ENSEMBLE_METADATA}
+    state = {
+        f"members.{index}.{key}": tensor
+        for index, payload in enumerate(payloads)
+        for key, tensor in payload["state_dict"].items()
+    }
+    fitted = fit_operating_points(oof_logits, y_true, config.evaluate)
+    with atomic_path(run_dir / MODEL_FILE) as tmp:
+        source = f"out-of-fold predictions of {n_folds}-fold CV"
+        payload = {**metadata, **fitted, "calibration_source": source}
+        torch.save({**payload, "ensemble_size": n_folds, "state_dict": state}, tmp)
+    everything = replace(dataset, samples=[replace(s, split="train") for s in dataset.samples])
+    save_run(run_dir, config, everything)
+    logger.info(
+        "cross-fitted ensemble of %d fold models: %s (temperature %.3f, threshold %.3f)",
+        n_folds,
+        run_dir,
+        fitted["temperature"],
+        fitted["threshold"],
+    )
+    return run_dir
+
+
+ENSEMBLE_METADATA = ("format", "format_version", "busdx_version", "model", "class_names",
+                     "positive_class", "preprocessing", "weights", "config")  # fmt: skip
 
 
 FOLD_KEYS = SCORE_METRICS + DECISION_METRICS
@@ -203,4 +298,16 @@ def format_cv(summary: dict[str, Any]) -> str:
             else ""
         )
         lines.append(f"  {key:<18} {value:.3f} [{ci['low']:.3f}, {ci['high']:.3f}]  |  {spread}")
+    if "crossfit" in summary:
+        fit = summary["crossfit"]
+        ci = fit["ci"]
+        lines.append(
+            f"cross-fitted threshold (each fold decided by the other folds' out-of-fold fit; "
+            f"target sensitivity {fit['target_sensitivity']:.2f}, confidence "
+            f"{fit['threshold_confidence']:.2f}):"
+        )
+        for key in ("sensitivity", "specificity"):
+            lines.append(
+                f"  {key:<18} {fit[key]:.3f} [{ci[key]['low']:.3f}, {ci[key]['high']:.3f}]"
+            )
     return "\n".join(lines)
