@@ -37,6 +37,7 @@ __all__ = [
     "assign_folds",
     "cross_validate",
     "format_cv",
+    "leave_one_fold_out_threshold",
     "train_and_evaluate",
     "write_crossfit_ensemble",
 ]
@@ -161,13 +162,15 @@ def cross_validate(
     if np.isnan(logits_array).any():
         logger.warning("fold predictions without logits (an older busdx): no cross-fitted model")
         return summary
-    summary["crossfit"] = _leave_one_fold_out(config, y_true_array, logits_array, np.array(fold_of))
+    summary["crossfit"] = leave_one_fold_out_threshold(
+        config, y_true_array, logits_array, np.array(fold_of)
+    )
     atomic_write_text(out_dir / "cv_metrics.json", json.dumps(json_safe(summary), indent=2) + "\n")
     write_crossfit_ensemble(config, dataset, out_dir, n_folds, y_true_array, logits_array)
     return summary
 
 
-def _leave_one_fold_out(
+def leave_one_fold_out_threshold(
     config: Config, y_true: np.ndarray, logits: np.ndarray, fold_of: np.ndarray
 ) -> dict[str, Any]:
     """How the cross-fitted threshold keeps its promise, honestly: each fold is decided with the
