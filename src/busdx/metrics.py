@@ -155,8 +155,9 @@ def threshold_for_sensitivity(
     With ``confidence`` > 0, the sensitivity's one-sided Clopper-Pearson lower bound at that
     confidence must reach ``target``, not just its point estimate: on ``n`` positives the
     threshold then keeps its promise with that probability for new cases drawn like these. When
-    no threshold can show that (too few positives), the lowest score is returned (everything
-    positive).
+    no threshold can show that (too few positives: even n of n detected leaves the bound below
+    the target), the threshold detecting every positive is returned, the most that these cases
+    can support.
     """
     y_true, y_score = _check(y_true, y_score)
     _, tpr, thresholds = roc_curve(y_true, y_score)
@@ -164,7 +165,9 @@ def threshold_for_sensitivity(
     reached = np.flatnonzero(
         sensitivity_lower_bound(tpr * positives, positives, confidence) >= target
     )
-    return float(thresholds[reached[0]] if len(reached) else thresholds[-1])
+    if not len(reached):
+        reached = np.flatnonzero(tpr >= 1.0)
+    return float(thresholds[reached[0]])
 
 
 def youden_threshold(y_true: np.ndarray, y_score: np.ndarray) -> float:
