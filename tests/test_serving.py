@@ -77,6 +77,7 @@ def test_predict_one_and_several_with_a_bad_one(client):
     assert [r["filename"] for r in rows] == ["a.png", "bad.png", "c.jpg"]
     assert rows[1]["error"] and rows[1]["probability_malignant"] is None
     assert rows[0]["error"] is None and rows[2]["error"] is None
+    assert isinstance(rows[0]["out_of_scope"], bool) and rows[1]["out_of_scope"] is None
 
 
 def test_explain_returns_an_overlay_at_original_size(client):

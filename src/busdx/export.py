@@ -50,6 +50,7 @@ from busdx.inference import (
 )
 from busdx.metrics import roc_auc
 from busdx.runs import load_run, samples_for_split
+from busdx.scope import SCOPE_KEY
 from busdx.transforms import build_eval_transform
 
 __all__ = ["EXPORT_REPORT", "compare_logits", "export_onnx", "export_run", "quantize_int8"]
@@ -64,6 +65,7 @@ def _add_metadata(path: Path, metadata: dict[str, Any]) -> None:
     model = onnx.load(str(path))
     del model.metadata_props[:]
     entry = model.metadata_props.add()
+    metadata = {k: v for k, v in metadata.items() if k != SCOPE_KEY}  # tensors; torch only
     entry.key, entry.value = ONNX_METADATA_KEY, json.dumps(json_safe(metadata))
     onnx.save(model, str(path))
 

@@ -30,6 +30,7 @@ from busdx.errors import CheckpointError, ConfigError, DataError, ImageDecodeErr
 from busdx.fileio import atomic_path
 from busdx.imaging import is_image_file, load_image
 from busdx.models import BinaryClassifier, Ensemble, create_model
+from busdx.scope import SCOPE_KEY, scope_distances
 from busdx.training import MODEL_FILE, resolve_device
 from busdx.transforms import Preprocessing, build_eval_transform
 
@@ -101,12 +102,31 @@ class LoadedModel:
         )
 
     @torch.inference_mode()
-    def predict_logits(self, images: torch.Tensor) -> torch.Tensor:
-        """Raw log-odds of the positive class for a batch of preprocessed images."""
+    def predict(self, images: torch.Tensor) -> tuple[torch.Tensor, np.ndarray | None]:
+        """Raw log-odds of the positive class for a batch of preprocessed images, and each
+        image's out-of-scope distance (see :mod:`busdx.scope`; None without a fitted guard or
+        on the ONNX backend). The backbone runs once for both."""
         if self.session is not None:
             (logits,) = self.session.run(None, {"images": images.numpy()})
-            return torch.from_numpy(logits)
-        return self.model(images.to(self.device)).cpu()
+            return torch.from_numpy(logits), None
+        images = images.to(self.device)
+        scope = self.metadata.get(SCOPE_KEY)
+        if scope is None:
+            return self.model(images).cpu(), None
+        first, *others = getattr(self.model, "members", [self.model])
+        maps = first.features(images)
+        logits = torch.stack([first.head(maps).squeeze(1), *(m(images) for m in others)])
+        distances = scope_distances(scope, maps.float().mean(dim=(2, 3)))
+        return logits.mean(dim=0).cpu(), distances
+
+    def predict_logits(self, images: torch.Tensor) -> torch.Tensor:
+        """Raw log-odds of the positive class for a batch of preprocessed images."""
+        return self.predict(images)[0]
+
+    def out_of_scope(self, distance: float | None) -> bool | None:
+        """Whether an out-of-scope distance is beyond the guard's threshold."""
+        scope = self.metadata.get(SCOPE_KEY)
+        return None if distance is None or scope is None else bool(distance > scope["threshold"])
 
 
 def load_model(path: str | Path, *, device: str = "auto", backend: str = "torch") -> LoadedModel:
@@ -197,7 +217,14 @@ def expand_paths(paths: Sequence[str | Path]) -> list[Path]:
     return list(iter_image_paths(paths))
 
 
-PREDICTION_FIELDS = ["path", "probability_malignant", "label", "threshold", "error"]
+PREDICTION_FIELDS = [
+    "path",
+    "probability_malignant",
+    "label",
+    "threshold",
+    "out_of_scope",
+    "error",
+]
 
 
 @dataclass
@@ -210,6 +237,8 @@ class Prediction:
     threshold: float
     error: str | None = None
     logit: float | None = None  # before temperature scaling
+    out_of_scope: bool | None = None  # unlike the training images (None: no guard)
+    scope_distance: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """The row as written by ``busdx predict`` (keys: ``PREDICTION_FIELDS``)."""
@@ -219,6 +248,7 @@ class Prediction:
             "probability_malignant": prob,
             "label": self.label,
             "threshold": self.threshold,
+            "out_of_scope": self.out_of_scope,
             "error": self.error,
         }
 
@@ -261,13 +291,16 @@ def predict_files(
             except ImageDecodeError as exc:
                 logger.warning("%s", exc)
                 rows.append(Prediction(str(path), None, None, threshold, error=str(exc)))
-        logits = loaded.predict_logits(torch.stack(tensors)) if tensors else torch.zeros(0)
+        logits, distances = loaded.predict(torch.stack(tensors)) if tensors else (None, None)
+        logits = torch.zeros(0) if logits is None else logits
+        distances = [None] * len(logits) if distances is None else distances.tolist()
         probabilities = loaded.probabilities(logits)
-        scores = iter(zip(logits.tolist(), probabilities.tolist(), strict=True))
+        scores = iter(zip(logits.tolist(), probabilities.tolist(), distances, strict=True))
         for row in rows:
             if row.error is None:
-                row.logit, row.probability = next(scores)
+                row.logit, row.probability, row.scope_distance = next(scores)
                 row.label = loaded.label(row.probability, threshold)
+                row.out_of_scope = loaded.out_of_scope(row.scope_distance)
             bar.update()
             yield row
     bar.close()

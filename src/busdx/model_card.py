@@ -60,9 +60,53 @@ def _facts(run_dir: Path) -> dict[str, Any]:
     with (run_dir / SPLIT_FILE).open(newline="", encoding="utf-8") as handle:
         rows = list(csv.DictReader(handle))
     groups = Counter(r["group"] for r in rows if r.get("group"))
+    evaluations = [metrics] + [
+        json.loads(path.read_text(encoding="utf-8"))
+        for path in sorted(run_dir.glob("eval/*/metrics.json"))
+    ]
     return {"config": config, "info": info, "metrics": metrics, "model": metadata,
+            "evaluations": evaluations,
             "duplicate_groups": sum(1 for n in groups.values() if n > 1),
             "images_in_groups": sum(n for n in groups.values() if n > 1)}  # fmt: skip
+
+
+def _head_text(model: Any) -> str:
+    pool = {"flatten": "Flatten", "avg": "global average pooling",
+            "avgmax": "global average + max pooling"}[model.pooling]  # fmt: skip
+    if model.hidden_units == 0:
+        return f"head {pool} → Dropout {model.dropout} → Linear 1"
+    return f"head {pool} → Linear {model.hidden_units} + ReLU → Dropout {model.dropout} → Linear 1"
+
+
+def _site_rows(evaluations: list[dict[str, Any]]) -> list[str]:
+    """One row per evaluation: the run's own test split, then each external site."""
+    lines = [
+        "| site | split | n (malignant) | ROC AUC | sensitivity (promised) | specificity | ECE |"
+        " readers' AUC | model - readers AUC |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for result in evaluations:
+        readers = result.get("readers")
+        reader_cells = ["—", "—"]
+        if readers:
+            delta = readers["delta_roc_auc"]
+            reader_cells = [
+                f"{readers['readers_roc_auc']:.3f}",
+                f"{delta['delta']:+.3f} [{delta['low']:+.3f}, {delta['high']:+.3f}]",
+            ]
+        promise = result.get("promised_sensitivity")
+        cells = [
+            str(result.get("site", "")),
+            result["split"],
+            f"{result['n']} ({result['n_positive']})",
+            _value(result, "roc_auc"),
+            _value(result, "sensitivity") + (f" ({promise:.2f})" if promise else ""),
+            _value(result, "specificity"),
+            _value(result, "ece"),
+            *reader_cells,
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
 
 
 def _model_card(facts: dict[str, Any]) -> str:
@@ -83,14 +127,14 @@ def _model_card(facts: dict[str, Any]) -> str:
         "## Model",
         f"- Backbone `{config.model.name}` ({backbone_state}),"
         f" initial weights `{model['weights']['name']}` (sha256 `{model['weights']['sha256']}`);"
-        f" head Flatten → Linear {config.model.hidden_units} + ReLU → Dropout"
-        f" {config.model.dropout} → Linear 1.",
+        f" {_head_text(config.model)}.",
         f"- Input {size}x{size} RGB; `(pixel_0_255 - {prep['mean']}) / {prep['std']}`.",
         f"- Classes {model['class_names']}; positive class `{model['positive_class']}`.",
-        f"- Decision threshold {model['threshold']:.3f} ({model.get('threshold_policy', 'fixed')},"
-        " chosen on validation data)."
+        f"- Decision threshold {model['threshold']:.3f} ({model.get('threshold_policy', 'fixed')}"
+        f", target sensitivity {model.get('target_sensitivity', '—')}); threshold and temperature"
+        f" fitted on: {model.get('calibration_source', 'the validation split')}."
         + (
-            f" Temperature scaling T = {model['temperature']:.3f} (fitted on validation data)."
+            f" Temperature scaling T = {model['temperature']:.3f}."
             if calibrated
             else " **Not calibrated**: probabilities are the raw sigmoid outputs."
         ),
@@ -115,6 +159,16 @@ def _model_card(facts: dict[str, Any]) -> str:
     for key in ROWS:
         cells = [_value(point, key) for point in metrics["operating_points"].values()]
         lines.append(f"| {key} | " + " | ".join(cells) + " |")
+    lines += [
+        "",
+        "## Every evaluation, site by site",
+        "The run's own test split first, then each dataset evaluated with `busdx evaluate`"
+        " (`eval/*/metrics.json`); sensitivity at the model's threshold, with the sensitivity that"
+        " threshold was chosen to deliver in parentheses. Readers: the radiologists' BI-RADS on"
+        " the same images, where the site records it (paired bootstrap CI).",
+        "",
+        *_site_rows(facts["evaluations"]),
+    ]
     lines += ["", f"Training command: `{info['command']}`", ""]
     return "\n".join(lines)
 

@@ -31,7 +31,8 @@ from busdx.metrics import (
 )
 from busdx.reporting import plot_roc_curve, plot_training_curves
 from busdx.runs import save_run
-from busdx.training import MODEL_FILE, fit
+from busdx.scope import SCOPE_KEY, fit_scope
+from busdx.training import MODEL_FILE, fit, update_model_metadata
 
 __all__ = [
     "assign_folds",
@@ -69,6 +70,16 @@ def train_and_evaluate(
         fitted["threshold"],
         fitted["threshold_policy"],
     )
+    scope = fit_scope(
+        loaded.model,
+        loaded.preprocessing,
+        [s.path for s in dataset.subset("train")],
+        [s.path for s in dataset.subset("val")],
+        device=loaded.device,
+    )
+    update_model_metadata(run_dir / MODEL_FILE, {SCOPE_KEY: scope})
+    loaded.metadata[SCOPE_KEY] = scope
+    logger.info("out-of-scope guard: Mahalanobis distance above %.1f", scope["threshold"])
     split = "test" if dataset.subset("test") else "val"
     return evaluate_samples(
         loaded,
@@ -242,8 +253,18 @@ def write_crossfit_ensemble(
     return run_dir
 
 
-ENSEMBLE_METADATA = ("format", "format_version", "busdx_version", "model", "class_names",
-                     "positive_class", "preprocessing", "weights", "config")  # fmt: skip
+ENSEMBLE_METADATA = (
+    "format",
+    "format_version",
+    "busdx_version",
+    "model",
+    "class_names",
+    "positive_class",
+    "preprocessing",
+    "weights",
+    "config",
+    SCOPE_KEY,
+)  # fmt: skip (the guard of the first member, whose features it uses)
 
 
 FOLD_KEYS = SCORE_METRICS + DECISION_METRICS

@@ -223,14 +223,17 @@ def create_app(run: str | Path, settings: ServeSettings | None = None) -> FastAP
             status = 413 if "exceeds the limit" in str(exc) else 400
             raise _ApiError(status, "bad_image", str(exc)) from exc
 
-    def _predict(images: list[Any]) -> list[float]:
+    def _predict(images: list[Any]) -> list[tuple[float, bool | None]]:
         batch = torch.stack([transform(image) for image in images])
-        return predictor.probabilities(predictor.predict_logits(batch)).tolist()
+        logits, distances = predictor.predict(batch)
+        flags = [predictor.out_of_scope(d) for d in distances] if distances is not None else None
+        return list(zip(predictor.probabilities(logits).tolist(), flags or [None] * len(logits),
+                        strict=True))  # fmt: skip
 
-    def _row(name: str, probability: float) -> dict[str, Any]:
+    def _row(name: str, probability: float, out_of_scope: bool | None = None) -> dict[str, Any]:
         return {"filename": name, "probability_malignant": round(probability, 6),
                 "label": predictor.label(probability), "threshold": predictor.threshold,
-                "error": None}  # fmt: skip
+                "out_of_scope": out_of_scope, "error": None}  # fmt: skip
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     async def index() -> HTMLResponse:
@@ -265,12 +268,13 @@ def create_app(run: str | Path, settings: ServeSettings | None = None) -> FastAP
             except _ApiError as exc:
                 first_error = first_error or exc
                 rows.append({"filename": name, "probability_malignant": None, "label": None,
-                             "threshold": predictor.threshold, "error": exc.detail})  # fmt: skip
+                             "threshold": predictor.threshold, "out_of_scope": None,
+                             "error": exc.detail})  # fmt: skip
         if not images:
             raise first_error
-        probabilities = await gate.run(_predict, [image for _, image in images])
-        for (index, _), probability in zip(images, probabilities, strict=True):
-            rows[index] = _row(rows[index]["filename"], probability)
+        results = await gate.run(_predict, [image for _, image in images])
+        for (index, _), (probability, flag) in zip(images, results, strict=True):
+            rows[index] = _row(rows[index]["filename"], probability, flag)
         elapsed = (time.perf_counter() - started) * 1000
         return {"predictions": rows, "timing_ms": round(elapsed, 1), "backend": predictor.backend}
 

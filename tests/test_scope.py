@@ -1,0 +1,64 @@
+"""The out-of-scope guard: in-scope scans pass, photos and odd files are flagged."""
+
+import csv
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from busdx.cli import main
+from busdx.inference import load_model, predict_files
+from busdx.scope import scope_distances
+from busdx.synthetic import write_synthetic_dataset
+
+from conftest import train_run
+
+
+def test_distance_is_the_mahalanobis_distance():
+    scope = {"mean": torch.tensor([1.0, 2.0]), "precision": torch.tensor([[4.0, 0.0], [0.0, 1.0]])}
+    distances = scope_distances(scope, torch.tensor([[1.0, 2.0], [2.0, 2.0], [1.0, 5.0]]))
+    assert np.allclose(distances, [0.0, 2.0, 3.0])
+
+
+def _out_of_scope_images(folder):
+    rng = np.random.default_rng(0)
+    folder.mkdir()
+    Image.fromarray(rng.integers(0, 256, (96, 96, 3), dtype=np.uint8)).save(folder / "noise.png")
+    Image.new("RGB", (1, 1), (200, 30, 30)).save(folder / "one-pixel.png")
+    Image.new("RGB", (400, 5), (255, 255, 255)).save(folder / "strip.png")
+    sky = np.zeros((96, 96, 3), dtype=np.uint8)
+    sky[..., 2] = 230
+    sky[48:, :, 1] = 160  # blue sky over green grass: a 'photo'
+    Image.fromarray(sky).save(folder / "photo.png")
+    return sorted(folder.iterdir())
+
+
+@pytest.fixture(scope="module")
+def guarded_run(synthetic_data, tmp_path_factory):
+    root = tmp_path_factory.mktemp("scope")
+    options = ["--image-size", "64", "--batch-size", "8", "--no-progress"]
+    return train_run(synthetic_data, root / "run", *options, epochs=2)
+
+
+def test_guard_is_fitted_at_training_and_flags_what_is_not_a_scan(guarded_run, tmp_path):
+    loaded = load_model(guarded_run)
+    scope = loaded.metadata["scope"]
+    assert scope["mean"].shape == (512,) and scope["threshold"] > 0
+    fresh = write_synthetic_dataset(tmp_path / "fresh", n_per_class=10, seed=7)
+    scans = sorted(fresh.rglob("*.png"))
+    odd = _out_of_scope_images(tmp_path / "odd")
+    rows = list(predict_files(loaded, scans + odd, progress=False))
+    in_scope = [row.out_of_scope for row in rows[: len(scans)]]
+    flagged = [row.out_of_scope for row in rows[len(scans) :]]
+    assert sum(in_scope) <= 2  # unseen scans of the same kind: at most 10% flagged
+    assert all(flagged), dict(zip([p.name for p in odd], flagged, strict=True))
+
+
+def test_predict_writes_the_out_of_scope_column(guarded_run, tmp_path):
+    odd = _out_of_scope_images(tmp_path / "odd")
+    out = tmp_path / "p.csv"
+    assert main(["predict", "--run", str(guarded_run), *map(str, odd), "--out", str(out),
+                 "--no-progress"]) == 0  # fmt: skip
+    rows = list(csv.DictReader(out.open()))
+    assert [r["out_of_scope"] for r in rows] == ["True"] * len(odd)
