@@ -24,7 +24,7 @@ from busdx.errors import DataError
 from busdx.explain import explain_image
 from busdx.fileio import atomic_write_text
 from busdx.imaging import load_image
-from busdx.inference import LoadedModel, file_logits
+from busdx.inference import LoadedModel, file_logits, file_predictions
 from busdx.metrics import (
     DECISION_METRICS,
     SCORE_METRICS,
@@ -145,7 +145,9 @@ def evaluate_samples(
     if not samples:
         raise DataError(f"the {split} split is empty: nothing to evaluate")
     y_true = np.array([s.label for s in samples])
-    logits = file_logits(loaded, [s.path for s in samples], progress=progress)
+    rows = file_predictions(loaded, [s.path for s in samples], progress=progress)
+    logits = np.array([row.logit for row in rows])
+    flags = [row.out_of_scope for row in rows]
     y_prob = apply_temperature(logits, loaded.temperature)
     threshold = loaded.threshold
     points = dict(loaded.metadata.get("operating_points") or {"fixed": threshold})
@@ -164,6 +166,7 @@ def evaluate_samples(
             name: _metrics_with_ci(y_true, y_prob, t, settings) for name, t in points.items()
         },
         "promised_sensitivity": _promise(loaded.metadata),
+        "out_of_scope_rate": None if None in flags else float(np.mean(flags)),
         "model": {
             "busdx_version": loaded.metadata["busdx_version"],
             "weights": loaded.metadata["weights"],
@@ -184,8 +187,10 @@ def evaluate_samples(
 
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(["path", "label", "probability_malignant", "predicted", "logit"])
-    for sample, score, logit in zip(samples, y_prob, logits, strict=True):
+    writer.writerow(
+        ["path", "label", "probability_malignant", "predicted", "logit", "out_of_scope"]
+    )
+    for sample, score, logit, flag in zip(samples, y_prob, logits, flags, strict=True):
         writer.writerow(
             [
                 sample.relpath,
@@ -193,6 +198,7 @@ def evaluate_samples(
                 f"{score:.6f}",
                 names[int(score >= threshold)],
                 f"{logit:.6f}",
+                "" if flag is None else flag,
             ]
         )
     atomic_write_text(out_dir / "predictions.csv", buffer.getvalue())
@@ -257,6 +263,8 @@ def format_metrics(result: dict[str, Any]) -> str:
             f"  promised sensitivity {result['promised_sensitivity']:.2f}, achieved "
             f"{_with_ci(result, 'sensitivity')}"
         )
+    if result.get("out_of_scope_rate") is not None:
+        lines.append(f"  flagged out of scope {result['out_of_scope_rate']:.1%} of the images")
     if "readers" in result:
         lines += _format_readers(result["readers"])
     return "\n".join(lines)

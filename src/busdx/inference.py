@@ -42,6 +42,7 @@ __all__ = [
     "Prediction",
     "expand_paths",
     "file_logits",
+    "file_predictions",
     "iter_image_paths",
     "load_model",
     "predict_files",
@@ -306,13 +307,20 @@ def predict_files(
     bar.close()
 
 
-def file_logits(loaded: LoadedModel, files: Sequence[Path], *, progress: bool = True) -> np.ndarray:
-    """Raw logit (before temperature scaling) of each file, in order; all must be readable."""
+def file_predictions(
+    loaded: LoadedModel, files: Sequence[Path], *, progress: bool = True
+) -> list[Prediction]:
+    """One prediction per file, in order; all files must be readable (labelled data)."""
     rows = list(predict_files(loaded, files, progress=progress))
     failed = [row.error for row in rows if row.error]
     if failed:
         raise DataError(f"{len(failed)} evaluation image(s) could not be read, e.g. {failed[0]}")
-    return np.array([row.logit for row in rows])
+    return rows
+
+
+def file_logits(loaded: LoadedModel, files: Sequence[Path], *, progress: bool = True) -> np.ndarray:
+    """Raw logit (before temperature scaling) of each file, in order; all must be readable."""
+    return np.array([row.logit for row in file_predictions(loaded, files, progress=progress)])
 
 
 def write_predictions(rows: Iterable[Prediction], out: str | Path | None) -> tuple[int, int]:

@@ -82,8 +82,8 @@ def _site_rows(evaluations: list[dict[str, Any]]) -> list[str]:
     """One row per evaluation: the run's own test split, then each external site."""
     lines = [
         "| site | split | n (malignant) | ROC AUC | sensitivity (promised) | specificity | ECE |"
-        " readers' AUC | model - readers AUC |",
-        "|---|---|---|---|---|---|---|---|---|",
+        " out of scope | readers' AUC | model - readers AUC |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for result in evaluations:
         readers = result.get("readers")
@@ -103,6 +103,9 @@ def _site_rows(evaluations: list[dict[str, Any]]) -> list[str]:
             _value(result, "sensitivity") + (f" ({promise:.2f})" if promise else ""),
             _value(result, "specificity"),
             _value(result, "ece"),
+            "—"
+            if result.get("out_of_scope_rate") is None
+            else f"{result['out_of_scope_rate']:.1%}",
             *reader_cells,
         ]
         lines.append("| " + " | ".join(cells) + " |")
