@@ -107,3 +107,17 @@ def test_local_calibration_writes_a_new_run_and_leaves_the_old_one(run_and_site,
                  "--out", str(tmp_path / "e"), "--no-progress"]) == 0  # fmt: skip
     assert json.loads((tmp_path / "e" / "metrics.json").read_text())["sensitivity"] == 1.0
     assert main(["calibrate", "--run", str(run), "--data", str(site), "--out", str(out)]) == 2
+
+
+def test_report_shows_every_evaluation_site_by_site(run_and_site):
+    run, site = run_and_site
+    assert main(["evaluate", "--run", str(run), "--data", str(site), "--split", "all",
+                 "--site", "Hospital C", "--out", str(run / "eval" / "c"),
+                 "--no-progress"]) == 0  # fmt: skip
+    assert main(["report", str(run)]) == 0
+    card = (run / "MODEL_CARD.md").read_text()
+    rows = [line for line in card.splitlines() if line.startswith("| ")]
+    own = next(r for r in rows if "| test |" in r)
+    external = next(r for r in rows if r.startswith("| Hospital C | all | 24 (12) |"))
+    assert "(0.95)" in own and "1.000 |" in external  # promised sensitivity; readers' AUC
+    assert "Hospital C" in (run / "report.html").read_text()
