@@ -120,6 +120,7 @@ def main() -> None:
     parser.add_argument("--cache", default="/tmp/busdx-screen", help="feature cache folder")
     parser.add_argument("--backbones", nargs="+", default=list(TAPS))
     parser.add_argument("--geometries", nargs="+", default=list(GEOMETRIES))
+    parser.add_argument("--baseline", default=BASELINE, help="variant the others are paired with")
     args = parser.parse_args()
     torch.manual_seed(0)
 
@@ -147,7 +148,7 @@ def main() -> None:
                 for tta, index in (("", 0), ("+flip", 1)):
                     name = f"{backbone}/{tap}/{geometry}{tta}"
                     scores[name] = (cv[index], external[index])
-                    base = scores.get(BASELINE)
+                    base = scores.get(args.baseline)
                     results[name] = {
                         "busi_cv": summarize(y_busi, cv[index], base and base[0]),
                         "external": summarize(y_site, external[index], base and base[1]),
@@ -164,7 +165,7 @@ def main() -> None:
         + " ".join(
             f"--{k} {' '.join(v) if isinstance(v, list) else v}" for k, v in vars(args).items()
         ),
-        "baseline": BASELINE,
+        "baseline": args.baseline,
         "n_busi": len(y_busi),
         "n_busi_malignant": int(y_busi.sum()),
         "n_external": len(y_site),
