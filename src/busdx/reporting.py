@@ -87,7 +87,7 @@ def plot_roc_curve(
     axis.set(
         xlabel="1 - specificity (false-positive rate)",
         ylabel="sensitivity",
-        title=" ".join(["ROC curve", str(metrics.get("site") or ""), metrics.get("split", "")]),
+        title=" ".join(filter(None, ["ROC curve", metrics.get("site"), metrics.get("split")])),
         xlim=(0, 1),
         ylim=(0, 1.02),
     )
