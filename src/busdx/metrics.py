@@ -9,7 +9,7 @@ NaN, reported as ``null`` in JSON; a label set with a single class raises
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import numpy as np
 from scipy.stats import beta
@@ -221,6 +221,15 @@ DECISION_METRICS = (
 BOOTSTRAPPED = SCORE_METRICS + DECISION_METRICS
 
 
+def _resamples(y_true: np.ndarray, n_resamples: int, seed: int) -> Iterator[np.ndarray]:
+    """Seeded bootstrap case indices; a resample holding a single class is skipped."""
+    rng = np.random.default_rng(seed)
+    for _ in range(n_resamples):
+        index = rng.integers(0, len(y_true), len(y_true))
+        if y_true[index].min() != y_true[index].max():
+            yield index
+
+
 def bootstrap_ci(
     y_true: np.ndarray,
     y_score: np.ndarray,
@@ -237,14 +246,10 @@ def bootstrap_ci(
     some resamples (e.g. PPV with no positive calls) is taken over the others.
     """
     y_true, y_score = _check(y_true, y_score)
-    rng = np.random.default_rng(seed)
     values: dict[str, list[float]] = {name: [] for name in BOOTSTRAPPED}
-    skipped = 0
-    for _ in range(n_resamples):
-        index = rng.integers(0, len(y_true), len(y_true))
-        if y_true[index].min() == y_true[index].max():
-            skipped += 1
-            continue
+    used = 0
+    for index in _resamples(y_true, n_resamples, seed):
+        used += 1
         resample = binary_metrics(y_true[index], y_score[index], threshold=threshold)
         for name in BOOTSTRAPPED:
             values[name].append(resample[name])
@@ -254,7 +259,7 @@ def bootstrap_ci(
         finite = np.array([v for v in samples if not math.isnan(v)])
         low, high = np.quantile(finite, [alpha, 1 - alpha]) if len(finite) else (math.nan,) * 2
         intervals[name] = {"low": float(low), "high": float(high)}
-    intervals["_resamples"] = {"used": n_resamples - skipped, "skipped": skipped, "level": level}
+    intervals["_resamples"] = {"used": used, "skipped": n_resamples - used, "level": level}
     return intervals
 
 
@@ -284,12 +289,8 @@ def paired_bootstrap(
     score_b = np.asarray(score_b, dtype=float)
     if score_b.shape != score_a.shape:
         raise DataError(f"paired scores differ in length: {len(score_a)} vs {len(score_b)}")
-    rng = np.random.default_rng(seed)
     deltas = []
-    for _ in range(n_resamples):
-        index = rng.integers(0, len(y_true), len(y_true))
-        if y_true[index].min() == y_true[index].max():
-            continue
+    for index in _resamples(y_true, n_resamples, seed):
         deltas.append(
             metric(y_true[index], score_a[index]) - metric_b(y_true[index], score_b[index])
         )
@@ -323,12 +324,8 @@ def roc_band(
     """Pointwise bootstrap band of the ROC curve: (fpr grid, tpr low, tpr high)."""
     y_true, y_score = _check(y_true, y_score)
     grid = np.linspace(0, 1, grid_points)
-    rng = np.random.default_rng(seed)
     curves = []
-    for _ in range(n_resamples):
-        index = rng.integers(0, len(y_true), len(y_true))
-        if y_true[index].min() == y_true[index].max():
-            continue
+    for index in _resamples(y_true, n_resamples, seed):
         fpr, tpr, _ = roc_curve(y_true[index], y_score[index])
         curves.append(np.interp(grid, fpr, tpr))
     alpha = (1 - level) / 2
