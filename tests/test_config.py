@@ -50,5 +50,5 @@ def test_bad_overrides_are_explained(override, message):
 
 
 def test_unknown_recipe_lists_available():
-    with pytest.raises(ConfigError, match="available: vgg16-finetune, vgg16-frozen"):
+    with pytest.raises(ConfigError, match="available: efficientnet-lite0, vgg16-finetune, vgg16-frozen"):
         load_config(recipe="resnet-magic")
