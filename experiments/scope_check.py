@@ -63,10 +63,10 @@ def _photos(folder: Path) -> list[Path]:
              "hubble_deep_field", "immunohistochemistry", "retina", "cat", "text"]  # fmt: skip
     paths = []
     for name in names:
-        loader = getattr(data, name, None)
-        if loader is None:
+        try:
+            array = np.asarray(getattr(data, name)())
+        except Exception:  # not in this version, or fetched from the internet on demand
             continue
-        array = np.asarray(loader())
         if array.dtype != np.uint8:
             array = (255 * (array.astype(float) / max(array.max(), 1))).astype(np.uint8)
         paths.append(folder / f"{name}.png")
