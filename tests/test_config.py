@@ -50,5 +50,6 @@ def test_bad_overrides_are_explained(override, message):
 
 
 def test_unknown_recipe_lists_available():
-    with pytest.raises(ConfigError, match="available: efficientnet-lite0, vgg16-finetune, vgg16-frozen"):
+    recipes = "efficientnet-lite0, vgg16-finetune, vgg16-frozen"
+    with pytest.raises(ConfigError, match=f"available: {recipes}"):
         load_config(recipe="resnet-magic")

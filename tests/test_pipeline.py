@@ -56,6 +56,15 @@ def test_cv_tests_each_image_once_keeps_groups_and_resumes(synthetic_data, tmp_p
     assert main(["evaluate", "--run", str(ensemble), "--data", str(synthetic_data),
                  "--split", "all", "--out", str(tmp_path / "e"), "--no-progress"]) == 0  # fmt: skip
 
+    # resuming may change evaluate.* settings (the ensemble is recalibrated), nothing else
+    careful = [*args, "--set", "evaluate.threshold_confidence=0.9"]
+    assert main(careful) == 0
+    assert (out / "fold-1" / "metrics.json").stat().st_mtime_ns == stamp
+    recalibrated = torch.load(ensemble / "model.pt", weights_only=True)
+    assert recalibrated["threshold_confidence"] == 0.9
+    assert recalibrated["threshold"] <= payload["threshold"]
+    assert main([*args, "--set", "train.lr=0.1"]) == 2
+
 
 def _logits(run, images):
     loaded = load_model(run)

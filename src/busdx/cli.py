@@ -19,9 +19,9 @@ from pathlib import Path
 
 from busdx import __version__
 from busdx.audit import DEFAULT_MAX_DISTANCE, audit_dataset, write_audit
-from busdx.config import apply_overrides, list_recipes, load_config
+from busdx.config import Config, apply_overrides, list_recipes, load_config
 from busdx.data import apply_split_file, scan_dataset
-from busdx.errors import BusdxError, DataError, RunDirError
+from busdx.errors import BusdxError, ConfigError, DataError, RunDirError
 from busdx.evaluation import (
     calibrate_model,
     compare_evaluations,
@@ -290,6 +290,26 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _resumed_cv_config(out: Path, args: argparse.Namespace) -> Config:
+    """The saved config of a CV folder with the command's ``evaluate.*`` settings applied.
+
+    They change only what is computed from the fold predictions (the summary's cross-fitted
+    check and the ensemble's calibration); a different training setting would mix two
+    experiments in one folder and is refused.
+    """
+    saved = load_config(out / CONFIG_FILE)
+    config = apply_overrides(saved, _overrides(args))
+    training = {k: v for k, v in config.to_dict().items() if k != "evaluate"}
+    if training != {k: v for k, v in saved.to_dict().items() if k != "evaluate"} or (
+        args.recipe and args.recipe != saved.recipe
+    ):
+        raise ConfigError(
+            f"{out} holds a cross-validation trained with other settings; only evaluate.* "
+            "settings can change when resuming it: choose a new --out to train differently"
+        )
+    return config
+
+
 def cmd_cv(args: argparse.Namespace) -> int:
     config = apply_overrides(load_config(args.config, recipe=args.recipe), _overrides(args))
     out = Path(args.out) if args.out else Path("runs") / f"cv-{config.recipe}"
@@ -297,8 +317,8 @@ def cmd_cv(args: argparse.Namespace) -> int:
         raise RunDirError(
             f"{out} exists and is not a cross-validation folder; choose another --out"
         )
-    if (out / CONFIG_FILE).is_file():  # resuming: the saved config wins
-        config = load_config(out / CONFIG_FILE)
+    if (out / CONFIG_FILE).is_file():  # resuming: only evaluate.* settings may change
+        config = _resumed_cv_config(out, args)
     dataset = prepare_dataset(config, args.data, progress=not args.no_progress)
     out.mkdir(parents=True, exist_ok=True)
     save_config(out, config)
