@@ -121,3 +121,16 @@ def test_report_shows_every_evaluation_site_by_site(run_and_site):
     external = next(r for r in rows if r.startswith("| Hospital C | all | 24 (12) |"))
     assert "(0.95)" in own and "1.000 |" in external  # promised sensitivity; readers' AUC
     assert "Hospital C" in (run / "report.html").read_text()
+
+
+def test_report_of_a_run_without_its_own_test_split(run_and_site, tmp_path):
+    run, site = run_and_site
+    ensemble_like = tmp_path / "no-test"
+    shutil.copytree(run, ensemble_like, ignore=shutil.ignore_patterns("metrics.json", "eval"))
+    assert main(["report", str(ensemble_like)]) == 2  # nothing evaluated yet
+    assert main(["evaluate", "--run", str(ensemble_like), "--data", str(site), "--split", "all",
+                 "--no-progress"]) == 0  # fmt: skip
+    assert main(["report", str(ensemble_like)]) == 0
+    card = (ensemble_like / "MODEL_CARD.md").read_text()
+    assert "## Performance on hospital all split (n = 24" in card
+    assert "ROC curve (hospital-all)" in (ensemble_like / "report.html").read_text()

@@ -52,19 +52,18 @@ def _value(metrics: dict[str, Any], key: str) -> str:
 
 def _facts(run_dir: Path) -> dict[str, Any]:
     config, info = load_run(run_dir)
-    metrics_path = run_dir / "metrics.json"
-    if not metrics_path.is_file():
-        raise CheckpointError(f"{run_dir} has no metrics.json: finish training first")
-    metrics = json.loads(metrics_path.read_text(encoding="utf-8"))
+    paths = [run_dir / "metrics.json", *sorted(run_dir.glob("eval/*/metrics.json"))]
+    evaluations = [json.loads(p.read_text(encoding="utf-8")) for p in paths if p.is_file()]
+    if not evaluations:
+        raise CheckpointError(
+            f"{run_dir} has no metrics.json and no eval/*/metrics.json: finish training, or "
+            "evaluate it first (busdx evaluate)"
+        )
     metadata = load_model(run_dir).metadata
     with (run_dir / SPLIT_FILE).open(newline="", encoding="utf-8") as handle:
         rows = list(csv.DictReader(handle))
     groups = Counter(r["group"] for r in rows if r.get("group"))
-    evaluations = [metrics] + [
-        json.loads(path.read_text(encoding="utf-8"))
-        for path in sorted(run_dir.glob("eval/*/metrics.json"))
-    ]
-    return {"config": config, "info": info, "metrics": metrics, "model": metadata,
+    return {"config": config, "info": info, "metrics": evaluations[0], "model": metadata,
             "evaluations": evaluations,
             "duplicate_groups": sum(1 for n in groups.values() if n > 1),
             "images_in_groups": sum(n for n in groups.values() if n > 1)}  # fmt: skip
@@ -148,8 +147,8 @@ def _model_card(facts: dict[str, Any]) -> str:
         f" {facts['images_in_groups']} images (see `split.csv`, column `group`).",
         f"- Unreadable files left out: {len(info['skipped_files'])}.",
         "",
-        f"## Performance on the {metrics['split']} split (n = {metrics['n']},"
-        f" {metrics['n_positive']} {metrics['positive_class']})",
+        f"## Performance on {metrics.get('site', 'the')} {metrics['split']} split"
+        f" (n = {metrics['n']}, {metrics['n_positive']} {metrics['positive_class']})",
         "95% percentile-bootstrap confidence intervals in brackets.",
         "",
         "| metric | "
@@ -165,7 +164,8 @@ def _model_card(facts: dict[str, Any]) -> str:
     lines += [
         "",
         "## Every evaluation, site by site",
-        "The run's own test split first, then each dataset evaluated with `busdx evaluate`"
+        "The run's own test split first (when it has one), then each dataset evaluated with"
+        " `busdx evaluate`"
         " (`eval/*/metrics.json`); sensitivity at the model's threshold, with the sensitivity that"
         " threshold was chosen to deliver in parentheses. Readers: the radiologists' BI-RADS on"
         " the same images, where the site records it (paired bootstrap CI).",
@@ -212,9 +212,14 @@ def write_report(run_dir: str | Path) -> tuple[Path, Path]:
     """Write ``RUNDIR/report.html`` and ``RUNDIR/MODEL_CARD.md``; return their paths."""
     run_dir = Path(run_dir)
     card = _model_card(_facts(run_dir))
+    external = [
+        (f"eval/{folder.name}/{name}", f"{title} ({folder.name})")
+        for folder in sorted(p for p in (run_dir / "eval").glob("*") if p.is_dir())
+        for name, title in (("roc_curve.png", "ROC curve"), ("reliability.png", "Calibration"))
+    ]
     figures = "".join(
         f"<figure>{_embed(run_dir / name)}<figcaption>{html.escape(title)}</figcaption></figure>"
-        for name, title in FIGURES
+        for name, title in FIGURES + external
         if (run_dir / name).is_file()
     )
     page = f"""<!doctype html><html><head><meta charset="utf-8"><title>busdx report</title>
