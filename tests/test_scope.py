@@ -9,7 +9,7 @@ from PIL import Image
 
 from busdx.cli import main
 from busdx.inference import load_model, predict_files
-from busdx.scope import scope_distances
+from busdx.scope import image_checks, scope_distances
 from busdx.synthetic import write_synthetic_dataset
 
 from conftest import train_run
@@ -19,6 +19,19 @@ def test_distance_is_the_mahalanobis_distance():
     scope = {"mean": torch.tensor([1.0, 2.0]), "precision": torch.tensor([[4.0, 0.0], [0.0, 1.0]])}
     distances = scope_distances(scope, torch.tensor([[1.0, 2.0], [2.0, 2.0], [1.0, 5.0]]))
     assert np.allclose(distances, [0.0, 2.0, 3.0])
+
+
+def test_pixel_checks_name_what_no_scan_looks_like():
+    rng = np.random.default_rng(0)
+    scan = Image.fromarray(rng.integers(0, 200, (200, 300), dtype=np.uint8)).convert("RGB")
+    assert image_checks(scan) == []
+    assert image_checks(Image.new("RGB", (1, 1))) == ["too small for a scan (1x1 px)"]
+    assert image_checks(Image.new("L", (400, 40), 90)) == [
+        "extreme aspect ratio (400x40 px)",
+        "a nearly uniform image",
+    ]
+    photo = Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8))
+    assert image_checks(photo) == ["a colour image (B-mode ultrasound is greyscale)"]
 
 
 def _out_of_scope_images(folder):
@@ -62,3 +75,6 @@ def test_predict_writes_the_out_of_scope_column(guarded_run, tmp_path):
                  "--no-progress"]) == 0  # fmt: skip
     rows = list(csv.DictReader(out.open()))
     assert [r["out_of_scope"] for r in rows] == ["True"] * len(odd)
+    reasons = {r["path"].rsplit("/", 1)[-1]: r["scope_reason"] for r in rows}
+    assert reasons["one-pixel.png"].startswith("too small for a scan (1x1 px)")
+    assert "extreme aspect ratio" in reasons["strip.png"]

@@ -30,7 +30,7 @@ from busdx.errors import CheckpointError, ConfigError, DataError, ImageDecodeErr
 from busdx.fileio import atomic_path
 from busdx.imaging import is_image_file, load_image
 from busdx.models import BinaryClassifier, Ensemble, create_model
-from busdx.scope import SCOPE_KEY, scope_distances
+from busdx.scope import SCOPE_KEY, image_checks, scope_distances
 from busdx.training import MODEL_FILE, resolve_device
 from busdx.transforms import Preprocessing, build_eval_transform
 
@@ -124,10 +124,26 @@ class LoadedModel:
         """Raw log-odds of the positive class for a batch of preprocessed images."""
         return self.predict(images)[0]
 
-    def out_of_scope(self, distance: float | None) -> bool | None:
-        """Whether an out-of-scope distance is beyond the guard's threshold."""
+    def scope_reason(self, checks: list[str], distance: float | None) -> str | None:
+        """Why an input is out of scope (None: it is not, or there is no way to tell).
+
+        ``checks`` are :func:`busdx.scope.image_checks` of the image; ``distance`` its feature
+        distance, compared with the guard's threshold when the model has one.
+        """
         scope = self.metadata.get(SCOPE_KEY)
-        return None if distance is None or scope is None else bool(distance > scope["threshold"])
+        reasons = list(checks)
+        if distance is not None and scope is not None and distance > scope["threshold"]:
+            reasons.append(
+                f"unlike the training images (distance {distance:.1f} > {scope['threshold']:.1f})"
+            )
+        return "; ".join(reasons) or None
+
+    def out_of_scope(self, checks: list[str], distance: float | None) -> bool | None:
+        """Whether an input is out of scope; None when the model has no guard and the image
+        passes the pixel checks (nothing is known either way)."""
+        if self.scope_reason(checks, distance):
+            return True
+        return None if distance is None or SCOPE_KEY not in self.metadata else False
 
 
 def load_model(path: str | Path, *, device: str = "auto", backend: str = "torch") -> LoadedModel:
@@ -224,6 +240,7 @@ PREDICTION_FIELDS = [
     "label",
     "threshold",
     "out_of_scope",
+    "scope_reason",
     "error",
 ]
 
@@ -239,7 +256,9 @@ class Prediction:
     error: str | None = None
     logit: float | None = None  # before temperature scaling
     out_of_scope: bool | None = None  # unlike the training images (None: no guard)
+    scope_reason: str | None = None
     scope_distance: float | None = None
+    checks: list[str] = field(default_factory=list)  # busdx.scope.image_checks of the image
 
     def to_dict(self) -> dict[str, Any]:
         """The row as written by ``busdx predict`` (keys: ``PREDICTION_FIELDS``)."""
@@ -250,6 +269,7 @@ class Prediction:
             "label": self.label,
             "threshold": self.threshold,
             "out_of_scope": self.out_of_scope,
+            "scope_reason": self.scope_reason,
             "error": self.error,
         }
 
@@ -287,8 +307,11 @@ def predict_files(
         tensors, rows = [], []
         for path in batch:
             try:
-                tensors.append(transform(load_image(path)))
-                rows.append(Prediction(str(path), None, None, threshold))
+                image = load_image(path)
+                tensors.append(transform(image))
+                rows.append(
+                    Prediction(str(path), None, None, threshold, checks=image_checks(image))
+                )
             except ImageDecodeError as exc:
                 logger.warning("%s", exc)
                 rows.append(Prediction(str(path), None, None, threshold, error=str(exc)))
@@ -301,7 +324,8 @@ def predict_files(
             if row.error is None:
                 row.logit, row.probability, row.scope_distance = next(scores)
                 row.label = loaded.label(row.probability, threshold)
-                row.out_of_scope = loaded.out_of_scope(row.scope_distance)
+                row.out_of_scope = loaded.out_of_scope(row.checks, row.scope_distance)
+                row.scope_reason = loaded.scope_reason(row.checks, row.scope_distance)
             bar.update()
             yield row
     bar.close()

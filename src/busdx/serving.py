@@ -43,6 +43,7 @@ from busdx.explain import explain_image
 from busdx.imaging import decode_image
 from busdx.inference import LoadedModel, load_model
 from busdx.runs import load_run
+from busdx.scope import image_checks
 from busdx.transforms import build_eval_transform
 
 __all__ = ["ServeSettings", "check_bind", "create_app"]
@@ -226,14 +227,26 @@ def create_app(run: str | Path, settings: ServeSettings | None = None) -> FastAP
     def _predict(images: list[Any]) -> list[tuple[float, bool | None]]:
         batch = torch.stack([transform(image) for image in images])
         logits, distances = predictor.predict(batch)
-        flags = [predictor.out_of_scope(d) for d in distances] if distances is not None else None
-        return list(zip(predictor.probabilities(logits).tolist(), flags or [None] * len(logits),
-                        strict=True))  # fmt: skip
+        distances = [None] * len(images) if distances is None else distances.tolist()
+        return [
+            (probability, image_checks(image), distance)
+            for probability, image, distance in zip(
+                predictor.probabilities(logits).tolist(), images, distances, strict=True
+            )
+        ]
 
-    def _row(name: str, probability: float, out_of_scope: bool | None = None) -> dict[str, Any]:
+    def _row(
+        name: str,
+        probability: float,
+        checks: list[str] | None = None,
+        distance: float | None = None,
+    ) -> dict[str, Any]:
+        checks = checks or []
         return {"filename": name, "probability_malignant": round(probability, 6),
                 "label": predictor.label(probability), "threshold": predictor.threshold,
-                "out_of_scope": out_of_scope, "error": None}  # fmt: skip
+                "out_of_scope": predictor.out_of_scope(checks, distance),
+                "scope_reason": predictor.scope_reason(checks, distance),
+                "error": None}  # fmt: skip
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     async def index() -> HTMLResponse:
@@ -269,12 +282,12 @@ def create_app(run: str | Path, settings: ServeSettings | None = None) -> FastAP
                 first_error = first_error or exc
                 rows.append({"filename": name, "probability_malignant": None, "label": None,
                              "threshold": predictor.threshold, "out_of_scope": None,
-                             "error": exc.detail})  # fmt: skip
+                             "scope_reason": None, "error": exc.detail})  # fmt: skip
         if not images:
             raise first_error
         results = await gate.run(_predict, [image for _, image in images])
-        for (index, _), (probability, flag) in zip(images, results, strict=True):
-            rows[index] = _row(rows[index]["filename"], probability, flag)
+        for (index, _), result in zip(images, results, strict=True):
+            rows[index] = _row(rows[index]["filename"], *result)
         elapsed = (time.perf_counter() - started) * 1000
         return {"predictions": rows, "timing_ms": round(elapsed, 1), "backend": predictor.backend}
 
@@ -293,7 +306,7 @@ def create_app(run: str | Path, settings: ServeSettings | None = None) -> FastAP
         result = await gate.run(explain_image, explainer, image)
         buffer = io.BytesIO()
         result.overlay.save(buffer, format="PNG")
-        row = _row(name, result.probability) | {"label": result.label}
+        row = _row(name, result.probability, image_checks(image)) | {"label": result.label}
         if format == "json":
             encoded = base64.b64encode(buffer.getvalue()).decode("ascii")
             elapsed = (time.perf_counter() - started) * 1000
