@@ -217,7 +217,7 @@ def test_report_of_an_unfinished_run_is_a_user_error(trained_run, tmp_path, caps
     unfinished = shutil.copytree(trained_run, tmp_path / "unfinished")
     (unfinished / "metrics.json").unlink()
     assert main(["report", str(unfinished)]) == 2
-    assert "finish training first" in capsys.readouterr().err
+    assert "finish training, or evaluate it first" in capsys.readouterr().err
 
 
 def test_uncalibrated_model_still_works_and_says_so(trained_run, tmp_path, capsys):
