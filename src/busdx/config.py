@@ -31,6 +31,11 @@ __all__ = [
 ]
 
 
+POOLINGS = ("flatten", "avg", "avgmax")  # model.pooling
+CROPS = ("none", "content")  # data.crop
+RESIZES = ("squash", "pad")  # data.resize
+
+
 @dataclass
 class ModelConfig:
     """Network: registered backbone, its pretrained weights and the classification head."""
@@ -153,12 +158,12 @@ class Config:
                 f"data.classes ({self.data.classes}): list the negative class first",
             ),
             (
-                self.data.crop in {"none", "content"} and self.data.resize in {"squash", "pad"},
+                self.data.crop in CROPS and self.data.resize in RESIZES,
                 f"data.crop must be none or content and data.resize squash or pad, got "
                 f"{self.data.crop!r} and {self.data.resize!r}",
             ),
             (
-                self.model.pooling in {"flatten", "avg", "avgmax"} and self.model.hidden_units >= 0,
+                self.model.pooling in POOLINGS and self.model.hidden_units >= 0,
                 f"model.pooling must be flatten, avg or avgmax (got {self.model.pooling!r}) and "
                 f"model.hidden_units >= 0 (0: a linear head)",
             ),

@@ -19,7 +19,7 @@ from torch import nn
 from torch.nn import functional as F
 from torchvision.models import vgg16 as tv_vgg16
 
-from busdx.config import ModelConfig
+from busdx.config import POOLINGS, ModelConfig
 from busdx.errors import ConfigError, UnknownModelError, WeightsError
 from busdx.fileio import sha256_file
 from busdx.transforms import Preprocessing
@@ -168,9 +168,6 @@ class WeightsInfo:
     sha256: str | None
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
-
-
-POOLINGS = ("flatten", "avg", "avgmax")
 
 
 class GlobalPool(nn.Module):

@@ -167,17 +167,23 @@ def cross_validate(
         logits += [float(r.get("logit") or "nan") for r in rows]
         fold_of += [fold] * len(rows)
     y_true_array, logits_array = np.array(y_true), np.array(logits)
-    summary = _summarise(
-        config, per_fold, y_true_array, np.array(y_prob), np.array(decisions), out_dir
-    )
-    if np.isnan(logits_array).any():
+    crossfit = not np.isnan(logits_array).any()
+    if not crossfit:
         logger.warning("fold predictions without logits (an older busdx): no cross-fitted model")
-        return summary
-    summary["crossfit"] = leave_one_fold_out_threshold(
-        config, y_true_array, logits_array, np.array(fold_of)
+    extra = (
+        {
+            "crossfit": leave_one_fold_out_threshold(
+                config, y_true_array, logits_array, np.array(fold_of)
+            )
+        }
+        if crossfit
+        else {}
     )
-    atomic_write_text(out_dir / "cv_metrics.json", json.dumps(json_safe(summary), indent=2) + "\n")
-    write_crossfit_ensemble(config, dataset, out_dir, n_folds, y_true_array, logits_array)
+    summary = _summarise(
+        config, per_fold, y_true_array, np.array(y_prob), np.array(decisions), out_dir, extra
+    )
+    if crossfit:
+        write_crossfit_ensemble(config, dataset, out_dir, n_folds, y_true_array, logits_array)
     return summary
 
 
@@ -270,7 +276,7 @@ ENSEMBLE_METADATA = (
 FOLD_KEYS = SCORE_METRICS + DECISION_METRICS
 
 
-def _summarise(config, per_fold, y_true, y_prob, decisions, out_dir) -> dict[str, Any]:
+def _summarise(config, per_fold, y_true, y_prob, decisions, out_dir, extra) -> dict[str, Any]:
     settings = config.evaluate
     ci = dict(n_resamples=settings.n_bootstrap, level=settings.ci_level, seed=settings.seed)
     ranking = binary_metrics(y_true, y_prob)  # threshold-free metrics of the pooled scores
@@ -293,6 +299,7 @@ def _summarise(config, per_fold, y_true, y_prob, decisions, out_dir) -> dict[str
         "per_fold": table,
         "mean": {k: float(np.nanmean(np.array(v, dtype=float))) for k, v in table.items()},
         "sd": {k: float(np.nanstd(np.array(v, dtype=float), ddof=1)) for k, v in table.items()},
+        **extra,
     }
     atomic_write_text(out_dir / "cv_metrics.json", json.dumps(json_safe(summary), indent=2) + "\n")
     plot_roc_curve(

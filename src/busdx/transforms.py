@@ -19,8 +19,6 @@ from torchvision.transforms import v2
 from busdx.config import AugmentConfig
 
 __all__ = [
-    "CROPS",
-    "RESIZES",
     "ContentCrop",
     "PadToSquare",
     "Preprocessing",
@@ -30,9 +28,7 @@ __all__ = [
     "content_box",
 ]
 
-CROPS = ("none", "content")
 INTENSITY_KEYS = ("gain", "contrast", "gamma", "speckle", "blur", "attenuation")
-RESIZES = ("squash", "pad")
 
 
 @dataclass(frozen=True)
