@@ -7,6 +7,7 @@ from PIL import Image
 
 from busdx.config import AugmentConfig, ModelConfig
 from busdx.errors import ConfigError, UnknownModelError, WeightsError
+from busdx.explain import grad_cam
 from busdx.models import create_model, list_models
 from busdx.transforms import build_eval_transform, build_train_transform
 from busdx.weights import get_weight_spec, resolve_weights_file
@@ -161,3 +162,27 @@ def test_efficientnet_lite0_imagenet_weights_fill_every_tensor():
     # the stem conv and the last BN's running variance, renamed into busdx's layout
     assert torch.equal(model.backbone[0][0].weight, state["_conv_stem.weight"])
     assert torch.equal(model.backbone[9].running_var, state["_bn1.running_var"])
+
+
+def test_multistage_pooling_concatenates_the_tapped_stages_and_the_last_map():
+    config = ModelConfig(name="efficientnet_lite0", weights="none", freeze_backbone=False,
+                         pooling="multistage", hidden_units=0, dropout=0.0)  # fmt: skip
+    model, _, _ = create_model(config, image_size=64)
+    model.eval()
+    assert model.head[-1].in_features == 112 + 192 + 1280
+    images = torch.randn(3, 3, 64, 64)
+    with torch.no_grad():
+        pooled = [model.backbone[: end + 1](images).mean(dim=(2, 3)) for end in (5, 6, 10)]
+        expected = model.head[-1](torch.cat(pooled, dim=1)).squeeze(1)
+        torch.testing.assert_close(model(images), expected)
+        _, logits = grad_cam(model, images)
+    torch.testing.assert_close(logits, expected)
+
+
+def test_multistage_pooling_refuses_taps_inside_the_frozen_backbone():
+    with pytest.raises(ConfigError, match="trainable_blocks"):
+        create_model(ModelConfig(weights="none", pooling="multistage"), image_size=64)
+    model, _, _ = create_model(
+        ModelConfig(weights="none", pooling="multistage", trainable_blocks=3), image_size=64
+    )
+    assert model.head[1].in_features == 256 + 512 + 512  # pool3, pool4 and pool5 outputs

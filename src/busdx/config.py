@@ -31,7 +31,7 @@ __all__ = [
 ]
 
 
-POOLINGS = ("flatten", "avg", "avgmax")  # model.pooling
+POOLINGS = ("flatten", "avg", "avgmax", "multistage")  # model.pooling
 CROPS = ("none", "content")  # data.crop
 RESIZES = ("squash", "pad")  # data.resize
 
@@ -44,7 +44,7 @@ class ModelConfig:
     weights: str = "imagenet"  # "imagenet", "none" or a path to a state_dict file
     freeze_backbone: bool = True
     trainable_blocks: int = 0  # with a frozen backbone: its last blocks still trained
-    pooling: str = "flatten"  # "flatten" (the recipe), "avg" or "avgmax" (global pooling)
+    pooling: str = "flatten"  # "flatten" (the recipe), "avg"/"avgmax" (global), "multistage"
     hidden_units: int = 512  # 0: a linear head
     dropout: float = 0.5
 
@@ -164,8 +164,8 @@ class Config:
             ),
             (
                 self.model.pooling in POOLINGS and self.model.hidden_units >= 0,
-                f"model.pooling must be flatten, avg or avgmax (got {self.model.pooling!r}) and "
-                f"model.hidden_units >= 0 (0: a linear head)",
+                f"model.pooling must be one of {', '.join(POOLINGS)} (got "
+                f"{self.model.pooling!r}) and model.hidden_units >= 0 (0: a linear head)",
             ),
             (self.train.epochs >= 1, f"train.epochs must be >= 1, got {self.train.epochs}"),
             (

@@ -47,10 +47,13 @@ def grad_cam(
     target = _target_end(model.backbone)
     model.eval()
     with torch.no_grad():
-        activations = model.backbone[:target](images.contiguous(memory_format=torch.channels_last))
+        activations, tapped = model.run_backbone(
+            images.contiguous(memory_format=torch.channels_last), 0, target
+        )
     activations = activations.detach().requires_grad_(True)
     with torch.enable_grad():
-        logits = model.head(model.backbone[target:](activations)).squeeze(1)
+        maps, more = model.run_backbone(activations, target)
+        logits = model.classify(maps, tapped + more)
         sign = torch.where(logits.detach() >= threshold_logit, 1.0, -1.0)
         (gradients,) = torch.autograd.grad((sign * logits).sum(), activations)
     weights = gradients.mean(dim=(2, 3), keepdim=True)

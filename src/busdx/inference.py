@@ -115,8 +115,8 @@ class LoadedModel:
         if scope is None:
             return self.model(images).cpu(), None
         first, *others = getattr(self.model, "members", [self.model])
-        maps = first.features(images)
-        logits = torch.stack([first.head(maps).squeeze(1), *(m(images) for m in others)])
+        maps, tapped = first.run_backbone(first.stem(images), first.stem_layers)
+        logits = torch.stack([first.classify(maps, tapped), *(m(images) for m in others)])
         distances = scope_distances(scope, maps.float().mean(dim=(2, 3)))
         return logits.mean(dim=0).cpu(), distances
 

@@ -47,8 +47,9 @@ def register_backbone(
 
     The extractor is an ``nn.Sequential`` split into blocks, so that ``model.trainable_blocks``
     can leave the last blocks trainable: blocks end with a max-pool layer, or the builder lists
-    the first layer of each block in a ``block_starts`` attribute. ``adapt_weights`` renames the
-    keys of a pretrained weights file into the extractor's layout.
+    the first layer of each block in a ``block_starts`` attribute. A ``feature_taps`` attribute
+    lists the layers whose outputs ``model.pooling: multistage`` pools beside the last one.
+    ``adapt_weights`` renames the keys of a pretrained weights file into the extractor's layout.
     """
 
     def decorator(builder: Callable[[], nn.Module]) -> Callable[[], nn.Module]:
@@ -68,7 +69,9 @@ def list_models() -> list[str]:
 @register_backbone("vgg16")
 def vgg16_features() -> nn.Module:
     """VGG16's 13 conv layers and 5 max-pools (torchvision key layout); output stride 32."""
-    return tv_vgg16(weights=None).features
+    features = tv_vgg16(weights=None).features
+    features.feature_taps = (16, 23)  # after pool3 and pool4, for multistage pooling
+    return features
 
 
 class SameConv2d(nn.Conv2d):
@@ -157,6 +160,7 @@ def efficientnet_lite0_features() -> nn.Sequential:
     layers += [*_conv_bn(cin, 1280, 1), nn.ReLU6()]
     backbone = nn.Sequential(*layers)
     backbone.block_starts = [0, 3, 4, 5, 7]
+    backbone.feature_taps = (5, 6)  # stages 5 and 6 (112 and 192 channels) for multistage pooling
     return backbone
 
 
@@ -183,7 +187,8 @@ class GlobalPool(nn.Module):
 
 
 def _head(n_features: int, pooling: str, hidden_units: int, dropout: float) -> nn.Sequential:
-    pool = nn.Flatten() if pooling == "flatten" else GlobalPool(pooling)
+    pools = {"flatten": nn.Flatten(), "multistage": nn.Identity()}  # multistage: pooled already
+    pool = pools.get(pooling) or GlobalPool(pooling)
     if hidden_units == 0:  # a linear model of the (pooled) features
         return nn.Sequential(pool, nn.Dropout(dropout), nn.Linear(n_features, 1))
     return nn.Sequential(
@@ -200,7 +205,9 @@ class BinaryClassifier(nn.Module):
 
     The recipe's head is Flatten -> Linear(hidden) -> ReLU -> Dropout -> Linear(1); ``pooling``
     ``avg`` or ``avgmax`` pools each feature map to one value first (512 or 1280 inputs instead
-    of 25,088), and ``hidden_units=0`` makes the head linear (Dropout -> Linear(1)).
+    of 25,088), ``multistage`` concatenates the global averages of the last feature map and of
+    the backbone's ``feature_taps`` (earlier, finer stages), and ``hidden_units=0`` makes the
+    head linear (Dropout -> Linear(1)).
 
     The backbone may be frozen up to a layer (``freeze_backbone``): its frozen layers are the
     *stem*, whose output (``stem``) does not change during training and can be cached, and
@@ -222,9 +229,18 @@ class BinaryClassifier(nn.Module):
                 f"model.pooling must be one of {', '.join(POOLINGS)}, got {pooling!r}"
             )
         self.backbone = backbone
+        self.taps = tuple(getattr(backbone, "feature_taps", ())) if pooling == "multistage" else ()
+        if pooling == "multistage" and not self.taps:
+            raise ConfigError("model.pooling multistage needs a backbone with feature_taps")
         with torch.no_grad():
-            shape = backbone.eval()(torch.zeros(1, 3, image_size, image_size)).shape[1:]
-        n_features = {"flatten": shape.numel(), "avg": shape[0], "avgmax": 2 * shape[0]}[pooling]
+            backbone.eval()
+            maps, tapped = self.run_backbone(torch.zeros(1, 3, image_size, image_size))
+        n_features = {
+            "flatten": maps[0].numel(),
+            "avg": maps.shape[1],
+            "avgmax": 2 * maps.shape[1],
+            "multistage": maps.shape[1] + sum(t.shape[1] for t in tapped),
+        }[pooling]
         self.head = _head(n_features, pooling, hidden_units, dropout)
         self.stem_layers = 0  # backbone layers frozen
 
@@ -241,7 +257,13 @@ class BinaryClassifier(nn.Module):
                 f"model.trainable_blocks must be between 0 and {len(starts) - 1} for this "
                 f"backbone, got {trainable_blocks}"
             )
-        self.stem_layers = starts[-trainable_blocks] if trainable_blocks else len(self.backbone)
+        stem_layers = starts[-trainable_blocks] if trainable_blocks else len(self.backbone)
+        if self.taps and min(self.taps) < stem_layers:
+            raise ConfigError(
+                "model.pooling multistage pools layers inside the frozen part of the backbone; "
+                "raise model.trainable_blocks or set model.freeze_backbone false"
+            )
+        self.stem_layers = stem_layers
         self.backbone.requires_grad_(True)
         self.backbone[: self.stem_layers].requires_grad_(False)
         self.train(self.training)
@@ -259,13 +281,31 @@ class BinaryClassifier(nn.Module):
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self.backbone_frozen):
             return self.backbone[: self.stem_layers](images)
 
+    def run_backbone(
+        self, x: torch.Tensor, start: int = 0, stop: int | None = None
+    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Backbone layers ``start`` to ``stop`` (default: the end) on ``x``: their output, and
+        the outputs of the tapped layers among them (multistage pooling)."""
+        tapped = []
+        for index in range(start, len(self.backbone) if stop is None else stop):
+            x = self.backbone[index](x)
+            if index in self.taps:
+                tapped.append(x)
+        return x, tapped
+
+    def classify(self, maps: torch.Tensor, tapped: list[torch.Tensor]) -> torch.Tensor:
+        """Pooling and head on the last feature maps (and the tapped ones): one logit each."""
+        if self.taps:
+            maps = torch.cat([m.mean(dim=(2, 3)) for m in (*tapped, maps)], dim=1)
+        return self.head(maps).squeeze(1)
+
     def from_stem(self, stem_output: torch.Tensor) -> torch.Tensor:
         """Trainable backbone layers and head: stem output -> one logit per image."""
-        return self.head(self.backbone[self.stem_layers :](stem_output)).squeeze(1)
+        return self.classify(*self.run_backbone(stem_output, self.stem_layers))
 
     def features(self, images: torch.Tensor) -> torch.Tensor:
         """Output of the whole backbone."""
-        return self.backbone[self.stem_layers :](self.stem(images))
+        return self.run_backbone(self.stem(images), self.stem_layers)[0]
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.from_stem(self.stem(images))
