@@ -64,7 +64,7 @@ def main() -> None:
             f"evaluate.threshold_confidence={confidence}",
         ]
         settings = apply_overrides(config, overrides)
-        busi = leave_one_fold_out_threshold(settings, y_cv, z_cv, folds)
+        busi, _ = leave_one_fold_out_threshold(settings, y_cv, z_cv, folds)
         row = {
             "confidence": confidence,
             "busi_lofo": {k: busi[k] for k in ("sensitivity", "specificity")},

@@ -52,6 +52,7 @@ from busdx.runs import (
     create_run_dir,
     load_run,
     prepare_dataset,
+    run_sources,
     samples_for_split,
     save_config,
     save_run,
@@ -103,7 +104,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         config, info = load_run(run_dir)
         config = apply_overrides(config, _overrides(args))
         config.data.split_file = str(run_dir / SPLIT_FILE)
-        dataset = prepare_dataset(config, args.data or info["data_root"])
+        dataset = prepare_dataset(config, args.data or run_sources(info))
         save_config(run_dir, config)  # overrides such as more epochs are recorded
     else:
         if not args.data:
@@ -141,7 +142,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     run_dir = Path(args.run)
     config, info = load_run(run_dir)
     dataset = samples_for_split(run_dir, config, info, args.data, args.split)
-    site = args.site or dataset.root.name
+    site = args.site or dataset.site
     name = f"{site}-{args.split}" + ("-onnx" if args.backend == "onnx" else "")
     out = Path(args.out) if args.out else run_dir / "eval" / name
     loaded = load_model(run_dir, device=args.device, backend=args.backend)
@@ -165,7 +166,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     run_dir = Path(args.run)
     config, info = load_run(run_dir)
     dataset = samples_for_split(run_dir, config, info, args.data, args.split)
-    site = args.site or dataset.root.name
+    site = args.site or dataset.site
     out = Path(args.out) if args.out else run_dir.with_name(f"{run_dir.name}-{site}")
     create_run_dir(out, config.recipe)  # refuses an existing run directory
     config = apply_overrides(config, list(args.set or []))
@@ -323,7 +324,12 @@ def cmd_cv(args: argparse.Namespace) -> int:
     out.mkdir(parents=True, exist_ok=True)
     save_config(out, config)
     summary = cross_validate(
-        config, dataset, out, n_folds=args.folds, progress=not args.no_progress
+        config,
+        dataset,
+        out,
+        n_folds=args.folds,
+        group_by=args.group_by,
+        progress=not args.no_progress,
     )
     print(format_cv(summary))
     print(f"written to {out} (cv_metrics.json, cv_roc_curve.png, fold-*/)")
@@ -429,7 +435,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="train a model (default recipe: vgg16-frozen)",
         description="Train a model; writes a complete run directory.",
     )
-    train.add_argument("--data", help="dataset folder (train/validation/<class> or <class>/)")
+    train.add_argument(
+        "--data",
+        action="append",
+        help="dataset folder (train/validation/<class> "
+        "or <class>/); repeat it, optionally as NAME=DIR, for several sites",
+    )
     train.add_argument("--out", help="new run directory (default runs/<recipe>-<time>)")
     train.add_argument("--resume", metavar="RUNDIR", help="continue an interrupted run")
     add_config_options(train)
@@ -442,7 +453,12 @@ def build_parser() -> argparse.ArgumentParser:
         description="Evaluate a run's best model on labelled data.",
     )
     evaluate.add_argument("--run", required=True, metavar="RUNDIR")
-    evaluate.add_argument("--data", help="dataset folder (default: the run's own data)")
+    evaluate.add_argument(
+        "--data",
+        action="append",
+        help="dataset folder (default: the run's "
+        "own data); repeat it for several sites, scored site by site",
+    )
     evaluate.add_argument("--split", default="test", choices=["train", "val", "test", "all"])
     evaluate.add_argument("--out", help="output folder (default RUNDIR/eval/<site>-<split>)")
     evaluate.add_argument("--site", help="name of the images' site (default: the data folder's)")
@@ -570,8 +586,20 @@ def build_parser() -> argparse.ArgumentParser:
         description="Cross-validate a recipe with near-duplicate groups kept within one fold; "
         "re-running the same command resumes unfinished folds.",
     )
-    cv.add_argument("--data", required=True, help="dataset folder")
-    cv.add_argument("--folds", type=int, default=5)
+    cv.add_argument(
+        "--data",
+        required=True,
+        action="append",
+        help="dataset folder; repeat it, optionally as NAME=DIR, for several sites",
+    )
+    cv.add_argument(
+        "--group-by",
+        choices=("duplicates", "site"),
+        default="duplicates",
+        help="folds keep near-duplicate groups whole (default), or leave one site "
+        "out per fold (--folds is then the number of sites)",
+    )
+    cv.add_argument("--folds", type=int, default=5, help="number of folds (default 5)")
     cv.add_argument("--out", help="output folder (default runs/cv-<recipe>)")
     add_config_options(cv)
     common(cv)

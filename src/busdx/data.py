@@ -7,6 +7,10 @@ Two layouts are detected automatically:
 * class folders (the BUSI layout): ``DIR/<class>``; the split is drawn here, stratified by class
   with a fixed seed.
 
+Several folders can be combined, one per *site* (hospital, scanner), with :func:`scan_sites`:
+every image is tagged with its site, splits are drawn within each site, and paths are written
+relative to the folders' common parent so one split file covers all of them.
+
 Files with ``_mask`` in their name are segmentation masks and are never read as images; other
 folders (``masks/``) are ignored. Every image is decoded once while scanning, so a broken file is
 reported by name and left out instead of crashing training later. The dataset is never modified.
@@ -17,9 +21,10 @@ from __future__ import annotations
 import csv
 import io
 import logging
+import os
 from collections import Counter
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -38,6 +43,7 @@ __all__ = [
     "apply_split_file",
     "draw_split",
     "scan_dataset",
+    "scan_sites",
     "write_split_csv",
 ]
 
@@ -59,6 +65,7 @@ class Sample:
     class_folder: str  # the folder the image was found in ("normal" may be labelled benign)
     split: str | None = None
     group: int | None = None  # near-duplicate group: images of one group share a split
+    site: str = ""  # where the image comes from: its data folder's name, or the name given
 
 
 @dataclass
@@ -70,6 +77,12 @@ class LabelledDataset:
     class_names: list[str]
     samples: list[Sample]
     skipped: list[str]  # "path: reason" for files that could not be decoded
+    sites: dict[str, Path] = field(default_factory=dict)  # site name -> its data folder
+
+    @property
+    def site(self) -> str:
+        """The site's name, or the sites' names joined by ``+``."""
+        return "+".join(self.sites) or self.root.name
 
     def subset(self, split: str) -> list[Sample]:
         """Samples of one split ("train", "val", "test")."""
@@ -101,7 +114,7 @@ def _detect_layout(root: Path, folder_names: list[str]) -> str:
 
 
 def _scan_class_folders(
-    folder: Path, root: Path, class_folders: dict[str, int], split: str | None
+    folder: Path, root: Path, class_folders: dict[str, int], split: str | None, site: str
 ) -> tuple[list[Sample], list[str]]:
     samples, skipped = [], []
     children = _child_dirs(folder)
@@ -118,20 +131,28 @@ def _scan_class_folders(
                 logger.warning("skipping %s", exc)
                 continue
             relpath = path.relative_to(root).as_posix()
-            samples.append(Sample(path, relpath, label, sha256_file(path), class_dir.name, split))
+            samples.append(
+                Sample(path, relpath, label, sha256_file(path), class_dir.name, split, site=site)
+            )
     return samples, skipped
 
 
 def scan_dataset(
-    root: str | Path, class_names: Sequence[str], *, include_normal: bool = False
+    root: str | Path,
+    class_names: Sequence[str],
+    *,
+    include_normal: bool = False,
+    site: str | None = None,
 ) -> LabelledDataset:
     """Find and check every image under ``root``.
 
     ``class_names`` lists the negative class first and the positive class second. With
     ``include_normal``, images in ``normal/`` folders are labelled as the negative class.
+    ``site`` names where the images come from (default: the folder's name).
     Raises :class:`DataError` when the folder is missing, empty or lacks a class.
     """
     root = Path(root).expanduser().resolve()
+    site = site or root.name
     if not root.is_dir():
         raise DataError(f"data folder {root} does not exist")
     class_names = list(class_names)
@@ -145,16 +166,75 @@ def scan_dataset(
         for folder_name, path in _child_dirs(root).items():
             split = _SPLIT_FOLDERS.get(folder_name)
             if split is not None:
-                found, bad = _scan_class_folders(path, root, class_folders, split)
+                found, bad = _scan_class_folders(path, root, class_folders, split, site)
                 samples += found
                 skipped += bad
         if not any(s.split == "val" for s in samples):
             raise DataError(f"{root} has a train/ folder but no images in validation/ (or val/)")
     else:
-        samples, skipped = _scan_class_folders(root, root, class_folders, None)
-    dataset = LabelledDataset(root, layout, class_names, samples, skipped)
+        samples, skipped = _scan_class_folders(root, root, class_folders, None, site)
+    dataset = LabelledDataset(root, layout, class_names, samples, skipped, {site: root})
     _check_classes(dataset)
     return dataset
+
+
+def parse_source(source: str | Path) -> tuple[str | None, Path]:
+    """``DIR`` or ``NAME=DIR`` (a site name for the folder) -> (name or None, folder)."""
+    text = str(source)
+    name, sep, folder = text.partition("=")
+    if sep and name and "/" not in name and not Path(text).exists():
+        return name, Path(folder)
+    return None, Path(text)
+
+
+def scan_sites(
+    sources: Sequence[str | Path], class_names: Sequence[str], *, include_normal: bool = False
+) -> LabelledDataset:
+    """Find the images of one or more data folders, each one site.
+
+    A source is ``DIR`` (the site is named after the folder) or ``NAME=DIR``. With several
+    sites, every site must have the same layout, and sample paths are relative to the folders'
+    common parent (``busi/benign/x.png``) so that one split file covers them all.
+    """
+    if not sources:
+        raise DataError("no data folder given; pass --data DIR (repeat it for several sites)")
+    parts = [
+        scan_dataset(folder, class_names, include_normal=include_normal, site=name)
+        for name, folder in map(parse_source, sources)
+    ]
+    if len(parts) == 1:
+        return parts[0]
+    names = [part.site for part in parts]
+    roots = [part.root for part in parts]
+    if len(set(names)) < len(names):
+        raise DataError(
+            f"two data folders share the site name {Counter(names).most_common(1)[0][0]!r}; "
+            "name them: --data NAME=DIR"
+        )
+    common = Path(os.path.commonpath(roots))
+    if common in roots:
+        raise DataError(
+            f"data folders must be distinct and not inside one another; {common} is given "
+            "twice or holds another"
+        )
+    layouts = {part.layout for part in parts}
+    if len(layouts) > 1:
+        raise DataError(
+            "the data folders mix layouts (pre-split and class folders); give them one layout"
+        )
+    samples = [
+        replace(sample, relpath=sample.path.relative_to(common).as_posix())
+        for part in parts
+        for sample in part.samples
+    ]
+    return LabelledDataset(
+        common,
+        layouts.pop(),
+        list(class_names),
+        sorted(samples, key=lambda s: s.relpath),
+        [line for part in parts for line in part.skipped],
+        dict(zip(names, roots, strict=True)),
+    )
 
 
 def _check_classes(dataset: LabelledDataset) -> None:
@@ -182,9 +262,23 @@ def draw_split(
     ``groups`` (one id per sample, e.g. near-duplicate groups from the audit) keeps every group
     in a single split; a group counts for the class most of its images have. Within each class
     the groups are shuffled with a seeded generator and dealt to test, then val, until each holds
-    its fraction of the class's images (at least one group each), the rest to train.
+    its fraction of the class's images (at least one group each), the rest to train. Samples of
+    several sites are split site by site.
     """
     groups = list(range(len(samples))) if groups is None else list(groups)
+    sites = sorted({s.site for s in samples})
+    if len(sites) > 1:  # each site split on its own, so that every split holds each site
+        drawn = [
+            draw_split(
+                [s for s in samples if s.site == site],
+                val_fraction=val_fraction,
+                test_fraction=test_fraction,
+                seed=seed,
+                groups=[g for s, g in zip(samples, groups, strict=True) if s.site == site],
+            )
+            for site in sites
+        ]
+        return sorted((s for part in drawn for s in part), key=lambda s: s.relpath)
     members: dict[int, list[Sample]] = {}
     for sample, group in sorted(zip(samples, groups, strict=True), key=lambda p: p[0].relpath):
         members.setdefault(group, []).append(replace(sample, group=group))
@@ -225,13 +319,14 @@ def draw_split(
 
 
 def write_split_csv(dataset: LabelledDataset, path: str | Path) -> None:
-    """Save ``path,label,split,group,sha256`` rows, one per image, for audit and re-use."""
+    """Save ``path,label,split,group,sha256,site`` rows, one per image, for audit and re-use."""
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(["path", "label", "split", "group", "sha256"])
+    writer.writerow(["path", "label", "split", "group", "sha256", "site"])
     for s in dataset.samples:
         group = "" if s.group is None else s.group
-        writer.writerow([s.relpath, dataset.class_names[s.label], s.split or "", group, s.sha256])
+        label = dataset.class_names[s.label]
+        writer.writerow([s.relpath, label, s.split or "", group, s.sha256, s.site])
     atomic_write_text(path, buffer.getvalue())
 
 

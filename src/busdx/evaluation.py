@@ -173,6 +173,13 @@ def evaluate_samples(
             "epoch": loaded.metadata.get("epoch"),
         },
     }
+    sites = np.array([s.site for s in samples])
+    if len(set(sites)) > 1:  # several sites: each one's own table, never only the pooled one
+        result["per_site"] = {
+            site: _metrics_with_ci(y_true[mask], y_prob[mask], threshold, settings)
+            for site in sorted(set(sites))
+            for mask in [sites == site]
+        }
     if reader_ranks is not None:
         result["readers"] = compare_with_readers(
             y_true,
@@ -188,7 +195,7 @@ def evaluate_samples(
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
     writer.writerow(
-        ["path", "label", "probability_malignant", "predicted", "logit", "out_of_scope"]
+        ["path", "label", "probability_malignant", "predicted", "logit", "out_of_scope", "site"]
     )
     for sample, score, logit, flag in zip(samples, y_prob, logits, flags, strict=True):
         writer.writerow(
@@ -199,6 +206,7 @@ def evaluate_samples(
                 names[int(score >= threshold)],
                 f"{logit:.6f}",
                 "" if flag is None else flag,
+                sample.site,
             ]
         )
     atomic_write_text(out_dir / "predictions.csv", buffer.getvalue())
@@ -265,6 +273,12 @@ def format_metrics(result: dict[str, Any]) -> str:
         )
     if result.get("out_of_scope_rate") is not None:
         lines.append(f"  flagged out of scope {result['out_of_scope_rate']:.1%} of the images")
+    for site, row in result.get("per_site", {}).items():
+        lines.append(
+            f"  site {site} (n={row['n']}): ROC AUC {_with_ci(row, 'roc_auc')}; at the model's "
+            f"threshold sensitivity {_with_ci(row, 'sensitivity')}, specificity "
+            f"{_with_ci(row, 'specificity')}"
+        )
     if "readers" in result:
         lines += _format_readers(result["readers"])
     return "\n".join(lines)

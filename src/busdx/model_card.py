@@ -142,7 +142,7 @@ def _model_card(facts: dict[str, Any]) -> str:
         ),
         "",
         "## Data and split",
-        f"- Data: `{info['data_root']}` ({info['layout']} layout); {counts}.",
+        f"- Data: {_data_sources(info)} ({info['layout']} layout); {counts}.",
         f"- Near-duplicate groups kept within one split: {facts['duplicate_groups']} groups holding"
         f" {facts['images_in_groups']} images (see `split.csv`, column `group`).",
         f"- Unreadable files left out: {len(info['skipped_files'])}.",
@@ -233,3 +233,10 @@ figure{{display:inline-block;margin:8px;vertical-align:top}}img{{max-width:520px
     atomic_write_text(card_path, card)
     atomic_write_text(report_path, page)
     return report_path, card_path
+
+
+def _data_sources(info: dict[str, Any]) -> str:
+    sites = info.get("sites") or {}
+    if len(sites) < 2:
+        return f"`{info['data_root']}`"
+    return f"{len(sites)} sites: " + ", ".join(f"{n} (`{root}`)" for n, root in sites.items())

@@ -52,7 +52,7 @@ def train_and_evaluate(
     """Train (or resume), plot the curves, calibrate on val, evaluate on test (val if none)."""
     logger.info(
         "data %s (%s): %s",
-        dataset.root,
+        ", ".join(map(str, dataset.sites.values())) or dataset.root,
         dataset.layout,
         "; ".join(f"{split} {row}" for split, row in sorted(dataset.counts().items())),
     )
@@ -88,19 +88,37 @@ def train_and_evaluate(
         split=split,
         data_root=dataset.root,
         settings=config.evaluate,
+        site=dataset.site,
         progress=progress,
     )
 
 
-def assign_folds(dataset: LabelledDataset, n_folds: int, seed: int) -> list[int]:
-    """Fold of each sample: stratified by class, near-duplicate groups kept in one fold."""
+def assign_folds(
+    dataset: LabelledDataset, n_folds: int, seed: int, *, group_by: str = "duplicates"
+) -> list[int]:
+    """Fold of each sample.
+
+    ``group_by="duplicates"``: stratified by class (and site, with several), near-duplicate
+    groups kept in one fold. ``group_by="site"``: one fold per site (leave one site out);
+    ``n_folds`` must then equal the number of sites.
+    """
+    sites = list(dataset.sites) or [""]
+    site_index = np.array([sites.index(s.site) if s.site in sites else 0 for s in dataset.samples])
+    if group_by == "site":
+        if len(sites) < 2 or n_folds != len(sites):
+            raise DataError(
+                f"leave-one-site-out needs at least two sites and --folds equal to their number "
+                f"(got {len(sites)} site(s), --folds {n_folds}); repeat --data for each site"
+            )
+        return site_index.tolist()
     labels = np.array([s.label for s in dataset.samples])
+    strata = labels + 2 * site_index  # the classes of each site spread over the folds
     groups = np.array([i if s.group is None else s.group for i, s in enumerate(dataset.samples)])
     if min(np.bincount(labels, minlength=2)) < n_folds:
         raise DataError(f"each class needs at least {n_folds} images for {n_folds} folds")
     folds = np.zeros(len(labels), dtype=int)
     splitter = StratifiedGroupKFold(n_splits=n_folds, shuffle=True, random_state=seed)
-    for fold, (_, test_index) in enumerate(splitter.split(labels, labels, groups)):
+    for fold, (_, test_index) in enumerate(splitter.split(labels, strata, groups)):
         folds[test_index] = fold
     return folds.tolist()
 
@@ -129,24 +147,28 @@ def cross_validate(
     out_dir: Path,
     *,
     n_folds: int = 5,
+    group_by: str = "duplicates",
     progress: bool = True,
 ) -> dict[str, Any]:
-    """Grouped, stratified k-fold cross-validation; per-fold and pooled metrics with CIs.
+    """Grouped, stratified k-fold (or leave-one-site-out) cross-validation; per-fold, pooled
+    and per-site metrics with CIs.
 
-    Near-duplicate groups stay within one fold. Each fold trains on the other folds (minus a
-    grouped validation split used for checkpoint selection, calibration and the threshold) and
-    is tested once. Folds with a ``metrics.json`` are skipped, so an interrupted run resumes.
+    Near-duplicate groups stay within one fold (``group_by="site"``: each fold is one site).
+    Each fold trains on the other folds (minus a grouped validation split used for checkpoint
+    selection, calibration and the threshold) and is tested once. Folds with a
+    ``metrics.json`` are skipped, so an interrupted run resumes.
     """
     out_dir.mkdir(parents=True, exist_ok=True)
-    folds = assign_folds(dataset, n_folds, config.train.seed)
+    folds = assign_folds(dataset, n_folds, config.train.seed, group_by=group_by)
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(["path", "label", "group", "fold"])
+    writer.writerow(["path", "label", "group", "fold", "site"])
     for sample, fold in zip(dataset.samples, folds, strict=True):
-        writer.writerow([sample.relpath, dataset.class_names[sample.label], sample.group, fold])
+        label = dataset.class_names[sample.label]
+        writer.writerow([sample.relpath, label, sample.group, fold, sample.site])
     atomic_write_text(out_dir / "folds.csv", buffer.getvalue())
 
-    per_fold, y_true, y_prob, decisions, logits, fold_of = [], [], [], [], [], []
+    per_fold, y_true, y_prob, decisions, logits, fold_of, paths = [], [], [], [], [], [], []
     for fold in range(n_folds):
         fold_dir = out_dir / f"fold-{fold}"
         fold_data = _fold_dataset(dataset, folds, fold, config)
@@ -166,22 +188,22 @@ def cross_validate(
         decisions += [float(r["predicted"] == dataset.class_names[1]) for r in rows]
         logits += [float(r.get("logit") or "nan") for r in rows]
         fold_of += [fold] * len(rows)
+        paths += [r["path"] for r in rows]
     y_true_array, logits_array = np.array(y_true), np.array(logits)
+    decided = {"each fold at its own threshold": np.array(decisions)}
     crossfit = not np.isnan(logits_array).any()
-    if not crossfit:
+    extra: dict[str, Any] = {"group_by": group_by}
+    if crossfit:
+        extra["crossfit"], decided["cross-fitted threshold"] = leave_one_fold_out_threshold(
+            config, y_true_array, logits_array, np.array(fold_of)
+        )
+    else:
         logger.warning("fold predictions without logits (an older busdx): no cross-fitted model")
-    extra = (
-        {
-            "crossfit": leave_one_fold_out_threshold(
-                config, y_true_array, logits_array, np.array(fold_of)
-            )
-        }
-        if crossfit
-        else {}
-    )
-    summary = _summarise(
-        config, per_fold, y_true_array, np.array(y_prob), np.array(decisions), out_dir, extra
-    )
+    site_of = {s.relpath: s.site for s in dataset.samples}
+    sites = np.array([site_of.get(path, "") for path in paths])
+    if len(set(sites)) > 1:
+        extra["per_site"] = _per_site(config, sites, y_true_array, np.array(y_prob), decided)
+    summary = _summarise(config, per_fold, y_true_array, np.array(y_prob), decided, out_dir, extra)
     if crossfit:
         write_crossfit_ensemble(config, dataset, out_dir, n_folds, y_true_array, logits_array)
     return summary
@@ -189,9 +211,12 @@ def cross_validate(
 
 def leave_one_fold_out_threshold(
     config: Config, y_true: np.ndarray, logits: np.ndarray, fold_of: np.ndarray
-) -> dict[str, Any]:
+) -> tuple[dict[str, Any], np.ndarray]:
     """How the cross-fitted threshold keeps its promise, honestly: each fold is decided with the
-    temperature and threshold fitted on the other folds' out-of-fold predictions."""
+    temperature and threshold fitted on the other folds' out-of-fold predictions.
+
+    Returns the summary (sensitivity, specificity with CIs, each fold's threshold) and each
+    image's decision (1: called positive)."""
     called = np.zeros(len(y_true))
     thresholds = []
     for fold in np.unique(fold_of):
@@ -204,7 +229,7 @@ def leave_one_fold_out_threshold(
     decided = binary_metrics(y_true, called)
     decided_ci = bootstrap_ci(y_true, called, threshold=0.5, n_resamples=settings.n_bootstrap,
                               level=settings.ci_level, seed=settings.seed)  # fmt: skip
-    return {
+    summary = {
         "policy": settings.threshold_policy,
         "target_sensitivity": settings.target_sensitivity,
         "threshold_confidence": settings.threshold_confidence,
@@ -213,6 +238,35 @@ def leave_one_fold_out_threshold(
         "ci": {key: decided_ci[key] for key in DECISION_METRICS},
         "confusion": decided["confusion"],
     }
+    return summary, called
+
+
+def _per_site(
+    config: Config,
+    sites: np.ndarray,
+    y_true: np.ndarray,
+    y_prob: np.ndarray,
+    decided: dict[str, np.ndarray],
+) -> dict[str, Any]:
+    """Each site's ranking (AUC with CI) and each decision rule's sensitivity and specificity."""
+    settings = config.evaluate
+    ci = dict(n_resamples=settings.n_bootstrap, level=settings.ci_level, seed=settings.seed)
+    table = {}
+    for site in sorted(set(sites)):
+        mask = sites == site
+        ranking = binary_metrics(y_true[mask], y_prob[mask])
+        ranking_ci = bootstrap_ci(y_true[mask], y_prob[mask], threshold=0.5, **ci)
+        row: dict[str, Any] = {
+            "n": int(mask.sum()),
+            "n_positive": int(y_true[mask].sum()),
+            **{key: ranking[key] for key in SCORE_METRICS},
+            "ci": {key: ranking_ci[key] for key in SCORE_METRICS},
+        }
+        for rule, calls in decided.items():
+            metrics = binary_metrics(y_true[mask], calls[mask])
+            row[rule] = {key: metrics[key] for key in ("sensitivity", "specificity")}
+        table[site] = row
+    return table
 
 
 def write_crossfit_ensemble(
@@ -276,7 +330,8 @@ ENSEMBLE_METADATA = (
 FOLD_KEYS = SCORE_METRICS + DECISION_METRICS
 
 
-def _summarise(config, per_fold, y_true, y_prob, decisions, out_dir, extra) -> dict[str, Any]:
+def _summarise(config, per_fold, y_true, y_prob, decided, out_dir, extra) -> dict[str, Any]:
+    decisions = decided["each fold at its own threshold"]
     settings = config.evaluate
     ci = dict(n_resamples=settings.n_bootstrap, level=settings.ci_level, seed=settings.seed)
     ranking = binary_metrics(y_true, y_prob)  # threshold-free metrics of the pooled scores
@@ -341,4 +396,16 @@ def format_cv(summary: dict[str, Any]) -> str:
             lines.append(
                 f"  {key:<18} {fit[key]:.3f} [{ci[key]['low']:.3f}, {ci[key]['high']:.3f}]"
             )
+    for site, row in summary.get("per_site", {}).items():
+        auc = row["ci"]["roc_auc"]
+        rules = "; ".join(
+            f"{rule}: sensitivity {row[rule]['sensitivity']:.3f}, specificity "
+            f"{row[rule]['specificity']:.3f}"
+            for rule in ("each fold at its own threshold", "cross-fitted threshold")
+            if rule in row
+        )
+        lines.append(
+            f"site {site} (n={row['n']}, {row['n_positive']} positive): ROC AUC "
+            f"{row['roc_auc']:.3f} [{auc['low']:.3f}, {auc['high']:.3f}]; {rules}"
+        )
     return "\n".join(lines)

@@ -6,6 +6,7 @@ import json
 import logging
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -15,7 +16,7 @@ import yaml
 from busdx import __version__
 from busdx.audit import audit_dataset
 from busdx.config import Config, config_from_dict
-from busdx.data import LabelledDataset, apply_split_file, draw_split, scan_dataset, write_split_csv
+from busdx.data import LabelledDataset, apply_split_file, draw_split, scan_sites, write_split_csv
 from busdx.errors import CheckpointError, DataError, RunDirError
 from busdx.fileio import atomic_write_text
 
@@ -25,6 +26,7 @@ __all__ = [
     "create_run_dir",
     "load_run",
     "prepare_dataset",
+    "run_sources",
     "samples_for_split",
     "save_config",
     "save_run",
@@ -50,16 +52,15 @@ def create_run_dir(out: str | Path | None, recipe: str) -> Path:
 
 
 def prepare_dataset(
-    config: Config, data_root: str | Path, *, progress: bool = False
+    config: Config, sources: str | Path | Sequence[str | Path], *, progress: bool = False
 ) -> LabelledDataset:
-    """Scan the data and assign splits: from a split file, the folders, or a seeded draw.
+    """Scan the data (one folder, or one per site) and assign splits: from a split file, the
+    folders, or a seeded draw (within each site).
 
     With ``data.group_duplicates`` (default) a drawn split keeps near-duplicate groups whole, and
     a given split (folders or split file) is checked for duplicates across splits: a warning.
     """
-    dataset = scan_dataset(
-        data_root, config.data.classes, include_normal=config.data.include_normal
-    )
+    dataset = _scan(config, sources)
     if config.data.split_file:
         dataset = apply_split_file(dataset, config.data.split_file)
     if not config.data.group_duplicates:
@@ -92,6 +93,19 @@ def prepare_dataset(
     return dataset
 
 
+def _scan(config: Config, sources: str | Path | Sequence[str | Path]) -> LabelledDataset:
+    sources = [sources] if isinstance(sources, str | Path) else list(sources)
+    return scan_sites(sources, config.data.classes, include_normal=config.data.include_normal)
+
+
+def run_sources(info: dict[str, Any]) -> list[str]:
+    """The data folders a run was made from, as ``NAME=DIR`` sources (see ``scan_sites``)."""
+    sites = info.get("sites") or {}
+    if not sites:  # runs made before sites were recorded
+        return [info["data_root"]]
+    return [f"{name}={root}" for name, root in sites.items()]
+
+
 def save_config(run_dir: Path, config: Config) -> None:
     """Write the resolved config as ``config.yaml``."""
     atomic_write_text(run_dir / CONFIG_FILE, yaml.safe_dump(config.to_dict(), sort_keys=False))
@@ -103,6 +117,7 @@ def save_run(run_dir: Path, config: Config, dataset: LabelledDataset) -> None:
     write_split_csv(dataset, run_dir / SPLIT_FILE)
     info = {
         "data_root": str(dataset.root),
+        "sites": {name: str(root) for name, root in dataset.sites.items()},
         "layout": dataset.layout,
         "counts": dataset.counts(),
         "skipped_files": dataset.skipped,
@@ -126,16 +141,22 @@ def load_run(run_dir: str | Path) -> tuple[Config, dict[str, Any]]:
 
 
 def samples_for_split(
-    run_dir: Path, config: Config, info: dict[str, Any], data_root: str | Path | None, split: str
+    run_dir: Path,
+    config: Config,
+    info: dict[str, Any],
+    data: str | Path | Sequence[str | Path] | None,
+    split: str,
 ) -> LabelledDataset:
-    """The dataset to evaluate, split as the run split it when it is the run's own data.
+    """The dataset to evaluate (``data``: one folder or several sites; default the run's own),
+    split as the run split it when it is the run's own data.
 
     For other data: a pre-split dataset keeps its folders; a class-folder dataset has no split,
     so it must be evaluated whole with ``split='all'``.
     """
-    root = Path(data_root or info["data_root"]).expanduser().resolve()
-    dataset = scan_dataset(root, config.data.classes, include_normal=config.data.include_normal)
-    if str(root) == info["data_root"]:
+    dataset = _scan(config, data or run_sources(info))
+    root = dataset.root
+    own = {str(path) for path in dataset.sites.values()}
+    if own == set((info.get("sites") or {"": info["data_root"]}).values()):
         dataset = apply_split_file(dataset, run_dir / SPLIT_FILE)
     if split == "all":
         return dataset
