@@ -2,11 +2,15 @@
 
 import csv
 import json
+import math
 import shutil
 
+import numpy as np
 import pytest
 import torch
+from sklearn.linear_model import LogisticRegression
 
+from busdx.adaptation import fit_anchored_layer
 from busdx.cli import main
 
 from conftest import FAST, train_run
@@ -134,3 +138,48 @@ def test_report_of_a_run_without_its_own_test_split(run_and_site, tmp_path):
     card = (ensemble_like / "MODEL_CARD.md").read_text()
     assert "## Performance on hospital all split (n = 24" in card
     assert "ROC curve (hospital-all)" in (ensemble_like / "report.html").read_text()
+
+
+def test_anchored_layer_matches_logistic_regression_and_stays_at_its_anchor():
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(80, 5))
+    y = (x[:, 0] + 0.5 * rng.normal(size=80) > 0).astype(int)
+    c = 0.5  # sklearn's objective / (C n) is ours with anchor 0 and strength 1 / (C n)
+    w, b = fit_anchored_layer(x, y, np.zeros(5), 0.0, strength=1 / (c * len(x)))
+    reference = LogisticRegression(C=c, tol=1e-10, max_iter=10_000).fit(x, y)
+    np.testing.assert_allclose(w, reference.coef_[0], atol=1e-4)
+    assert b == pytest.approx(reference.intercept_[0], abs=1e-4)
+    anchor = np.array([-1.0, 2.0, 0.0, 0.5, 3.0])
+    assert fit_anchored_layer(x, y, anchor, 0.2, math.inf) == (anchor, 0.2)
+    held, _ = fit_anchored_layer(x, y, anchor, 0.0, strength=1e4)
+    np.testing.assert_allclose(held, anchor, atol=1e-3)
+
+
+def test_refitting_the_head_locally_learns_a_site_that_labels_the_other_way(
+    run_and_site, tmp_path, capsys
+):
+    """A site that labels the other way (classes swapped): temperature and threshold cannot
+    change how the model ranks its cases, a refitted last layer can."""
+    run, site = run_and_site
+    flipped = tmp_path / "flipped"
+    shutil.copytree(site / "benign", flipped / "malignant")
+    shutil.copytree(site / "malignant", flipped / "benign")
+    evaluate = ["evaluate", "--data", str(flipped), "--split", "all", "--no-progress"]
+    assert main([*evaluate, "--run", str(run), "--out", str(tmp_path / "before")]) == 0
+    before = json.loads((tmp_path / "before" / "metrics.json").read_text())["roc_auc"]
+    out = tmp_path / "refit"
+    args = ["calibrate", "--run", str(run), "--data", str(flipped), "--out", str(out),
+            "--refit-head", "--no-progress"]  # fmt: skip
+    assert main(args) == 0
+    assert "last layer refitted" in capsys.readouterr().out
+    payload = torch.load(out / "model.pt", weights_only=True)
+    refit = payload["head_refit"]
+    assert not refit["kept_trained_head"] and refit["cases"] == {"n": 24, "n_positive": 12}
+    chosen = refit["out_of_fold"][str(refit["strength"])]
+    assert chosen["nll"] < refit["out_of_fold"]["inf"]["nll"]
+    original = torch.load(run / "model.pt", weights_only=True)["state_dict"]
+    changed = [k for k, v in payload["state_dict"].items() if not torch.equal(v, original[k])]
+    assert changed == ["head.4.weight", "head.4.bias"]  # only the last layer moved
+    assert main([*evaluate, "--run", str(out), "--out", str(tmp_path / "after")]) == 0
+    after = json.loads((tmp_path / "after" / "metrics.json").read_text())["roc_auc"]
+    assert after > max(before, 0.9)  # scored on the cases it was refitted on

@@ -174,13 +174,22 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         shutil.copyfile(run_dir / name, out / name)
     save_config(out, config)
     info["calibrated"] = {"from_run": str(run_dir.resolve()), "data": str(dataset.root),
-                          "site": site, "split": args.split, "n": len(dataset.samples)}  # fmt: skip
+                          "site": site, "split": args.split, "n": len(dataset.samples),
+                          "head_refitted": args.refit_head}  # fmt: skip
     atomic_write_text(out / INFO_FILE, json.dumps(info, indent=2) + "\n")
     loaded = load_model(out, device=args.device)
     fitted = calibrate_model(out, loaded, dataset.samples, config.evaluate,
                              source=f"site {site}: {len(dataset.samples)} labelled cases",
-                             progress=not args.no_progress)  # fmt: skip
+                             refit=args.refit_head, progress=not args.no_progress)  # fmt: skip
     cases = fitted["calibration_cases"]
+    if args.refit_head:
+        refit = fitted["head_refit"]
+        print(
+            "head: kept as trained (refitting did not help out of fold)"
+            if refit["kept_trained_head"]
+            else f"head: last layer refitted (anchor strength {refit['strength']:g}, chosen by "
+            f"{refit['folds']}-fold cross-validation over the cases)"
+        )
     print(
         f"calibrated on {cases['n']} cases of {site} ({cases['n_positive']} positive): "
         f"temperature {fitted['temperature']:.3f}, threshold {fitted['threshold']:.3f} "
@@ -488,6 +497,12 @@ def build_parser() -> argparse.ArgumentParser:
     calibrate.add_argument("--site", help="the site's name (default: the data folder's)")
     calibrate.add_argument("--out", help="new run directory (default RUNDIR-<site>)")
     calibrate.add_argument("--device", default="auto")
+    calibrate.add_argument(
+        "--refit-head",
+        action="store_true",
+        help="also refit the head's last layer on these cases, anchored to the trained one "
+        "(strength chosen by cross-validation; threshold from out-of-fold scores)",
+    )
     calibrate.add_argument(
         "--set", action="append", metavar="KEY=VALUE", help="e.g. evaluate.target_sensitivity=0.98"
     )

@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from busdx.adaptation import refit_head
 from busdx.calibration import apply_temperature, fit_operating_points
 from busdx.config import EvaluateConfig
 from busdx.data import Sample
@@ -62,19 +63,27 @@ def calibrate_model(
     settings: EvaluateConfig,
     *,
     source: str = "validation split",
+    refit: bool = False,
     progress: bool = True,
 ) -> dict[str, Any]:
     """Fit temperature and thresholds on ``val_samples``; store them in ``run_dir/model.pt``.
 
     After training these are the validation split's images; ``busdx calibrate`` passes a new
-    site's own labelled cases (``source`` then says so).
+    site's own labelled cases (``source`` then says so). With ``refit`` the head's last layer
+    is refitted on them too (:func:`busdx.adaptation.refit_head`; cross-fitted threshold).
     """
     labels = np.array([s.label for s in val_samples])
-    fitted = fit_operating_points(
-        file_logits(loaded, [s.path for s in val_samples], progress=progress), labels, settings
-    )
+    paths = [s.path for s in val_samples]
+    updates = {}
+    if refit:
+        fitted, updates["state_dict"] = refit_head(
+            loaded, paths, labels, settings, progress=progress
+        )
+    else:
+        fitted = fit_operating_points(file_logits(loaded, paths, progress=progress), labels,
+                                      settings)  # fmt: skip
     fitted["calibration_source"] = source
-    update_model_metadata(run_dir / MODEL_FILE, fitted)
+    update_model_metadata(run_dir / MODEL_FILE, {**fitted, **updates})
     loaded.metadata.update(fitted)
     return fitted
 
