@@ -30,7 +30,13 @@ from busdx.errors import DataError
 from busdx.inference import LoadedModel, file_logits
 from busdx.metrics import roc_auc
 
-__all__ = ["STRENGTHS", "fit_anchored_layer", "refit_head"]
+__all__ = [
+    "STRENGTHS",
+    "fit_anchored_layer",
+    "fit_local_head",
+    "last_layer_features",
+    "refit_head",
+]
 
 STRENGTHS = (math.inf, 3.0, 1.0, 0.3, 0.1, 0.03, 0.01)  # inf: keep the trained head
 
@@ -89,36 +95,46 @@ def _member_logits(features, labels, heads, strength, train=None, test=None) -> 
     return np.mean(logits, axis=0)
 
 
-def refit_head(
-    loaded: LoadedModel,
-    paths: Sequence[Path],
-    labels: Sequence[int],
+Head = tuple[np.ndarray, float]  # (weights, bias) of one member's last linear layer
+
+
+def last_layer_features(
+    loaded: LoadedModel, paths: Sequence[Path], *, progress: bool = True
+) -> tuple[list[np.ndarray], list[Head]]:
+    """What each member's last linear layer receives for each file (n, d), and its weights."""
+    if loaded.model is None:
+        raise DataError("refitting the head needs the torch model (model.pt), not ONNX")
+    with _last_layer_inputs(loaded.model) as captured:
+        file_logits(loaded, list(paths), progress=progress)
+    features = [torch.cat(parts).numpy().astype(float) for parts in captured]
+    heads = [
+        (layer.weight.detach().cpu().double().numpy()[0], float(layer.bias.detach().cpu()))
+        for layer in _last_layers(loaded.model)
+    ]
+    return features, heads
+
+
+def _last_layers(model: torch.nn.Module) -> list[torch.nn.Linear]:
+    return [member.head[-1] for member in getattr(model, "members", [model])]
+
+
+def fit_local_head(
+    features: list[np.ndarray],
+    heads: list[Head],
+    labels: np.ndarray,
     settings: EvaluateConfig,
     *,
     folds: int = 5,
     strengths: Sequence[float] = STRENGTHS,
-    progress: bool = True,
-) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Refit the last layer of ``loaded``'s head (each ensemble member's) on labelled files.
-
-    Returns the operating points fitted on the out-of-fold logits of the chosen strength
-    (as :func:`busdx.calibration.fit_operating_points`, with a ``head_refit`` record) and the
-    model's new ``state_dict``. The model in ``loaded`` is updated in place.
-    """
-    if loaded.model is None:
-        raise DataError("refitting the head needs the torch model (model.pt), not ONNX")
+) -> tuple[dict[str, Any], list[Head]]:
+    """Choose the anchor strength by k-fold CV over the cases (out-of-fold NLL after temperature
+    scaling), fit the operating points on that strength's out-of-fold logits, and refit every
+    member's last layer on all cases. Returns the operating points (with a ``head_refit``
+    record) and the new heads."""
     labels = np.asarray(labels, dtype=int)
     k = min(folds, int(labels.sum()), int(len(labels) - labels.sum()))
     if k < 2:
         raise DataError("refitting the head needs at least 2 cases of each class")
-    with _last_layer_inputs(loaded.model) as captured:
-        file_logits(loaded, list(paths), progress=progress)
-    features = [torch.cat(parts).numpy().astype(float) for parts in captured]
-    layers = [member.head[-1] for member in getattr(loaded.model, "members", [loaded.model])]
-    heads = [
-        (layer.weight.detach().cpu().double().numpy()[0], float(layer.bias.detach().cpu()))
-        for layer in layers
-    ]
     folding = StratifiedKFold(k, shuffle=True, random_state=settings.seed)
     splits = list(folding.split(labels, labels))
     candidates = {}
@@ -131,10 +147,6 @@ def refit_head(
         candidates[strength] = (nll, oof)
     chosen = min(candidates, key=lambda s: (candidates[s][0], -s))  # ties: the stronger anchor
     fitted = fit_operating_points(candidates[chosen][1], labels, settings)
-    for layer, x, (weight, bias) in zip(layers, features, heads, strict=True):
-        w, b = fit_anchored_layer(x, labels, weight, bias, chosen)
-        layer.weight.data = torch.as_tensor(w, dtype=layer.weight.dtype)[None].to(layer.weight)
-        layer.bias.data = torch.as_tensor([b], dtype=layer.bias.dtype).to(layer.bias)
     fitted["head_refit"] = {
         "strength": None if math.isinf(chosen) else chosen,
         "kept_trained_head": math.isinf(chosen),
@@ -145,5 +157,30 @@ def refit_head(
             for s, (nll, oof) in candidates.items()
         },
     }
+    refitted = [
+        fit_anchored_layer(x, labels, weight, bias, chosen)
+        for x, (weight, bias) in zip(features, heads, strict=True)
+    ]
+    return fitted, refitted
+
+
+def refit_head(
+    loaded: LoadedModel,
+    paths: Sequence[Path],
+    labels: Sequence[int],
+    settings: EvaluateConfig,
+    *,
+    progress: bool = True,
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Refit the last layer of ``loaded``'s head (each ensemble member's) on labelled files.
+
+    Returns the operating points of :func:`fit_local_head` and the model's new ``state_dict``.
+    The model in ``loaded`` is updated in place.
+    """
+    features, heads = last_layer_features(loaded, paths, progress=progress)
+    fitted, refitted = fit_local_head(features, heads, np.asarray(labels), settings)
+    for layer, (w, b) in zip(_last_layers(loaded.model), refitted, strict=True):
+        layer.weight.data = torch.as_tensor(w[None]).to(layer.weight)
+        layer.bias.data = torch.as_tensor([b]).to(layer.bias)
     state = {key: value.cpu() for key, value in loaded.model.state_dict().items()}
     return fitted, state
