@@ -1,4 +1,5 @@
-"""Screen frozen-feature levers cheaply: backbone, pooling, geometry and test-time flips.
+"""Screen frozen-feature levers cheaply: backbone, pooling, geometry, annotation masking and
+test-time flips.
 
 Each variant extracts frozen ImageNet features once per image (and its mirror image) of BUSI
 (benign + malignant) and of the external site, then fits the same regularised logistic
@@ -22,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -46,7 +48,13 @@ TAPS = {
     "vgg16": {"flatten5": "flatten", "gap5": (30,), "gap345": (16, 23, 30)},
     "efficientnet_lite0": {"gap": (10,), "gap_multi": (5, 6, 10)},
 }
-GEOMETRIES = {"squash": ("none", "squash"), "pad": ("none", "pad"), "crop": ("content", "squash")}
+# geometry / preprocessing variant -> the Preprocessing fields it changes
+GEOMETRIES = {
+    "squash": {},
+    "pad": {"resize": "pad"},
+    "crop": {"crop": "content"},
+    "mask": {"annotations": "mask"},
+}
 BASELINE = "vgg16/flatten5/squash"
 
 
@@ -57,9 +65,7 @@ def extract(backbone: str, geometry: str, paths: list[Path], cache: Path) -> dic
     if target.is_file():
         return dict(np.load(target))
     model, _, prep = create_model(ModelConfig(name=backbone), image_size=224)
-    crop, resize = GEOMETRIES[geometry]
-    transform = build_eval_transform(prep.__class__(**{**prep.__dict__, "crop": crop,
-                                                        "resize": resize}))  # fmt: skip
+    transform = build_eval_transform(replace(prep, **GEOMETRIES[geometry]))
     model.eval()
     taps = TAPS[backbone]
     wanted = sorted({i for layers in taps.values() if layers != "flatten" for i in layers})

@@ -1,15 +1,19 @@
-"""Geometry (content crop, aspect-keeping pad) and ultrasound intensity augmentation."""
+"""Geometry (content crop, aspect-keeping pad), annotation masking and ultrasound intensity
+augmentation."""
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image, ImageDraw
+from scipy import ndimage
 
 from busdx.config import AugmentConfig
 from busdx.transforms import (
+    MaskAnnotations,
     PadToSquare,
     Preprocessing,
     UltrasoundIntensity,
+    annotation_mask,
     build_eval_transform,
     build_train_transform,
     content_box,
@@ -74,3 +78,37 @@ def test_each_intensity_option_switches_the_step_on(name):
     assert any(isinstance(step, UltrasoundIntensity) for step in steps)
     plain = build_train_transform(prep, AugmentConfig()).transforms
     assert not any(isinstance(step, UltrasoundIntensity) for step in plain)
+
+
+def _scan_with_calipers() -> tuple[Image.Image, np.ndarray]:
+    """Smooth speckle-like tissue with a white caliper cross, a dotted line and a text label."""
+    rng = np.random.default_rng(3)
+    tissue = ndimage.gaussian_filter(rng.normal(90, 30, (128, 128)), 1.5).clip(0, 255)
+    image = Image.fromarray(tissue.astype(np.uint8)).convert("RGB")
+    draw = ImageDraw.Draw(image)
+    draw.line([(30, 40), (40, 40)], fill="white")
+    draw.line([(35, 35), (35, 45)], fill="white")
+    for x in range(45, 100, 4):
+        draw.point((x, 60), fill="white")
+    draw.text((70, 100), "RT 2", fill="white")
+    drawn = np.asarray(image)[..., 0] > 240
+    return image, drawn
+
+
+def test_annotation_masking_paints_over_marks_and_leaves_the_tissue():
+    image, drawn = _scan_with_calipers()
+    marks = annotation_mask(image)
+    assert marks[drawn].all()  # every stroke found
+    assert marks.mean() < 0.1  # and not much else
+    cleaned = np.asarray(MaskAnnotations()(image))
+    assert cleaned[..., 0][drawn].max() < 200  # the strokes are gone
+    untouched = ~marks
+    assert np.array_equal(cleaned[untouched], np.asarray(image)[untouched])
+    plain = Image.fromarray(np.full((32, 32, 3), 90, np.uint8))
+    assert MaskAnnotations()(plain) is plain  # nothing to mask: the image itself
+    prep = Preprocessing(32, (0.0, 0.0, 0.0), (1.0, 1.0, 1.0), annotations="mask")
+    assert Preprocessing.from_dict(prep.to_dict()).annotations == "mask"
+    masked, kept = build_eval_transform(prep)(image), build_eval_transform(
+        Preprocessing(32, (0.0, 0.0, 0.0), (1.0, 1.0, 1.0))
+    )(image)
+    assert masked.max() < kept.max()

@@ -34,6 +34,7 @@ __all__ = [
 POOLINGS = ("flatten", "avg", "avgmax", "multistage")  # model.pooling
 CROPS = ("none", "content")  # data.crop
 RESIZES = ("squash", "pad")  # data.resize
+ANNOTATIONS = ("keep", "mask")  # data.annotations
 
 
 @dataclass
@@ -59,6 +60,7 @@ class DataConfig:
     image_size: int = 224
     crop: str = "none"  # "content": crop to the B-mode field (drop black margins and UI)
     resize: str = "squash"  # "squash" (the recipe) or "pad" (keep the aspect ratio)
+    annotations: str = "keep"  # "mask": paint over burned-in calipers, text and markers
     val_fraction: float = 0.15
     test_fraction: float = 0.15
     split_file: str | None = None  # re-use a split.csv instead of drawing a new split
@@ -161,6 +163,10 @@ class Config:
                 self.data.crop in CROPS and self.data.resize in RESIZES,
                 f"data.crop must be none or content and data.resize squash or pad, got "
                 f"{self.data.crop!r} and {self.data.resize!r}",
+            ),
+            (
+                self.data.annotations in ANNOTATIONS,
+                f"data.annotations must be keep or mask, got {self.data.annotations!r}",
             ),
             (
                 self.model.pooling in POOLINGS and self.model.hidden_units >= 0,

@@ -222,7 +222,8 @@ def fit(
         torch.set_num_threads(config.train.threads)
     torch.manual_seed(config.train.seed)
     model, weights, prep = create_model(config.model, image_size=config.data.image_size)
-    prep = replace(prep, crop=config.data.crop, resize=config.data.resize)
+    prep = replace(prep, crop=config.data.crop, resize=config.data.resize,
+                   annotations=config.data.annotations)  # fmt: skip
     model.to(device)
     metadata = model_metadata(config, weights, prep, dataset.class_names)
 

@@ -14,15 +14,18 @@ from typing import Any
 import numpy as np
 import torch
 from PIL import Image
+from scipy import ndimage
 from torchvision.transforms import v2
 
 from busdx.config import AugmentConfig
 
 __all__ = [
     "ContentCrop",
+    "MaskAnnotations",
     "PadToSquare",
     "Preprocessing",
     "UltrasoundIntensity",
+    "annotation_mask",
     "build_eval_transform",
     "build_train_transform",
     "content_box",
@@ -35,10 +38,12 @@ INTENSITY_KEYS = ("gain", "contrast", "gamma", "speckle", "blur", "attenuation")
 class Preprocessing:
     """How an 8-bit RGB image becomes the network's input.
 
-    Optionally crop to the scan's content (``crop="content"``, see :func:`content_box`), then
-    resize to ``image_size`` squared, either squashing the aspect ratio (``resize="squash"``,
-    the recipe) or padding the shorter side with black first (``"pad"``), then
-    ``(x - mean) / std`` with ``mean`` and ``std`` in 0..255 pixel units, per RGB channel.
+    Optionally paint over burned-in annotations (``annotations="mask"``, see
+    :func:`annotation_mask`), crop to the scan's content (``crop="content"``, see
+    :func:`content_box`), then resize to ``image_size`` squared, either squashing the aspect
+    ratio (``resize="squash"``, the recipe) or padding the shorter side with black first
+    (``"pad"``), then ``(x - mean) / std`` with ``mean`` and ``std`` in 0..255 pixel units,
+    per RGB channel.
     """
 
     image_size: int
@@ -47,6 +52,7 @@ class Preprocessing:
     interpolation: str = "bilinear"
     crop: str = "none"
     resize: str = "squash"
+    annotations: str = "keep"
 
     def to_dict(self) -> dict[str, Any]:
         """Plain dict for model files and JSON."""
@@ -62,6 +68,7 @@ class Preprocessing:
             interpolation=str(values.get("interpolation", "bilinear")),
             crop=str(values.get("crop", "none")),
             resize=str(values.get("resize", "squash")),
+            annotations=str(values.get("annotations", "keep")),
         )
 
 
@@ -92,6 +99,39 @@ def content_box(image: Image.Image, *, dark: int = 12, min_fill: float = 0.3) ->
     return (left, top, right, bottom)
 
 
+def annotation_mask(
+    image: Image.Image, *, contrast: float = 60, brightness: int = 190, grow: int = 2
+) -> np.ndarray:
+    """Where burned-in annotations probably are: a boolean (height, width) array.
+
+    Calipers, dotted measurement lines, text and markers are drawn in near-white, thin strokes:
+    a pixel is marked when it is brighter than ``brightness`` and than the median of its 7 x 7
+    neighbourhood by ``contrast``, or when it is coloured (an RGB spread above 40); the marks are
+    then grown by ``grow`` pixels to cover their anti-aliased edges. A heuristic: thin specular
+    reflections of tissue (skin line, Cooper's ligaments) can be marked too, and strokes blurred
+    by downscaling may be missed (see docs/levers.md for how it does on BUSI and BrEaST).
+    """
+    rgb = np.asarray(image.convert("RGB"), dtype=np.int16)
+    grey = np.asarray(image.convert("L"), dtype=np.float32)
+    bright = (grey > brightness) & (grey - ndimage.median_filter(grey, size=7) > contrast)
+    coloured = (rgb.max(axis=2) - rgb.min(axis=2)) > 40
+    return ndimage.binary_dilation(bright | coloured, iterations=grow)
+
+
+class MaskAnnotations(v2.Transform):
+    """Paint :func:`annotation_mask` pixels over with the grey median of their 11 x 11
+    neighbourhood (an inpainting that keeps the speckle's local brightness)."""
+
+    def forward(self, image: Image.Image) -> Image.Image:  # type: ignore[override]
+        marks = annotation_mask(image)
+        if not marks.any():
+            return image
+        grey = np.asarray(image.convert("L"))
+        pixels = np.asarray(image.convert("RGB")).copy()
+        pixels[marks] = ndimage.median_filter(grey, size=11)[marks][:, None]
+        return Image.fromarray(pixels)
+
+
 class ContentCrop(v2.Transform):
     """Crop a PIL image to :func:`content_box`."""
 
@@ -112,8 +152,11 @@ class PadToSquare(v2.Transform):
 
 
 def _geometry(prep: Preprocessing) -> list[v2.Transform]:
-    """PIL-level steps before the tensor conversion: content crop, aspect-keeping pad."""
+    """PIL-level steps before the tensor conversion: annotation masking, content crop,
+    aspect-keeping pad."""
     steps: list[v2.Transform] = []
+    if prep.annotations == "mask":
+        steps.append(MaskAnnotations())
     if prep.crop == "content":
         steps.append(ContentCrop())
     if prep.resize == "pad":
