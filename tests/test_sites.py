@@ -104,6 +104,9 @@ def test_training_on_two_sites_reports_each_site(two_sites, tmp_path, capsys):
     assert main(["evaluate", "--run", str(out), "--split", "test", "--no-progress"]) == 0
     again = json.loads((out / "eval" / "north+south-test" / "metrics.json").read_text())
     assert again["per_site"]["south"]["n"] == metrics["per_site"]["south"]["n"]
+    assert main(["report", str(out)]) == 0
+    card = (out / "MODEL_CARD.md").read_text()
+    assert "2 sites: north (" in card and "south (" in card
 
 
 def test_leave_one_site_out_cv_tests_each_site_with_a_model_that_never_saw_it(
