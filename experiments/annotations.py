@@ -10,7 +10,7 @@ Three measurements, with ``busdx.transforms.annotation_mask`` as the detector:
    only); pooled ROC AUC of both, paired bootstrap difference.
 3. The same for a run (e.g. the cross-fitted ensemble) on an external site.
 
-It also draws a figure of the detector on a few images of each site.
+It also draws a figure of the detector on generated scans with drawn annotations.
 
 Usage:
     python experiments/annotations.py --data ../shared/data/busi \\
@@ -28,13 +28,14 @@ from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageDraw
 
 from busdx.config import load_config
 from busdx.data import Sample, scan_dataset
 from busdx.imaging import load_image
 from busdx.inference import file_logits, load_model
 from busdx.metrics import bootstrap_ci, paired_bootstrap, roc_auc
+from busdx.synthetic import make_lesion_image
 from busdx.transforms import MaskAnnotations, annotation_mask
 
 
@@ -79,15 +80,24 @@ def compare(labels: np.ndarray, kept: np.ndarray, masked: np.ndarray) -> dict:
     }
 
 
-def figure(busi: list[Sample], site: list[Sample], out: Path) -> None:
-    """Three images of each site: as is (marks in red) and painted over."""
+def figure(out: Path) -> None:
+    """The detector on generated scans with drawn calipers, a dotted line and a label (no
+    patient image leaves ../shared): as drawn (marks in red), then painted over."""
     rows = []
-    for sample in busi[::180][:3] + site[::80][:3]:
-        image = load_image(sample.path).resize((256, 256))
-        marks = annotation_mask(image)
-        shown = np.asarray(image).copy()
+    for seed in range(3):
+        scan, (cy, cx) = make_lesion_image(bool(seed % 2), seed=seed)
+        scan = scan.convert("RGB")
+        draw = ImageDraw.Draw(scan)
+        for x, y in ((cx - 30, cy), (cx + 30, cy)):
+            draw.line([(x - 4, y), (x + 4, y)], fill="white")
+            draw.line([(x, y - 4), (x, y + 4)], fill="white")
+        for x in range(cx - 26, cx + 27, 4):
+            draw.point((x, cy), fill=(235, 235, 235))
+        draw.text((10, 230), "RT 10H 2CMFN", fill="white")
+        marks = annotation_mask(scan)
+        shown = np.asarray(scan).copy()
         shown[marks] = (255, 0, 0)
-        rows.append(np.concatenate([shown, np.asarray(MaskAnnotations()(image))], axis=1))
+        rows.append(np.concatenate([shown, np.asarray(MaskAnnotations()(scan))], axis=1))
     out.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(np.concatenate(rows, axis=0)).save(out)
 
@@ -99,7 +109,7 @@ def main() -> None:
     parser.add_argument("--cv", required=True, help="a busdx cv folder trained on --data")
     parser.add_argument("--run", required=True, help="a run to score the external site with")
     parser.add_argument("--out", required=True, help="JSON results")
-    parser.add_argument("--figure", help="PNG of the detector on a few images")
+    parser.add_argument("--figure", help="PNG of the detector on generated scans")
     args = parser.parse_args()
     classes = load_config().data.classes
     busi = scan_dataset(args.data, classes).samples
@@ -129,7 +139,7 @@ def main() -> None:
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps({k: v for k, v in result.items() if k != "command"}, indent=2))
     if args.figure:
-        figure(busi, site, Path(args.figure))
+        figure(Path(args.figure))
 
 
 if __name__ == "__main__":
