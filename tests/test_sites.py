@@ -130,6 +130,10 @@ def test_leave_one_site_out_cv_tests_each_site_with_a_model_that_never_saw_it(
     south_row = summary["per_site"]["south"]
     assert south_row["n"] == 16 and 0 <= south_row["roc_auc"] <= 1
     assert set(south_row) >= {"each fold at its own threshold", "cross-fitted threshold"}
+    regrouped = ["cv", "--data", str(north), "--data", str(south), "--folds", "2",
+                 "--out", str(out), "--epochs", "1", *FAST]  # fmt: skip
+    assert main(regrouped) != 0  # the same folder, partitioned another way: refused
+    assert "other folds" in capsys.readouterr().err
     three = ["cv", "--data", str(north), "--data", str(south), "--group-by", "site",
              "--folds", "3", "--out", str(tmp_path / "loso3"), *FAST]  # fmt: skip
     assert main(three) != 0

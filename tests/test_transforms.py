@@ -108,7 +108,8 @@ def test_annotation_masking_paints_over_marks_and_leaves_the_tissue():
     assert MaskAnnotations()(plain) is plain  # nothing to mask: the image itself
     prep = Preprocessing(32, (0.0, 0.0, 0.0), (1.0, 1.0, 1.0), annotations="mask")
     assert Preprocessing.from_dict(prep.to_dict()).annotations == "mask"
-    masked, kept = build_eval_transform(prep)(image), build_eval_transform(
-        Preprocessing(32, (0.0, 0.0, 0.0), (1.0, 1.0, 1.0))
-    )(image)
+    masked, kept = (
+        build_eval_transform(prep)(image),
+        build_eval_transform(Preprocessing(32, (0.0, 0.0, 0.0), (1.0, 1.0, 1.0)))(image),
+    )
     assert masked.max() < kept.max()

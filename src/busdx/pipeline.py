@@ -160,6 +160,7 @@ def cross_validate(
     """
     out_dir.mkdir(parents=True, exist_ok=True)
     folds = assign_folds(dataset, n_folds, config.train.seed, group_by=group_by)
+    _check_saved_folds(out_dir / "folds.csv", dataset, folds)
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
     writer.writerow(["path", "label", "group", "fold", "site"])
@@ -207,6 +208,21 @@ def cross_validate(
     if crossfit:
         write_crossfit_ensemble(config, dataset, out_dir, n_folds, y_true_array, logits_array)
     return summary
+
+
+def _check_saved_folds(path: Path, dataset: LabelledDataset, folds: list[int]) -> None:
+    """A resumed CV must partition the images as it did: else finished folds would be mixed
+    with folds of another partition (other --folds, --group-by or data)."""
+    if not path.is_file():
+        return
+    with path.open(newline="") as handle:
+        saved = {row["path"]: row["fold"] for row in csv.DictReader(handle)}
+    now = {s.relpath: str(f) for s, f in zip(dataset.samples, folds, strict=True)}
+    if saved != now:
+        raise DataError(
+            f"{path.parent} holds a cross-validation with other folds (another --folds, "
+            "--group-by or data); choose a new --out"
+        )
 
 
 def leave_one_fold_out_threshold(
