@@ -42,6 +42,9 @@ def test_cv_tests_each_image_once_keeps_groups_and_resumes(synthetic_data, tmp_p
     stamp = (out / "fold-1" / "metrics.json").stat().st_mtime_ns
     assert main(args) == 0  # resume: finished folds are not retrained
     assert (out / "fold-1" / "metrics.json").stat().st_mtime_ns == stamp
+    assert main(["compare", str(out), str(out), "--out", str(tmp_path / "same.json")]) == 0
+    same = json.loads((tmp_path / "same.json").read_text())  # every out-of-fold prediction
+    assert same["n"] == 24 and same["roc_auc"]["delta"] == 0
     crossfit = summary["crossfit"]
     assert len(crossfit["thresholds"]) == 3 and 0 <= crossfit["sensitivity"] <= 1
 

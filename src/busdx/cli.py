@@ -513,8 +513,9 @@ def build_parser() -> argparse.ArgumentParser:
         "compare",
         help="paired bootstrap of two models on the same images",
         description="Compare two evaluations of the same images (run directories, whose test "
-        "split is evaluated at their top, or folders from busdx evaluate): ROC AUC, sensitivity "
-        "and specificity of A minus B, with paired bootstrap CIs.",
+        "split is evaluated at their top, folders from busdx evaluate, or busdx cv folders, "
+        "pooled over their folds): ROC AUC, sensitivity and specificity of A minus B, with "
+        "paired bootstrap CIs.",
     )
     compare.add_argument("a", metavar="RUN_OR_EVAL_A")
     compare.add_argument("b", metavar="RUN_OR_EVAL_B")

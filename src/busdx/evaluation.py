@@ -313,7 +313,14 @@ def _format_readers(readers: dict[str, Any]) -> list[str]:
 
 
 def _read_predictions(folder: Path) -> tuple[dict[str, Any], dict[str, tuple[str, float, bool]]]:
-    """An evaluation's metrics and ``{path: (label, probability, called positive)}``."""
+    """An evaluation's metrics and ``{path: (label, probability, called positive)}``; for a
+    ``busdx cv`` folder, every fold's test predictions (each at its fold's threshold)."""
+    if (folder / "folds.csv").is_file():
+        parts = [_read_predictions(fold) for fold in sorted(folder.glob("fold-*"))]
+        if not parts:
+            raise DataError(f"{folder} holds no finished fold (fold-*/): finish the CV first")
+        rows = {path: row for _, fold_rows in parts for path, row in fold_rows.items()}
+        return {**parts[0][0], "split": "cv out-of-fold"}, rows
     metrics_path, predictions_path = folder / METRICS_FILE, folder / "predictions.csv"
     if not metrics_path.is_file() or not predictions_path.is_file():
         raise DataError(
@@ -339,10 +346,11 @@ def compare_evaluations(
     """Paired bootstrap of two models on the same images: ΔAUC and the difference in each
     decision metric at each model's own threshold (A - B).
 
-    Each folder is an evaluation written by ``busdx evaluate`` (or a run directory, whose test
-    evaluation is at its top); images are matched by path, and both must have scored the same
-    set. Resamples are drawn per case, the same for both models, so the shared difficulty of
-    the cases cancels out of the difference.
+    Each folder is an evaluation written by ``busdx evaluate``, a run directory (whose test
+    evaluation is at its top) or a ``busdx cv`` folder (its pooled out-of-fold predictions:
+    two CVs on the same folds compare paired); images are matched by path, and both must have
+    scored the same set. Resamples are drawn per case, the same for both models, so the shared
+    difficulty of the cases cancels out of the difference.
     """
     metrics_a, rows_a = _read_predictions(Path(folder_a))
     metrics_b, rows_b = _read_predictions(Path(folder_b))
