@@ -125,6 +125,8 @@ def test_leave_one_site_out_cv_tests_each_site_with_a_model_that_never_saw_it(
         trained = {r["site"] for r in split if r["split"] in ("train", "val")}
         assert trained == {"north", "south"} - {held_out}
         assert {r["site"] for r in split if r["split"] == "test"} == {held_out}
+        tested = json.loads((out / f"fold-{fold}" / "metrics.json").read_text())
+        assert tested["site"] == held_out
     summary = json.loads((out / "cv_metrics.json").read_text())
     assert summary["group_by"] == "site" and set(summary["per_site"]) == {"north", "south"}
     south_row = summary["per_site"]["south"]

@@ -81,14 +81,15 @@ def train_and_evaluate(
     loaded.metadata[SCOPE_KEY] = scope
     logger.info("out-of-scope guard: Mahalanobis distance above %.1f", scope["threshold"])
     split = "test" if dataset.subset("test") else "val"
+    tested = dataset.subset(split)
     return evaluate_samples(
         loaded,
-        dataset.subset(split),
+        tested,
         run_dir,
         split=split,
         data_root=dataset.root,
         settings=config.evaluate,
-        site=dataset.site,
+        site="+".join(n for n in dataset.sites if any(s.site == n for s in tested)) or None,
         progress=progress,
     )
 
