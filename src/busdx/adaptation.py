@@ -68,13 +68,13 @@ def fit_anchored_layer(
 @contextmanager
 def _last_layer_inputs(model: torch.nn.Module) -> Iterator[list[list[torch.Tensor]]]:
     """Record what each member's final linear layer receives while the model runs."""
-    members = getattr(model, "members", [model])
-    captured: list[list[torch.Tensor]] = [[] for _ in members]
+    layers = _last_layers(model)
+    captured: list[list[torch.Tensor]] = [[] for _ in layers]
     handles = [
-        member.head[-1].register_forward_hook(
+        layer.register_forward_hook(
             lambda _module, inputs, _output, store=store: store.append(inputs[0].float().cpu())
         )
-        for member, store in zip(members, captured, strict=True)
+        for layer, store in zip(layers, captured, strict=True)
     ]
     try:
         yield captured
@@ -83,11 +83,8 @@ def _last_layer_inputs(model: torch.nn.Module) -> Iterator[list[list[torch.Tenso
             handle.remove()
 
 
-def _member_logits(features, labels, heads, strength, train=None, test=None) -> np.ndarray:
+def _member_logits(features, labels, heads, strength, train, test) -> np.ndarray:
     """Mean over members of the refitted heads' logits on ``test`` (fitted on ``train``)."""
-    every = np.arange(len(labels))
-    train = every if train is None else train
-    test = every if test is None else test
     logits = []
     for x, (weight, bias) in zip(features, heads, strict=True):
         w, b = fit_anchored_layer(x[train], labels[train], weight, bias, strength)
