@@ -17,6 +17,7 @@ from busdx.transforms import (
     build_eval_transform,
     build_train_transform,
     content_box,
+    mask_annotations,
 )
 
 
@@ -106,6 +107,21 @@ def test_annotation_masking_paints_over_marks_and_leaves_the_tissue():
     assert np.array_equal(cleaned[untouched], np.asarray(image)[untouched])
     plain = Image.fromarray(np.full((32, 32, 3), 90, np.uint8))
     assert MaskAnnotations()(plain) is plain  # nothing to mask: the image itself
+
+
+def test_annotation_masking_remembers_results_by_content_within_its_budget():
+    image, _ = _scan_with_calipers()
+    masking = MaskAnnotations()
+    first = masking(image)
+    again = masking(image.copy())  # same pixels, another object: served from the cache
+    assert np.array_equal(np.asarray(first), np.asarray(again))
+    assert np.array_equal(np.asarray(again), np.asarray(mask_annotations(image)))
+    assert len(masking._cache) == 1
+    other = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    assert not np.array_equal(np.asarray(masking(other)), np.asarray(first))
+    no_room = MaskAnnotations(cache_bytes=0)
+    no_room(image)
+    assert no_room._cache == {}
     prep = Preprocessing(32, (0.0, 0.0, 0.0), (1.0, 1.0, 1.0), annotations="mask")
     assert Preprocessing.from_dict(prep.to_dict()).annotations == "mask"
     masked, kept = (
