@@ -8,7 +8,7 @@ from PIL import Image
 
 from busdx.cli import main
 
-from conftest import FAST, train_run
+from conftest import FAST, bomb_png, train_run
 
 
 @pytest.fixture(scope="module")
@@ -104,6 +104,7 @@ def test_predict_files_and_folders_with_a_bad_file(trained_run, synthetic_data, 
     folder.mkdir()
     Image.open(next((synthetic_data / "malignant").glob("*.png"))).save(folder / "good.png")
     (folder / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    (folder / "bomb.png").write_bytes(bomb_png())  # 30000 x 30000 pixels in ~100 KB
     single = next((synthetic_data / "benign").glob("*.png"))
     out = tmp_path / "pred.csv"
     assert (
@@ -122,8 +123,9 @@ def test_predict_files_and_folders_with_a_bad_file(trained_run, synthetic_data, 
         == 0
     )
     rows = {r["path"].rsplit("/", 1)[-1]: r for r in csv.DictReader(out.open())}
-    assert set(rows) == {"broken.png", "good.png", single.name}
+    assert set(rows) == {"bomb.png", "broken.png", "good.png", single.name}
     assert rows["broken.png"]["error"] and not rows["broken.png"]["probability_malignant"]
+    assert "900000000 pixels" in rows["bomb.png"]["error"]
     assert 0 <= float(rows["good.png"]["probability_malignant"]) <= 1
     assert rows["good.png"]["label"] in {"benign", "malignant"}
     stored = torch.load(trained_run / "model.pt", weights_only=True)["threshold"]

@@ -5,8 +5,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from busdx.errors import ImageDecodeError
-from busdx.imaging import is_image_file, load_image
+from busdx.errors import ImageDecodeError, ImageTooLargeError
+from busdx.imaging import decode_image, is_image_file, load_image
+
+from conftest import bomb_png
 
 
 def _save(image: Image.Image, path: Path, **kwargs) -> Path:
@@ -70,3 +72,24 @@ def test_extensions_any_case_and_masks_excluded():
     assert not is_image_file(Path("benign (1)_mask.png"))
     assert not is_image_file(Path("benign (1)_mask_1.png"))
     assert not is_image_file(Path("notes.txt"))
+
+
+def test_a_decompression_bomb_is_refused_with_a_decode_error(tmp_path):
+    (tmp_path / "bomb.png").write_bytes(bomb_png())  # 30000 x 30000, ~100 KB
+    with pytest.raises(ImageTooLargeError, match=r"bomb\.png: .*900000000 pixels"):
+        load_image(tmp_path / "bomb.png")
+    small = bomb_png(400)  # the same file, small: below every limit, it decodes
+    assert load_image(_save_bytes(small, tmp_path / "small.png")).size == (400, 400)
+    with pytest.raises(ImageTooLargeError, match="400x400 pixels exceeds the limit of 1,000"):
+        decode_image(small, "small.png", max_pixels=1_000)
+
+
+def test_images_between_pillows_warning_and_our_limit_decode(tmp_path, monkeypatch):
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)  # Pillow warns above 100, errs above 200
+    image = load_image(_save(Image.new("L", (12, 12)), tmp_path / "x.png"))  # 144 pixels
+    assert image.size == (12, 12)
+
+
+def _save_bytes(data: bytes, path: Path) -> Path:
+    path.write_bytes(data)
+    return path

@@ -13,6 +13,7 @@ __all__ = [
     "DataError",
     "ExportError",
     "ImageDecodeError",
+    "ImageTooLargeError",
     "RunDirError",
     "SingleClassError",
     "UnknownModelError",
@@ -38,6 +39,10 @@ class SingleClassError(DataError):
 
 class ImageDecodeError(DataError):
     """A file cannot be decoded as an image."""
+
+
+class ImageTooLargeError(ImageDecodeError):
+    """An image has more pixels than the limit (a decompression bomb, or simply too big)."""
 
 
 class UnknownModelError(BusdxError, LookupError):

@@ -15,7 +15,7 @@ from typing import BinaryIO
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from busdx.errors import ImageDecodeError
+from busdx.errors import ImageDecodeError, ImageTooLargeError
 
 __all__ = [
     "IMAGE_EXTENSIONS",
@@ -76,20 +76,27 @@ def _decode(source: Path | BinaryIO, name: str, size: int, max_pixels: int) -> I
     if size == 0:
         raise ImageDecodeError(f"{name}: file is empty (0 bytes)")
     try:
-        with Image.open(source) as image:
-            width, height = image.size
-            if width * height > max_pixels:
-                raise ImageDecodeError(
-                    f"{name}: {width}x{height} pixels exceeds the limit of {max_pixels:,}"
-                )
-            with warnings.catch_warnings():
-                warnings.simplefilter("error", Image.DecompressionBombWarning)
+        with warnings.catch_warnings():
+            # busdx applies its own pixel limit below; Pillow's warning (above ~89 MP) is
+            # silenced, its error (above twice that, raised while reading the header) is caught
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(source) as image:
+                width, height = image.size
+                if width * height > max_pixels:
+                    raise ImageTooLargeError(
+                        f"{name}: {width}x{height} pixels exceeds the limit of {max_pixels:,}"
+                    )
                 image.load()
-            return to_rgb(image)
+                return to_rgb(image)
     except ImageDecodeError:
         raise
+    except Image.DecompressionBombError as exc:
+        raise ImageTooLargeError(f"{name}: {_first_line(exc)}") from exc
     except UnidentifiedImageError as exc:
         raise ImageDecodeError(f"{name}: not a readable image file") from exc
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombWarning) as exc:
-        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise ImageDecodeError(f"{name}: cannot decode image ({reason})") from exc
+    except Exception as exc:  # a decoder can fail in many ways on a damaged file
+        raise ImageDecodeError(f"{name}: cannot decode image ({_first_line(exc)})") from exc
+
+
+def _first_line(exc: Exception) -> str:
+    return str(exc).splitlines()[0] if str(exc) else type(exc).__name__

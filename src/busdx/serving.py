@@ -38,7 +38,7 @@ from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
 
 from busdx import __version__
-from busdx.errors import ConfigError, ImageDecodeError
+from busdx.errors import ConfigError, ImageDecodeError, ImageTooLargeError
 from busdx.explain import explain_image
 from busdx.imaging import decode_image
 from busdx.inference import LoadedModel, load_model
@@ -220,9 +220,10 @@ def create_app(run: str | Path, settings: ServeSettings | None = None) -> FastAP
     def _decode(name: str, data: bytes) -> Any:
         try:
             return decode_image(data, name, max_pixels=settings.max_pixels)
+        except ImageTooLargeError as exc:
+            raise _ApiError(413, "image_too_large", str(exc)) from exc
         except ImageDecodeError as exc:
-            status = 413 if "exceeds the limit" in str(exc) else 400
-            raise _ApiError(status, "bad_image", str(exc)) from exc
+            raise _ApiError(400, "bad_image", str(exc)) from exc
 
     def _predict(images: list[Any]) -> list[tuple[float, bool | None]]:
         batch = torch.stack([transform(image) for image in images])
