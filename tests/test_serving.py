@@ -142,7 +142,7 @@ def test_bad_uploads_get_a_clear_4xx_json_error(client, name):
 
 def test_malformed_requests(client):
     missing = client.post("/predict", files={"image": ("s.png", PNG, "image/png")})
-    assert missing.status_code == 422 and "'files'" in missing.json()["detail"]
+    assert missing.status_code == 422 and "body.files" in missing.json()["detail"]
     as_json = client.post("/predict", json={"files": "s.png"})
     assert as_json.status_code == 415 and "multipart/form-data" in as_json.json()["detail"]
     assert client.post("/explain?format=gif", files={"file": ("s.png", PNG)}).status_code == 422
@@ -187,3 +187,43 @@ def test_predict_explain_writes_overlays(run, synthetic_data, tmp_path):
     written = sorted(out.glob("*-gradcam.png"))
     assert len(written) == 3
     assert Image.open(written[0]).size == Image.open(images[0]).size
+
+
+def test_settings_come_from_options_then_environment_then_defaults(monkeypatch):
+    monkeypatch.setenv("BUSDX_MAX_FILES", "3")
+    monkeypatch.setenv("BUSDX_API_KEY", "from-env")
+    assert ServeSettings().max_files == 3 and ServeSettings().api_key == "from-env"
+    given = ServeSettings.from_options(max_files=5, api_key=None, workers=None)
+    assert (given.max_files, given.api_key, given.workers) == (5, "from-env", 1)
+    with pytest.raises(ConfigError, match=r"serve setting workers: .*greater than or equal to 1"):
+        ServeSettings.from_options(workers=0)
+    monkeypatch.setenv("BUSDX_BACKEND", "tensorflow")
+    with pytest.raises(ConfigError, match="serve setting backend"):
+        ServeSettings.from_options()
+
+
+def test_too_many_files_and_a_chunked_upload_over_the_limit(client):
+    many = [(f"s{i}.png", PNG, "image/png") for i in range(33)]
+    response = _post(client, many)
+    assert response.status_code == 413 and response.json()["error"] == "too_many_files"
+
+    def chunks():  # a streamed body declares no content-length: counted while read
+        yield b"--b\r\nContent-Disposition: form-data; name=files; filename=x.png\r\n\r\n"
+        for _ in range(40):
+            yield b"\0" * 32_768
+
+    response = client.post(
+        "/predict", content=chunks(), headers={"content-type": "multipart/form-data; boundary=b"}
+    )
+    assert response.status_code == 413 and response.json()["error"] == "too_large"
+
+
+def test_explain_gives_the_same_decision_as_predict_and_names_the_backend(client):
+    upload = [("s.png", PNG, "image/png")]
+    predicted = _post(client, upload).json()["predictions"][0]
+    explained = _post(client, upload, "/explain?format=json", "file").json()
+    assert explained["probability_malignant"] == predicted["probability_malignant"]
+    assert explained["label"] == predicted["label"] and explained["backend"] == "torch"
+    as_png = _post(client, upload, "/explain", "file")
+    assert as_png.headers["X-Backend"] == "torch"
+    assert float(as_png.headers["X-Probability"]) == predicted["probability_malignant"]

@@ -256,13 +256,14 @@ def _with_explanations(
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    settings = ServeSettings(
+    settings = ServeSettings.from_options(
         max_upload_mb=args.max_upload_mb,
         max_pixels=args.max_pixels,
+        max_files=args.max_files,
         workers=args.workers,
         queue_size=args.queue_size,
-        api_key=args.api_key or os.environ.get("BUSDX_API_KEY") or None,
-        cors_origins=tuple(args.cors_origin or ()),
+        api_key=args.api_key,
+        cors_origins=tuple(args.cors_origin) if args.cors_origin else None,
         backend=args.backend,
     )
     serve(args.run, host=args.host, port=args.port, settings=settings,
@@ -555,7 +556,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve_parser.add_argument("--run", required=True, metavar="RUNDIR")
     serve_parser.add_argument("--host", default="127.0.0.1")
     serve_parser.add_argument("--port", type=int, default=8000)
-    serve_parser.add_argument("--backend", choices=BACKENDS, default="torch")
+    serve_parser.add_argument(
+        "--backend", choices=BACKENDS, help="torch (default) or onnx; env BUSDX_BACKEND"
+    )
     serve_parser.add_argument(
         "--api-key", help="required in the X-API-Key header (default: $BUSDX_API_KEY)"
     )
@@ -565,10 +568,16 @@ def build_parser() -> argparse.ArgumentParser:
     serve_parser.add_argument(
         "--cors-origin", action="append", metavar="ORIGIN", help="allow this origin (CORS)"
     )
-    serve_parser.add_argument("--max-upload-mb", type=float, default=20.0)
-    serve_parser.add_argument("--max-pixels", type=int, default=50_000_000)
-    serve_parser.add_argument("--workers", type=int, default=1, help="model calls at a time")
-    serve_parser.add_argument("--queue-size", type=int, default=64, help="waiting requests")
+    limits = {  # option: (type, help); defaults and BUSDX_* variables come from ServeSettings
+        "--max-upload-mb": (float, "whole request body (default 20)"),
+        "--max-pixels": (int, "per image (default 50,000,000)"),
+        "--max-files": (int, "per /predict request (default 32)"),
+        "--workers": (int, "model calls at a time (default 1)"),
+        "--queue-size": (int, "waiting requests; more get 503 (default 64)"),
+    }
+    for option, (kind, text) in limits.items():
+        variable = "BUSDX_" + option[2:].replace("-", "_").upper()
+        serve_parser.add_argument(option, type=kind, help=f"{text}; env {variable}")
     serve_parser.set_defaults(func=cmd_serve)
 
     export = commands.add_parser(

@@ -22,20 +22,21 @@ import io
 import ipaddress
 import logging
 import time
-from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
 
 import anyio
 import torch
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, File, Query, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from fastapi_offline import FastAPIOffline
-from starlette.datastructures import UploadFile
+from pydantic import BaseModel, Field, ValidationError
+from pydantic_settings import BaseSettings, SettingsConfigDict
 from starlette.exceptions import HTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from busdx import __version__
 from busdx.errors import ConfigError, ImageDecodeError, ImageTooLargeError
@@ -46,29 +47,102 @@ from busdx.runs import load_run
 from busdx.scope import image_checks
 from busdx.transforms import build_eval_transform
 
-__all__ = ["ServeSettings", "check_bind", "create_app"]
+__all__ = [
+    "ErrorBody",
+    "ExplainResponse",
+    "Health",
+    "PredictResponse",
+    "Prediction",
+    "ServeSettings",
+    "check_bind",
+    "create_app",
+]
 
 logger = logging.getLogger(__name__)
 
 API_KEY_HEADER = "X-API-Key"
 
 
-@dataclass
-class ServeSettings:
-    """Limits and security of the service."""
+class ServeSettings(BaseSettings):
+    """Limits and security of the service; each also read from ``BUSDX_<NAME>`` (for example
+    ``BUSDX_API_KEY``, ``BUSDX_MAX_UPLOAD_MB``), command-line options winning over both."""
 
-    max_upload_mb: float = 20.0  # whole request body
-    max_pixels: int = 50_000_000  # per image: refuse decompression bombs
-    max_files: int = 32  # per /predict request
-    workers: int = 1  # model calls at a time
-    queue_size: int = 64  # requests waiting for a worker; more get 503
+    model_config = SettingsConfigDict(env_prefix="BUSDX_", frozen=True, extra="forbid")
+
+    max_upload_mb: float = Field(20.0, gt=0, description="whole request body")
+    max_pixels: int = Field(50_000_000, gt=0, description="per image: refuse decompression bombs")
+    max_files: int = Field(32, ge=1, description="per /predict request")
+    workers: int = Field(1, ge=1, description="model calls at a time")
+    queue_size: int = Field(64, ge=0, description="requests waiting for a worker; more get 503")
     api_key: str | None = None
     cors_origins: tuple[str, ...] = ()
-    backend: str = "torch"
+    backend: Literal["torch", "onnx"] = "torch"
+
+    @classmethod
+    def from_options(cls, **options: Any) -> ServeSettings:
+        """Settings from the options given (``None`` = not given: environment, then default);
+        a bad value is a :class:`ConfigError` naming it."""
+        try:
+            return cls(**{name: value for name, value in options.items() if value is not None})
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            where = ".".join(str(part) for part in first["loc"])
+            raise ConfigError(f"serve setting {where}: {first['msg']}") from None
 
     @property
     def max_upload_bytes(self) -> int:
         return int(self.max_upload_mb * 1024 * 1024)
+
+
+class Prediction(BaseModel):
+    """One image's answer; ``error`` is set (and the rest empty) when it could not be read."""
+
+    filename: str
+    probability_malignant: float | None
+    label: str | None
+    threshold: float
+    out_of_scope: bool | None = Field(description="far from the training images, or not a scan")
+    scope_reason: str | None
+    error: str | None
+
+
+class PredictResponse(BaseModel):
+    predictions: list[Prediction]
+    timing_ms: float
+    backend: str = Field(description="the model that computed the probabilities")
+
+
+class ExplainResponse(Prediction):
+    overlay_png_base64: str
+    timing_ms: float
+    backend: str = Field(description="the model that computed the probability")
+    overlay_backend: Literal["torch"] = Field(description="Grad-CAM needs the torch model")
+
+
+class Health(BaseModel):
+    status: Literal["ok"]
+    backend: str
+    api_key_required: bool
+
+
+class ErrorBody(BaseModel):
+    """Every 4xx and 5xx answer."""
+
+    error: str
+    detail: str
+
+
+ERRORS: dict[int | str, dict[str, Any]] = {
+    status: {"model": ErrorBody, "description": text}
+    for status, text in {
+        400: "an unreadable image or a malformed upload",
+        401: "missing or wrong API key",
+        413: "upload or image too large",
+        415: "not multipart/form-data",
+        422: "a missing field or a bad parameter",
+        503: "too many requests waiting",
+    }.items()
+}
 
 
 def check_bind(host: str, api_key: str | None, allow_no_key: bool) -> None:
@@ -84,7 +158,9 @@ def check_bind(host: str, api_key: str | None, allow_no_key: bool) -> None:
         )
 
 
-class _ApiError(Exception):
+class ApiError(Exception):
+    """An answer other than 200, with its status and error code."""
+
     def __init__(self, status: int, error: str, detail: str) -> None:
         super().__init__(detail)
         self.status, self.error, self.detail = status, error, detail
@@ -92,6 +168,58 @@ class _ApiError(Exception):
 
 def _json_error(status: int, error: str, detail: str) -> JSONResponse:
     return JSONResponse({"error": error, "detail": detail}, status_code=status)
+
+
+class RequestGuard:
+    """ASGI middleware for every POST, before the application parses it: the API key, then
+    ``multipart/form-data``, then the body size (declared or, for chunked uploads, counted while
+    reading), answering 401 / 415 / 413 without reading more than ``settings.max_upload_bytes``."""
+
+    def __init__(self, app: ASGIApp, settings: ServeSettings) -> None:
+        self.app, self.settings = app, settings
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["method"] != "POST":
+            return await self.app(scope, receive, send)
+        refusal = self._refusal({k.decode("latin-1"): v.decode("latin-1")
+                                 for k, v in scope["headers"]})  # fmt: skip
+        if refusal is not None:
+            return await refusal(scope, receive, send)
+        chunks, size, more = [], 0, True
+        while more:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return None
+            chunks.append(message.get("body", b""))
+            size, more = size + len(chunks[-1]), message.get("more_body", False)
+            if size > self.settings.max_upload_bytes:
+                return await self._too_large()(scope, receive, send)
+        body, replayed = b"".join(chunks), False
+
+        async def replay() -> Message:
+            nonlocal replayed
+            if replayed:
+                return await receive()
+            replayed = True
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        await self.app(scope, replay, send)
+
+    def _too_large(self) -> JSONResponse:
+        return _json_error(413, "too_large", f"upload exceeds {self.settings.max_upload_mb:g} MB")
+
+    def _refusal(self, headers: dict[str, str]) -> JSONResponse | None:
+        key = self.settings.api_key
+        if key and not hmac.compare_digest(headers.get(API_KEY_HEADER.lower(), ""), key):
+            return _json_error(401, "unauthorized", f"missing or wrong {API_KEY_HEADER} header")
+        if not headers.get("content-type", "").startswith("multipart/form-data"):
+            return _json_error(
+                415, "unsupported_media_type", "send multipart/form-data with the image file(s)"
+            )
+        length = headers.get("content-length", "0")
+        if not length.isdigit() or int(length) > self.settings.max_upload_bytes:
+            return self._too_large()
+        return None
 
 
 class _Gate:
@@ -103,7 +231,7 @@ class _Gate:
 
     async def run(self, function: Any, *args: Any) -> Any:
         if self.waiting >= self.queue_size:
-            raise _ApiError(503, "busy", "too many requests are waiting; retry shortly")
+            raise ApiError(503, "busy", "too many requests are waiting; retry shortly")
         self.waiting += 1
         try:
             return await anyio.to_thread.run_sync(function, *args, limiter=self.limiter)
@@ -135,6 +263,34 @@ def _model_card(loaded: LoadedModel, run_dir: Path, backend: str) -> dict[str, A
     return card
 
 
+def _add_error_handlers(app: FastAPI) -> None:
+    """Map exceptions to ``{error, detail}`` answers by their class."""
+    handlers: dict[type[Exception], Any] = {
+        ApiError: lambda exc: (exc.status, exc.error, exc.detail),
+        ImageTooLargeError: lambda exc: (413, "image_too_large", str(exc)),
+        ImageDecodeError: lambda exc: (400, "bad_image", str(exc)),
+        HTTPException: lambda exc: (exc.status_code, "http_error", str(exc.detail)),
+        RequestValidationError: lambda exc: (422, "invalid_request", _first_problem(exc)),
+    }
+    for kind, answer in handlers.items():
+
+        async def handler(_: Request, exc: Exception, answer: Any = answer) -> JSONResponse:
+            return _json_error(*answer(exc))
+
+        app.add_exception_handler(kind, handler)
+
+    @app.exception_handler(Exception)
+    async def unexpected(_: Request, exc: Exception) -> JSONResponse:
+        logger.exception("unexpected error")  # the traceback stays in the server log
+        return _json_error(500, "internal_error", "the server could not process this request")
+
+
+def _first_problem(exc: RequestValidationError) -> str:
+    problem = exc.errors()[0]
+    where = ".".join(str(part) for part in problem.get("loc", ()))
+    return f"{where}: {problem.get('msg', 'invalid')}"
+
+
 def create_app(run: str | Path, settings: ServeSettings | None = None) -> FastAPI:
     """The FastAPI application serving the model of ``run`` (a run directory or model file)."""
     settings = settings or ServeSettings()
@@ -154,166 +310,115 @@ def create_app(run: str | Path, settings: ServeSettings | None = None) -> FastAP
         description="Benign vs malignant breast-ultrasound classification. Research use only; "
         "not a medical device.",
     )
+    app.add_middleware(RequestGuard, settings=settings)
     if settings.cors_origins:
         app.add_middleware(
             CORSMiddleware, allow_origins=list(settings.cors_origins), allow_methods=["*"],
             allow_headers=["*"],
         )  # fmt: skip
+    _add_error_handlers(app)
 
-    @app.middleware("http")
-    async def guard(request: Request, call_next: Any) -> Response:
-        """API key and body-size checks before any upload is read."""
-        if request.method == "POST":
-            if settings.api_key and not hmac.compare_digest(
-                request.headers.get(API_KEY_HEADER, ""), settings.api_key
-            ):
-                return _json_error(401, "unauthorized", f"missing or wrong {API_KEY_HEADER} header")
-            length = request.headers.get("content-length")
-            if length is not None and (
-                not length.isdigit() or int(length) > settings.max_upload_bytes
-            ):
-                return _json_error(
-                    413, "too_large", f"upload exceeds {settings.max_upload_mb:g} MB"
-                )
-        return await call_next(request)
+    async def _read(upload: UploadFile) -> Any:
+        name = upload.filename or "upload"
+        return name, decode_image(await upload.read(), name, max_pixels=settings.max_pixels)
 
-    @app.exception_handler(_ApiError)
-    async def api_error(_: Request, exc: _ApiError) -> JSONResponse:
-        return _json_error(exc.status, exc.error, exc.detail)
-
-    @app.exception_handler(HTTPException)
-    async def http_error(_: Request, exc: HTTPException) -> JSONResponse:
-        return _json_error(exc.status_code, "http_error", str(exc.detail))
-
-    @app.exception_handler(RequestValidationError)
-    async def validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
-        return _json_error(422, "invalid_request", str(exc.errors()[:1]))
-
-    @app.exception_handler(Exception)
-    async def unexpected(_: Request, exc: Exception) -> JSONResponse:
-        logger.exception("unexpected error")  # the traceback stays in the server log
-        return _json_error(500, "internal_error", "the server could not process this request")
-
-    async def _uploads(request: Request, field: str) -> list[tuple[str, bytes]]:
-        content_type = request.headers.get("content-type", "")
-        if not content_type.startswith("multipart/form-data"):
-            raise _ApiError(
-                415,
-                "unsupported_media_type",
-                f"send multipart/form-data with image file(s) in the field {field!r}",
-            )
-        body = bytearray()
-        async for chunk in request.stream():  # chunked uploads carry no content-length
-            body += chunk
-            if len(body) > settings.max_upload_bytes:
-                raise _ApiError(413, "too_large", f"upload exceeds {settings.max_upload_mb:g} MB")
-        request._body = bytes(body)  # Starlette's own cache: form() parses these bytes
-        try:
-            form = await request.form(max_files=settings.max_files, max_fields=50)
-        except Exception as exc:
-            raise _ApiError(400, "bad_multipart", f"cannot parse the upload ({exc})") from exc
-        files = [item for item in form.getlist(field) if isinstance(item, UploadFile)]
-        if not files:
-            raise _ApiError(422, "missing_file", f"no file in the form field {field!r}")
-        return [(item.filename or "upload", await item.read()) for item in files]
-
-    def _decode(name: str, data: bytes) -> Any:
-        try:
-            return decode_image(data, name, max_pixels=settings.max_pixels)
-        except ImageTooLargeError as exc:
-            raise _ApiError(413, "image_too_large", str(exc)) from exc
-        except ImageDecodeError as exc:
-            raise _ApiError(400, "bad_image", str(exc)) from exc
-
-    def _predict(images: list[Any]) -> list[tuple[float, bool | None]]:
+    def _predict(images: list[Any]) -> list[dict[str, Any]]:
         batch = torch.stack([transform(image) for image in images])
         logits, distances = predictor.predict(batch)
         distances = [None] * len(images) if distances is None else distances.tolist()
+        probabilities = predictor.probabilities(logits).tolist()
         return [
-            (probability, image_checks(image), distance)
-            for probability, image, distance in zip(
-                predictor.probabilities(logits).tolist(), images, distances, strict=True
-            )
-        ]
-
-    def _row(
-        name: str,
-        probability: float,
-        checks: list[str] | None = None,
-        distance: float | None = None,
-    ) -> dict[str, Any]:
-        checks = checks or []
-        return {"filename": name, "probability_malignant": round(probability, 6),
-                "label": predictor.label(probability), "threshold": predictor.threshold,
+            {
+                "probability_malignant": round(probability, 6),
+                "label": predictor.label(probability),
                 "out_of_scope": predictor.out_of_scope(checks, distance),
                 "scope_reason": predictor.scope_reason(checks, distance),
-                "error": None}  # fmt: skip
+            }
+            for probability, distance, checks in zip(
+                probabilities, distances, map(image_checks, images), strict=True
+            )
+        ]
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     async def index() -> HTMLResponse:
         return HTMLResponse(page)
 
     @app.get("/health")
-    async def health() -> dict[str, Any]:
+    async def health() -> Health:
         """Liveness: the model is loaded and the server answers."""
-        return {"status": "ok", "backend": predictor.backend,
-                "api_key_required": bool(settings.api_key)}  # fmt: skip
+        return Health(status="ok", backend=predictor.backend,
+                      api_key_required=bool(settings.api_key))  # fmt: skip
 
     @app.get("/model")
     async def model() -> dict[str, Any]:
         """Model card: version, classes, threshold, preprocessing, training data."""
         return card
 
-    @app.post("/predict")
-    async def predict(request: Request) -> dict[str, Any]:
+    @app.post("/predict", responses=ERRORS)
+    async def predict(
+        files: Annotated[list[UploadFile], File(description="one or several images")],
+    ) -> PredictResponse:
         """Probability of malignancy for each uploaded image (multipart field ``files``).
 
         An unreadable file gets an error in its own row; if no file is readable the answer is
         the first file's 4xx error.
         """
         started = time.perf_counter()
-        uploads = await _uploads(request, "files")
+        if len(files) > settings.max_files:
+            raise ApiError(413, "too_many_files", f"at most {settings.max_files} files a request")
         rows: list[dict[str, Any]] = []
-        images, first_error = [], None
-        for name, data in uploads:
+        readable, first_error = [], None
+        for upload in files:
+            row = {"filename": upload.filename or "upload", "threshold": predictor.threshold,
+                   "probability_malignant": None, "label": None, "out_of_scope": None,
+                   "scope_reason": None, "error": None}  # fmt: skip
             try:
-                images.append((len(rows), _decode(name, data)))
-                rows.append({"filename": name})
-            except _ApiError as exc:
+                readable.append((row, (await _read(upload))[1]))
+            except ImageDecodeError as exc:
                 first_error = first_error or exc
-                rows.append({"filename": name, "probability_malignant": None, "label": None,
-                             "threshold": predictor.threshold, "out_of_scope": None,
-                             "scope_reason": None, "error": exc.detail})  # fmt: skip
-        if not images:
+                row["error"] = str(exc)
+            rows.append(row)
+        if not readable:
             raise first_error
-        results = await gate.run(_predict, [image for _, image in images])
-        for (index, _), result in zip(images, results, strict=True):
-            rows[index] = _row(rows[index]["filename"], *result)
+        results = await gate.run(_predict, [image for _, image in readable])
+        for (row, _), result in zip(readable, results, strict=True):
+            row.update(result)
         elapsed = (time.perf_counter() - started) * 1000
-        return {"predictions": rows, "timing_ms": round(elapsed, 1), "backend": predictor.backend}
+        return PredictResponse(
+            predictions=rows, timing_ms=round(elapsed, 1), backend=predictor.backend
+        )
 
-    @app.post("/explain", responses={200: {"content": {"image/png": {}}}})
-    async def explain(request: Request, format: str = "png") -> Response:
+    @app.post(
+        "/explain",
+        responses={**ERRORS, 200: {"content": {"image/png": {}}, "model": ExplainResponse}},
+    )
+    async def explain(
+        file: Annotated[UploadFile, File(description="one image")],
+        format: Annotated[Literal["png", "json"], Query()] = "png",
+    ) -> Response:
         """Grad-CAM overlay at the image's original size (field ``file``).
 
         ``format=png`` (default) returns the PNG, with the decision in ``X-Probability`` and
-        ``X-Label`` headers; ``format=json`` returns the decision and a base64 PNG.
+        ``X-Label`` headers; ``format=json`` returns the decision and a base64 PNG. The decision
+        comes from the served backend, as in ``/predict``; the overlay from the torch model.
         """
-        if format not in {"png", "json"}:
-            raise _ApiError(422, "invalid_request", "format must be png or json")
         started = time.perf_counter()
-        (name, data), *_ = await _uploads(request, "file")
-        image = _decode(name, data)
-        result = await gate.run(explain_image, explainer, image)
+        name, image = await _read(file)
+        (decision,) = await gate.run(_predict, [image])
+        explanation = await gate.run(explain_image, explainer, image)
         buffer = io.BytesIO()
-        result.overlay.save(buffer, format="PNG")
-        row = _row(name, result.probability, image_checks(image)) | {"label": result.label}
-        if format == "json":
-            encoded = base64.b64encode(buffer.getvalue()).decode("ascii")
-            elapsed = (time.perf_counter() - started) * 1000
-            return JSONResponse({**row, "overlay_png_base64": encoded, "timing_ms": elapsed})
-        headers = {"X-Probability": str(row["probability_malignant"]), "X-Label": row["label"]}
-        return Response(buffer.getvalue(), media_type="image/png", headers=headers)
+        explanation.overlay.save(buffer, format="PNG")
+        if format == "png":
+            headers = {"X-Probability": str(decision["probability_malignant"]),
+                       "X-Label": decision["label"], "X-Backend": predictor.backend}  # fmt: skip
+            return Response(buffer.getvalue(), media_type="image/png", headers=headers)
+        answer = ExplainResponse(
+            filename=name, threshold=predictor.threshold, error=None, **decision,
+            overlay_png_base64=base64.b64encode(buffer.getvalue()).decode("ascii"),
+            timing_ms=round((time.perf_counter() - started) * 1000, 1),
+            backend=predictor.backend, overlay_backend="torch",
+        )  # fmt: skip
+        return JSONResponse(answer.model_dump())
 
     app.state.gate = gate
     return app
