@@ -1,6 +1,7 @@
 """Grad-CAM: shapes, any registered backbone, and localisation of synthetic lesions."""
 
 import numpy as np
+import pytest
 import torch
 from PIL import Image
 
@@ -13,12 +14,42 @@ from busdx.synthetic import make_lesion_image, write_synthetic_dataset
 from conftest import WEIGHTS_DIR, needs_shared, train_run
 
 
-def test_grad_cam_shapes_and_range_for_a_partly_trainable_backbone():
+def _reference_grad_cam(model, images, threshold_logit=0.0):
+    """Textbook Grad-CAM through the model's ordinary forward pass, with a hook on the output of
+    the backbone's last convolution (and its activation): an independent path to compare."""
+    convs = [i for i, layer in enumerate(model.backbone) if isinstance(layer, torch.nn.Conv2d)]
+    end = convs[-1] + (2 if isinstance(model.backbone[convs[-1] + 1], torch.nn.ReLU) else 1)
+    seen = {}
+    hook = model.backbone[end - 1].register_forward_hook(lambda m, i, out: seen.update(a=out))
+    try:
+        with torch.enable_grad():
+            logits = model(images.requires_grad_(True))
+            sign = torch.where(logits >= threshold_logit, 1.0, -1.0)
+            (gradients,) = torch.autograd.grad((sign * logits).sum(), seen["a"])
+    finally:
+        hook.remove()
+    cams = torch.relu((gradients.mean(dim=(2, 3), keepdim=True) * seen["a"]).sum(dim=1))
+    return cams / cams.flatten(1).max(dim=1).values[:, None, None], logits
+
+
+def test_grad_cam_matches_the_textbook_computation_and_trains_nothing():
+    torch.manual_seed(0)
     model, _, _ = create_model(ModelConfig(weights="none", trainable_blocks=1), image_size=64)
-    cams, logits = grad_cam(model, torch.randn(3, 3, 64, 64))
+    model.eval()
+    images = torch.randn(3, 3, 64, 64)
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    flags = {name: p.requires_grad for name, p in model.named_parameters()}
+    with torch.no_grad():
+        middle = float(model(images).median())  # explain some images as malignant, some benign
+    cams, logits = grad_cam(model, images, threshold_logit=middle)
     assert cams.shape == (3, 4, 4) and logits.shape == (3,)
-    assert float(cams.min()) >= 0 and float(cams.max()) <= 1
-    assert all(p.grad is None for p in model.parameters())  # explanations train nothing
+    assert float(cams.min()) >= 0 and float(cams.max()) == pytest.approx(1.0)
+    expected_cams, expected_logits = _reference_grad_cam(model, images.clone(), middle)
+    torch.testing.assert_close(logits, expected_logits.detach(), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(cams, expected_cams.detach(), rtol=1e-4, atol=1e-5)
+    for name, parameter in model.named_parameters():  # explanations change no weight or flag
+        assert torch.equal(parameter, before[name]) and parameter.requires_grad == flags[name]
+        assert parameter.grad is None
 
 
 def test_overlay_keeps_the_original_size_and_marks_the_hot_spot():

@@ -49,12 +49,19 @@ def test_model_file_carries_its_metadata(synthetic_data, tmp_path):
     assert (tmp_path / "history.csv").read_text().startswith("epoch,train_loss,train_accuracy")
 
 
-def test_early_stopping_stops(synthetic_data, tmp_path):
+def test_early_stopping_stops_patience_epochs_after_the_best_and_keeps_the_best(
+    synthetic_data, tmp_path
+):
+    patience = 2
     config, dataset = _setup(
-        synthetic_data, "train.epochs=30", "train.early_stopping_patience=1", "train.lr=10.0"
+        synthetic_data, "train.epochs=30", f"train.early_stopping_patience={patience}"
     )
     history = fit(config, dataset, tmp_path, progress=False)
-    assert len(history) < 30
+    losses = [record.val_loss for record in history]
+    best = losses.index(min(losses))
+    assert len(history) == best + 1 + patience < 30  # no improvement in exactly `patience` epochs
+    saved = torch.load(tmp_path / MODEL_FILE, weights_only=True)
+    assert saved["epoch"] == history[best].epoch and saved["val_loss"] == min(losses)
 
 
 def test_atomic_files_get_normal_permissions(tmp_path):
