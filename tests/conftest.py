@@ -14,7 +14,8 @@ from busdx.synthetic import write_synthetic_dataset
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
-WEIGHTS_DIR = SHARED / "weights"
+# BUSDX_TEST_WEIGHTS_DIR=/empty/folder runs the suite as on a machine without ../shared/weights
+WEIGHTS_DIR = Path(os.environ.get("BUSDX_TEST_WEIGHTS_DIR", SHARED / "weights"))
 BUSI_DIR = SHARED / "data" / "busi"
 os.environ["BUSDX_WEIGHTS_DIR"] = str(WEIGHTS_DIR)  # also for module-scoped fixtures
 
@@ -38,6 +39,21 @@ def _weights_dir(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
 def synthetic_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """12 benign + 12 malignant generated images in the class-folder layout (read-only use)."""
     return write_synthetic_dataset(tmp_path_factory.mktemp("synthetic"), n_per_class=12, seed=1)
+
+
+@pytest.fixture(scope="session")
+def backbone_weights(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """VGG16 backbone weights for tests that need *some* fixed pretrained weights (the feature
+    cache, exports): ``imagenet`` where ../shared/weights has them, else a file of seeded random
+    weights, so that these tests run on any machine instead of being skipped."""
+    if (WEIGHTS_DIR / "vgg16_features_imagenet_rgb.pth").is_file():
+        return "imagenet"
+    from torchvision.models import vgg16
+
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("weights") / "vgg16_random.pth"
+    torch.save(vgg16(weights=None).features.state_dict(), path)
+    return str(path)
 
 
 def needs_shared(path: Path) -> pytest.MarkDecorator:

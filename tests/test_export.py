@@ -14,15 +14,14 @@ from busdx.errors import ExportError
 from busdx.export import export_run
 from busdx.inference import file_logits, iter_image_paths, load_model, predict_files
 
-from conftest import FAST, WEIGHTS_DIR, needs_shared, train_run
-
-pytestmark = needs_shared(WEIGHTS_DIR)
+from conftest import FAST, train_run
 
 
 @pytest.fixture(scope="module")
-def trained_run(synthetic_data, tmp_path_factory):
-    imagenet = [arg for arg in FAST if arg not in {"--weights", "none"}]  # realistic activations
-    return train_run(synthetic_data, tmp_path_factory.mktemp("runs") / "run", *imagenet, epochs=3)
+def trained_run(synthetic_data, tmp_path_factory, backbone_weights):
+    pretrained = [arg for arg in FAST if arg not in {"--weights", "none"}]
+    pretrained += ["--weights", backbone_weights]  # ImageNet where present: realistic activations
+    return train_run(synthetic_data, tmp_path_factory.mktemp("runs") / "run", *pretrained, epochs=3)
 
 
 @pytest.fixture

@@ -13,14 +13,10 @@ from busdx.runs import prepare_dataset
 from busdx.training import fit
 from busdx.transforms import build_eval_transform
 
-from conftest import WEIGHTS_DIR, needs_shared
-
-pytestmark = needs_shared(WEIGHTS_DIR)
-
 
 @pytest.fixture(scope="module")
-def model_and_prep():
-    model, info, prep = create_model(ModelConfig(), image_size=32)
+def model_and_prep(backbone_weights):
+    model, info, prep = create_model(ModelConfig(weights=backbone_weights), image_size=32)
     return model, info, prep
 
 
@@ -78,14 +74,19 @@ def test_a_kill_mid_write_leaves_no_entry(model_and_prep, samples, tmp_path, mon
     assert cache.fill(model, samples[:1], [0], device=cpu, progress=False) == 1
 
 
-def test_training_on_cached_features_learns_and_resumes(synthetic_data, tmp_path, monkeypatch):
+def test_training_on_cached_features_learns_and_resumes(
+    synthetic_data, tmp_path, monkeypatch, backbone_weights
+):
     monkeypatch.setenv("BUSDX_CACHE_DIR", str(tmp_path / "cache"))
     config = apply_overrides(load_config(), [
-        "data.image_size=64", "train.feature_cache=true", "train.cache_views=2", "train.epochs=4",
-        "train.batch_size=8", "data.val_fraction=0.25", "data.test_fraction=0.25"])  # fmt: skip
+        f"model.weights={backbone_weights}", "data.image_size=64", "train.feature_cache=true",
+        "train.cache_views=2", "train.epochs=4", "train.batch_size=8", "data.val_fraction=0.25",
+        "data.test_fraction=0.25"])  # fmt: skip
     dataset = prepare_dataset(config, synthetic_data)
     history = fit(config, dataset, tmp_path / "run", progress=False)
-    assert history[-1].train_accuracy >= 0.9 and history[-1].train_loss < history[0].train_loss
+    if backbone_weights == "imagenet":  # random features are not expected to separate lesions
+        assert history[-1].train_accuracy >= 0.9
+        assert history[-1].train_loss < history[0].train_loss
     entries = len(list((tmp_path / "cache").rglob("*.npy")))
     assert entries == 12 * 2 + 6  # 12 training images x 2 views + 6 validation images
     short = apply_overrides(config, ["train.epochs=2"])
@@ -100,11 +101,13 @@ def test_cache_needs_pretrained_frozen_backbone():
         apply_overrides(load_config(), ["train.feature_cache=true", "model.weights=none"])
 
 
-def test_finetune_recipe_caches_the_input_of_its_last_block(synthetic_data, tmp_path, monkeypatch):
+def test_finetune_recipe_caches_the_input_of_its_last_block(
+    synthetic_data, tmp_path, monkeypatch, backbone_weights
+):
     monkeypatch.setenv("BUSDX_CACHE_DIR", str(tmp_path / "cache"))
-    overrides = ["data.image_size=64", "train.cache_views=2", "train.epochs=3",
-                 "train.batch_size=8", "data.val_fraction=0.25",
-                 "data.test_fraction=0.25"]  # fmt: skip
+    overrides = [f"model.weights={backbone_weights}", "data.image_size=64",
+                 "train.cache_views=2", "train.epochs=3", "train.batch_size=8",
+                 "data.val_fraction=0.25", "data.test_fraction=0.25"]  # fmt: skip
     finetune = apply_overrides(load_config(recipe="vgg16-finetune"), overrides)
     dataset = prepare_dataset(finetune, synthetic_data)
     fit(finetune, dataset, tmp_path / "finetune", progress=False)
