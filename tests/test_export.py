@@ -8,11 +8,14 @@ import numpy as np
 import onnx
 import pytest
 import torch
+from fastapi.testclient import TestClient
 
 from busdx.cli import main
-from busdx.errors import ExportError
+from busdx.errors import CheckpointError, ExportError
 from busdx.export import export_run
+from busdx.fileio import sha256_file
 from busdx.inference import file_logits, iter_image_paths, load_model, predict_files
+from busdx.serving import ServeSettings, create_app
 
 from conftest import FAST, train_run
 
@@ -84,6 +87,44 @@ def test_int8_export_agrees_with_fp32_and_onnx_backend_prefers_it(run_copy, imag
     rows = list(csv.DictReader(out.open()))
     assert len(rows) == 5 and all(0 <= float(r["probability_malignant"]) <= 1 for r in rows)
     assert "onnx backend, model.int8.onnx" in caplog.text
+
+    export_run(run_copy)  # fp32 only: the int8 file of the earlier export must not survive
+    assert not (run_copy / "model.int8.onnx").exists()
+    assert load_model(run_copy, backend="onnx").path.name == "model.onnx"
+
+
+def test_exports_are_stamped_and_a_stale_one_is_refused(run_copy, images, capsys):
+    export_run(run_copy)
+    stamp = load_model(run_copy, backend="onnx").metadata["exported_from"]
+    assert stamp == {"file": "model.pt", "sha256": sha256_file(run_copy / "model.pt")}
+    payload = torch.load(run_copy / "model.pt", weights_only=True)
+    payload["threshold"] = 0.123  # as a recalibration or a resume would rewrite model.pt
+    torch.save(payload, run_copy / "model.pt")
+    with pytest.raises(CheckpointError, match=r"not exported from the model\.pt beside it"):
+        load_model(run_copy, backend="onnx")
+    args = ["predict", "--run", str(run_copy), "--backend", "onnx", str(images[0])]
+    assert main(args) == 2 and "busdx export --run" in capsys.readouterr().err
+    export_run(run_copy)  # exported again: accepted, with the new threshold
+    assert load_model(run_copy, backend="onnx").threshold == pytest.approx(0.123)
+
+
+def test_an_onnx_only_deployment_predicts_and_serves(run_copy, images, tmp_path):
+    export_run(run_copy)
+    deployed = tmp_path / "deployed"
+    deployed.mkdir()
+    shutil.copy(run_copy / "model.onnx", deployed)  # no model.pt, no run.json
+    out = tmp_path / "p.csv"
+    args = ["predict", "--run", str(deployed), "--backend", "onnx", *map(str, images[:3])]
+    assert main([*args, "--out", str(out), "--no-progress"]) == 0
+    by_file = [float(r["probability_malignant"]) for r in csv.DictReader(out.open())]
+    app = create_app(deployed, ServeSettings(backend="onnx"))
+    with TestClient(app) as client:
+        upload = [("files", (images[0].name, images[0].read_bytes(), "image/png"))]
+        answer = client.post("/predict", files=upload).json()
+        assert answer["backend"] == "onnx"
+        assert answer["predictions"][0]["probability_malignant"] == pytest.approx(by_file[0])
+        explained = client.post("/explain", files=[("file", upload[0][1])])
+        assert explained.status_code == 501 and "model.pt" in explained.json()["detail"]
 
 
 def test_int8_guard_refuses_and_keeps_only_fp32(run_copy, capsys):

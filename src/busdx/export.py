@@ -40,6 +40,7 @@ from busdx.evaluation import json_safe
 from busdx.fileio import atomic_path, atomic_write_text, sha256_file
 from busdx.imaging import load_image
 from busdx.inference import (
+    EXPORT_STAMP,
     INT8_FILE,
     ONNX_FILE,
     ONNX_METADATA_KEY,
@@ -49,6 +50,7 @@ from busdx.inference import (
     load_model,
 )
 from busdx.metrics import roc_auc
+from busdx.provenance import environment
 from busdx.runs import load_run, samples_for_split
 from busdx.scope import SCOPE_KEY
 from busdx.transforms import build_eval_transform
@@ -61,11 +63,15 @@ EXPORT_REPORT = "export.json"
 OPSET = 17
 
 
-def _add_metadata(path: Path, metadata: dict[str, Any]) -> None:
+def _add_metadata(path: Path, loaded: LoadedModel) -> None:
+    """The model file's metadata, stamped with the sha256 of the file it was exported from (see
+    :data:`busdx.inference.EXPORT_STAMP`) and the exporting machine."""
     model = onnx.load(str(path))
     del model.metadata_props[:]
     entry = model.metadata_props.add()
-    metadata = {k: v for k, v in metadata.items() if k != SCOPE_KEY}  # tensors; torch only
+    metadata = {k: v for k, v in loaded.metadata.items() if k != SCOPE_KEY}  # tensors; torch only
+    metadata[EXPORT_STAMP] = {"file": loaded.path.name, "sha256": sha256_file(loaded.path)}
+    metadata["export_environment"] = environment()
     entry.key, entry.value = ONNX_METADATA_KEY, json.dumps(json_safe(metadata))
     onnx.save(model, str(path))
 
@@ -86,7 +92,7 @@ def export_onnx(loaded: LoadedModel, path: Path) -> Path:
             opset_version=OPSET,
             dynamo=False,
         )
-        _add_metadata(tmp, loaded.metadata)
+        _add_metadata(tmp, loaded)
     return path
 
 
@@ -128,7 +134,7 @@ def quantize_int8(
             weight_type=QuantType.QInt8,
             reduce_range=True,
         )
-        _add_metadata(tmp, loaded.metadata)
+        _add_metadata(tmp, loaded)
     return out_path
 
 
@@ -186,9 +192,13 @@ def export_run(
     run_dir = Path(run_dir)
     loaded = load_model(run_dir, device="cpu")
     config, info = load_run(run_dir)
+    if not int8 and (run_dir / INT8_FILE).is_file():
+        (run_dir / INT8_FILE).unlink()  # made from an older model.pt: never let it answer
+        logger.info("removed the older %s (export with --int8 to make a new one)", INT8_FILE)
     fp32_path = export_onnx(loaded, run_dir / ONNX_FILE)
     report: dict[str, Any] = {
         "busdx_version": __version__,
+        "environment": environment(),
         "source": str(loaded.path),
         "onnx": {"file": ONNX_FILE, "sha256": sha256_file(fp32_path), "opset": OPSET},
     }

@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 
 from busdx.config import ModelConfig
 from busdx.errors import CheckpointError, ConfigError, DataError, ImageDecodeError
-from busdx.fileio import atomic_path
+from busdx.fileio import atomic_path, sha256_file
 from busdx.imaging import is_image_file, load_image
 from busdx.models import BinaryClassifier, Ensemble, create_model
 from busdx.scope import SCOPE_KEY, image_checks, scope_distances
@@ -36,6 +36,7 @@ from busdx.transforms import Preprocessing, build_eval_transform
 
 __all__ = [
     "BACKENDS",
+    "EXPORT_STAMP",
     "INT8_FILE",
     "ONNX_FILE",
     "LoadedModel",
@@ -54,6 +55,7 @@ logger = logging.getLogger(__name__)
 BACKENDS = ("torch", "onnx")
 ONNX_FILE = "model.onnx"
 INT8_FILE = "model.int8.onnx"
+EXPORT_STAMP = "exported_from"  # ONNX metadata: {"file", "sha256"} of the model.pt exported
 ONNX_METADATA_KEY = "busdx"
 
 
@@ -205,8 +207,25 @@ def _load_onnx(path: Path) -> LoadedModel:
         raise CheckpointError(
             f"{path} is not an ONNX model exported by busdx ({type(exc).__name__})"
         ) from exc
+    _check_stamp(path, metadata)
     prep = Preprocessing.from_dict(metadata["preprocessing"])
     return LoadedModel(metadata, prep, path, session=session)
+
+
+def _check_stamp(path: Path, metadata: dict[str, Any]) -> None:
+    """Refuse an ONNX file that was not exported from the ``model.pt`` beside it: after a
+    resume, a recalibration or a copy from another run it would answer for another model. An
+    ONNX file alone (a deployment without ``model.pt``) has nothing to disagree with."""
+    source = path.parent / MODEL_FILE
+    if not source.is_file():
+        return
+    stamp = metadata.get(EXPORT_STAMP) or {}
+    if stamp.get("sha256") != sha256_file(source):
+        raise CheckpointError(
+            f"{path} was not exported from the {MODEL_FILE} beside it (changed since by a "
+            f"resume, a recalibration or a copy); export again: busdx export --run {path.parent}"
+            + (" --int8" if path.name == INT8_FILE else "")
+        )
 
 
 def iter_image_paths(paths: Sequence[str | Path]) -> Iterator[Path]:

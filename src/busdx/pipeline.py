@@ -334,6 +334,7 @@ ENSEMBLE_METADATA = (
     "format",
     "format_version",
     "busdx_version",
+    "environment",
     "model",
     "class_names",
     "positive_class",

@@ -19,6 +19,7 @@ from busdx.config import Config, config_from_dict
 from busdx.data import LabelledDataset, apply_split_file, draw_split, scan_sites, write_split_csv
 from busdx.errors import CheckpointError, DataError, RunDirError
 from busdx.fileio import atomic_write_text
+from busdx.provenance import environment
 
 __all__ = [
     "CONFIG_FILE",
@@ -122,6 +123,7 @@ def save_run(run_dir: Path, config: Config, dataset: LabelledDataset) -> None:
         "counts": dataset.counts(),
         "skipped_files": dataset.skipped,
         "busdx_version": __version__,
+        "environment": environment(),
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "command": " ".join(["busdx", *sys.argv[1:]]),
     }

@@ -45,6 +45,7 @@ from busdx.imaging import decode_image
 from busdx.inference import LoadedModel, load_model
 from busdx.runs import load_run
 from busdx.scope import image_checks
+from busdx.training import MODEL_FILE
 from busdx.transforms import build_eval_transform
 
 __all__ = [
@@ -140,6 +141,7 @@ ERRORS: dict[int | str, dict[str, Any]] = {
         413: "upload or image too large",
         415: "not multipart/form-data",
         422: "a missing field or a bad parameter",
+        501: "/explain on a server with only the ONNX model",
         503: "too many requests waiting",
     }.items()
 }
@@ -295,8 +297,12 @@ def create_app(run: str | Path, settings: ServeSettings | None = None) -> FastAP
     """The FastAPI application serving the model of ``run`` (a run directory or model file)."""
     settings = settings or ServeSettings()
     run_dir = Path(run)
-    explainer = load_model(run_dir)  # torch: Grad-CAM needs gradients
-    predictor = explainer if settings.backend == "torch" else load_model(run_dir, backend="onnx")
+    if settings.backend == "torch":
+        predictor = explainer = load_model(run_dir)
+    else:  # Grad-CAM needs the torch model's gradients; an ONNX-only deployment has no /explain
+        predictor = load_model(run_dir, backend="onnx")
+        has_torch = run_dir.is_dir() and (run_dir / MODEL_FILE).is_file()
+        explainer = load_model(run_dir) if has_torch else None
     transform = build_eval_transform(predictor.preprocessing)
     card = _model_card(
         predictor, run_dir if run_dir.is_dir() else run_dir.parent, predictor.backend
@@ -403,6 +409,11 @@ def create_app(run: str | Path, settings: ServeSettings | None = None) -> FastAP
         comes from the served backend, as in ``/predict``; the overlay from the torch model.
         """
         started = time.perf_counter()
+        if explainer is None:
+            raise ApiError(
+                501, "explain_unavailable",
+                f"Grad-CAM needs the PyTorch model ({MODEL_FILE}); this server has only ONNX",
+            )  # fmt: skip
         name, image = await _read(file)
         (decision,) = await gate.run(_predict, [image])
         explanation = await gate.run(explain_image, explainer, image)

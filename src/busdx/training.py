@@ -30,6 +30,7 @@ from busdx.errors import CheckpointError
 from busdx.features import CachedFeatures, FeatureCache
 from busdx.fileio import atomic_path, atomic_write_text
 from busdx.models import BinaryClassifier, WeightsInfo, create_model
+from busdx.provenance import environment
 from busdx.transforms import Preprocessing, build_eval_transform, build_train_transform
 
 __all__ = [
@@ -135,6 +136,7 @@ def model_metadata(
         "format": "busdx-model",
         "format_version": 1,
         "busdx_version": __version__,
+        "environment": environment(),
         "model": asdict(config.model),
         "class_names": list(class_names),
         "positive_class": config.data.positive_class,
