@@ -1,6 +1,7 @@
 import csv
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -156,6 +157,38 @@ def test_resume_of_a_finished_run_only_re_evaluates(trained_run, capsys):
     before = (trained_run / "history.csv").read_text()
     assert main(["train", "--resume", str(trained_run), "--no-progress"]) == 0
     assert (trained_run / "history.csv").read_text() == before
+
+
+def test_resume_refuses_settings_it_would_ignore_and_allows_more_epochs(
+    synthetic_data, tmp_path, capsys
+):
+    run = train_run(synthetic_data, tmp_path / "run", *FAST, epochs=1)
+    for change, named in ((["--lr", "0.5"], "train.lr"),
+                          (["--set", "model.hidden_units=0"], "model.hidden_units"),
+                          (["--image-size", "64"], "data.image_size")):  # fmt: skip
+        assert main(["train", "--resume", str(run), *change, "--no-progress"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert named in err and "start a new run with --out" in err and "\n" not in err
+    assert main(["train", "--resume", str(run), "--epochs", "2", "--no-progress"]) == 0
+    assert len((run / "history.csv").read_text().splitlines()) == 1 + 2
+    cosine = train_run(synthetic_data, tmp_path / "cosine", *FAST, "--set",
+                       "train.schedule=cosine", epochs=1)  # fmt: skip
+    assert main(["train", "--resume", str(cosine), "--epochs", "3", "--no-progress"]) == 2
+    assert "train.epochs" in capsys.readouterr().err
+
+
+def test_a_moved_dataset_is_still_the_runs_own(synthetic_data, tmp_path):
+    first = shutil.copytree(synthetic_data, tmp_path / "first")
+    run = train_run(first, tmp_path / "run", *FAST, epochs=1)
+    moved = first.rename(tmp_path / "moved")
+    out = tmp_path / "eval"
+    args = ["evaluate", "--run", str(run), "--data", str(moved), "--out", str(out)]
+    assert main([*args, "--no-progress"]) == 0  # the test split, found by relative path + sha256
+    tested = {r["path"] for r in csv.DictReader((out / "predictions.csv").open())}
+    split = list(csv.DictReader((run / "split.csv").open()))
+    assert tested and {Path(p).name for p in tested} == {
+        Path(r["path"]).name for r in split if r["split"] == "test"
+    }
 
 
 def _error_case(tmp_path, synthetic_data, case):

@@ -52,6 +52,7 @@ from busdx.runs import (
     create_run_dir,
     load_run,
     prepare_dataset,
+    resumed_config,
     run_sources,
     samples_for_split,
     save_config,
@@ -102,7 +103,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.resume:
         run_dir = Path(args.resume)
         config, info = load_run(run_dir)
-        config = apply_overrides(config, _overrides(args))
+        config = resumed_config(run_dir, config, _overrides(args))
         config.data.split_file = str(run_dir / SPLIT_FILE)
         dataset = prepare_dataset(config, args.data or run_sources(info))
         save_config(run_dir, config)  # overrides such as more epochs are recorded

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import logging
 import sys
@@ -15,9 +16,9 @@ import yaml
 
 from busdx import __version__
 from busdx.audit import audit_dataset
-from busdx.config import Config, config_from_dict
+from busdx.config import Config, apply_overrides, config_from_dict
 from busdx.data import LabelledDataset, apply_split_file, draw_split, scan_sites, write_split_csv
-from busdx.errors import CheckpointError, DataError, RunDirError
+from busdx.errors import CheckpointError, ConfigError, DataError, RunDirError
 from busdx.fileio import atomic_write_text
 from busdx.provenance import environment
 
@@ -27,6 +28,7 @@ __all__ = [
     "create_run_dir",
     "load_run",
     "prepare_dataset",
+    "resumed_config",
     "run_sources",
     "samples_for_split",
     "save_config",
@@ -130,6 +132,45 @@ def save_run(run_dir: Path, config: Config, dataset: LabelledDataset) -> None:
     atomic_write_text(run_dir / INFO_FILE, json.dumps(info, indent=2) + "\n")
 
 
+# Settings a resumed training may change: how long it runs and where, not what it trains.
+RESUMABLE_SETTINGS = frozenset(
+    {"train.epochs", "train.early_stopping_patience", "train.device", "data.num_workers"}
+)
+
+
+def _flatten(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in values.items():
+        if isinstance(value, dict):
+            flat |= _flatten(value, f"{prefix}{key}.")
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def resumed_config(run_dir: Path, saved: Config, overrides: list[str]) -> Config:
+    """The saved config of a run with ``overrides`` applied, if a resume can honour them.
+
+    A resume restores the weights, the optimizer (its learning rate included) and the schedule
+    from ``last.pt``; an override of anything else would be written to ``config.yaml`` and then
+    ignored, or would not fit the saved weights. Only :data:`RESUMABLE_SETTINGS` may change,
+    and ``train.epochs`` not under a cosine schedule, which was planned for the original count.
+    """
+    config = apply_overrides(saved, overrides)
+    before, after = _flatten(saved.to_dict()), _flatten(config.to_dict())
+    changed = sorted(key for key in after if after[key] != before.get(key))
+    refused = [key for key in changed if key not in RESUMABLE_SETTINGS]
+    if "train.epochs" in changed and saved.train.schedule == "cosine":
+        refused.append("train.epochs")
+    if refused:
+        what = ", ".join(f"{key} ({before.get(key)!r} -> {after[key]!r})" for key in refused)
+        raise ConfigError(
+            f"--resume {run_dir} continues the run with its saved weights, optimizer and "
+            f"schedule, so it cannot change {what}; start a new run with --out instead"
+        )
+    return config
+
+
 def load_run(run_dir: str | Path) -> tuple[Config, dict[str, Any]]:
     """The config and run info of an existing run directory."""
     run_dir = Path(run_dir)
@@ -140,6 +181,20 @@ def load_run(run_dir: str | Path) -> tuple[Config, dict[str, Any]]:
         )
     config = config_from_dict(yaml.safe_load(config_path.read_text(encoding="utf-8")))
     return config, json.loads(info_path.read_text(encoding="utf-8"))
+
+
+def _holds_the_run_images(dataset: LabelledDataset, split_file: Path, info: dict[str, Any]) -> bool:
+    """Whether ``dataset`` is the data the run was split on: every image of its ``split.csv`` is
+    there, at the same relative path with the same sha256, wherever the folder now lives (a
+    moved or copied dataset is still the run's own). Split files without checksums fall back to
+    comparing the folder paths."""
+    with split_file.open(newline="", encoding="utf-8") as handle:
+        rows = list(csv.DictReader(handle))
+    if not rows or not rows[0].get("sha256"):
+        own = {str(path) for path in dataset.sites.values()}
+        return own == set((info.get("sites") or {"": info["data_root"]}).values())
+    on_disk = {sample.relpath: sample.sha256 for sample in dataset.samples}
+    return all(on_disk.get(row["path"]) == row["sha256"] for row in rows)
 
 
 def samples_for_split(
@@ -157,8 +212,7 @@ def samples_for_split(
     """
     dataset = _scan(config, data or run_sources(info))
     root = dataset.root
-    own = {str(path) for path in dataset.sites.values()}
-    if own == set((info.get("sites") or {"": info["data_root"]}).values()):
+    if _holds_the_run_images(dataset, run_dir / SPLIT_FILE, info):
         dataset = apply_split_file(dataset, run_dir / SPLIT_FILE)
     if split == "all":
         return dataset
