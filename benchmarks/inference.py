@@ -24,8 +24,8 @@ import numpy as np
 import onnxruntime
 import torch
 
-from busdx.inference import INT8_FILE, ONNX_FILE, load_model
 from busdx.models import BinaryClassifier
+from busdx.predictor import INT8_FILE, ONNX_FILE, load_model
 
 from _common import REPO, cpu_flags, machine_info, throughput, write_json
 

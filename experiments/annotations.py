@@ -33,8 +33,9 @@ from PIL import Image, ImageDraw
 from busdx.config import load_config
 from busdx.data import Sample, scan_dataset
 from busdx.imaging import load_image
-from busdx.inference import file_logits, load_model
+from busdx.inference import file_logits
 from busdx.metrics import bootstrap_ci, paired_bootstrap, roc_auc
+from busdx.predictor import load_model
 from busdx.synthetic import make_lesion_image
 from busdx.transforms import MaskAnnotations, annotation_mask
 

@@ -33,8 +33,8 @@ from busdx.adaptation import fit_local_head, last_layer_features
 from busdx.calibration import apply_temperature, fit_operating_points
 from busdx.config import load_config
 from busdx.data import scan_dataset
-from busdx.inference import load_model
 from busdx.metrics import binary_metrics, roc_auc
+from busdx.predictor import load_model
 
 
 def site_scores(args: argparse.Namespace):

@@ -7,8 +7,8 @@ from PIL import Image
 
 from busdx.config import ModelConfig
 from busdx.explain import explain_image, grad_cam, overlay_heatmap
-from busdx.inference import load_model
 from busdx.models import create_model
+from busdx.predictor import load_model
 from busdx.synthetic import make_lesion_image, write_synthetic_dataset
 
 from conftest import WEIGHTS_DIR, needs_shared, train_run

@@ -14,7 +14,8 @@ from busdx.cli import main
 from busdx.errors import CheckpointError, ExportError
 from busdx.export import export_run
 from busdx.fileio import sha256_file
-from busdx.inference import file_logits, iter_image_paths, load_model, predict_files
+from busdx.inference import file_logits, iter_image_paths, predict_files
+from busdx.predictor import load_model
 from busdx.serving import ServeSettings, create_app
 
 from conftest import FAST, train_run

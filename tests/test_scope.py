@@ -8,7 +8,8 @@ import torch
 from PIL import Image
 
 from busdx.cli import main
-from busdx.inference import load_model, predict_files
+from busdx.inference import predict_files
+from busdx.predictor import load_model
 from busdx.scope import image_checks, scope_distances
 from busdx.synthetic import write_synthetic_dataset
 

@@ -33,17 +33,10 @@ from busdx.explain import explain_image
 from busdx.export import EXPORT_REPORT, export_run
 from busdx.fileio import atomic_path, atomic_write_text
 from busdx.imaging import load_image
-from busdx.inference import (
-    BACKENDS,
-    LoadedModel,
-    Prediction,
-    iter_image_paths,
-    load_model,
-    predict_files,
-    write_predictions,
-)
+from busdx.inference import Prediction, iter_image_paths, predict_files, write_predictions
 from busdx.model_card import write_report
 from busdx.pipeline import cross_validate, format_cv, train_and_evaluate
+from busdx.predictor import BACKENDS, Predictor, load_model
 from busdx.readers import match_reader_scores, read_reader_scores
 from busdx.runs import (
     CONFIG_FILE,
@@ -242,7 +235,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 
 def _with_explanations(
-    rows: Iterable[Prediction], loaded: LoadedModel, out: str
+    rows: Iterable[Prediction], loaded: Predictor, out: str
 ) -> Iterator[Prediction]:
     """Pass rows through, writing a Grad-CAM overlay for each readable image into ``out``."""
     folder = Path(out)

@@ -18,14 +18,14 @@ from typing import Any
 import numpy as np
 
 from busdx.adaptation import refit_head
-from busdx.calibration import apply_temperature, fit_operating_points
+from busdx.calibration import fit_operating_points
 from busdx.config import EvaluateConfig
 from busdx.data import Sample
 from busdx.errors import DataError
 from busdx.explain import explain_image
 from busdx.fileio import atomic_write_text
 from busdx.imaging import load_image
-from busdx.inference import LoadedModel, file_logits, file_predictions
+from busdx.inference import file_logits, file_predictions
 from busdx.metrics import (
     DECISION_METRICS,
     SCORE_METRICS,
@@ -35,6 +35,7 @@ from busdx.metrics import (
     reliability_bins,
     roc_band,
 )
+from busdx.predictor import Predictor
 from busdx.readers import compare_with_readers
 from busdx.reporting import (
     plot_confusion_matrix,
@@ -58,7 +59,7 @@ METRICS_FILE = "metrics.json"
 
 def calibrate_model(
     run_dir: Path,
-    loaded: LoadedModel,
+    loaded: Predictor,
     val_samples: list[Sample],
     settings: EvaluateConfig,
     *,
@@ -106,11 +107,9 @@ def _promise(metadata: dict[str, Any]) -> float | None:
     return metadata.get("target_sensitivity")
 
 
-def _sample_indices(
-    y_true: np.ndarray, y_score: np.ndarray, threshold: float, n: int = 12
-) -> list[int]:
+def _sample_indices(y_true: np.ndarray, called: np.ndarray, n: int = 12) -> list[int]:
     """A few of each class, errors first, so the grid shows what goes wrong."""
-    wrong = (y_score >= threshold) != y_true.astype(bool)
+    wrong = called != y_true.astype(bool)
     order = np.lexsort((np.arange(len(y_true)), ~wrong))
     picked: list[int] = []
     for label in (0, 1):
@@ -132,7 +131,7 @@ def _metrics_with_ci(y_true, y_prob, threshold: float, settings: EvaluateConfig)
 
 
 def evaluate_samples(
-    loaded: LoadedModel,
+    loaded: Predictor,
     samples: list[Sample],
     out_dir: Path,
     *,
@@ -157,7 +156,8 @@ def evaluate_samples(
     rows = file_predictions(loaded, [s.path for s in samples], progress=progress)
     logits = np.array([row.logit for row in rows])
     flags = [row.out_of_scope for row in rows]
-    y_prob = apply_temperature(logits, loaded.temperature)
+    y_prob = loaded.probabilities(logits)
+    called = loaded.decide(y_prob)
     threshold = loaded.threshold
     points = dict(loaded.metadata.get("operating_points") or {"fixed": threshold})
     names = loaded.class_names
@@ -206,13 +206,15 @@ def evaluate_samples(
     writer.writerow(
         ["path", "label", "probability_malignant", "predicted", "logit", "out_of_scope", "site"]
     )
-    for sample, score, logit, flag in zip(samples, y_prob, logits, flags, strict=True):
+    for sample, score, positive, logit, flag in zip(
+        samples, y_prob, called, logits, flags, strict=True
+    ):
         writer.writerow(
             [
                 sample.relpath,
                 names[sample.label],
                 f"{score:.6f}",
-                names[int(score >= threshold)],
+                names[int(positive)],
                 f"{logit:.6f}",
                 "" if flag is None else flag,
                 sample.site,
@@ -237,7 +239,7 @@ def evaluate_samples(
         readers=None if reader_ranks is None else (reader_ranks, result["readers"]),
     )
     plot_reliability_diagram(result["reliability"], result["ece"], out_dir / "reliability.png")
-    picked = _sample_indices(y_true, y_prob, threshold)
+    picked = _sample_indices(y_true, called)
     images = [load_image(samples[i].path) for i in picked]
     shown = {"true_labels": [names[y_true[i]] for i in picked],
              "probabilities": [float(y_prob[i]) for i in picked],

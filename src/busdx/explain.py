@@ -19,8 +19,8 @@ from PIL import Image
 from torch import nn
 
 from busdx.errors import CheckpointError
-from busdx.inference import LoadedModel
 from busdx.models import BinaryClassifier
+from busdx.predictor import Predictor
 from busdx.transforms import build_eval_transform
 
 __all__ = ["Explanation", "explain_image", "grad_cam", "overlay_heatmap"]
@@ -90,7 +90,7 @@ class Explanation:
         return (row + 0.5) * size[1] / height, (col + 0.5) * size[0] / width
 
 
-def explain_image(loaded: LoadedModel, image: Image.Image) -> Explanation:
+def explain_image(loaded: Predictor, image: Image.Image) -> Explanation:
     """Grad-CAM of the torch model for one RGB image (any size)."""
     if loaded.model is None:
         raise CheckpointError(

@@ -34,22 +34,20 @@ from onnxruntime.quantization import (
 from onnxruntime.quantization.shape_inference import quant_pre_process
 
 from busdx import __version__
-from busdx.calibration import apply_temperature
 from busdx.errors import DataError, ExportError, ImageDecodeError, SingleClassError
 from busdx.evaluation import json_safe
 from busdx.fileio import atomic_path, atomic_write_text, sha256_file
 from busdx.imaging import load_image
-from busdx.inference import (
+from busdx.inference import expand_paths, file_logits
+from busdx.metrics import roc_auc
+from busdx.predictor import (
     EXPORT_STAMP,
     INT8_FILE,
     ONNX_FILE,
     ONNX_METADATA_KEY,
-    LoadedModel,
-    expand_paths,
-    file_logits,
+    Predictor,
     load_model,
 )
-from busdx.metrics import roc_auc
 from busdx.provenance import environment
 from busdx.runs import load_run, samples_for_split
 from busdx.scope import SCOPE_KEY
@@ -63,7 +61,7 @@ EXPORT_REPORT = "export.json"
 OPSET = 17
 
 
-def _add_metadata(path: Path, loaded: LoadedModel) -> None:
+def _add_metadata(path: Path, loaded: Predictor) -> None:
     """The model file's metadata, stamped with the sha256 of the file it was exported from (see
     :data:`busdx.inference.EXPORT_STAMP`) and the exporting machine."""
     model = onnx.load(str(path))
@@ -76,7 +74,7 @@ def _add_metadata(path: Path, loaded: LoadedModel) -> None:
     onnx.save(model, str(path))
 
 
-def export_onnx(loaded: LoadedModel, path: Path) -> Path:
+def export_onnx(loaded: Predictor, path: Path) -> Path:
     """Write the torch model as fp32 ONNX (input ``images`` (N, 3, H, W), output ``logits`` N)."""
     size = loaded.preprocessing.image_size
     model = loaded.model.to("cpu").eval()
@@ -99,7 +97,7 @@ def export_onnx(loaded: LoadedModel, path: Path) -> Path:
 class _CalibrationImages(CalibrationDataReader):
     """Calibration reader: one preprocessed image at a time; unreadable files are skipped."""
 
-    def __init__(self, files: Sequence[Path], loaded: LoadedModel) -> None:
+    def __init__(self, files: Sequence[Path], loaded: Predictor) -> None:
         self.transform = build_eval_transform(loaded.preprocessing)
         self.files: Iterator[Path] = iter(files)
 
@@ -113,7 +111,7 @@ class _CalibrationImages(CalibrationDataReader):
 
 
 def quantize_int8(
-    fp32_path: Path, out_path: Path, calibration: Sequence[Path], loaded: LoadedModel
+    fp32_path: Path, out_path: Path, calibration: Sequence[Path], loaded: Predictor
 ) -> Path:
     """Static int8 quantization (QDQ; per-channel 7-bit int8 weights, uint8 activations).
 
@@ -142,13 +140,13 @@ def compare_logits(
     reference: np.ndarray,
     candidate: np.ndarray,
     labels: Sequence[int],
-    *,
-    temperature: float,
-    threshold: float,
+    predictor: Predictor,
 ) -> dict[str, Any]:
-    """Decision agreement, largest logit difference and ROC AUC of two models' logits."""
-    ref_pos = apply_temperature(reference, temperature) >= threshold
-    cand_pos = apply_temperature(candidate, temperature) >= threshold
+    """Decision agreement (each decided by ``predictor``'s calibration and threshold), largest
+    logit difference and ROC AUC of two models' logits for the same images."""
+    ref_pos, cand_pos = (
+        predictor.decide(predictor.probabilities(logits)) for logits in (reference, candidate)
+    )
     y = np.asarray(labels)
     try:
         auc_ref, auc_cand = roc_auc(y, reference), roc_auc(y, candidate)
@@ -204,18 +202,17 @@ def export_run(
     }
     val = samples_for_split(run_dir, config, info, data_root, "val").samples
     files, labels = [s.path for s in val], [s.label for s in val]
-    decision = {"temperature": loaded.temperature, "threshold": loaded.threshold}
     torch_logits, fp32_logits = (
         file_logits(model, files, progress=False) for model in (loaded, load_model(fp32_path))
     )
-    report["onnx"]["vs_torch"] = compare_logits(torch_logits, fp32_logits, labels, **decision)
+    report["onnx"]["vs_torch"] = compare_logits(torch_logits, fp32_logits, labels, loaded)
     if int8:
         calibration = _calibration_files(run_dir, calibration_dir, data_root, calibration_size)
         candidate = run_dir / ".int8-candidate.onnx"
         try:
             quantize_int8(fp32_path, candidate, calibration, loaded)
             int8_logits = file_logits(load_model(candidate), files, progress=False)
-            check = compare_logits(fp32_logits, int8_logits, labels, **decision)
+            check = compare_logits(fp32_logits, int8_logits, labels, loaded)
             drop = check["roc_auc_drop"]
             if drop is not None and drop > max_auc_drop and not force:
                 raise ExportError(

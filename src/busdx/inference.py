@@ -25,207 +25,24 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from busdx.config import ModelConfig
-from busdx.errors import CheckpointError, ConfigError, DataError, ImageDecodeError
-from busdx.fileio import atomic_path, sha256_file
+from busdx.errors import DataError, ImageDecodeError
+from busdx.fileio import atomic_path
 from busdx.imaging import is_image_file, load_image
-from busdx.models import BinaryClassifier, Ensemble, create_model
-from busdx.scope import SCOPE_KEY, image_checks, scope_distances
-from busdx.training import MODEL_FILE, resolve_device
-from busdx.transforms import Preprocessing, build_eval_transform
+from busdx.predictor import Predictor
+from busdx.scope import image_checks
+from busdx.transforms import build_eval_transform
 
 __all__ = [
-    "BACKENDS",
-    "EXPORT_STAMP",
-    "INT8_FILE",
-    "ONNX_FILE",
-    "LoadedModel",
     "Prediction",
     "expand_paths",
     "file_logits",
     "file_predictions",
     "iter_image_paths",
-    "load_model",
     "predict_files",
     "write_predictions",
 ]
 
 logger = logging.getLogger(__name__)
-
-BACKENDS = ("torch", "onnx")
-ONNX_FILE = "model.onnx"
-INT8_FILE = "model.int8.onnx"
-EXPORT_STAMP = "exported_from"  # ONNX metadata: {"file", "sha256"} of the model.pt exported
-ONNX_METADATA_KEY = "busdx"
-
-
-@dataclass
-class LoadedModel:
-    """A trained classifier ready to predict, with everything needed to use it.
-
-    ``model`` is the PyTorch network (backend ``torch``; also used for explanations),
-    ``session`` an ONNX Runtime session (backend ``onnx``).
-    """
-
-    metadata: dict[str, Any]
-    preprocessing: Preprocessing
-    path: Path
-    model: BinaryClassifier | Ensemble | None = None
-    session: Any = None  # onnxruntime.InferenceSession
-    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
-
-    @property
-    def backend(self) -> str:
-        return "onnx" if self.session is not None else "torch"
-
-    @property
-    def class_names(self) -> list[str]:
-        return list(self.metadata["class_names"])
-
-    @property
-    def threshold(self) -> float:
-        return float(self.metadata["threshold"])
-
-    @property
-    def temperature(self) -> float:
-        """Temperature-scaling factor fitted on validation data (1.0: uncalibrated)."""
-        return float(self.metadata.get("temperature", 1.0))
-
-    def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
-        """Calibrated probability of the positive class: ``sigmoid(logit / temperature)``."""
-        return torch.sigmoid(logits / self.temperature)
-
-    def label(self, probability: float, threshold: float | None = None) -> str:
-        """Class name decided at ``threshold`` (default: the model's own)."""
-        negative, positive = self.class_names
-        return (
-            positive
-            if probability >= (self.threshold if threshold is None else threshold)
-            else negative
-        )
-
-    @torch.inference_mode()
-    def predict(self, images: torch.Tensor) -> tuple[torch.Tensor, np.ndarray | None]:
-        """Raw log-odds of the positive class for a batch of preprocessed images, and each
-        image's out-of-scope distance (see :mod:`busdx.scope`; None without a fitted guard or
-        on the ONNX backend). The backbone runs once for both."""
-        if self.session is not None:
-            (logits,) = self.session.run(None, {"images": images.numpy()})
-            return torch.from_numpy(logits), None
-        images = images.to(self.device)
-        scope = self.metadata.get(SCOPE_KEY)
-        if scope is None:
-            return self.model(images).cpu(), None
-        first, *others = getattr(self.model, "members", [self.model])
-        maps, tapped = first.run_backbone(first.stem(images), first.stem_layers)
-        logits = torch.stack([first.classify(maps, tapped), *(m(images) for m in others)])
-        distances = scope_distances(scope, maps.float().mean(dim=(2, 3)))
-        return logits.mean(dim=0).cpu(), distances
-
-    def predict_logits(self, images: torch.Tensor) -> torch.Tensor:
-        """Raw log-odds of the positive class for a batch of preprocessed images."""
-        return self.predict(images)[0]
-
-    def scope_reason(self, checks: list[str], distance: float | None) -> str | None:
-        """Why an input is out of scope (None: it is not, or there is no way to tell).
-
-        ``checks`` are :func:`busdx.scope.image_checks` of the image; ``distance`` its feature
-        distance, compared with the guard's threshold when the model has one.
-        """
-        scope = self.metadata.get(SCOPE_KEY)
-        reasons = list(checks)
-        if distance is not None and scope is not None and distance > scope["threshold"]:
-            reasons.append(
-                f"unlike the training images (distance {distance:.1f} > {scope['threshold']:.1f})"
-            )
-        return "; ".join(reasons) or None
-
-    def out_of_scope(self, checks: list[str], distance: float | None) -> bool | None:
-        """Whether an input is out of scope; None when the model has no guard and the image
-        passes the pixel checks (nothing is known either way)."""
-        if self.scope_reason(checks, distance):
-            return True
-        return None if distance is None or SCOPE_KEY not in self.metadata else False
-
-
-def load_model(path: str | Path, *, device: str = "auto", backend: str = "torch") -> LoadedModel:
-    """Load a trained model safely: a run directory, ``model.pt`` or an ``.onnx`` file.
-
-    With ``backend="onnx"`` a run directory gives its int8 model when there is one, else its
-    fp32 ONNX model.
-    """
-    path = Path(path)
-    if backend not in BACKENDS:
-        raise ConfigError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
-    if backend == "onnx" or path.suffix == ".onnx":
-        return _load_onnx(path)
-    if path.is_dir():
-        path = path / MODEL_FILE
-    if not path.is_file():
-        raise CheckpointError(f"no model file at {path}; train a model first (busdx train)")
-    try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise CheckpointError(
-            f"{path} is not a loadable busdx model file ({type(exc).__name__})"
-        ) from exc
-    if not isinstance(payload, dict) or payload.get("format") != "busdx-model":
-        raise CheckpointError(f"{path} is not a busdx model file")
-    prep = Preprocessing.from_dict(payload["preprocessing"])
-    config = ModelConfig(**payload["model"])
-    members = [
-        create_model(config, image_size=prep.image_size, load_weights=False)[0]
-        for _ in range(int(payload.get("ensemble_size", 1)))
-    ]
-    model = Ensemble(members) if "ensemble_size" in payload else members[0]
-    try:
-        model.load_state_dict(payload["state_dict"])
-    except RuntimeError as exc:
-        raise CheckpointError(f"{path}: weights do not fit the model it describes") from exc
-    target = resolve_device(device)
-    model.to(target).eval()
-    metadata = {k: v for k, v in payload.items() if k not in {"state_dict", "optimizer"}}
-    return LoadedModel(metadata, prep, path, model=model, device=target)
-
-
-def _load_onnx(path: Path) -> LoadedModel:
-    import onnxruntime
-
-    if path.is_dir():
-        found = [path / name for name in (INT8_FILE, ONNX_FILE) if (path / name).is_file()]
-        if not found:
-            raise CheckpointError(
-                f"no {ONNX_FILE} in {path}; export one first: busdx export --run {path} --int8"
-            )
-        path = found[0]
-    if not path.is_file():
-        raise CheckpointError(f"no ONNX model at {path}; export one first (busdx export)")
-    try:
-        session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-        metadata = json.loads(session.get_modelmeta().custom_metadata_map[ONNX_METADATA_KEY])
-    except Exception as exc:
-        raise CheckpointError(
-            f"{path} is not an ONNX model exported by busdx ({type(exc).__name__})"
-        ) from exc
-    _check_stamp(path, metadata)
-    prep = Preprocessing.from_dict(metadata["preprocessing"])
-    return LoadedModel(metadata, prep, path, session=session)
-
-
-def _check_stamp(path: Path, metadata: dict[str, Any]) -> None:
-    """Refuse an ONNX file that was not exported from the ``model.pt`` beside it: after a
-    resume, a recalibration or a copy from another run it would answer for another model. An
-    ONNX file alone (a deployment without ``model.pt``) has nothing to disagree with."""
-    source = path.parent / MODEL_FILE
-    if not source.is_file():
-        return
-    stamp = metadata.get(EXPORT_STAMP) or {}
-    if stamp.get("sha256") != sha256_file(source):
-        raise CheckpointError(
-            f"{path} was not exported from the {MODEL_FILE} beside it (changed since by a "
-            f"resume, a recalibration or a copy); export again: busdx export --run {path.parent}"
-            + (" --int8" if path.name == INT8_FILE else "")
-        )
 
 
 def iter_image_paths(paths: Sequence[str | Path]) -> Iterator[Path]:
@@ -305,7 +122,7 @@ def _batches(items: Iterable, size: int) -> Iterator[list]:
 
 
 def predict_files(
-    loaded: LoadedModel,
+    loaded: Predictor,
     files: Iterable[Path],
     *,
     batch_size: int = 16,
@@ -351,7 +168,7 @@ def predict_files(
 
 
 def file_predictions(
-    loaded: LoadedModel, files: Sequence[Path], *, progress: bool = True
+    loaded: Predictor, files: Sequence[Path], *, progress: bool = True
 ) -> list[Prediction]:
     """One prediction per file, in order; all files must be readable (labelled data)."""
     rows = list(predict_files(loaded, files, progress=progress))
@@ -361,7 +178,7 @@ def file_predictions(
     return rows
 
 
-def file_logits(loaded: LoadedModel, files: Sequence[Path], *, progress: bool = True) -> np.ndarray:
+def file_logits(loaded: Predictor, files: Sequence[Path], *, progress: bool = True) -> np.ndarray:
     """Raw logit (before temperature scaling) of each file, in order; all must be readable."""
     return np.array([row.logit for row in file_predictions(loaded, files, progress=progress)])
 

@@ -25,6 +25,7 @@ __all__ = [
     "brier_score",
     "confusion_counts",
     "expected_calibration_error",
+    "is_positive",
     "paired_bootstrap",
     "reliability_bins",
     "roc_auc",
@@ -51,6 +52,11 @@ def _check(y_true: np.ndarray, y_score: np.ndarray) -> tuple[np.ndarray, np.ndar
     if not np.all(np.isfinite(y_score)):
         raise DataError("scores contain NaN or infinity")
     return y_true, y_score
+
+
+def is_positive(y_score: np.ndarray, threshold: float) -> np.ndarray:
+    """The decision rule of every busdx model: positive where ``score >= threshold``."""
+    return np.asarray(y_score) >= threshold
 
 
 def confusion_counts(y_true: np.ndarray, y_pred: np.ndarray) -> dict[str, int]:
@@ -185,7 +191,7 @@ def _ratio(numerator: int, denominator: int) -> float:
 def binary_metrics(y_true: np.ndarray, y_score: np.ndarray, *, threshold: float = 0.5) -> dict:
     """Accuracy, ROC AUC, sensitivity, specificity, PPV, NPV, F1 and the confusion matrix."""
     y_true, y_score = _check(y_true, y_score)
-    counts = confusion_counts(y_true, y_score >= threshold)
+    counts = confusion_counts(y_true, is_positive(y_score, threshold))
     tp, fp, tn, fn = counts["tp"], counts["fp"], counts["tn"], counts["fn"]
     sensitivity = _ratio(tp, tp + fn)
     specificity = _ratio(tn, tn + fp)

@@ -17,8 +17,8 @@ from typing import Any
 
 from busdx.errors import CheckpointError
 from busdx.fileio import atomic_write_text
-from busdx.inference import load_model
 from busdx.metrics import DECISION_METRICS, SCORE_METRICS
+from busdx.predictor import load_model
 from busdx.runs import SPLIT_FILE, load_run
 
 __all__ = ["write_report"]

@@ -21,7 +21,6 @@ from busdx.data import LabelledDataset, draw_split
 from busdx.errors import DataError
 from busdx.evaluation import calibrate_model, evaluate_samples, json_safe
 from busdx.fileio import atomic_path, atomic_write_text
-from busdx.inference import load_model
 from busdx.metrics import (
     DECISION_METRICS,
     SCORE_METRICS,
@@ -29,6 +28,7 @@ from busdx.metrics import (
     bootstrap_ci,
     roc_band,
 )
+from busdx.predictor import load_model
 from busdx.reporting import plot_roc_curve, plot_training_curves
 from busdx.runs import save_run
 from busdx.scope import SCOPE_KEY, fit_scope

@@ -17,7 +17,7 @@ from matplotlib.figure import Figure
 from PIL import Image
 
 from busdx.fileio import atomic_path
-from busdx.metrics import roc_curve
+from busdx.metrics import is_positive, roc_curve
 
 __all__ = [
     "plot_confusion_matrix",
@@ -156,7 +156,7 @@ def plot_sample_predictions(
     for axis, image, truth, prob in zip(
         axes.flat, images, true_labels, probabilities, strict=False
     ):
-        predicted = class_names[1] if prob >= threshold else class_names[0]
+        predicted = class_names[int(is_positive(prob, threshold))]
         wrong = predicted != truth
         axis.imshow(image)
         axis.set_title(

@@ -42,7 +42,7 @@ from busdx import __version__
 from busdx.errors import ConfigError, ImageDecodeError, ImageTooLargeError
 from busdx.explain import explain_image
 from busdx.imaging import decode_image
-from busdx.inference import LoadedModel, load_model
+from busdx.predictor import Predictor, load_model
 from busdx.runs import load_run
 from busdx.scope import image_checks
 from busdx.training import MODEL_FILE
@@ -241,7 +241,7 @@ class _Gate:
             self.waiting -= 1
 
 
-def _model_card(loaded: LoadedModel, run_dir: Path, backend: str) -> dict[str, Any]:
+def _model_card(loaded: Predictor, run_dir: Path, backend: str) -> dict[str, Any]:
     metadata = loaded.metadata
     card: dict[str, Any] = {
         "busdx_version": metadata.get("busdx_version"),
