@@ -2,6 +2,7 @@
 
 import csv
 import json
+import os
 import shutil
 
 import numpy as np
@@ -181,3 +182,24 @@ def test_stdout_csv_is_parseable(trained_run, synthetic_data, capsys):
         "benign",
         "malignant",
     ]
+
+
+def test_train_export_then_predict_and_serve_use_the_int8_model_by_default(
+    synthetic_data, tmp_path, images, caplog, backbone_weights
+):
+    pretrained = [arg for arg in FAST if arg not in {"--weights", "none"}]
+    run = train_run(synthetic_data, tmp_path / "run", *pretrained, "--weights", backbone_weights,
+                    "--export", epochs=1)  # fmt: skip
+    assert (run / "model.int8.onnx").is_file()  # seeded: the int8 guard accepts this model
+    assert main(["predict", "--run", str(run), str(images[0]), "--no-progress"]) == 0
+    assert "using model.int8.onnx" in caplog.text
+    with TestClient(create_app(run, ServeSettings(workers=2))) as client:
+        assert client.get("/health").json()["backend"] == "onnx"
+        session = client.app.state.predictor.session
+        assert session.get_session_options().intra_op_num_threads == max(1, os.cpu_count() // 2)
+    payload = torch.load(run / "model.pt", weights_only=True)
+    payload["threshold"] = 0.2  # model.pt changed since the export: the int8 file is stale
+    torch.save(payload, run / "model.pt")
+    caplog.clear()
+    assert load_model(run, backend="auto").backend == "torch"
+    assert "using the torch model meanwhile" in caplog.text

@@ -16,12 +16,13 @@ import sys
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 from busdx import __version__
 from busdx.audit import DEFAULT_MAX_DISTANCE, audit_dataset, write_audit
 from busdx.config import Config, apply_overrides, list_recipes, load_config
 from busdx.data import apply_split_file, scan_dataset
-from busdx.errors import BusdxError, ConfigError, DataError, RunDirError
+from busdx.errors import BusdxError, ConfigError, DataError, ExportError, RunDirError
 from busdx.evaluation import (
     calibrate_model,
     compare_evaluations,
@@ -110,6 +111,11 @@ def cmd_train(args: argparse.Namespace) -> int:
     result = train_and_evaluate(config, dataset, run_dir, progress=not args.no_progress)
     print(format_metrics(result))
     print(f"run directory: {run_dir}")
+    if args.export:
+        try:
+            _print_export(run_dir, export_run(run_dir, int8=True))
+        except ExportError as exc:  # the int8 guard: the fp32 export stands
+            print(f"int8 not kept: {exc}")
     return 0
 
 
@@ -206,7 +212,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     total = sum(1 for _ in iter_image_paths(args.paths))
     if not total:
         raise DataError(f"no image files found in {', '.join(args.paths)}")
-    loaded = load_model(args.run, device=args.device, backend=args.backend)
+    loaded = load_model(args.run, device=args.device, backend=args.backend, threads=args.threads)
     started = time.perf_counter()
     rows = predict_files(
         loaded,
@@ -275,7 +281,11 @@ def cmd_export(args: argparse.Namespace) -> int:
         max_auc_drop=args.max_auc_drop,
         force=args.allow_auc_drop,
     )
-    run_dir = Path(args.run)
+    _print_export(Path(args.run), report)
+    return 0
+
+
+def _print_export(run_dir: Path, report: dict[str, Any]) -> None:
     check = report["onnx"]["vs_torch"]
     print(
         f"{run_dir / report['onnx']['file']}: fp32 ONNX; on {check['n']} validation images "
@@ -291,8 +301,8 @@ def cmd_export(args: argparse.Namespace) -> int:
             f"{report['int8']['calibration']['images']} images); decision agreement with fp32 "
             f"{check['agreement']:.3f}; " + (auc_text if aucs[0] is not None else "no AUC")
         )
-    print(f"report: {run_dir / EXPORT_REPORT}; predict with: busdx predict --backend onnx")
-    return 0
+    print(f"report: {run_dir / EXPORT_REPORT}; busdx predict and serve use the "
+          f"{'int8' if 'int8' in report else 'torch'} model by default")  # fmt: skip
 
 
 def _resumed_cv_config(out: Path, args: argparse.Namespace) -> Config:
@@ -447,6 +457,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     train.add_argument("--out", help="new run directory (default runs/<recipe>-<time>)")
     train.add_argument("--resume", metavar="RUNDIR", help="continue an interrupted run")
+    train.add_argument(
+        "--export",
+        action="store_true",
+        help="then export ONNX and int8 (what predict and serve use by default on a CPU)",
+    )
     add_config_options(train)
     common(train)
     train.set_defaults(func=cmd_train)
@@ -532,9 +547,11 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument(
         "--backend",
         choices=BACKENDS,
-        default="torch",
-        help="torch (model.pt) or onnx (model.int8.onnx if exported, else model.onnx)",
+        default="auto",
+        help="auto (default): the exported int8 model when valid on a CPU, else model.pt; "
+        "torch (model.pt); onnx (model.int8.onnx if exported, else model.onnx)",
     )
+    predict.add_argument("--threads", type=int, help="CPU threads (default: all cores)")
     predict.add_argument(
         "--explain", metavar="OUTDIR", help="also write Grad-CAM overlays (PNG) into OUTDIR"
     )
@@ -551,7 +568,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve_parser.add_argument("--host", default="127.0.0.1")
     serve_parser.add_argument("--port", type=int, default=8000)
     serve_parser.add_argument(
-        "--backend", choices=BACKENDS, help="torch (default) or onnx; env BUSDX_BACKEND"
+        "--backend",
+        choices=BACKENDS,
+        help="auto (default: int8 ONNX when exported and valid), torch or onnx; env BUSDX_BACKEND",
     )
     serve_parser.add_argument(
         "--api-key", help="required in the X-API-Key header (default: $BUSDX_API_KEY)"

@@ -21,6 +21,7 @@ import hmac
 import io
 import ipaddress
 import logging
+import os
 import time
 from importlib import resources
 from pathlib import Path
@@ -77,7 +78,7 @@ class ServeSettings(BaseSettings):
     queue_size: int = Field(64, ge=0, description="requests waiting for a worker; more get 503")
     api_key: str | None = None
     cors_origins: tuple[str, ...] = ()
-    backend: Literal["torch", "onnx"] = "torch"
+    backend: Literal["auto", "torch", "onnx"] = "auto"
 
     @classmethod
     def from_options(cls, **options: Any) -> ServeSettings:
@@ -297,12 +298,13 @@ def create_app(run: str | Path, settings: ServeSettings | None = None) -> FastAP
     """The FastAPI application serving the model of ``run`` (a run directory or model file)."""
     settings = settings or ServeSettings()
     run_dir = Path(run)
-    if settings.backend == "torch":
-        predictor = explainer = load_model(run_dir)
+    threads = max(1, (os.cpu_count() or 1) // settings.workers)  # workers never oversubscribe
+    predictor = load_model(run_dir, backend=settings.backend, threads=threads)
+    if predictor.backend == "torch":
+        explainer: Predictor | None = predictor
     else:  # Grad-CAM needs the torch model's gradients; an ONNX-only deployment has no /explain
-        predictor = load_model(run_dir, backend="onnx")
         has_torch = run_dir.is_dir() and (run_dir / MODEL_FILE).is_file()
-        explainer = load_model(run_dir) if has_torch else None
+        explainer = load_model(run_dir, threads=threads) if has_torch else None
     transform = build_eval_transform(predictor.preprocessing)
     card = _model_card(
         predictor, run_dir if run_dir.is_dir() else run_dir.parent, predictor.backend
@@ -431,7 +433,7 @@ def create_app(run: str | Path, settings: ServeSettings | None = None) -> FastAP
         )  # fmt: skip
         return JSONResponse(answer.model_dump())
 
-    app.state.gate = gate
+    app.state.gate, app.state.predictor = gate, predictor
     return app
 
 
