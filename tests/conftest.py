@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import os
-import struct
-import zlib
 from pathlib import Path
 
 import pytest
@@ -73,20 +71,3 @@ def train_run(data: Path, out: Path, *options: str, epochs: int = 2) -> Path:
     args += options
     assert main(args) == 0
     return out
-
-
-def bomb_png(side: int = 30_000) -> bytes:
-    """A valid black ``side`` x ``side`` one-bit PNG of about 100 KB: a decompression bomb.
-
-    Written row by row so that the 112 MB of pixels never sit in memory at once.
-    """
-
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        body = kind + data
-        return struct.pack(">I", len(data)) + body + struct.pack(">I", zlib.crc32(body))
-
-    header = struct.pack(">IIBBBBB", side, side, 1, 0, 0, 0, 0)  # 1-bit greyscale
-    compressor, row = zlib.compressobj(9), bytes(1 + (side + 7) // 8)  # filter byte + pixels
-    pixels = b"".join(compressor.compress(row) for _ in range(side)) + compressor.flush()
-    chunks = chunk(b"IHDR", header) + chunk(b"IDAT", pixels) + chunk(b"IEND", b"")
-    return b"\x89PNG\r\n\x1a\n" + chunks

@@ -8,8 +8,9 @@ import torch
 from PIL import Image
 
 from busdx.cli import main
+from busdx.synthetic import decompression_bomb_png
 
-from conftest import FAST, bomb_png, train_run
+from conftest import FAST, train_run
 
 
 @pytest.fixture(scope="module")
@@ -105,7 +106,7 @@ def test_predict_files_and_folders_with_a_bad_file(trained_run, synthetic_data, 
     folder.mkdir()
     Image.open(next((synthetic_data / "malignant").glob("*.png"))).save(folder / "good.png")
     (folder / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
-    (folder / "bomb.png").write_bytes(bomb_png())  # 30000 x 30000 pixels in ~100 KB
+    (folder / "bomb.png").write_bytes(decompression_bomb_png())  # 30000 x 30000 pixels in ~100 KB
     single = next((synthetic_data / "benign").glob("*.png"))
     out = tmp_path / "pred.csv"
     assert (

@@ -7,8 +7,7 @@ from PIL import Image
 
 from busdx.errors import ImageDecodeError, ImageTooLargeError
 from busdx.imaging import decode_image, is_image_file, load_image
-
-from conftest import bomb_png
+from busdx.synthetic import decompression_bomb_png
 
 
 def _save(image: Image.Image, path: Path, **kwargs) -> Path:
@@ -75,10 +74,10 @@ def test_extensions_any_case_and_masks_excluded():
 
 
 def test_a_decompression_bomb_is_refused_with_a_decode_error(tmp_path):
-    (tmp_path / "bomb.png").write_bytes(bomb_png())  # 30000 x 30000, ~100 KB
+    (tmp_path / "bomb.png").write_bytes(decompression_bomb_png())  # 30000 x 30000, ~100 KB
     with pytest.raises(ImageTooLargeError, match=r"bomb\.png: .*900000000 pixels"):
         load_image(tmp_path / "bomb.png")
-    small = bomb_png(400)  # the same file, small: below every limit, it decodes
+    small = decompression_bomb_png(400)  # the same file, small: below every limit, it decodes
     assert load_image(_save_bytes(small, tmp_path / "small.png")).size == (400, 400)
     with pytest.raises(ImageTooLargeError, match="400x400 pixels exceeds the limit of 1,000"):
         decode_image(small, "small.png", max_pixels=1_000)

@@ -10,8 +10,9 @@ from PIL import Image
 from busdx.cli import main
 from busdx.errors import ConfigError
 from busdx.serving import ServeSettings, check_bind, create_app
+from busdx.synthetic import decompression_bomb_png
 
-from conftest import FAST, bomb_png, train_run
+from conftest import FAST, train_run
 
 
 @pytest.fixture(scope="module")
@@ -116,7 +117,7 @@ BAD_INPUTS = {
     "truncated PNG": (("t.png", PNG[: len(PNG) // 2]), 400, "cannot decode"),
     "truncated JPEG": (("t.jpg", _png(_scan(8), "JPEG")[:300]), 400, "cannot decode"),
     "huge dimensions": (("big.png", _png(Image.new("1", (3000, 3000)))), 413, "exceeds the limit"),
-    "decompression bomb": (("bomb.png", bomb_png()), 413, "900000000 pixels"),
+    "decompression bomb": (("bomb.png", decompression_bomb_png()), 413, "900000000 pixels"),
     "over the size limit": (("big.bin", b"\0" * 1_200_000), 413, "upload exceeds"),
 }
 

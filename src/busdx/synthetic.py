@@ -8,12 +8,14 @@ speckle over layered tissue with a random texture. No real patient data is invol
 
 from __future__ import annotations
 
+import struct
+import zlib
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
-__all__ = ["make_lesion_image", "write_synthetic_dataset"]
+__all__ = ["decompression_bomb_png", "make_lesion_image", "write_synthetic_dataset"]
 
 
 def _speckle_background(rng: np.random.Generator, size: int) -> np.ndarray:
@@ -67,3 +69,19 @@ def write_synthetic_dataset(root: str | Path, *, n_per_class: int = 40, seed: in
             image, _ = make_lesion_image(bool(label), seed=seed * 100_000 + label * 10_000 + i)
             image.save(folder / f"{name} ({i + 1}).png")
     return root
+
+
+def decompression_bomb_png(side: int = 30_000) -> bytes:
+    """A valid black ``side`` x ``side`` one-bit PNG of about 100 KB (at 30,000: 900 megapixels):
+    a decompression bomb, for tests and the API soak benchmark. Written row by row, so that its
+    pixels never sit in memory at once."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        body = kind + data
+        return struct.pack(">I", len(data)) + body + struct.pack(">I", zlib.crc32(body))
+
+    header = struct.pack(">IIBBBBB", side, side, 1, 0, 0, 0, 0)  # 1-bit greyscale
+    compressor, row = zlib.compressobj(9), bytes(1 + (side + 7) // 8)  # filter byte + pixels
+    pixels = b"".join(compressor.compress(row) for _ in range(side)) + compressor.flush()
+    chunks = chunk(b"IHDR", header) + chunk(b"IDAT", pixels) + chunk(b"IEND", b"")
+    return b"\x89PNG\r\n\x1a\n" + chunks
