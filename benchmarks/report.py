@@ -145,6 +145,42 @@ def load_section(result: dict) -> list[str]:
     ]
 
 
+def soak_section(result: dict, figure: Path) -> list[str]:
+    done, rss = zip(*result["rss_mb_every_100"], strict=True)
+    plt.figure(figsize=(6, 3))
+    plt.plot(done, rss, marker=".")
+    plt.axvline(200, color="grey", linestyle=":", label="growth measured from here")
+    plt.xlabel("requests answered")
+    plt.ylabel("server RSS (MB)")
+    plt.title(f"busdx serve soak, {result['backend']} backend")
+    plt.legend()
+    plt.tight_layout()
+    figure.parent.mkdir(parents=True, exist_ok=True)
+    plt.savefig(figure, dpi=120)
+    plt.close()
+    return [
+        "## Soak: good and bad uploads mixed",
+        "",
+        f"`busdx serve` ({result['backend']} backend) on loopback, {result['requests']} POST "
+        f"/predict requests, {result['concurrency']} in flight: {result['good_requests']} with a "
+        f"256x256 PNG, {result['bad_requests']} with a bad upload in turn (zero bytes, text, a "
+        "truncated PNG, a 30000 x 30000 decompression bomb, a 21 MB body over the 20 MB limit), "
+        "each of which must get its 4xx `{error, detail}` answer "
+        f"(`benchmarks/load_test.py --bad-share`). Machine: {_machine(result['machine'])}.",
+        "",
+        "| errors (a 5xx, or a wrong status or body) | server RSS growth from request 200 to "
+        "the last | p50 | p99 | requests/s | server exit after SIGINT |",
+        "|---|---|---|---|---|---|",
+        f"| {result['errors']} | {result['rss_growth_mb_from_200']:+.1f} MB (budget < 100 MB; "
+        f"{rss[0]:.0f} MB at request {done[0]}, {rss[-1]:.0f} MB at {done[-1]}) | "
+        f"{result['p50_ms']:.0f} ms | {result['p99_ms']:.0f} ms | "
+        f"{result['requests_per_s']:.2f} | {result['server_exit_code']} |",
+        "",
+        f"![server memory during the soak](figures/{figure.name})",
+        "",
+    ]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--results", default=str(REPO / "docs" / "benchmarks"))
@@ -160,6 +196,7 @@ def main() -> None:
         "training.json": training_section,
         "predict_memory.json": memory_section,
         "load_test.json": load_section,
+        "soak_test.json": lambda r: soak_section(r, out.parent / "figures" / "soak.png"),
     }
     for name, section in sections.items():
         if (folder / name).is_file():
