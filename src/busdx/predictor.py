@@ -113,10 +113,6 @@ class Predictor:
         distances = scope_distances(scope, maps.float().mean(dim=(2, 3)))
         return logits.mean(dim=0).cpu(), distances
 
-    def predict_logits(self, images: torch.Tensor) -> torch.Tensor:
-        """Raw log-odds of the positive class for a batch of preprocessed images."""
-        return self.predict(images)[0]
-
     def scope_reason(self, checks: list[str], distance: float | None) -> str | None:
         """Why an input is out of scope (None: it is not, or there is no way to tell).
 
