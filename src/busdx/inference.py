@@ -17,20 +17,17 @@ import logging
 import os
 import sys
 from collections.abc import Iterable, Iterator, Sequence, Sized
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 from tqdm.auto import tqdm
 
 from busdx.errors import DataError, ImageDecodeError
 from busdx.fileio import atomic_path
 from busdx.imaging import is_image_file, load_image
 from busdx.predictor import Predictor
-from busdx.scope import image_checks
-from busdx.transforms import build_eval_transform
 
 __all__ = [
     "Prediction",
@@ -94,7 +91,6 @@ class Prediction:
     out_of_scope: bool | None = None  # unlike the training images (None: no guard)
     scope_reason: str | None = None
     scope_distance: float | None = None
-    checks: list[str] = field(default_factory=list)  # busdx.scope.image_checks of the image
 
     def to_dict(self) -> dict[str, Any]:
         """The row as written by ``busdx predict`` (keys: ``PREDICTION_FIELDS``)."""
@@ -136,32 +132,28 @@ def predict_files(
     held in memory. ``total`` sizes the progress bar when ``files`` has no length.
     """
     threshold = loaded.threshold if threshold is None else threshold
-    transform = build_eval_transform(loaded.preprocessing)
     total = len(files) if total is None and isinstance(files, Sized) else total
     bar = tqdm(total=total, unit="img", desc="predict", disable=not progress, leave=False)
     for batch in _batches(files, batch_size):
-        tensors, rows = [], []
+        images, rows = [], []
         for path in batch:
             try:
-                image = load_image(path)
-                tensors.append(transform(image))
-                rows.append(
-                    Prediction(str(path), None, None, threshold, checks=image_checks(image))
-                )
+                images.append(load_image(path))
+                rows.append(Prediction(str(path), None, None, threshold))
             except ImageDecodeError as exc:
                 logger.warning("%s", exc)
                 rows.append(Prediction(str(path), None, None, threshold, error=str(exc)))
-        logits, distances = loaded.predict(torch.stack(tensors)) if tensors else (None, None)
-        logits = torch.zeros(0) if logits is None else logits
-        distances = [None] * len(logits) if distances is None else distances.tolist()
-        probabilities = loaded.probabilities(logits)
-        scores = iter(zip(logits.tolist(), probabilities.tolist(), distances, strict=True))
+        decisions = iter(loaded.decide_images(images, threshold))
         for row in rows:
             if row.error is None:
-                row.logit, row.probability, row.scope_distance = next(scores)
-                row.label = loaded.label(row.probability, threshold)
-                row.out_of_scope = loaded.out_of_scope(row.checks, row.scope_distance)
-                row.scope_reason = loaded.scope_reason(row.checks, row.scope_distance)
+                decision = next(decisions)
+                row.logit, row.probability, row.label = (
+                    decision.logit,
+                    decision.probability,
+                    decision.label,
+                )
+                row.scope_distance = decision.scope_distance
+                row.out_of_scope, row.scope_reason = decision.out_of_scope, decision.scope_reason
             bar.update()
             yield row
     bar.close()

@@ -10,14 +10,17 @@ the torch and ONNX Runtime backends alike: ``sigmoid(logit / temperature)`` in f
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from PIL import Image
 
 from busdx.calibration import apply_temperature
 from busdx.config import ModelConfig
@@ -25,9 +28,9 @@ from busdx.errors import CheckpointError, ConfigError
 from busdx.fileio import sha256_file
 from busdx.metrics import is_positive
 from busdx.models import BinaryClassifier, Ensemble, create_model
-from busdx.scope import SCOPE_KEY, scope_distances
+from busdx.scope import SCOPE_KEY, image_checks, scope_distances
 from busdx.training import MODEL_FILE, resolve_device
-from busdx.transforms import Preprocessing
+from busdx.transforms import Preprocessing, build_eval_transform
 
 __all__ = [
     "BACKENDS",
@@ -35,6 +38,7 @@ __all__ = [
     "INT8_FILE",
     "ONNX_FILE",
     "ONNX_METADATA_KEY",
+    "Decision",
     "Predictor",
     "load_model",
 ]
@@ -46,6 +50,18 @@ ONNX_FILE = "model.onnx"
 INT8_FILE = "model.int8.onnx"
 EXPORT_STAMP = "exported_from"  # ONNX metadata: {"file", "sha256"} of the model.pt exported
 ONNX_METADATA_KEY = "busdx"
+
+
+@dataclass
+class Decision:
+    """What the model says about one image."""
+
+    logit: float  # raw log-odds, before temperature scaling
+    probability: float  # calibrated probability of the positive class
+    label: str  # decided at the threshold
+    scope_distance: float | None  # feature distance from the training images (None: no guard)
+    out_of_scope: bool | None  # unlike the training images, or not a scan (None: unknown)
+    scope_reason: str | None
 
 
 @dataclass
@@ -94,6 +110,31 @@ class Predictor:
     def label(self, probability: float, threshold: float | None = None) -> str:
         """Class name decided at ``threshold`` (default: the model's own)."""
         return self.class_names[int(self.decide(np.asarray(probability), threshold))]
+
+    @functools.cached_property
+    def transform(self) -> Callable[[Image.Image], torch.Tensor]:
+        """The model's own preprocessing: RGB PIL image -> normalized input tensor."""
+        return build_eval_transform(self.preprocessing)
+
+    def decide_images(
+        self, images: Sequence[Image.Image], threshold: float | None = None
+    ) -> list[Decision]:
+        """Preprocess, score and decide a batch of decoded RGB images (see :class:`Decision`);
+        the one path from images to answers of ``busdx predict``, evaluate and the API."""
+        if not images:
+            return []
+        logits, distances = self.predict(torch.stack([self.transform(image) for image in images]))
+        distances = [None] * len(images) if distances is None else distances.tolist()
+        decisions = []
+        for image, logit, probability, distance in zip(
+            images, logits.tolist(), self.probabilities(logits).tolist(), distances, strict=True
+        ):
+            checks = image_checks(image)
+            decisions.append(Decision(
+                logit, probability, self.label(probability, threshold), distance,
+                self.out_of_scope(checks, distance), self.scope_reason(checks, distance),
+            ))  # fmt: skip
+        return decisions
 
     @torch.inference_mode()
     def predict(self, images: torch.Tensor) -> tuple[torch.Tensor, np.ndarray | None]:

@@ -28,7 +28,6 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import anyio
-import torch
 from fastapi import FastAPI, File, Query, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
@@ -45,9 +44,7 @@ from busdx.explain import explain_image
 from busdx.imaging import decode_image
 from busdx.predictor import Predictor, load_model
 from busdx.runs import load_run
-from busdx.scope import image_checks
 from busdx.training import MODEL_FILE
-from busdx.transforms import build_eval_transform
 
 __all__ = [
     "ErrorBody",
@@ -87,9 +84,7 @@ class ServeSettings(BaseSettings):
         try:
             return cls(**{name: value for name, value in options.items() if value is not None})
         except ValidationError as exc:
-            first = exc.errors()[0]
-            where = ".".join(str(part) for part in first["loc"])
-            raise ConfigError(f"serve setting {where}: {first['msg']}") from None
+            raise ConfigError(f"serve setting {_first_problem(exc)}") from None
 
     @property
     def max_upload_bytes(self) -> int:
@@ -288,7 +283,8 @@ def _add_error_handlers(app: FastAPI) -> None:
         return _json_error(500, "internal_error", "the server could not process this request")
 
 
-def _first_problem(exc: RequestValidationError) -> str:
+def _first_problem(exc: ValidationError | RequestValidationError) -> str:
+    """``where: what`` of a pydantic validation error's first problem."""
     problem = exc.errors()[0]
     where = ".".join(str(part) for part in problem.get("loc", ()))
     return f"{where}: {problem.get('msg', 'invalid')}"
@@ -305,7 +301,6 @@ def create_app(run: str | Path, settings: ServeSettings | None = None) -> FastAP
     else:  # Grad-CAM needs the torch model's gradients; an ONNX-only deployment has no /explain
         has_torch = run_dir.is_dir() and (run_dir / MODEL_FILE).is_file()
         explainer = load_model(run_dir, threads=threads) if has_torch else None
-    transform = build_eval_transform(predictor.preprocessing)
     card = _model_card(
         predictor, run_dir if run_dir.is_dir() else run_dir.parent, predictor.backend
     )
@@ -331,21 +326,11 @@ def create_app(run: str | Path, settings: ServeSettings | None = None) -> FastAP
         return name, decode_image(await upload.read(), name, max_pixels=settings.max_pixels)
 
     def _predict(images: list[Any]) -> list[dict[str, Any]]:
-        batch = torch.stack([transform(image) for image in images])
-        logits, distances = predictor.predict(batch)
-        distances = [None] * len(images) if distances is None else distances.tolist()
-        probabilities = predictor.probabilities(logits).tolist()
         return [
-            {
-                "probability_malignant": round(probability, 6),
-                "label": predictor.label(probability),
-                "out_of_scope": predictor.out_of_scope(checks, distance),
-                "scope_reason": predictor.scope_reason(checks, distance),
-            }
-            for probability, distance, checks in zip(
-                probabilities, distances, map(image_checks, images), strict=True
-            )
-        ]
+            {"probability_malignant": round(decision.probability, 6), "label": decision.label,
+             "out_of_scope": decision.out_of_scope, "scope_reason": decision.scope_reason}
+            for decision in predictor.decide_images(images)
+        ]  # fmt: skip
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     async def index() -> HTMLResponse:
