@@ -12,17 +12,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from busdx.devices import cpu_flags
+
 REPO = Path(__file__).resolve().parents[1]
-
-
-def cpu_flags() -> set[str]:
-    """The CPU's feature flags (Linux), e.g. avx2, avx512_vnni, avx512_bf16, amx_bf16."""
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return set()
-    line = next((row for row in text.splitlines() if row.startswith("flags")), "")
-    return set(line.split(":", 1)[-1].split())
 
 
 def machine_info() -> dict[str, Any]:

@@ -24,10 +24,11 @@ import numpy as np
 import onnxruntime
 import torch
 
+from busdx.devices import cpu_has_bf16
 from busdx.models import BinaryClassifier
 from busdx.predictor import INT8_FILE, ONNX_FILE, load_model
 
-from _common import REPO, cpu_flags, machine_info, throughput, write_json
+from _common import REPO, machine_info, throughput, write_json
 
 Runner = Callable[[torch.Tensor], object]
 
@@ -48,7 +49,7 @@ def torch_runners(model: BinaryClassifier) -> dict[str, Runner]:
         "torch fp32 channels_last (busdx)": _inference(model),
         "torch.compile fp32 channels_last": _inference(torch.compile(model)),
     }
-    if {"avx512_bf16", "amx_bf16"} & cpu_flags():
+    if cpu_has_bf16():
 
         def bf16(x: torch.Tensor) -> object:
             with torch.autocast("cpu", dtype=torch.bfloat16):

@@ -29,8 +29,9 @@ def test_every_evidence_link_in_the_readme_and_docs_is_committed():
     """A number is only as good as its evidence: each relative link of README.md and docs/*.md
     must point at a file that git tracks (not one that .gitignore hides)."""
     tracked = set(
-        subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True, check=True)
-        .stdout.splitlines()
+        subprocess.run(
+            ["git", "ls-files"], cwd=ROOT, capture_output=True, text=True, check=True
+        ).stdout.splitlines()
     )
     missing = []
     for page in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]:

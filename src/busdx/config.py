@@ -15,6 +15,7 @@ from typing import Any
 
 import yaml
 
+from busdx.devices import PRECISIONS
 from busdx.errors import ConfigError
 
 __all__ = [
@@ -66,7 +67,8 @@ class DataConfig:
     split_file: str | None = None  # re-use a split.csv instead of drawing a new split
     group_duplicates: bool = True  # keep near-duplicate images in one split (see busdx audit)
     duplicate_distance: int = 10  # perceptual-hash bits (of 63) that still count as duplicate
-    num_workers: int = 0
+    num_workers: int = -1  # DataLoader worker processes; -1: auto (half the cores, at most 8)
+    memory_cache_mb: int = 4096  # decode each image once into memory when they fit (0: off)
 
 
 @dataclass
@@ -104,6 +106,7 @@ class TrainConfig:
     seed: int = 42
     device: str = "auto"  # "auto", "cpu", "cuda", "cuda:1", ...
     threads: int = 0  # CPU threads for torch; 0 keeps torch's default
+    precision: str = "fp32"  # "fp32", "bf16" (CUDA, or a CPU with avx512_bf16 / AMX), "fp16" (CUDA)
 
 
 @dataclass
@@ -189,6 +192,14 @@ class Config:
                 "train.feature_cache needs a frozen backbone with pretrained weights",
             ),
             (self.train.cache_views >= 1, "train.cache_views must be >= 1"),
+            (
+                self.train.precision in PRECISIONS,
+                f"train.precision must be fp32, bf16 or fp16, got {self.train.precision!r}",
+            ),
+            (
+                self.data.num_workers >= -1 and self.data.memory_cache_mb >= 0,
+                "data.num_workers must be >= 0 (or -1: auto) and data.memory_cache_mb >= 0",
+            ),
             (
                 0 <= self.model.dropout < 1,
                 f"model.dropout must be in [0, 1), got {self.model.dropout}",

@@ -23,13 +23,14 @@ import io
 import logging
 import os
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
+from tqdm.auto import tqdm
 
 from busdx.errors import DataError, ImageDecodeError
 from busdx.fileio import atomic_write_text, sha256_file
@@ -37,11 +38,14 @@ from busdx.imaging import is_image_file, load_image
 
 __all__ = [
     "SPLITS",
+    "EpochSampler",
     "ImageDataset",
     "LabelledDataset",
     "Sample",
     "apply_split_file",
     "draw_split",
+    "make_loader",
+    "resolve_workers",
     "scan_dataset",
     "scan_sites",
     "write_split_csv",
@@ -375,16 +379,135 @@ def apply_split_file(dataset: LabelledDataset, path: str | Path) -> LabelledData
     return replace(dataset, samples=sorted(chosen, key=lambda s: s.relpath))
 
 
-class ImageDataset(Dataset):
-    """Decode, transform and label a list of samples for a DataLoader."""
+def resolve_workers(num_workers: int, *, processes: int = 1) -> int:
+    """DataLoader worker processes: ``num_workers``, or for -1 (auto) half of this process's
+    share of the cores (the rest compute), at most 8."""
+    if num_workers >= 0:
+        return num_workers
+    return min(8, max(1, (os.cpu_count() or 1) // (2 * processes)))
 
-    def __init__(self, samples: Sequence[Sample], transform: Callable) -> None:
+
+class EpochSampler(Sampler):
+    """This process's share of a dataset's indices for one epoch, as ``(epoch, index)`` keys.
+
+    The order is :class:`~torch.utils.data.DistributedSampler`'s (a permutation seeded by
+    ``seed + epoch``, dealt round-robin to ``world_size`` processes, padded to equal shares), so
+    one process and N processes see the same global batches. The epoch travels with each index
+    to :class:`ImageDataset`, which seeds the image's augmentation with it, in whichever worker
+    process the image lands.
+    """
+
+    def __init__(
+        self, dataset: Dataset, *, seed: int, shuffle: bool = True, rank: int = 0,
+        world_size: int = 1,
+    ) -> None:  # fmt: skip
+        self.order = DistributedSampler(
+            dataset, num_replicas=world_size, rank=rank, shuffle=shuffle, seed=seed
+        )
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Draw the order (and augmentation) of ``epoch``; call it before each epoch."""
+        self.epoch = epoch
+        self.order.set_epoch(epoch)
+
+    def __len__(self) -> int:
+        return len(self.order)
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        return ((self.epoch, index) for index in self.order)
+
+
+class ImageDataset(Dataset):
+    """Decode, transform and label a list of samples for a DataLoader.
+
+    ``decode`` is the deterministic part of the preprocessing (PIL image -> uint8 tensor, see
+    :func:`busdx.transforms.build_decode_transform`), ``transform`` the rest (augmentation and
+    normalization). An item is asked for by index, or by an ``(epoch, index)`` key from
+    :class:`EpochSampler`: its random transform is then seeded by (``seed``, epoch, index), so
+    an image is augmented the same way whatever the number of workers or processes, and a
+    resumed run repeats the epochs it redoes exactly.
+
+    :meth:`preload` decodes every image once into one shared-memory tensor, read by all
+    workers, instead of decoding each image every epoch.
+    """
+
+    def __init__(
+        self, samples: Sequence[Sample], decode: Callable, transform: Callable, *, seed: int = 0
+    ) -> None:
         self.samples = list(samples)
+        self.decode = decode
         self.transform = transform
+        self.seed = seed
+        self.decoded: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return len(self.samples)
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
-        sample = self.samples[index]
-        return self.transform(load_image(sample.path)), sample.label
+    def _decoded(self, index: int) -> torch.Tensor:
+        if self.decoded is not None:
+            return self.decoded[index]
+        return self.decode(load_image(self.samples[index].path))
+
+    def __getitem__(self, key: int | tuple[int, int]) -> tuple[torch.Tensor, int]:
+        epoch, index = key if isinstance(key, tuple) else (None, key)
+        image = self._decoded(index)
+        if epoch is None:
+            return self.transform(image), self.samples[index].label
+        with torch.random.fork_rng(devices=[]):  # the caller's random stream is untouched
+            torch.manual_seed(((self.seed * 1_000 + epoch) << 32) + index)
+            return self.transform(image), self.samples[index].label
+
+    def preload(self, *, image_size: int, limit_mb: int, workers: int = 0,
+                progress: bool = False) -> bool:  # fmt: skip
+        """Decode every image once into shared memory, with ``workers`` processes; skipped
+        (False) when the images would take more than ``limit_mb`` megabytes."""
+        size = len(self) * 3 * image_size**2
+        if self.decoded is not None or not self or size > limit_mb * 2**20:
+            return self.decoded is not None
+        decoded = torch.empty((len(self), 3, image_size, image_size), dtype=torch.uint8)
+        loader = DataLoader(_Decoded(self), batch_size=32, num_workers=workers, collate_fn=_as_list)
+        for batch in tqdm(loader, desc="decode", unit="batch", disable=not progress, leave=False):
+            for index, image in batch:
+                decoded[index] = image
+        self.decoded = decoded.share_memory_()
+        return True
+
+
+def _as_list(batch: list) -> list:
+    return batch
+
+
+class _Decoded(Dataset):
+    """(index, decoded uint8 image) pairs of an :class:`ImageDataset`, to preload it."""
+
+    def __init__(self, images: ImageDataset) -> None:
+        self.images = images
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: int) -> tuple[int, torch.Tensor]:
+        return index, self.images._decoded(index)
+
+
+def make_loader(
+    dataset: Dataset, *, batch_size: int, sampler: Iterable | None = None, workers: int = 0,
+    device: torch.device | None = None,
+) -> DataLoader:  # fmt: skip
+    """A DataLoader that keeps a device fed: ``workers`` persistent worker processes, each with
+    a few batches in flight, and page-locked (pinned) memory for fast copies to a GPU.
+
+    It draws its worker seeds from a generator of its own, not from the global random stream,
+    so dropout does not depend on how many loaders were started, or when.
+    """
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        sampler=sampler,
+        generator=torch.Generator().manual_seed(0),
+        num_workers=workers,
+        persistent_workers=workers > 0,
+        prefetch_factor=4 if workers else None,
+        pin_memory=device is not None and device.type == "cuda",
+    )

@@ -28,7 +28,9 @@ from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
 from busdx.config import AugmentConfig, Config
-from busdx.data import Sample
+from busdx.data import Sample, make_loader
+from busdx.devices import autocast
+from busdx.distributed import current_world
 from busdx.fileio import atomic_path
 from busdx.imaging import load_image
 from busdx.models import BinaryClassifier, WeightsInfo
@@ -64,6 +66,7 @@ class FeatureCache:
         preprocessing: Preprocessing,
         augment: AugmentConfig,
         seed: int,
+        precision: str = "fp32",
         root: Path | None = None,
     ) -> None:
         if weights_sha256 is None:
@@ -76,32 +79,38 @@ class FeatureCache:
         }
         if trainable_blocks:  # a shorter stem (the whole backbone keeps its original key)
             base["trainable_blocks"] = trainable_blocks
+        if precision != "fp32":  # features computed in bf16 / fp16 differ slightly
+            base["precision"] = precision
         self.root = root or default_cache_dir()
         self.eval_key = _fingerprint(base)
         self.augment_key = _fingerprint({**base, "augment": asdict(augment), "seed": seed})
         self.preprocessing = preprocessing
         self.augment = augment
         self.seed = seed
+        self.precision = precision
 
     @classmethod
     def for_config(cls, config: Config, weights: WeightsInfo, prep: Preprocessing) -> FeatureCache:
         """The cache of a run's model, weights, preprocessing, augmentation and seed."""
         return cls(model_name=config.model.name, weights_sha256=weights.sha256,
                    trainable_blocks=config.model.trainable_blocks, preprocessing=prep,
-                   augment=config.augment, seed=config.train.seed)  # fmt: skip
+                   augment=config.augment, seed=config.train.seed,
+                   precision=config.train.precision)  # fmt: skip
 
     def path(self, sample: Sample, view: int) -> Path:
         """Where the features of ``sample`` under ``view`` (0: no augmentation) are stored."""
         key = self.eval_key if view == 0 else self.augment_key
         return self.root / key / sample.sha256[:2] / f"{sample.sha256}-{view}.npy"
 
-    def _view_image(self, sample: Sample, view: int, transforms: dict) -> torch.Tensor:
+    def view_image(self, sample: Sample, view: int) -> torch.Tensor:
+        """The network input of ``sample`` under ``view``: the eval image for view 0, else an
+        augmentation seeded by (image, view, seed), the same in any process."""
         image = load_image(sample.path)
         if view == 0:
-            return transforms["eval"](image)
-        # the same image and view always get the same random augmentation
-        torch.manual_seed(int(sample.sha256[:12], 16) + 1_000_003 * view + self.seed)
-        return transforms["train"](image)
+            return build_eval_transform(self.preprocessing)(image)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(int(sample.sha256[:12], 16) + 1_000_003 * view + self.seed)
+            return build_train_transform(self.preprocessing, self.augment)(image)
 
     @torch.inference_mode()
     def fill(
@@ -112,37 +121,54 @@ class FeatureCache:
         *,
         device: torch.device,
         batch_size: int = 32,
+        workers: int = 0,
         progress: bool = True,
     ) -> int:
-        """Compute and store every missing (sample, view) entry; returns how many were new."""
+        """Compute and store every missing (sample, view) entry, images decoded and augmented
+        by ``workers`` loader processes; returns how many were new. Under torchrun each
+        process fills its share (the caller waits for all of them)."""
+        world = current_world()
         missing = [(s, v) for s in samples for v in views if not self.path(s, v).is_file()]
-        transforms = {
-            "eval": build_eval_transform(self.preprocessing),
-            "train": build_train_transform(self.preprocessing, self.augment),
-        }
-        rng_state = torch.get_rng_state()
+        share = missing[world.rank :: world.size]
+        loader = make_loader(_Views(self, share), batch_size=batch_size, workers=workers,
+                             device=device)  # fmt: skip
         bar = tqdm(total=len(missing), desc="feature cache", unit="view", disable=not progress)
-        for start in range(0, len(missing), batch_size):
-            chunk = missing[start : start + batch_size]
-            images = torch.stack([self._view_image(s, v, transforms) for s, v in chunk])
-            features = model.stem(images.to(device)).float().cpu().numpy()
-            for (sample, view), array in zip(chunk, features, strict=True):
-                target = self.path(sample, view)
+        for images, positions in loader:
+            with autocast(device, self.precision):
+                features = model.stem(images.to(device, non_blocking=True))
+            for position, array in zip(positions.tolist(), features.float().cpu().numpy(),
+                                       strict=True):  # fmt: skip
+                target = self.path(*share[position])
                 target.parent.mkdir(parents=True, exist_ok=True)
                 with atomic_path(target) as tmp, open(tmp, "wb") as handle:
                     np.save(handle, array)
-            bar.update(len(chunk))
+            bar.update(len(positions) * world.size)
         bar.close()
-        torch.set_rng_state(rng_state)
-        return len(missing)
+        return len(share)
 
     def load(self, sample: Sample, view: int) -> np.ndarray:
         """Memory-mapped features of one entry."""
         return np.load(self.path(sample, view), mmap_mode="r")
 
 
+class _Views(Dataset):
+    """(network input, position) of (sample, view) entries, for :meth:`FeatureCache.fill`."""
+
+    def __init__(self, cache: FeatureCache, entries: Sequence[tuple[Sample, int]]) -> None:
+        self.cache = cache
+        self.entries = list(entries)
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def __getitem__(self, position: int) -> tuple[torch.Tensor, int]:
+        return self.cache.view_image(*self.entries[position]), position
+
+
 class CachedFeatures(Dataset):
-    """(features, label) pairs from the cache; ``set_epoch`` cycles through augmented views."""
+    """(features, label) pairs from the cache. Items asked for by ``(epoch, index)`` keys (see
+    :class:`busdx.data.EpochSampler`) cycle through the augmented views: epoch 1 reads the
+    first, epoch 2 the second, and so on; items asked for by index read the first view."""
 
     def __init__(
         self, samples: Sequence[Sample], cache: FeatureCache, views: Sequence[int]
@@ -150,15 +176,12 @@ class CachedFeatures(Dataset):
         self.samples = list(samples)
         self.cache = cache
         self.views = list(views)
-        self.view = self.views[0]
-
-    def set_epoch(self, epoch: int) -> None:
-        """Epoch 1 reads the first view, epoch 2 the second, and so on, cyclically."""
-        self.view = self.views[(epoch - 1) % len(self.views)]
 
     def __len__(self) -> int:
         return len(self.samples)
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+    def __getitem__(self, key: int | tuple[int, int]) -> tuple[torch.Tensor, int]:
+        epoch, index = key if isinstance(key, tuple) else (1, key)
         sample = self.samples[index]
-        return torch.from_numpy(np.array(self.cache.load(sample, self.view))), sample.label
+        view = self.views[(epoch - 1) % len(self.views)]
+        return torch.from_numpy(np.array(self.cache.load(sample, view))), sample.label

@@ -24,12 +24,13 @@ from PIL import Image
 
 from busdx.calibration import apply_temperature
 from busdx.config import ModelConfig
+from busdx.devices import resolve_device
 from busdx.errors import CheckpointError, ConfigError
 from busdx.fileio import sha256_file
 from busdx.metrics import is_positive
 from busdx.models import BinaryClassifier, Ensemble, create_model
 from busdx.scope import SCOPE_KEY, image_checks, scope_distances
-from busdx.training import MODEL_FILE, resolve_device
+from busdx.training import MODEL_FILE
 from busdx.transforms import Preprocessing, build_eval_transform
 
 __all__ = [

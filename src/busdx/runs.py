@@ -134,7 +134,14 @@ def save_run(run_dir: Path, config: Config, dataset: LabelledDataset) -> None:
 
 # Settings a resumed training may change: how long it runs and where, not what it trains.
 RESUMABLE_SETTINGS = frozenset(
-    {"train.epochs", "train.early_stopping_patience", "train.device", "data.num_workers"}
+    {
+        "train.epochs",
+        "train.early_stopping_patience",
+        "train.device",
+        "train.threads",
+        "data.num_workers",
+        "data.memory_cache_mb",
+    }
 )
 
 

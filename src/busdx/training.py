@@ -20,18 +20,26 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, TensorDataset
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import Dataset, TensorDataset
 from tqdm.auto import tqdm
 
 from busdx import __version__
 from busdx.config import Config
-from busdx.data import ImageDataset, LabelledDataset
-from busdx.errors import CheckpointError
+from busdx.data import EpochSampler, ImageDataset, LabelledDataset, make_loader, resolve_workers
+from busdx.devices import autocast, check_precision, resolve_device
+from busdx.distributed import World, all_sum, barrier, current_world
+from busdx.errors import CheckpointError, ConfigError
 from busdx.features import CachedFeatures, FeatureCache
 from busdx.fileio import atomic_path, atomic_write_text
 from busdx.models import BinaryClassifier, WeightsInfo, create_model
 from busdx.provenance import environment
-from busdx.transforms import Preprocessing, build_eval_transform, build_train_transform
+from busdx.transforms import (
+    Preprocessing,
+    build_augment_transform,
+    build_decode_transform,
+    build_normalize_transform,
+)
 
 __all__ = [
     "LAST_FILE",
@@ -40,7 +48,6 @@ __all__ = [
     "evaluate_epoch",
     "fit",
     "model_metadata",
-    "resolve_device",
     "train_one_epoch",
     "update_model_metadata",
 ]
@@ -64,13 +71,6 @@ class EpochRecord:
     seconds: float
 
 
-def resolve_device(name: str) -> torch.device:
-    """``auto`` picks CUDA when present, else CPU."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
 def _epoch_seed(seed: int, epoch: int) -> int:
     return seed * 1_000 + epoch
 
@@ -81,23 +81,34 @@ def train_one_epoch(
     optimizer: torch.optim.Optimizer,
     criterion: nn.Module,
     device: torch.device,
-) -> tuple[float, float]:
+    *,
+    precision: str = "fp32",
+    scaler: torch.amp.GradScaler | None = None,
+) -> tuple[float, int, int]:
     """One pass of ``forward`` (images or features -> logits) over ``loader``.
 
-    Returns mean loss and accuracy at threshold 0.5. The caller puts the model in train mode.
+    Returns the summed loss, the number right at threshold 0.5 and the number seen (summed over
+    processes by the caller). ``scaler`` scales fp16 losses. The caller sets train mode.
     """
     total_loss, correct, seen = 0.0, 0, 0
     for inputs, labels in loader:
-        inputs, labels = inputs.to(device), labels.to(device).float()
-        logits = forward(inputs)
-        loss = criterion(logits, labels)
+        inputs = inputs.to(device, non_blocking=True)
+        labels = labels.to(device, non_blocking=True).float()
+        with autocast(device, precision):
+            logits = forward(inputs)
+            loss = criterion(logits.float(), labels)
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        if scaler is not None:
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            loss.backward()
+            optimizer.step()
         total_loss += loss.item() * len(labels)
         correct += ((logits > 0).float() == labels).sum().item()
         seen += len(labels)
-    return total_loss / seen, correct / seen
+    return total_loss, correct, seen
 
 
 @torch.inference_mode()
@@ -106,26 +117,46 @@ def evaluate_epoch(
     loader: Iterable,
     criterion: nn.Module,
     device: torch.device,
-) -> tuple[float, float]:
-    """Mean loss and accuracy of ``forward`` (images or features -> logits) over ``loader``."""
+    *,
+    precision: str = "fp32",
+) -> tuple[float, int, int]:
+    """Summed loss, number right and number seen of ``forward`` over ``loader``."""
     total_loss, correct, seen = 0.0, 0, 0
     for inputs, labels in loader:
-        inputs, labels = inputs.to(device), labels.to(device).float()
-        logits = forward(inputs)
+        inputs = inputs.to(device, non_blocking=True)
+        labels = labels.to(device, non_blocking=True).float()
+        with autocast(device, precision):
+            logits = forward(inputs).float()
         total_loss += criterion(logits, labels).item() * len(labels)
         correct += ((logits > 0).float() == labels).sum().item()
         seen += len(labels)
-    return total_loss / seen, correct / seen
+    return total_loss, correct, seen
 
 
 @torch.inference_mode()
-def _stem_outputs(model: BinaryClassifier, loader: Iterable, device: torch.device) -> TensorDataset:
+def _stem_outputs(
+    model: BinaryClassifier, loader: Iterable, device: torch.device, precision: str
+) -> TensorDataset:
     """Run the frozen stem once over a deterministic loader (validation needs no re-runs)."""
     features, labels = [], []
     for images, batch_labels in loader:
-        features.append(model.stem(images.to(device)).cpu())
+        with autocast(device, precision):
+            features.append(model.stem(images.to(device, non_blocking=True)).float().cpu())
         labels.append(batch_labels)
     return TensorDataset(torch.cat(features), torch.cat(labels))
+
+
+class _Trainable(nn.Module):
+    """What a training step runs: the whole model on images, or its trainable layers on cached
+    stem outputs (one module, so that DistributedDataParallel can wrap either)."""
+
+    def __init__(self, model: BinaryClassifier, on_stem_outputs: bool) -> None:
+        super().__init__()
+        self.model = model
+        self.on_stem_outputs = on_stem_outputs
+
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        return self.model.from_stem(inputs) if self.on_stem_outputs else self.model(inputs)
 
 
 def model_metadata(
@@ -175,9 +206,6 @@ def _load_last(path: Path) -> dict[str, Any]:
         ) from exc
 
 
-Forward = Callable[[torch.Tensor], torch.Tensor]
-
-
 def _inputs(
     config: Config,
     dataset: LabelledDataset,
@@ -185,31 +213,53 @@ def _inputs(
     prep: Preprocessing,
     weights: WeightsInfo,
     device: torch.device,
+    workers: int,
     progress: bool,
-) -> tuple[Dataset, Dataset, Forward, Forward]:
-    """Training set, validation set, and the forward functions (inputs -> logits) of each.
+) -> tuple[Dataset, Dataset, bool]:
+    """Training set, this process's share of the validation set, and whether the training set
+    yields stem outputs (else images):
 
-    * trainable backbone: images in, whole model;
-    * (partly) frozen backbone: augmented images through the whole model, and the validation
-      images through the frozen stem once (its output never changes);
-    * frozen stem + feature cache: cached stem outputs of K augmented views, trainable layers
-      and head only.
+    * trainable backbone: images, decoded once into memory when they fit;
+    * (partly) frozen backbone: augmented images, and the validation images' stem outputs,
+      computed once (they never change);
+    * frozen stem + feature cache: cached stem outputs of K augmented views of each image.
     """
+    world, precision = current_world(), config.train.precision
     train, val = dataset.subset("train"), dataset.subset("val")
+    val_share = val[world.rank :: world.size]  # validation sums are pooled over processes
     if config.train.feature_cache:
         cache = FeatureCache.for_config(config, weights, prep)
         views = list(range(1, config.train.cache_views + 1))
-        cache.fill(model, train, views, device=device, progress=progress)
-        cache.fill(model, val, [0], device=device, progress=progress)
-        cached = CachedFeatures(train, cache, views), CachedFeatures(val, cache, [0])
-        return *cached, model.from_stem, model.from_stem
-    train_set = ImageDataset(train, build_train_transform(prep, config.augment))
-    val_set = ImageDataset(val, build_eval_transform(prep))
+        for samples, sample_views in ((train, views), (val, [0])):
+            cache.fill(model, samples, sample_views, device=device, workers=workers,
+                       progress=progress)  # fmt: skip
+        barrier()  # every process's share of the cache is written
+        return CachedFeatures(train, cache, views), CachedFeatures(val_share, cache, [0]), True
+    decode = build_decode_transform(prep)
+    train_set = ImageDataset(train, decode, build_augment_transform(prep, config.augment),
+                             seed=config.train.seed)  # fmt: skip
+    val_set = ImageDataset(val_share, decode, build_normalize_transform(prep))
+    budget = config.data.memory_cache_mb
+    for images in (train_set, val_set) if not model.backbone_frozen else (train_set,):
+        if images.preload(image_size=prep.image_size, limit_mb=budget, workers=workers,
+                          progress=progress):  # fmt: skip
+            budget -= images.decoded.numel() // 2**20
     if not model.backbone_frozen:
-        return train_set, val_set, model, model
-    loader = DataLoader(val_set, batch_size=config.train.batch_size)
+        return train_set, val_set, False
+    loader = make_loader(val_set, batch_size=config.train.batch_size, workers=workers,
+                         device=device)  # fmt: skip
     bar = tqdm(loader, desc="val features", disable=not progress, leave=False)
-    return train_set, _stem_outputs(model, bar, device), model, model.from_stem
+    return train_set, _stem_outputs(model, bar, device, precision), False
+
+
+def _process_batch_size(batch_size: int, world: World) -> int:
+    """Each process's share of ``train.batch_size`` (the global batch, as in one process)."""
+    if batch_size % world.size:
+        raise ConfigError(
+            f"train.batch_size ({batch_size}) must be a multiple of the number of processes "
+            f"({world.size}) so that every process gets an equal share of each batch"
+        )
+    return batch_size // world.size
 
 
 def fit(
@@ -218,10 +268,18 @@ def fit(
     """Train on the train split, select on the val split, write checkpoints into ``run_dir``.
 
     If ``run_dir/last.pt`` exists, training resumes after its epoch. Returns the full history.
+    Under torchrun every process runs this on its share of each batch (DistributedDataParallel);
+    process 0 alone writes.
     """
-    device = resolve_device(config.train.device)
+    world = current_world()
+    device = world.device(resolve_device(config.train.device))
+    precision = config.train.precision
+    check_precision(precision, device)
     if config.train.threads:
         torch.set_num_threads(config.train.threads)
+    batch = _process_batch_size(config.train.batch_size, world)
+    workers = resolve_workers(config.data.num_workers, processes=world.local_size)
+    progress = progress and world.is_main
     torch.manual_seed(config.train.seed)
     model, weights, prep = create_model(config.model, image_size=config.data.image_size)
     prep = replace(prep, crop=config.data.crop, resize=config.data.resize,
@@ -238,6 +296,7 @@ def fit(
         if config.train.schedule == "cosine"
         else torch.optim.lr_scheduler.LambdaLR(optimizer, lambda epoch: 1.0)
     )
+    scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
     criterion = nn.BCEWithLogitsLoss()
 
     history: list[EpochRecord] = []
@@ -249,6 +308,8 @@ def fit(
         optimizer.load_state_dict(state["optimizer"])
         if "schedule" in state:
             schedule.load_state_dict(state["schedule"])
+        if scaler is not None and "scaler" in state:
+            scaler.load_state_dict(state["scaler"])
         history = [EpochRecord(**row) for row in state["history"]]
         best_val_loss, stale_epochs = state["best_val_loss"], state["stale_epochs"]
         start_epoch = state["epoch"] + 1
@@ -257,24 +318,30 @@ def fit(
     patience = config.train.early_stopping_patience
     if start_epoch > config.train.epochs or (patience and stale_epochs >= patience):
         return history  # nothing left to train
-    train_set, val_set, forward, val_forward = _inputs(
-        config, dataset, model, prep, weights, device, progress
+    train_set, val_set, on_stem_outputs = _inputs(
+        config, dataset, model, prep, weights, device, workers, progress
     )
-    batch, workers = config.train.batch_size, config.data.num_workers
-    val_loader = DataLoader(val_set, batch_size=batch, num_workers=workers)
+    step: nn.Module = _Trainable(model, on_stem_outputs)
+    if world.distributed:
+        step = DistributedDataParallel(step, device_ids=[device.index] if device.index else None)
+    val_forward = model.from_stem if isinstance(val_set, TensorDataset | CachedFeatures) else model
+    sampler = EpochSampler(train_set, seed=config.train.seed, rank=world.rank,
+                           world_size=world.size)  # fmt: skip
+    train_loader = make_loader(train_set, batch_size=batch, sampler=sampler, workers=workers,
+                               device=device)  # fmt: skip
+    val_workers = 0 if isinstance(val_set, TensorDataset) else workers  # in memory already
+    val_loader = make_loader(val_set, batch_size=batch, workers=val_workers, device=device)
+    if world.is_main:
+        logger.info("training on %s (%s), %d process(es), %d loader worker(s) each",
+                    device, precision, world.size, workers)  # fmt: skip
 
     for epoch in range(start_epoch, config.train.epochs + 1):
         if patience and stale_epochs >= patience:
             logger.info("early stopping: no val-loss improvement in %d epochs", patience)
             break
         started = time.perf_counter()
-        torch.manual_seed(_epoch_seed(config.train.seed, epoch))
-        shuffle = torch.Generator().manual_seed(_epoch_seed(config.train.seed, epoch))
-        if isinstance(train_set, CachedFeatures):
-            train_set.set_epoch(epoch)
-        train_loader = DataLoader(
-            train_set, batch_size=batch, shuffle=True, generator=shuffle, num_workers=workers
-        )
+        torch.manual_seed(_epoch_seed(config.train.seed, epoch) + world.rank)  # dropout
+        sampler.set_epoch(epoch)
         bar = tqdm(
             train_loader,
             desc=f"epoch {epoch}/{config.train.epochs}",
@@ -283,53 +350,60 @@ def fit(
             leave=False,
         )
         model.train()
-        train_loss, train_acc = train_one_epoch(forward, bar, optimizer, criterion, device)
+        trained = train_one_epoch(
+            step, bar, optimizer, criterion, device, precision=precision, scaler=scaler
+        )
         schedule.step()
         model.eval()
-        val_loss, val_acc = evaluate_epoch(val_forward, val_loader, criterion, device)
-        record = EpochRecord(
-            epoch, train_loss, train_acc, val_loss, val_acc, round(time.perf_counter() - started, 2)
-        )
+        validated = evaluate_epoch(val_forward, val_loader, criterion, device, precision=precision)
+        loss, right, seen, val_loss, val_right, val_seen = all_sum([*trained, *validated], device)
+        seconds = round(time.perf_counter() - started, 2)
+        record = EpochRecord(epoch, loss / seen, right / seen, val_loss / val_seen,
+                             val_right / val_seen, seconds)  # fmt: skip
         history.append(record)
 
-        improved = val_loss < best_val_loss
+        improved = record.val_loss < best_val_loss
         if improved:
-            best_val_loss, stale_epochs = val_loss, 0
-            _save(
-                run_dir / MODEL_FILE,
-                {
-                    **metadata,
-                    "state_dict": model.state_dict(),
-                    "epoch": epoch,
-                    "val_loss": val_loss,
-                },
-            )
+            best_val_loss, stale_epochs = record.val_loss, 0
         else:
             stale_epochs += 1
-        _save(
-            last_path,
-            {
-                **metadata,
-                "state_dict": model.state_dict(),
-                "epoch": epoch,
-                "val_loss": val_loss,
+        if world.is_main:
+            _save_epoch(run_dir, metadata, model, history, improved, {
                 "optimizer": optimizer.state_dict(),
                 "schedule": schedule.state_dict(),
+                **({"scaler": scaler.state_dict()} if scaler is not None else {}),
                 "history": [asdict(r) for r in history],
                 "best_val_loss": best_val_loss,
                 "stale_epochs": stale_epochs,
-            },
-        )
-        _write_history(run_dir / HISTORY_FILE, history)
+            })  # fmt: skip
         logger.info(
             "epoch %d/%d  train loss %.4f acc %.3f  val loss %.4f acc %.3f  %.0fs%s",
             epoch,
             config.train.epochs,
-            train_loss,
-            train_acc,
-            val_loss,
-            val_acc,
+            record.train_loss,
+            record.train_accuracy,
+            record.val_loss,
+            record.val_accuracy,
             record.seconds,
             "  *best" if improved else "",
         )
+    barrier()  # rank 0's files are complete before any process goes on
     return history
+
+
+def _save_epoch(
+    run_dir: Path,
+    metadata: dict[str, Any],
+    model: BinaryClassifier,
+    history: list[EpochRecord],
+    improved: bool,
+    training_state: dict[str, Any],
+) -> None:
+    """Checkpoint the last epoch of ``history``: ``model.pt`` when it is the best so far,
+    ``last.pt`` (the state to resume from) and ``history.csv`` always."""
+    weights = {**metadata, "state_dict": model.state_dict(), "epoch": history[-1].epoch,
+               "val_loss": history[-1].val_loss}  # fmt: skip
+    if improved:
+        _save(run_dir / MODEL_FILE, weights)
+    _save(run_dir / LAST_FILE, {**weights, **training_state})
+    _write_history(run_dir / HISTORY_FILE, history)

@@ -27,7 +27,10 @@ __all__ = [
     "Preprocessing",
     "UltrasoundIntensity",
     "annotation_mask",
+    "build_augment_transform",
+    "build_decode_transform",
     "build_eval_transform",
+    "build_normalize_transform",
     "build_train_transform",
     "content_box",
     "mask_annotations",
@@ -201,11 +204,20 @@ def _to_normalized_tensor(prep: Preprocessing) -> list[v2.Transform]:
     return [v2.ToDtype(torch.float32, scale=False), v2.Normalize(prep.mean, prep.std)]
 
 
+def build_decode_transform(prep: Preprocessing) -> v2.Compose:
+    """The deterministic first part of every transform: PIL RGB image -> uint8 CHW tensor of
+    ``image_size`` squared (what an in-memory cache of decoded images holds)."""
+    return v2.Compose([*_geometry(prep), v2.PILToTensor(), _resize(prep)])
+
+
+def build_normalize_transform(prep: Preprocessing) -> v2.Compose:
+    """uint8 tensor of :func:`build_decode_transform` -> normalized float tensor."""
+    return v2.Compose(_to_normalized_tensor(prep))
+
+
 def build_eval_transform(prep: Preprocessing) -> v2.Compose:
     """Deterministic PIL RGB image -> normalized CHW float tensor."""
-    return v2.Compose(
-        [*_geometry(prep), v2.PILToTensor(), _resize(prep), *_to_normalized_tensor(prep)]
-    )
+    return v2.Compose([*build_decode_transform(prep).transforms, *_to_normalized_tensor(prep)])
 
 
 class UltrasoundIntensity(v2.Transform):
@@ -264,16 +276,17 @@ class UltrasoundIntensity(v2.Transform):
         return (x.clamp(0, 1) * 255.0).to(torch.float32)
 
 
-def build_train_transform(prep: Preprocessing, augment: AugmentConfig) -> v2.Compose:
-    """Eval transform plus random rotation, shift, shear, zoom and horizontal flip, then
-    ultrasound intensity changes when any is set (see :class:`UltrasoundIntensity`).
+def build_augment_transform(prep: Preprocessing, augment: AugmentConfig) -> v2.Compose:
+    """The random part of the training transform, on the uint8 tensor of
+    :func:`build_decode_transform`: random rotation, shift, shear, zoom and horizontal flip, then
+    ultrasound intensity changes when any is set (see :class:`UltrasoundIntensity`), then
+    normalization.
 
     Mirrors Keras' ImageDataGenerator(rotation_range, width/height_shift_range, shear_range,
     zoom_range, horizontal_flip) except that zoom is isotropic and the border is filled with
     black (ultrasound frames are black outside the scan) instead of repeating edge pixels.
     """
-    steps: list[v2.Transform] = [*_geometry(prep), v2.PILToTensor(), _resize(prep)]
-    steps.append(
+    steps: list[v2.Transform] = [
         v2.RandomAffine(
             degrees=augment.rotation_degrees,
             translate=(augment.width_shift, augment.height_shift),
@@ -281,10 +294,21 @@ def build_train_transform(prep: Preprocessing, augment: AugmentConfig) -> v2.Com
             shear=augment.shear_degrees or None,
             interpolation=v2.InterpolationMode.BILINEAR,
         )
-    )
+    ]
     if augment.horizontal_flip:
         steps.append(v2.RandomHorizontalFlip())
     intensity = {name: getattr(augment, name) for name in INTENSITY_KEYS}
     if any(intensity.values()):
         steps.append(UltrasoundIntensity(**intensity))
     return v2.Compose(steps + _to_normalized_tensor(prep))
+
+
+def build_train_transform(prep: Preprocessing, augment: AugmentConfig) -> v2.Compose:
+    """PIL RGB image -> augmented, normalized CHW float tensor: :func:`build_decode_transform`
+    then :func:`build_augment_transform`."""
+    return v2.Compose(
+        [
+            *build_decode_transform(prep).transforms,
+            *build_augment_transform(prep, augment).transforms,
+        ]
+    )
