@@ -22,6 +22,8 @@ from busdx import __version__
 from busdx.audit import DEFAULT_MAX_DISTANCE, audit_dataset, write_audit
 from busdx.config import Config, apply_overrides, list_recipes, load_config
 from busdx.data import apply_split_file, scan_dataset
+from busdx.devices import resolve_device
+from busdx.distributed import broadcast, init_world
 from busdx.errors import BusdxError, ConfigError, DataError, ExportError, RunDirError
 from busdx.evaluation import (
     calibrate_model,
@@ -54,7 +56,7 @@ from busdx.runs import (
 )
 from busdx.serving import ServeSettings, serve
 from busdx.synthetic import write_synthetic_dataset
-from busdx.training import MODEL_FILE
+from busdx.training import MODEL_FILE, fit
 from busdx.weights import get_weight_spec, resolve_weights_file
 
 logger = logging.getLogger("busdx")
@@ -99,15 +101,22 @@ def cmd_train(args: argparse.Namespace) -> int:
         config, info = load_run(run_dir)
         config = resumed_config(run_dir, config, _overrides(args))
         config.data.split_file = str(run_dir / SPLIT_FILE)
-        dataset = prepare_dataset(config, args.data or run_sources(info))
-        save_config(run_dir, config)  # overrides such as more epochs are recorded
+    elif not args.data:
+        raise DataError("--data DIR is required (or --resume RUNDIR to continue a run)")
     else:
-        if not args.data:
-            raise DataError("--data DIR is required (or --resume RUNDIR to continue a run)")
         config = apply_overrides(load_config(args.config, recipe=args.recipe), _overrides(args))
-        dataset = prepare_dataset(config, args.data)
-        run_dir = create_run_dir(args.out, config.recipe)
-        save_run(run_dir, config, dataset)
+    world = init_world(resolve_device(config.train.device))  # several processes: torchrun
+    dataset = prepare_dataset(config, args.data or run_sources(info))
+    if args.resume and world.is_main:
+        save_config(run_dir, config)  # overrides such as more epochs are recorded
+    elif not args.resume:
+        run_dir = create_run_dir(args.out, config.recipe) if world.is_main else None
+        if world.is_main:
+            save_run(run_dir, config, dataset)
+        run_dir = broadcast(run_dir)
+    if not world.is_main:  # a helper process: its share of the training, then done
+        fit(config, dataset, run_dir, progress=False)
+        return 0
     result = train_and_evaluate(config, dataset, run_dir, progress=not args.no_progress)
     print(format_metrics(result))
     print(f"run directory: {run_dir}")
