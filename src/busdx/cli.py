@@ -21,8 +21,8 @@ from typing import Any
 from busdx import __version__
 from busdx.audit import DEFAULT_MAX_DISTANCE, audit_dataset, write_audit
 from busdx.config import Config, apply_overrides, list_recipes, load_config
-from busdx.data import apply_split_file, scan_dataset
-from busdx.devices import resolve_device
+from busdx.data import apply_split_file, resolve_workers, scan_dataset
+from busdx.devices import PRECISIONS, resolve_device
 from busdx.distributed import broadcast, init_world
 from busdx.errors import BusdxError, ConfigError, DataError, ExportError, RunDirError
 from busdx.evaluation import (
@@ -36,7 +36,14 @@ from busdx.explain import explain_image
 from busdx.export import EXPORT_REPORT, export_run
 from busdx.fileio import atomic_path, atomic_write_text
 from busdx.imaging import load_image
-from busdx.inference import Prediction, iter_image_paths, predict_files, write_predictions
+from busdx.inference import (
+    Prediction,
+    iter_image_paths,
+    parse_shard,
+    predict_files,
+    take_shard,
+    write_predictions,
+)
 from busdx.model_card import write_report
 from busdx.pipeline import cross_validate, format_cv, train_and_evaluate
 from busdx.predictor import BACKENDS, Predictor, load_model
@@ -152,9 +159,11 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     config, info = load_run(run_dir)
     dataset = samples_for_split(run_dir, config, info, args.data, args.split)
     site = args.site or dataset.site
-    name = f"{site}-{args.split}" + ("-onnx" if args.backend == "onnx" else "")
+    variant = "-onnx" if args.backend == "onnx" else "" if args.precision == "fp32" else "-bf16"
+    name = f"{site}-{args.split}{variant}"
     out = Path(args.out) if args.out else run_dir / "eval" / name
-    loaded = load_model(run_dir, device=args.device, backend=args.backend)
+    loaded = load_model(run_dir, device=args.device, backend=args.backend,
+                        precision=args.precision)  # fmt: skip
     result = evaluate_samples(
         loaded,
         dataset.samples,
@@ -218,17 +227,22 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    total = sum(1 for _ in iter_image_paths(args.paths))
+    if args.ray:
+        return _predict_on_ray(args)
+    shard = parse_shard(args.shard)
+    total = sum(1 for _ in take_shard(iter_image_paths(args.paths), shard))
     if not total:
         raise DataError(f"no image files found in {', '.join(args.paths)}")
-    loaded = load_model(args.run, device=args.device, backend=args.backend, threads=args.threads)
+    loaded = load_model(args.run, device=args.device, backend=args.backend, threads=args.threads,
+                        precision=args.precision)  # fmt: skip
     started = time.perf_counter()
     rows = predict_files(
         loaded,
-        iter_image_paths(args.paths),
+        take_shard(iter_image_paths(args.paths), shard),
         total=total,
         batch_size=args.batch_size,
         threshold=args.threshold,
+        workers=resolve_workers(args.workers),
         progress=not args.no_progress,
     )
     if args.explain:
@@ -246,6 +260,31 @@ def cmd_predict(args: argparse.Namespace) -> int:
         loaded.path.name,
         f"; written to {args.out}" if args.out else "",
     )
+    return 0
+
+
+def _predict_on_ray(args: argparse.Namespace) -> int:
+    if not args.out:
+        raise ConfigError("--ray needs --out FILE.csv or FILE.parquet (results are merged there)")
+    if args.shard or args.explain or args.precision != "fp32":
+        raise ConfigError("--ray runs the exported ONNX model over all images: it does not take "
+                          "--shard, --explain or --precision")  # fmt: skip
+    from busdx.cluster import predict_on_ray
+
+    summary = predict_on_ray(
+        args.run,
+        args.paths,
+        args.out,
+        address=args.ray_address,
+        workers=args.ray_workers,
+        batch_size=args.batch_size,
+        threshold=args.threshold,
+        progress=not args.no_progress,
+    )
+    logger.info(
+        "%d image(s) predicted now (%d done before), %d failed in all, in %.1f s; written to %s",
+        summary.predicted, summary.skipped, summary.failed, summary.seconds, args.out,
+    )  # fmt: skip
     return 0
 
 
@@ -453,6 +492,13 @@ def build_parser() -> argparse.ArgumentParser:
     def common(sub: argparse.ArgumentParser) -> None:
         sub.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
+    def precision_option(sub: argparse.ArgumentParser) -> None:
+        sub.add_argument(
+            "--precision", choices=PRECISIONS, default="fp32",
+            help="torch backend: bf16 (GPU, or a CPU with avx512_bf16 / AMX) or fp16 (GPU) "
+            "autocast",
+        )  # fmt: skip
+
     train = commands.add_parser(
         "train",
         help="train a model (default recipe: vgg16-frozen)",
@@ -500,6 +546,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument(
         "--backend", choices=BACKENDS, default="torch", help="onnx: the exported (int8) model"
     )
+    precision_option(evaluate)
     common(evaluate)
     evaluate.set_defaults(func=cmd_evaluate)
 
@@ -561,6 +608,27 @@ def build_parser() -> argparse.ArgumentParser:
         "torch (model.pt); onnx (model.int8.onnx if exported, else model.onnx)",
     )
     predict.add_argument("--threads", type=int, help="CPU threads (default: all cores)")
+    predict.add_argument(
+        "--workers", type=int, default=-1,
+        help="processes decoding the next images while the model runs (default -1: auto)",
+    )  # fmt: skip
+    predict.add_argument(
+        "--shard", metavar="I/N",
+        help="only every N-th image, starting at the I-th (I = 0..N-1): one job of an array",
+    )  # fmt: skip
+    precision_option(predict)
+    predict.add_argument(
+        "--ray", action="store_true",
+        help="run on Ray with the exported ONNX model; needs --out; resumable: re-run to "
+        "finish after a failure",
+    )  # fmt: skip
+    predict.add_argument(
+        "--ray-address", default="local", metavar="ADDRESS",
+        help="local (default: start Ray on this machine), auto, or ray://host:10001",
+    )  # fmt: skip
+    predict.add_argument(
+        "--ray-workers", type=int, default=2, help="Ray model actors (one CPU each)"
+    )
     predict.add_argument(
         "--explain", metavar="OUTDIR", help="also write Grad-CAM overlays (PNG) into OUTDIR"
     )

@@ -16,18 +16,21 @@ import json
 import logging
 import os
 import sys
-from collections.abc import Iterable, Iterator, Sequence, Sized
+from collections.abc import Callable, Iterable, Iterator, Sequence, Sized
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from tqdm.auto import tqdm
 
-from busdx.errors import DataError, ImageDecodeError
+from busdx.errors import ConfigError, DataError, ImageDecodeError
 from busdx.fileio import atomic_path
 from busdx.imaging import is_image_file, load_image
 from busdx.predictor import Predictor
+from busdx.scope import image_checks
 
 __all__ = [
     "Prediction",
@@ -35,7 +38,9 @@ __all__ = [
     "file_logits",
     "file_predictions",
     "iter_image_paths",
+    "parse_shard",
     "predict_files",
+    "take_shard",
     "write_predictions",
 ]
 
@@ -60,6 +65,24 @@ def iter_image_paths(paths: Sequence[str | Path]) -> Iterator[Path]:
             yield path
         else:
             raise DataError(f"{path} does not exist")
+
+
+def parse_shard(shard: str | None) -> tuple[int, int]:
+    """``"I/N"`` (I from 0 to N - 1) as (I, N); None is the whole list, (0, 1)."""
+    if shard is None:
+        return 0, 1
+    index, sep, count = shard.partition("/")
+    if sep and index.isdigit() and count.isdigit() and int(index) < int(count):
+        return int(index), int(count)
+    raise ConfigError(f"--shard must be I/N with 0 <= I < N (e.g. 0/4 for the first of 4 jobs), "
+                      f"got {shard!r}")  # fmt: skip
+
+
+def take_shard(files: Iterable[Path], shard: tuple[int, int]) -> Iterator[Path]:
+    """Every N-th file, starting at the I-th, of ``shard`` = (I, N): the jobs of an array
+    with I = 0 .. N - 1 share the files out exactly, each file to one job."""
+    index, count = shard
+    return (path for position, path in enumerate(files) if position % count == index)
 
 
 def expand_paths(paths: Sequence[str | Path]) -> list[Path]:
@@ -117,6 +140,42 @@ def _batches(items: Iterable, size: int) -> Iterator[list]:
         yield batch
 
 
+class _DecodedBatches(IterableDataset):
+    """Batches of files, decoded, checked and preprocessed, for a DataLoader.
+
+    Loader worker ``w`` of ``W`` prepares batches ``w``, ``w + W``, ...; the DataLoader takes
+    from its workers in turn, so the batches come back in file order. Each worker walks the
+    file list itself (a folder listing is cheap next to decoding).
+    """
+
+    def __init__(self, files: Iterable[Path], batch_size: int, transform: Callable) -> None:
+        self.files = files
+        self.batch_size = batch_size
+        self.transform = transform
+
+    def __iter__(self) -> Iterator[tuple[list[str], list[str | None], torch.Tensor, list]]:
+        worker = get_worker_info()
+        rank, workers = (worker.id, worker.num_workers) if worker else (0, 1)
+        for number, batch in enumerate(_batches(self.files, self.batch_size)):
+            if number % workers == rank:
+                yield self._prepare(batch)
+
+    def _prepare(self, paths: list[Path]) -> tuple[list[str], list[str | None], torch.Tensor, list]:
+        errors: list[str | None] = []
+        inputs, checks = [], []
+        for path in paths:
+            try:
+                image = load_image(path)
+            except ImageDecodeError as exc:
+                errors.append(str(exc))
+                continue
+            errors.append(None)
+            inputs.append(self.transform(image))
+            checks.append(image_checks(image))
+        stacked = torch.stack(inputs) if inputs else torch.empty(0)
+        return [str(path) for path in paths], errors, stacked, checks
+
+
 def predict_files(
     loaded: Predictor,
     files: Iterable[Path],
@@ -125,27 +184,30 @@ def predict_files(
     progress: bool = True,
     threshold: float | None = None,
     total: int | None = None,
+    workers: int = 0,
 ) -> Iterator[Prediction]:
     """Yield one :class:`Prediction` per file, in order, batch by batch.
 
-    ``files`` may be any iterable (e.g. :func:`iter_image_paths`); only one batch of images is
-    held in memory. ``total`` sizes the progress bar when ``files`` has no length.
+    ``files`` may be any iterable (e.g. :func:`iter_image_paths`); ``workers`` loader
+    processes (0: this one) decode and preprocess the next batches while the model scores the
+    current one, and only those few batches are held in memory. ``total`` sizes the progress
+    bar when ``files`` has no length.
     """
     threshold = loaded.threshold if threshold is None else threshold
     total = len(files) if total is None and isinstance(files, Sized) else total
     bar = tqdm(total=total, unit="img", desc="predict", disable=not progress, leave=False)
-    for batch in _batches(files, batch_size):
-        images, rows = [], []
-        for path in batch:
-            try:
-                images.append(load_image(path))
-                rows.append(Prediction(str(path), None, None, threshold))
-            except ImageDecodeError as exc:
-                logger.warning("%s", exc)
-                rows.append(Prediction(str(path), None, None, threshold, error=str(exc)))
-        decisions = iter(loaded.decide_images(images, threshold))
-        for row in rows:
-            if row.error is None:
+    loader = DataLoader(
+        _DecodedBatches(files, batch_size, loaded.transform),
+        batch_size=None,
+        num_workers=workers,
+        prefetch_factor=2 if workers else None,
+        pin_memory=loaded.device.type == "cuda",
+    )
+    for paths, errors, inputs, checks in loader:
+        decisions = iter(loaded.decide_inputs(inputs, checks, threshold) if len(inputs) else [])
+        for path, error in zip(paths, errors, strict=True):
+            row = Prediction(path, None, None, threshold, error=error)
+            if error is None:
                 decision = next(decisions)
                 row.logit, row.probability, row.label = (
                     decision.logit,
@@ -154,6 +216,8 @@ def predict_files(
                 )
                 row.scope_distance = decision.scope_distance
                 row.out_of_scope, row.scope_reason = decision.out_of_scope, decision.scope_reason
+            else:
+                logger.warning("%s", error)
             bar.update()
             yield row
     bar.close()

@@ -24,7 +24,7 @@ from PIL import Image
 
 from busdx.calibration import apply_temperature
 from busdx.config import ModelConfig
-from busdx.devices import resolve_device
+from busdx.devices import autocast, check_precision, resolve_device
 from busdx.errors import CheckpointError, ConfigError
 from busdx.fileio import sha256_file
 from busdx.metrics import is_positive
@@ -79,6 +79,7 @@ class Predictor:
     model: BinaryClassifier | Ensemble | None = None
     session: Any = None  # onnxruntime.InferenceSession
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    precision: str = "fp32"  # torch backend: "bf16" / "fp16" run under autocast
 
     @property
     def backend(self) -> str:
@@ -124,16 +125,24 @@ class Predictor:
         the one path from images to answers of ``busdx predict``, evaluate and the API."""
         if not images:
             return []
-        logits, distances = self.predict(torch.stack([self.transform(image) for image in images]))
-        distances = [None] * len(images) if distances is None else distances.tolist()
+        inputs = torch.stack([self.transform(image) for image in images])
+        return self.decide_inputs(inputs, [image_checks(image) for image in images], threshold)
+
+    def decide_inputs(
+        self, inputs: torch.Tensor, checks: list[list[str]], threshold: float | None = None
+    ) -> list[Decision]:
+        """:meth:`decide_images` from preprocessed images (a batch tensor) and their
+        :func:`busdx.scope.image_checks` (both made in loader workers by ``busdx predict``)."""
+        logits, distances = self.predict(inputs)
+        distances = [None] * len(inputs) if distances is None else distances.tolist()
         decisions = []
-        for image, logit, probability, distance in zip(
-            images, logits.tolist(), self.probabilities(logits).tolist(), distances, strict=True
+        for image_checks_, logit, probability, distance in zip(
+            checks, logits.tolist(), self.probabilities(logits).tolist(), distances, strict=True
         ):
-            checks = image_checks(image)
             decisions.append(Decision(
                 logit, probability, self.label(probability, threshold), distance,
-                self.out_of_scope(checks, distance), self.scope_reason(checks, distance),
+                self.out_of_scope(image_checks_, distance),
+                self.scope_reason(image_checks_, distance),
             ))  # fmt: skip
         return decisions
 
@@ -145,15 +154,16 @@ class Predictor:
         if self.session is not None:
             (logits,) = self.session.run(None, {"images": images.numpy()})
             return torch.from_numpy(logits), None
-        images = images.to(self.device)
+        images = images.to(self.device, non_blocking=True)
         scope = self.metadata.get(SCOPE_KEY)
-        if scope is None:
-            return self.model(images).cpu(), None
-        first, *others = getattr(self.model, "members", [self.model])
-        maps, tapped = first.run_backbone(first.stem(images), first.stem_layers)
-        logits = torch.stack([first.classify(maps, tapped), *(m(images) for m in others)])
+        with autocast(self.device, self.precision):
+            if scope is None:
+                return self.model(images).float().cpu(), None
+            first, *others = getattr(self.model, "members", [self.model])
+            maps, tapped = first.run_backbone(first.stem(images), first.stem_layers)
+            logits = torch.stack([first.classify(maps, tapped), *(m(images) for m in others)])
         distances = scope_distances(scope, maps.float().mean(dim=(2, 3)))
-        return logits.mean(dim=0).cpu(), distances
+        return logits.float().mean(dim=0).cpu(), distances
 
     def scope_reason(self, checks: list[str], distance: float | None) -> str | None:
         """Why an input is out of scope (None: it is not, or there is no way to tell).
@@ -178,7 +188,12 @@ class Predictor:
 
 
 def load_model(
-    path: str | Path, *, device: str = "auto", backend: str = "torch", threads: int | None = None
+    path: str | Path,
+    *,
+    device: str = "auto",
+    backend: str = "torch",
+    threads: int | None = None,
+    precision: str = "fp32",
 ) -> Predictor:
     """Load a trained model safely: a run directory, ``model.pt`` or an ``.onnx`` file.
 
@@ -187,10 +202,17 @@ def load_model(
     int8 model when there is one and it was exported from the run's current ``model.pt`` (about
     3x the torch backend's speed here, see docs/benchmarks.md), else the torch model; on a GPU
     the torch model. ``threads`` caps the CPU threads the model uses (default: all cores).
+    ``precision`` ``bf16`` or ``fp16`` runs the torch model under autocast (a GPU, or a CPU
+    with native bf16); it selects the torch backend.
     """
     path = Path(path)
     if backend not in BACKENDS:
         raise ConfigError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    if precision != "fp32":
+        if backend == "onnx" or path.suffix == ".onnx":
+            raise ConfigError(f"precision {precision} runs the torch model; use --backend torch")
+        check_precision(precision, resolve_device(device))
+        backend = "torch"
     if threads is not None:
         torch.set_num_threads(max(1, threads))
     if backend == "auto" and path.suffix != ".onnx":
@@ -226,7 +248,7 @@ def load_model(
     target = resolve_device(device)
     model.to(target).eval()
     metadata = {k: v for k, v in payload.items() if k not in {"state_dict", "optimizer"}}
-    return Predictor(metadata, prep, path, model=model, device=target)
+    return Predictor(metadata, prep, path, model=model, device=target, precision=precision)
 
 
 def _exported_int8(path: Path, device: str, threads: int | None) -> Predictor | None:
