@@ -2,7 +2,9 @@
 
 Three ways to train the recipe (frozen VGG16 base, 30 epochs, batch 32, augmentation, validation
 every epoch): the recipe's own Keras/TensorFlow loop (``--keras-python``), busdx's eager loop
-(every epoch sends freshly augmented images through the base), and busdx with the feature cache
+(every epoch sends freshly augmented images through the base; with images decoded in the main
+process, with loader workers, and with workers plus bf16 where the CPU has it), and busdx with
+the feature cache
 (K augmented views per image through the base once, cold cache; then the same run again on the
 warm cache, as a second fold or run would see it). Images are a stratified subset of a split
 file so that all three fit in one sitting on a CPU.
@@ -25,6 +27,8 @@ from collections import defaultdict
 from pathlib import Path
 
 from busdx.config import apply_overrides, load_config
+from busdx.data import resolve_workers
+from busdx.devices import cpu_has_bf16
 from busdx.runs import prepare_dataset
 from busdx.training import fit
 
@@ -87,10 +91,19 @@ def main() -> None:
                                               check=True).stdout)  # fmt: skip
             seconds["Keras/TensorFlow frozen-base loop (recipe)"] = keras["seconds"]
             print(f"keras: {keras['seconds']:.0f} s", flush=True)
-        seconds["busdx eager frozen-base loop"] = busdx_fit(
-            args.data, split, work / "eager", epochs
-        )
-        print(f"eager: {seconds['busdx eager frozen-base loop']:.0f} s", flush=True)
+        workers = resolve_workers(-1)
+        eager = {
+            "busdx eager frozen-base loop, 0 loader workers, fp32": ["data.num_workers=0"],
+            f"busdx eager frozen-base loop, {workers} loader worker(s), fp32": [],
+        }
+        if cpu_has_bf16():
+            eager[f"busdx eager frozen-base loop, {workers} loader worker(s), bf16"] = [
+                "train.precision=bf16"
+            ]
+        for key, settings in eager.items():
+            seconds[key] = busdx_fit(args.data, split, work / f"eager{len(seconds)}",
+                                     [*epochs, *settings])  # fmt: skip
+            print(f"{key}: {seconds[key]:.0f} s", flush=True)
         os.environ["BUSDX_CACHE_DIR"] = str(work / "cache")  # a cold cache
         cached = [*epochs, "train.feature_cache=true", f"train.cache_views={args.cache_views}"]
         for name, run in [("cold", "cached"), ("warm", "cached-again")]:

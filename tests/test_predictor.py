@@ -52,20 +52,21 @@ def test_every_path_gives_the_same_probability_and_label(run, synthetic_data, tm
 
     for name, row in direct.items():
         probability = row.probability
+        # float32 noise of other batches and thread counts, plus rounding to 6 places
         assert float(evaluated[name]["probability_malignant"]) == pytest.approx(
-            probability, abs=1e-6
+            probability, abs=2e-6
         )
-        assert served[name]["probability_malignant"] == pytest.approx(probability, abs=1e-6)
+        assert served[name]["probability_malignant"] == pytest.approx(probability, abs=2e-6)
         assert row.label == evaluated[name]["predicted"] == served[name]["label"]
         assert (
             row.label == predictor.class_names[int(is_positive(probability, predictor.threshold))]
         )
     assert explained["probability_malignant"] == pytest.approx(direct[images[0].name].probability,
-                                                               abs=1e-6)  # fmt: skip
+                                                               abs=2e-6)  # fmt: skip
     if backend == "torch":  # Grad-CAM's own forward pass decides the same way
         explanation = explain_image(predictor, load_image(images[0]))
         assert explanation.probability == pytest.approx(
-            direct[images[0].name].probability, abs=1e-6
+            direct[images[0].name].probability, abs=2e-6
         )
 
 
