@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import json
 import subprocess
 import sys
 import tempfile
@@ -78,8 +79,9 @@ def model_only(run: Path, device: torch.device, precision: str, seconds: float) 
     return throughput(run_batch, 16, min_seconds=seconds)
 
 
-def predict_section(run: Path, device: torch.device, count: int, seconds: float) -> dict:
-    workers = resolve_workers(-1)
+def predict_section(
+    run: Path, device: torch.device, count: int, seconds: float, workers: int
+) -> dict:
     rows: dict[str, dict] = {}
     with tempfile.TemporaryDirectory() as folder:
         files = write_images(Path(folder) / "images", count)
@@ -108,7 +110,8 @@ def predict_section(run: Path, device: torch.device, count: int, seconds: float)
                     precision=precision, workers=n,
                 )  # fmt: skip
             print(f"{name}: {rows[name]}", flush=True)
-    return {"images": count, "batch_size": 16, "workers": workers, "img_per_s": rows}
+    return {"images": count, "batch_size": 16, "workers": workers,
+            "default_workers": resolve_workers(-1), "img_per_s": rows}  # fmt: skip
 
 
 def _epoch_seconds(run_dir: Path) -> list[float]:
@@ -169,15 +172,19 @@ def main() -> None:
                         choices=["predict", "ddp", "ray"])  # fmt: skip
     parser.add_argument("--device", default="auto")
     parser.add_argument("--images", type=int, default=320)
+    parser.add_argument("--workers", type=int, default=1, help="loader workers besides 0")
     parser.add_argument("--ddp-train", type=int, default=64)
     parser.add_argument("--ddp-epochs", type=int, default=3)
     parser.add_argument("--min-seconds", type=float, default=10)
     parser.add_argument("--out", default=str(REPO / "docs" / "benchmarks" / "scaling.json"))
     args = parser.parse_args()
     run, device = Path(args.run), resolve_device(args.device)
-    result: dict = {"machine": machine_info(), "device": str(device), "run": run.name}
+    out = Path(args.out)  # sections not measured now keep their earlier results
+    result: dict = json.loads(out.read_text()) if out.is_file() else {}
+    result.update(device=str(device), run=run.name)
     if "predict" in args.sections:
-        result["predict"] = predict_section(run, device, args.images, args.min_seconds)
+        result["predict"] = predict_section(run, device, args.images, args.min_seconds,
+                                            args.workers)  # fmt: skip
     if "ddp" in args.sections:
         if not (args.data and args.split_file):
             parser.error("the ddp section needs --data and --split-file")
@@ -185,7 +192,9 @@ def main() -> None:
                                     args.ddp_epochs)  # fmt: skip
     if "ray" in args.sections:
         result["ray"] = ray_section(run, args.images)
-    write_json(Path(args.out), result)
+    for section in args.sections:
+        result[section]["machine"] = machine_info()
+    write_json(out, result)
     print(f"written to {args.out}")
 
 

@@ -27,7 +27,6 @@ from collections import defaultdict
 from pathlib import Path
 
 from busdx.config import apply_overrides, load_config
-from busdx.data import resolve_workers
 from busdx.devices import cpu_has_bf16
 from busdx.runs import prepare_dataset
 from busdx.training import fit
@@ -73,6 +72,7 @@ def main() -> None:
     parser.add_argument("--val", type=int, default=16, help="validation images")
     parser.add_argument("--epochs", type=int, default=30)
     parser.add_argument("--cache-views", type=int, default=5)
+    parser.add_argument("--workers", type=int, default=1, help="loader workers besides 0")
     parser.add_argument("--keras-python", help="a Python with TensorFlow (optional)")
     parser.add_argument("--out", default=str(REPO / "docs" / "benchmarks" / "training.json"))
     args = parser.parse_args()
@@ -91,15 +91,13 @@ def main() -> None:
                                               check=True).stdout)  # fmt: skip
             seconds["Keras/TensorFlow frozen-base loop (recipe)"] = keras["seconds"]
             print(f"keras: {keras['seconds']:.0f} s", flush=True)
-        workers = resolve_workers(-1)
-        eager = {
-            "busdx eager frozen-base loop, 0 loader workers, fp32": ["data.num_workers=0"],
-            f"busdx eager frozen-base loop, {workers} loader worker(s), fp32": [],
-        }
-        if cpu_has_bf16():
-            eager[f"busdx eager frozen-base loop, {workers} loader worker(s), bf16"] = [
-                "train.precision=bf16"
-            ]
+        eager = {}
+        for precision in ["fp32"] + (["bf16"] if cpu_has_bf16() else []):
+            for workers in sorted({0, args.workers}):
+                eager[f"busdx eager frozen-base loop, {workers} loader worker(s), {precision}"] = [
+                    f"data.num_workers={workers}",
+                    f"train.precision={precision}",
+                ]
         for key, settings in eager.items():
             seconds[key] = busdx_fit(args.data, split, work / f"eager{len(seconds)}",
                                      [*epochs, *settings])  # fmt: skip

@@ -42,6 +42,8 @@ def test_resolved_config_round_trips():
         ("data.positive_class=cancer", "must be the last of"),
         ("nonsense", "section.key=value"),
         ("model.freeze_backbone=maybe", "true or false"),
+        ("train.precision=fp8", "train.precision must be fp32, bf16 or fp16"),
+        ("data.num_workers=-2", "data.num_workers must be >= 0"),
     ],
 )
 def test_bad_overrides_are_explained(override, message):

@@ -4,7 +4,7 @@ import shutil
 import pytest
 from PIL import Image
 
-from busdx.data import apply_split_file, draw_split, scan_dataset, write_split_csv
+from busdx.data import apply_split_file, draw_split, resolve_workers, scan_dataset, write_split_csv
 from busdx.errors import DataError
 
 CLASSES = ["benign", "malignant"]
@@ -123,3 +123,15 @@ def test_grouped_split_keeps_train_non_empty(synthetic_data):
     groups = [s.label * 10 + i % 3 for i, s in enumerate(samples)]  # 3 big groups per class
     split = draw_split(samples, val_fraction=0.45, test_fraction=0.45, seed=0, groups=groups)
     assert all(sum(s.split == "train" and s.label == c for s in split) for c in (0, 1))
+
+
+@pytest.mark.parametrize(
+    ("cores", "processes", "expected"),
+    [(2, 1, 0), (3, 1, 0), (4, 1, 2), (16, 1, 8), (64, 1, 8), (16, 2, 4), (16, 8, 0)],
+)
+def test_auto_workers_take_half_of_each_process_share_and_none_on_small_machines(
+    monkeypatch, cores, processes, expected
+):
+    monkeypatch.setattr("os.cpu_count", lambda: cores)
+    assert resolve_workers(-1, processes=processes) == expected
+    assert resolve_workers(3, processes=processes) == 3  # an explicit count is kept

@@ -59,11 +59,10 @@ class _Scorer:
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list[str]]:
         paths = [Path(path) for path in batch["path"]]
-        rows = [
-            row.to_dict()
-            for row in predict_files(self.predictor, paths, batch_size=len(paths),
-                                     threshold=self.threshold, progress=False)  # fmt: skip
-        ]
+        predictions = predict_files(
+            self.predictor, paths, batch_size=len(paths), threshold=self.threshold, progress=False
+        )
+        rows = [row.to_dict() for row in predictions]
         # the text ``busdx predict`` writes, column by column (None as an empty cell)
         return {field: ["" if row[field] is None else str(row[field]) for row in rows]
                 for field in PREDICTION_FIELDS}  # fmt: skip

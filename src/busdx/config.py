@@ -67,7 +67,7 @@ class DataConfig:
     split_file: str | None = None  # re-use a split.csv instead of drawing a new split
     group_duplicates: bool = True  # keep near-duplicate images in one split (see busdx audit)
     duplicate_distance: int = 10  # perceptual-hash bits (of 63) that still count as duplicate
-    num_workers: int = -1  # DataLoader worker processes; -1: auto (half the cores, at most 8)
+    num_workers: int = -1  # loader worker processes; -1: auto (half the cores, max 8; 0 below 4)
     memory_cache_mb: int = 4096  # decode each image once into memory when they fit (0: off)
 
 

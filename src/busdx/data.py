@@ -381,10 +381,12 @@ def apply_split_file(dataset: LabelledDataset, path: str | Path) -> LabelledData
 
 def resolve_workers(num_workers: int, *, processes: int = 1) -> int:
     """DataLoader worker processes: ``num_workers``, or for -1 (auto) half of this process's
-    share of the cores (the rest compute), at most 8."""
+    share of the cores (the rest compute), at most 8, and none below 4 cores: on 2 cores a
+    worker slowed both training and prediction (docs/benchmarks.md)."""
     if num_workers >= 0:
         return num_workers
-    return min(8, max(1, (os.cpu_count() or 1) // (2 * processes)))
+    cores = (os.cpu_count() or 1) // processes
+    return min(8, cores // 2) if cores >= 4 else 0
 
 
 class EpochSampler(Sampler):

@@ -323,7 +323,8 @@ def fit(
     )
     step: nn.Module = _Trainable(model, on_stem_outputs)
     if world.distributed:
-        step = DistributedDataParallel(step, device_ids=[device.index] if device.index else None)
+        ids = [device.index] if device.type == "cuda" else None  # this process's GPU
+        step = DistributedDataParallel(step, device_ids=ids)
     val_forward = model.from_stem if isinstance(val_set, TensorDataset | CachedFeatures) else model
     sampler = EpochSampler(train_set, seed=config.train.seed, rank=world.rank,
                            world_size=world.size)  # fmt: skip
