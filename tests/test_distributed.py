@@ -48,24 +48,30 @@ def data(tmp_path_factory) -> Path:
     return write_synthetic_dataset(tmp_path_factory.mktemp("ddp"), n_per_class=16, seed=1)
 
 
-def test_two_processes_train_the_model_one_process_trains(data, tmp_path):
+@pytest.fixture(scope="module")
+def two_processes(data, tmp_path_factory) -> Path:
+    """A 3-epoch run of 2 torchrun processes."""
+    run = tmp_path_factory.mktemp("two") / "run"
+    _train(data, run, 2, "train.epochs=3")
+    return run
+
+
+def test_two_processes_train_the_model_one_process_trains(data, two_processes, tmp_path):
     _train(data, tmp_path / "one", 1, "train.epochs=3")
-    _train(data, tmp_path / "two", 2, "train.epochs=3")
-    one, two = _history(tmp_path / "one"), _history(tmp_path / "two")
+    one, two = _history(tmp_path / "one"), _history(two_processes)
     assert len(one) == len(two) == 3
     for a, b in zip(one, two, strict=True):  # same global batches; sums in another order
         assert a == pytest.approx(b, rel=1e-5, abs=1e-6)
     # rank 0 alone wrote the run: one model file, one report, nothing twice
-    assert sorted(p.name for p in (tmp_path / "two").iterdir()) == sorted(
+    assert sorted(p.name for p in two_processes.iterdir()) == sorted(
         p.name for p in (tmp_path / "one").iterdir()
     )
 
 
-def test_a_torchrun_run_resumes_under_torchrun_as_if_never_stopped(data, tmp_path):
-    _train(data, tmp_path / "straight", 2, "train.epochs=3")
+def test_a_torchrun_run_resumes_under_torchrun_as_if_never_stopped(data, two_processes, tmp_path):
     _train(data, tmp_path / "resumed", 2, "train.epochs=2")  # "killed" after epoch 2
     _train(data, tmp_path / "resumed", 2, "train.epochs=3", resume=True)
-    straight, resumed = _history(tmp_path / "straight"), _history(tmp_path / "resumed")
+    straight, resumed = _history(two_processes), _history(tmp_path / "resumed")
     assert [row["epoch"] for row in resumed] == [1, 2, 3]
     for a, b in zip(straight, resumed, strict=True):
         assert a == pytest.approx(b, rel=1e-5, abs=1e-6)
