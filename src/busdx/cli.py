@@ -159,7 +159,13 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     config, info = load_run(run_dir)
     dataset = samples_for_split(run_dir, config, info, args.data, args.split)
     site = args.site or dataset.site
-    variant = "-onnx" if args.backend == "onnx" else "" if args.precision == "fp32" else "-bf16"
+    variant = (
+        "-onnx"
+        if args.backend == "onnx"
+        else ""
+        if args.precision == "fp32"
+        else (f"-{args.precision}")
+    )
     name = f"{site}-{args.split}{variant}"
     out = Path(args.out) if args.out else run_dir / "eval" / name
     loaded = load_model(run_dir, device=args.device, backend=args.backend,

@@ -468,16 +468,12 @@ class ImageDataset(Dataset):
         if self.decoded is not None or not self or size > limit_mb * 2**20:
             return self.decoded is not None
         decoded = torch.empty((len(self), 3, image_size, image_size), dtype=torch.uint8)
-        loader = DataLoader(_Decoded(self), batch_size=32, num_workers=workers, collate_fn=_as_list)
-        for batch in tqdm(loader, desc="decode", unit="batch", disable=not progress, leave=False):
-            for index, image in batch:
-                decoded[index] = image
+        loader = make_loader(_Decoded(self), batch_size=32, workers=workers)
+        for indices, images in tqdm(loader, desc="decode", unit="batch", disable=not progress,
+                                    leave=False):  # fmt: skip
+            decoded[indices] = images
         self.decoded = decoded.share_memory_()
         return True
-
-
-def _as_list(batch: list) -> list:
-    return batch
 
 
 class _Decoded(Dataset):

@@ -15,10 +15,11 @@ atomically: a kill leaves complete entries or none. The cache lives in ``$BUSDX_
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict
 from pathlib import Path
 
@@ -107,10 +108,18 @@ class FeatureCache:
         augmentation seeded by (image, view, seed), the same in any process."""
         image = load_image(sample.path)
         if view == 0:
-            return build_eval_transform(self.preprocessing)(image)
+            return self._eval_transform(image)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(int(sample.sha256[:12], 16) + 1_000_003 * view + self.seed)
-            return build_train_transform(self.preprocessing, self.augment)(image)
+            return self._train_transform(image)
+
+    @functools.cached_property
+    def _eval_transform(self) -> Callable:
+        return build_eval_transform(self.preprocessing)
+
+    @functools.cached_property
+    def _train_transform(self) -> Callable:
+        return build_train_transform(self.preprocessing, self.augment)
 
     @torch.inference_mode()
     def fill(
