@@ -40,6 +40,21 @@ def synthetic_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def masked_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The synthetic images of :func:`synthetic_data` with a lesion mask beside each."""
+    root = tmp_path_factory.mktemp("masked")
+    return write_synthetic_dataset(root, n_per_class=12, seed=1, masks=True)
+
+
+@pytest.fixture(scope="session")
+def roi_run(masked_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A model trained in ROI mode (data.region: box) on the masks' boxes, 64 px input."""
+    options = [arg for arg in FAST if arg not in {"--image-size", "32"}] + ["--image-size", "64"]
+    out = tmp_path_factory.mktemp("roi") / "run"
+    return train_run(masked_data, out, *options, "--set", "data.region=box", epochs=1)
+
+
+@pytest.fixture(scope="session")
 def backbone_weights(tmp_path_factory: pytest.TempPathFactory) -> str:
     """VGG16 backbone weights for tests that need *some* fixed pretrained weights (the feature
     cache, exports): ``imagenet`` where ../shared/weights has them, else a file of seeded random

@@ -69,7 +69,7 @@ def test_finds_every_transformed_copy_and_nothing_else(copies_dataset):
 
 
 def test_exact_duplicates_and_label_conflicts(tmp_path):
-    image, _ = make_lesion_image(False, seed=1)
+    image, *_ = make_lesion_image(False, seed=1)
     for name in CLASSES:
         (tmp_path / name).mkdir()
         image.save(tmp_path / name / "same.png")

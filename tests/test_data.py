@@ -2,9 +2,18 @@ import csv
 import shutil
 
 import pytest
+import torch
 from PIL import Image
 
-from busdx.data import apply_split_file, draw_split, resolve_workers, scan_dataset, write_split_csv
+from busdx.data import (
+    ImageDataset,
+    apply_split_file,
+    draw_split,
+    item_seed,
+    resolve_workers,
+    scan_dataset,
+    write_split_csv,
+)
 from busdx.errors import DataError
 
 CLASSES = ["benign", "malignant"]
@@ -135,3 +144,17 @@ def test_auto_workers_take_half_of_each_process_share_and_none_on_small_machines
     monkeypatch.setattr("os.cpu_count", lambda: cores)
     assert resolve_workers(-1, processes=processes) == expected
     assert resolve_workers(3, processes=processes) == 3  # an explicit count is kept
+
+
+def test_each_epoch_draws_new_augmentations_reproducibly(synthetic_data):
+    from busdx.config import AugmentConfig
+    from busdx.transforms import Preprocessing, build_augment_transform, build_decode_transform
+
+    prep = Preprocessing(32, (0.0,) * 3, (1.0,) * 3)
+    samples = scan_dataset(synthetic_data, CLASSES).samples[:3]
+    augment = build_augment_transform(prep, AugmentConfig())
+    images = ImageDataset(samples, build_decode_transform(prep), augment, seed=42)
+    views = [images[(epoch, 1)][0] for epoch in (0, 1, 2, 0)]
+    assert torch.equal(views[0], views[3])  # the same (seed, epoch, image): the same view
+    assert not torch.equal(views[0], views[1]) and not torch.equal(views[1], views[2])
+    assert len({item_seed(42, epoch, index) for epoch in range(30) for index in range(50)}) == 1500

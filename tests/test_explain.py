@@ -77,7 +77,7 @@ def test_heat_map_peaks_on_the_lesion_far_more_often_than_chance(tmp_path):
     loaded = load_model(run)
     hits = []
     for index in range(30):
-        image, (row, col) = make_lesion_image(index % 2 == 1, seed=777 + index)
+        image, (row, col), _ = make_lesion_image(index % 2 == 1, seed=777 + index)
         peak_row, peak_col = explain_image(loaded, image.convert("RGB")).peak(image.size)
         size = image.size[0]
         hits.append(

@@ -27,6 +27,7 @@ from sklearn.model_selection import StratifiedKFold
 from busdx.calibration import fit_operating_points, fit_temperature
 from busdx.config import EvaluateConfig
 from busdx.errors import DataError
+from busdx.imaging import InputLike
 from busdx.inference import file_logits
 from busdx.metrics import roc_auc
 from busdx.predictor import Predictor
@@ -97,7 +98,7 @@ Head = tuple[np.ndarray, float]  # (weights, bias) of one member's last linear l
 
 
 def last_layer_features(
-    loaded: Predictor, paths: Sequence[Path], *, progress: bool = True
+    loaded: Predictor, paths: Sequence[InputLike], *, progress: bool = True
 ) -> tuple[list[np.ndarray], list[Head]]:
     """What each member's last linear layer receives for each file (n, d), and its weights."""
     if loaded.model is None:

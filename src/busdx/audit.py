@@ -24,6 +24,7 @@ from scipy.fft import dctn
 from tqdm.auto import tqdm
 
 from busdx.data import LabelledDataset, Sample
+from busdx.dicom import is_dicom_file
 from busdx.fileio import atomic_write_text
 from busdx.imaging import load_image
 
@@ -177,10 +178,14 @@ def audit_dataset(
     modes: Counter = Counter()
     hashes, mirrored = [], []
     for sample in tqdm(dataset.samples, desc="audit", unit="img", disable=not progress):
-        with Image.open(sample.path) as raw:
-            sizes[raw.size] += 1
-            modes[raw.mode] += 1
         image = load_image(sample.path)
+        if is_dicom_file(sample.path):  # size of the B-mode region read; mode "DICOM"
+            sizes[image.size] += 1
+            modes["DICOM"] += 1
+        else:
+            with Image.open(sample.path) as raw:
+                sizes[raw.size] += 1
+                modes[raw.mode] += 1
         hashes.append(perceptual_hash(image))
         mirrored.append(perceptual_hash(ImageOps.mirror(image)))
     pairs = find_duplicate_pairs(

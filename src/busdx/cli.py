@@ -20,9 +20,11 @@ from typing import Any
 
 from busdx import __version__
 from busdx.audit import DEFAULT_MAX_DISTANCE, audit_dataset, write_audit
+from busdx.boxes import parse_box, read_boxes_csv
 from busdx.config import Config, apply_overrides, list_recipes, load_config
 from busdx.data import apply_split_file, resolve_workers, scan_dataset
 from busdx.devices import PRECISIONS, resolve_device
+from busdx.dicom import ANY_MODALITY_ENV
 from busdx.distributed import broadcast, init_world
 from busdx.errors import BusdxError, ConfigError, DataError, ExportError, RunDirError
 from busdx.evaluation import (
@@ -35,10 +37,12 @@ from busdx.evaluation import (
 from busdx.explain import explain_image
 from busdx.export import EXPORT_REPORT, export_run
 from busdx.fileio import atomic_path, atomic_write_text
-from busdx.imaging import load_image
+from busdx.imaging import ImageInput
 from busdx.inference import (
     Prediction,
+    image_inputs,
     iter_image_paths,
+    parse_frame,
     parse_shard,
     predict_files,
     take_shard,
@@ -64,6 +68,7 @@ from busdx.runs import (
 from busdx.serving import ServeSettings, serve
 from busdx.synthetic import write_synthetic_dataset
 from busdx.training import MODEL_FILE, fit
+from busdx.transforms import load_region
 from busdx.weights import get_weight_spec, resolve_weights_file
 
 logger = logging.getLogger("busdx")
@@ -236,15 +241,23 @@ def cmd_predict(args: argparse.Namespace) -> int:
     if args.ray:
         return _predict_on_ray(args)
     shard = parse_shard(args.shard)
-    total = sum(1 for _ in take_shard(iter_image_paths(args.paths), shard))
-    if not total:
-        raise DataError(f"no image files found in {', '.join(args.paths)}")
     loaded = load_model(args.run, device=args.device, backend=args.backend, threads=args.threads,
                         precision=args.precision)  # fmt: skip
+    choice = _input_choice(args, loaded.preprocessing.region == "box")
+
+    def inputs() -> Iterator[ImageInput]:
+        return image_inputs(take_shard(iter_image_paths(args.paths), shard), **choice)
+
+    total = sum(1 for _ in inputs())
+    if not total:
+        raise DataError(f"no image files found in {', '.join(args.paths)}")
+    if args.box and total > 1:
+        raise ConfigError(f"--box is one image's lesion box, but {total} images were given; "
+                          "use --boxes FILE (path,x,y,w,h) for several")  # fmt: skip
     started = time.perf_counter()
     rows = predict_files(
         loaded,
-        take_shard(iter_image_paths(args.paths), shard),
+        inputs(),
         total=total,
         batch_size=args.batch_size,
         threshold=args.threshold,
@@ -269,12 +282,31 @@ def cmd_predict(args: argparse.Namespace) -> int:
     return 0
 
 
+def _input_choice(args: argparse.Namespace, roi_model: bool) -> dict[str, Any]:
+    """``--frame``, ``--box`` and ``--boxes`` as :func:`image_inputs` arguments, refused
+    when they do not fit the model (an ROI model needs boxes; a whole-image one takes none)."""
+    if args.box and args.boxes:
+        raise ConfigError("give --box (one image) or --boxes FILE (several), not both")
+    given = bool(args.box or args.boxes)
+    if roi_model and not given:
+        raise ConfigError("this model classifies a lesion box (ROI mode): give --box x,y,w,h "
+                          "for one image or --boxes FILE (path,x,y,w,h) for several")  # fmt: skip
+    if given and not roi_model:
+        raise ConfigError("this model was trained on whole images; it takes no --box or "
+                          "--boxes (train one with --set data.region=box)")  # fmt: skip
+    return {
+        "frame": parse_frame(args.frame),
+        "box": parse_box(args.box) if args.box else None,
+        "boxes": read_boxes_csv(args.boxes) if args.boxes else None,
+    }
+
+
 def _predict_on_ray(args: argparse.Namespace) -> int:
     if not args.out:
         raise ConfigError("--ray needs --out FILE.csv or FILE.parquet (results are merged there)")
-    if args.shard or args.explain or args.precision != "fp32":
+    if args.shard or args.explain or args.precision != "fp32" or args.box or args.boxes:
         raise ConfigError("--ray runs the exported ONNX model over all images: it does not take "
-                          "--shard, --explain or --precision")  # fmt: skip
+                          "--shard, --explain, --precision, --box or --boxes")  # fmt: skip
     from busdx.cluster import predict_on_ray
 
     summary = predict_on_ray(
@@ -302,7 +334,8 @@ def _with_explanations(
     folder.mkdir(parents=True, exist_ok=True)
     for index, row in enumerate(rows):
         if row.error is None:
-            explanation = explain_image(loaded, load_image(row.path))
+            item = ImageInput(Path(row.path), row.frame or 0, row.box)
+            explanation = explain_image(loaded, load_region(item, loaded.preprocessing))
             target = folder / f"{index:05d}-{Path(row.path).stem}-gradcam.png"
             with atomic_path(target) as tmp:
                 explanation.overlay.save(tmp, format="PNG")
@@ -497,6 +530,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     def common(sub: argparse.ArgumentParser) -> None:
         sub.add_argument("--no-progress", action="store_true", help="hide progress bars")
+        sub.add_argument(
+            "--any-modality", action="store_true",
+            help="read DICOM files of any modality (default: ultrasound, US, only)",
+        )  # fmt: skip
 
     def precision_option(sub: argparse.ArgumentParser) -> None:
         sub.add_argument(
@@ -638,6 +675,18 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument(
         "--explain", metavar="OUTDIR", help="also write Grad-CAM overlays (PNG) into OUTDIR"
     )
+    predict.add_argument(
+        "--frame", default="0", metavar="N|all",
+        help="DICOM frame to classify (default 0, the first), or all: one row per frame",
+    )  # fmt: skip
+    predict.add_argument(
+        "--box", metavar="X,Y,W,H",
+        help="lesion box of the one image, in its pixels (for a model trained on boxes)",
+    )  # fmt: skip
+    predict.add_argument(
+        "--boxes", metavar="FILE",
+        help="CSV of lesion boxes: a path column and x, y, w, h (or box) columns",
+    )  # fmt: skip
     common(predict)
     predict.set_defaults(func=cmd_predict)
 
@@ -775,6 +824,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     logging.getLogger("busdx").setLevel(logging.INFO)
     args = build_parser().parse_args(argv)
+    if getattr(args, "any_modality", False):  # worker processes inherit it
+        os.environ[ANY_MODALITY_ENV] = "1"
     try:
         return args.func(args)
     except BusdxError as exc:

@@ -36,6 +36,7 @@ POOLINGS = ("flatten", "avg", "avgmax", "multistage")  # model.pooling
 CROPS = ("none", "content")  # data.crop
 RESIZES = ("squash", "pad")  # data.resize
 ANNOTATIONS = ("keep", "mask")  # data.annotations
+REGIONS = ("image", "box")  # data.region
 
 
 @dataclass
@@ -62,6 +63,9 @@ class DataConfig:
     crop: str = "none"  # "content": crop to the B-mode field (drop black margins and UI)
     resize: str = "squash"  # "squash" (the recipe) or "pad" (keep the aspect ratio)
     annotations: str = "keep"  # "mask": paint over burned-in calipers, text and markers
+    region: str = "image"  # "box": ROI mode, the model sees the lesion box only (see boxes.py)
+    box_margin: float = 0.2  # ROI mode: box enlarged by this fraction of its side on each side
+    boxes: str | None = None  # ROI mode: CSV of boxes (path,x,y,w,h); default: from lesion masks
     val_fraction: float = 0.15
     test_fraction: float = 0.15
     split_file: str | None = None  # re-use a split.csv instead of drawing a new split
@@ -89,6 +93,7 @@ class AugmentConfig:
     speckle: float = 0.0
     blur: float = 0.0
     attenuation: float = 0.0
+    box_jitter: float = 0.1  # ROI mode: each box edge moves by up to this fraction of its side
 
 
 @dataclass
@@ -170,6 +175,19 @@ class Config:
             (
                 self.data.annotations in ANNOTATIONS,
                 f"data.annotations must be keep or mask, got {self.data.annotations!r}",
+            ),
+            (
+                self.data.region in REGIONS
+                and 0 <= self.data.box_margin <= 2
+                and 0 <= self.augment.box_jitter < 1,
+                f"data.region must be image or box (got {self.data.region!r}), "
+                f"data.box_margin in [0, 2] and augment.box_jitter in [0, 1)",
+            ),
+            (
+                self.data.region == "image"
+                or (self.data.crop == "none" and not self.train.feature_cache),
+                "data.region: box crops to the lesion box itself: use it with data.crop: none "
+                "and train.feature_cache: false",
             ),
             (
                 self.model.pooling in POOLINGS and self.model.hidden_units >= 0,

@@ -29,12 +29,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 from tqdm.auto import tqdm
 
+from busdx.boxes import box_to_text, sample_boxes
 from busdx.errors import DataError, ImageDecodeError
 from busdx.fileio import atomic_write_text, sha256_file
-from busdx.imaging import is_image_file, load_image
+from busdx.imaging import Box, ImageInput, is_image_file, load_image
 
 __all__ = [
     "SPLITS",
@@ -43,7 +45,9 @@ __all__ = [
     "LabelledDataset",
     "Sample",
     "apply_split_file",
+    "attach_boxes",
     "draw_split",
+    "item_seed",
     "make_loader",
     "resolve_workers",
     "scan_dataset",
@@ -70,6 +74,12 @@ class Sample:
     split: str | None = None
     group: int | None = None  # near-duplicate group: images of one group share a split
     site: str = ""  # where the image comes from: its data folder's name, or the name given
+    box: Box | None = None  # lesion box (x, y, w, h), attached for ROI mode (attach_boxes)
+
+    @property
+    def input(self) -> ImageInput:
+        """The sample as an :class:`~busdx.imaging.ImageInput` (with its box)."""
+        return ImageInput(self.path, box=self.box)
 
 
 @dataclass
@@ -180,6 +190,19 @@ def scan_dataset(
     dataset = LabelledDataset(root, layout, class_names, samples, skipped, {site: root})
     _check_classes(dataset)
     return dataset
+
+
+def attach_boxes(dataset: LabelledDataset, boxes_file: str | None = None) -> LabelledDataset:
+    """The dataset with each sample's lesion box (ROI mode), from ``boxes_file`` or from the
+    lesion masks found beside the images (see :func:`busdx.boxes.sample_boxes`)."""
+    boxes = sample_boxes(
+        [s.path for s in dataset.samples],
+        [s.relpath for s in dataset.samples],
+        [dataset.sites.get(s.site, dataset.root) for s in dataset.samples],
+        boxes_file,
+    )
+    samples = [replace(s, box=box) for s, box in zip(dataset.samples, boxes, strict=True)]
+    return replace(dataset, samples=samples)
 
 
 def parse_source(source: str | Path) -> tuple[str | None, Path]:
@@ -323,14 +346,17 @@ def draw_split(
 
 
 def write_split_csv(dataset: LabelledDataset, path: str | Path) -> None:
-    """Save ``path,label,split,group,sha256,site`` rows, one per image, for audit and re-use."""
+    """Save ``path,label,split,group,sha256,site`` rows, one per image, for audit and re-use
+    (and a ``box`` column, ``x,y,w,h``, when the samples carry lesion boxes: ROI mode)."""
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(["path", "label", "split", "group", "sha256", "site"])
+    boxed = any(s.box is not None for s in dataset.samples)
+    writer.writerow(["path", "label", "split", "group", "sha256", "site"] + ["box"] * boxed)
     for s in dataset.samples:
         group = "" if s.group is None else s.group
         label = dataset.class_names[s.label]
-        writer.writerow([s.relpath, label, s.split or "", group, s.sha256, s.site])
+        box = [box_to_text(s.box) or ""] if boxed else []
+        writer.writerow([s.relpath, label, s.split or "", group, s.sha256, s.site, *box])
     atomic_write_text(path, buffer.getvalue())
 
 
@@ -420,6 +446,13 @@ class EpochSampler(Sampler):
         return ((self.epoch, index) for index in self.order)
 
 
+def item_seed(seed: int, epoch: int, index: int) -> int:
+    """A well-mixed 32-bit seed for one image in one epoch. (torch's CPU generator keeps only
+    the low 32 bits of a seed, so a seed built by shifting the epoch above them would give an
+    image the same augmentation in every epoch.)"""
+    return int(np.random.SeedSequence([seed, epoch, index]).generate_state(1)[0])
+
+
 class ImageDataset(Dataset):
     """Decode, transform and label a list of samples for a DataLoader.
 
@@ -430,17 +463,26 @@ class ImageDataset(Dataset):
     an image is augmented the same way whatever the number of workers or processes, and a
     resumed run repeats the epochs it redoes exactly.
 
+    ``read`` turns a sample's :class:`~busdx.imaging.ImageInput` into a PIL image (default:
+    the whole image; :func:`busdx.transforms.load_region` crops to the lesion box in ROI
+    mode); ``random_read`` says it draws random numbers (a jittered box), so it is seeded with
+    the transform and its results are never preloaded.
+
     :meth:`preload` decodes every image once into one shared-memory tensor, read by all
     workers, instead of decoding each image every epoch.
     """
 
     def __init__(
-        self, samples: Sequence[Sample], decode: Callable, transform: Callable, *, seed: int = 0
-    ) -> None:
+        self, samples: Sequence[Sample], decode: Callable, transform: Callable, *,
+        seed: int = 0, read: Callable[[ImageInput], Image.Image] | None = None,
+        random_read: bool = False,
+    ) -> None:  # fmt: skip
         self.samples = list(samples)
         self.decode = decode
         self.transform = transform
         self.seed = seed
+        self.read = read or _read_whole
+        self.random_read = random_read
         self.decoded: torch.Tensor | None = None
 
     def __len__(self) -> int:
@@ -449,23 +491,25 @@ class ImageDataset(Dataset):
     def _decoded(self, index: int) -> torch.Tensor:
         if self.decoded is not None:
             return self.decoded[index]
-        return self.decode(load_image(self.samples[index].path))
+        return self.decode(self.read(self.samples[index].input))
 
     def __getitem__(self, key: int | tuple[int, int]) -> tuple[torch.Tensor, int]:
         epoch, index = key if isinstance(key, tuple) else (None, key)
-        image = self._decoded(index)
         if epoch is None:
-            return self.transform(image), self.samples[index].label
+            return self._item(index)
         with torch.random.fork_rng(devices=[]):  # the caller's random stream is untouched
-            torch.manual_seed(((self.seed * 1_000 + epoch) << 32) + index)
-            return self.transform(image), self.samples[index].label
+            torch.manual_seed(item_seed(self.seed, epoch, index))
+            return self._item(index)
+
+    def _item(self, index: int) -> tuple[torch.Tensor, int]:
+        return self.transform(self._decoded(index)), self.samples[index].label
 
     def preload(self, *, image_size: int, limit_mb: int, workers: int = 0,
                 progress: bool = False) -> bool:  # fmt: skip
         """Decode every image once into shared memory, with ``workers`` processes; skipped
         (False) when the images would take more than ``limit_mb`` megabytes."""
         size = len(self) * 3 * image_size**2
-        if self.decoded is not None or not self or size > limit_mb * 2**20:
+        if self.random_read or self.decoded is not None or not self or size > limit_mb * 2**20:
             return self.decoded is not None
         decoded = torch.empty((len(self), 3, image_size, image_size), dtype=torch.uint8)
         loader = make_loader(_Decoded(self), batch_size=32, workers=workers)
@@ -474,6 +518,10 @@ class ImageDataset(Dataset):
             decoded[indices] = images
         self.decoded = decoded.share_memory_()
         return True
+
+
+def _read_whole(item: ImageInput) -> Image.Image:
+    return load_image(item.path, frame=item.frame)
 
 
 class _Decoded(Dataset):

@@ -7,6 +7,7 @@ traceback.
 """
 
 __all__ = [
+    "BoxError",
     "BusdxError",
     "CheckpointError",
     "ConfigError",
@@ -18,6 +19,7 @@ __all__ = [
     "SingleClassError",
     "UnknownModelError",
     "WeightsError",
+    "first_line",
 ]
 
 
@@ -45,6 +47,10 @@ class ImageTooLargeError(ImageDecodeError):
     """An image has more pixels than the limit (a decompression bomb, or simply too big)."""
 
 
+class BoxError(DataError):
+    """A lesion box is malformed, has no area, or does not lie inside its image."""
+
+
 class UnknownModelError(BusdxError, LookupError):
     """A model or weights name is not in the registry."""
 
@@ -63,3 +69,8 @@ class ExportError(BusdxError, RuntimeError):
 
 class RunDirError(BusdxError, FileExistsError):
     """An output directory already holds a run."""
+
+
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message (its type's name when it has none)."""
+    return str(exc).splitlines()[0] if str(exc) else type(exc).__name__

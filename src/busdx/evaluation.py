@@ -24,7 +24,6 @@ from busdx.data import Sample
 from busdx.errors import DataError
 from busdx.explain import explain_image
 from busdx.fileio import atomic_write_text
-from busdx.imaging import load_image
 from busdx.inference import file_logits, file_predictions
 from busdx.metrics import (
     DECISION_METRICS,
@@ -44,6 +43,7 @@ from busdx.reporting import (
     plot_sample_predictions,
 )
 from busdx.training import MODEL_FILE, update_model_metadata
+from busdx.transforms import load_region
 
 __all__ = [
     "calibrate_model",
@@ -74,7 +74,7 @@ def calibrate_model(
     is refitted on them too (:func:`busdx.adaptation.refit_head`; cross-fitted threshold).
     """
     labels = np.array([s.label for s in val_samples])
-    paths = [s.path for s in val_samples]
+    paths = [s.input for s in val_samples]
     updates = {}
     if refit:
         fitted, updates["state_dict"] = refit_head(
@@ -153,7 +153,7 @@ def evaluate_samples(
     if not samples:
         raise DataError(f"the {split} split is empty: nothing to evaluate")
     y_true = np.array([s.label for s in samples])
-    rows = file_predictions(loaded, [s.path for s in samples], progress=progress)
+    rows = file_predictions(loaded, [s.input for s in samples], progress=progress)
     logits = np.array([row.logit for row in rows])
     flags = [row.out_of_scope for row in rows]
     y_prob = loaded.probabilities(logits)
@@ -240,7 +240,7 @@ def evaluate_samples(
     )
     plot_reliability_diagram(result["reliability"], result["ece"], out_dir / "reliability.png")
     picked = _sample_indices(y_true, called)
-    images = [load_image(samples[i].path) for i in picked]
+    images = [load_region(samples[i].input, loaded.preprocessing) for i in picked]
     shown = {"true_labels": [names[y_true[i]] for i in picked],
              "probabilities": [float(y_prob[i]) for i in picked],
              "threshold": threshold, "class_names": names}  # fmt: skip

@@ -34,10 +34,10 @@ from onnxruntime.quantization import (
 from onnxruntime.quantization.shape_inference import quant_pre_process
 
 from busdx import __version__
-from busdx.errors import DataError, ExportError, ImageDecodeError, SingleClassError
+from busdx.errors import BoxError, DataError, ExportError, ImageDecodeError, SingleClassError
 from busdx.evaluation import json_safe
 from busdx.fileio import atomic_path, atomic_write_text, sha256_file
-from busdx.imaging import load_image
+from busdx.imaging import InputLike, as_input
 from busdx.inference import expand_paths, file_logits
 from busdx.metrics import roc_auc
 from busdx.predictor import (
@@ -51,7 +51,7 @@ from busdx.predictor import (
 from busdx.provenance import environment
 from busdx.runs import load_run, samples_for_split
 from busdx.scope import SCOPE_KEY
-from busdx.transforms import build_eval_transform
+from busdx.transforms import build_eval_transform, load_region
 
 __all__ = ["EXPORT_REPORT", "compare_logits", "export_onnx", "export_run", "quantize_int8"]
 
@@ -97,15 +97,17 @@ def export_onnx(loaded: Predictor, path: Path) -> Path:
 class _CalibrationImages(CalibrationDataReader):
     """Calibration reader: one preprocessed image at a time; unreadable files are skipped."""
 
-    def __init__(self, files: Sequence[Path], loaded: Predictor) -> None:
+    def __init__(self, files: Sequence[InputLike], loaded: Predictor) -> None:
         self.transform = build_eval_transform(loaded.preprocessing)
-        self.files: Iterator[Path] = iter(files)
+        self.preprocessing = loaded.preprocessing
+        self.files: Iterator[InputLike] = iter(files)
 
     def get_next(self) -> dict[str, np.ndarray] | None:
         for path in self.files:
             try:
-                return {"images": self.transform(load_image(path))[None].numpy()}
-            except ImageDecodeError as exc:
+                image = load_region(as_input(path), self.preprocessing)
+                return {"images": self.transform(image)[None].numpy()}
+            except (ImageDecodeError, BoxError) as exc:
                 logger.warning("calibration: skipped %s", exc)
         return None
 
@@ -164,13 +166,13 @@ def compare_logits(
 
 def _calibration_files(
     run_dir: Path, calibration_dir: str | Path | None, data_root: str | Path | None, count: int
-) -> list[Path]:
+) -> list[InputLike]:
     if calibration_dir is not None:
         files = expand_paths([calibration_dir])
     else:
         config, info = load_run(run_dir)
         train = samples_for_split(run_dir, config, info, data_root, "train").samples
-        files = [sample.path for sample in train]
+        files = [sample.input for sample in train]
     if not files:
         raise DataError(f"no calibration images found in {calibration_dir}")
     return random.Random(0).sample(files, min(count, len(files)))
@@ -201,7 +203,7 @@ def export_run(
         "onnx": {"file": ONNX_FILE, "sha256": sha256_file(fp32_path), "opset": OPSET},
     }
     val = samples_for_split(run_dir, config, info, data_root, "val").samples
-    files, labels = [s.path for s in val], [s.label for s in val]
+    files, labels = [s.input for s in val], [s.label for s in val]
     torch_logits, fp32_logits = (
         file_logits(model, files, progress=False) for model in (loaded, load_model(fp32_path))
     )

@@ -26,18 +26,23 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from tqdm.auto import tqdm
 
-from busdx.errors import ConfigError, DataError, ImageDecodeError
+from busdx.boxes import box_to_text, lookup_box
+from busdx.dicom import DICOM_EXTENSIONS, count_frames, is_dicom_file
+from busdx.errors import BoxError, ConfigError, DataError, ImageDecodeError
 from busdx.fileio import atomic_path
-from busdx.imaging import is_image_file, load_image
+from busdx.imaging import Box, ImageInput, InputLike, as_input, is_image_file, load_image
 from busdx.predictor import Predictor
 from busdx.scope import image_checks
+from busdx.transforms import Preprocessing, region_of
 
 __all__ = [
     "Prediction",
     "expand_paths",
     "file_logits",
     "file_predictions",
+    "image_inputs",
     "iter_image_paths",
+    "parse_frame",
     "parse_shard",
     "predict_files",
     "take_shard",
@@ -85,6 +90,37 @@ def take_shard(files: Iterable[Path], shard: tuple[int, int]) -> Iterator[Path]:
     return (path for position, path in enumerate(files) if position % count == index)
 
 
+def image_inputs(
+    files: Iterable[Path],
+    *,
+    frame: str = "0",
+    box: Box | None = None,
+    boxes: dict[str, Box] | None = None,
+) -> Iterator[ImageInput]:
+    """What to predict for each file: its DICOM ``frame`` (a number, or ``"all"``: one input
+    per frame; other files have one image), and its lesion box: ``box`` for every file, or
+    each file's entry in a ``boxes`` table (:func:`busdx.boxes.read_boxes_csv`)."""
+    for path in files:
+        chosen = box if boxes is None else lookup_box(boxes, path)
+        if not is_dicom_file(path):
+            yield ImageInput(path, 0, chosen)
+        elif frame != "all":
+            yield ImageInput(path, int(frame), chosen)
+        else:
+            try:
+                count = count_frames(path)
+            except ImageDecodeError:
+                count = 1  # the error is reported when the file is read
+            yield from (ImageInput(path, number, chosen) for number in range(count))
+
+
+def parse_frame(frame: str) -> str:
+    """``--frame``: a frame number (0 is the first) or ``all``."""
+    if frame == "all" or frame.isdigit():
+        return frame
+    raise ConfigError(f"--frame must be a frame number (0 is the first) or all, got {frame!r}")
+
+
 def expand_paths(paths: Sequence[str | Path]) -> list[Path]:
     """:func:`iter_image_paths` as a list (an error for a missing path comes first)."""
     return list(iter_image_paths(paths))
@@ -92,6 +128,8 @@ def expand_paths(paths: Sequence[str | Path]) -> list[Path]:
 
 PREDICTION_FIELDS = [
     "path",
+    "frame",
+    "box",
     "probability_malignant",
     "label",
     "threshold",
@@ -114,12 +152,16 @@ class Prediction:
     out_of_scope: bool | None = None  # unlike the training images (None: no guard)
     scope_reason: str | None = None
     scope_distance: float | None = None
+    frame: int | None = None  # the DICOM frame (None: not a DICOM file)
+    box: Box | None = None  # the lesion box the model looked at (ROI models)
 
     def to_dict(self) -> dict[str, Any]:
         """The row as written by ``busdx predict`` (keys: ``PREDICTION_FIELDS``)."""
         prob = None if self.probability is None else round(self.probability, 6)
         return {
             "path": self.path,
+            "frame": self.frame,
+            "box": box_to_text(self.box),
             "probability_malignant": prob,
             "label": self.label,
             "threshold": self.threshold,
@@ -148,37 +190,46 @@ class _DecodedBatches(IterableDataset):
     file list itself (a folder listing is cheap next to decoding).
     """
 
-    def __init__(self, files: Iterable[Path], batch_size: int, transform: Callable) -> None:
+    def __init__(
+        self, files: Iterable[InputLike], batch_size: int, transform: Callable,
+        prep: Preprocessing,
+    ) -> None:  # fmt: skip
         self.files = files
         self.batch_size = batch_size
         self.transform = transform
+        self.prep = prep
 
-    def __iter__(self) -> Iterator[tuple[list[str], list[str | None], torch.Tensor, list]]:
+    def __iter__(self) -> Iterator[tuple[list[Any], list[str | None], torch.Tensor, list]]:
         worker = get_worker_info()
         rank, workers = (worker.id, worker.num_workers) if worker else (0, 1)
         for number, batch in enumerate(_batches(self.files, self.batch_size)):
             if number % workers == rank:
                 yield self._prepare(batch)
 
-    def _prepare(self, paths: list[Path]) -> tuple[list[str], list[str | None], torch.Tensor, list]:
+    def _prepare(
+        self, batch: list[InputLike]
+    ) -> tuple[list[tuple], list[str | None], torch.Tensor, list]:
         errors: list[str | None] = []
-        inputs, checks = [], []
-        for path in paths:
+        inputs, checks, described = [], [], []
+        for item in map(as_input, batch):
             try:
-                image = load_image(path)
-            except ImageDecodeError as exc:
+                image = load_image(item.path, frame=item.frame)
+                region = region_of(image, item.box, self.prep, name=item.name)
+            except (ImageDecodeError, BoxError) as exc:
                 errors.append(str(exc))
-                continue
-            errors.append(None)
-            inputs.append(self.transform(image))
-            checks.append(image_checks(image))
+            else:
+                errors.append(None)
+                inputs.append(self.transform(region))
+                checks.append(image_checks(image))  # is the whole image a scan?
+            dicom = item.frame or item.path.suffix.lower() in DICOM_EXTENSIONS
+            described.append((str(item.path), item.frame if dicom else None, item.box))
         stacked = torch.stack(inputs) if inputs else torch.empty(0)
-        return [str(path) for path in paths], errors, stacked, checks
+        return described, errors, stacked, checks
 
 
 def predict_files(
     loaded: Predictor,
-    files: Iterable[Path],
+    files: Iterable[InputLike],
     *,
     batch_size: int = 16,
     progress: bool = True,
@@ -188,7 +239,8 @@ def predict_files(
 ) -> Iterator[Prediction]:
     """Yield one :class:`Prediction` per file, in order, batch by batch.
 
-    ``files`` may be any iterable (e.g. :func:`iter_image_paths`); ``workers`` loader
+    ``files`` may be any iterable of paths (e.g. :func:`iter_image_paths`) or
+    :class:`~busdx.imaging.ImageInput` (a DICOM frame, a lesion box); ``workers`` loader
     processes (0: this one) decode and preprocess the next batches while the model scores the
     current one, and only those few batches are held in memory. ``total`` sizes the progress
     bar when ``files`` has no length.
@@ -197,16 +249,16 @@ def predict_files(
     total = len(files) if total is None and isinstance(files, Sized) else total
     bar = tqdm(total=total, unit="img", desc="predict", disable=not progress, leave=False)
     loader = DataLoader(
-        _DecodedBatches(files, batch_size, loaded.transform),
+        _DecodedBatches(files, batch_size, loaded.transform, loaded.preprocessing),
         batch_size=None,
         num_workers=workers,
         prefetch_factor=2 if workers else None,
         pin_memory=loaded.device.type == "cuda",
     )
-    for paths, errors, inputs, checks in loader:
+    for described, errors, inputs, checks in loader:
         decisions = iter(loaded.decide_inputs(inputs, checks, threshold) if len(inputs) else [])
-        for path, error in zip(paths, errors, strict=True):
-            row = Prediction(path, None, None, threshold, error=error)
+        for (path, frame, box), error in zip(described, errors, strict=True):
+            row = Prediction(path, None, None, threshold, error=error, frame=frame, box=box)
             if error is None:
                 decision = next(decisions)
                 row.logit, row.probability, row.label = (
@@ -224,7 +276,7 @@ def predict_files(
 
 
 def file_predictions(
-    loaded: Predictor, files: Sequence[Path], *, progress: bool = True
+    loaded: Predictor, files: Sequence[InputLike], *, progress: bool = True
 ) -> list[Prediction]:
     """One prediction per file, in order; all files must be readable (labelled data)."""
     rows = list(predict_files(loaded, files, progress=progress))
@@ -234,7 +286,9 @@ def file_predictions(
     return rows
 
 
-def file_logits(loaded: Predictor, files: Sequence[Path], *, progress: bool = True) -> np.ndarray:
+def file_logits(
+    loaded: Predictor, files: Sequence[InputLike], *, progress: bool = True
+) -> np.ndarray:
     """Raw logit (before temperature scaling) of each file, in order; all must be readable."""
     return np.array([row.logit for row in file_predictions(loaded, files, progress=progress)])
 

@@ -73,8 +73,8 @@ def train_and_evaluate(
     scope = fit_scope(
         loaded.model,
         loaded.preprocessing,
-        [s.path for s in dataset.subset("train")],
-        [s.path for s in dataset.subset("val")],
+        [s.input for s in dataset.subset("train")],
+        [s.input for s in dataset.subset("val")],
         device=loaded.device,
     )
     update_model_metadata(run_dir / MODEL_FILE, {SCOPE_KEY: scope})

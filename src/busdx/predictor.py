@@ -119,13 +119,19 @@ class Predictor:
         return build_eval_transform(self.preprocessing)
 
     def decide_images(
-        self, images: Sequence[Image.Image], threshold: float | None = None
+        self,
+        images: Sequence[Image.Image],
+        threshold: float | None = None,
+        *,
+        regions: Sequence[Image.Image] | None = None,
     ) -> list[Decision]:
         """Preprocess, score and decide a batch of decoded RGB images (see :class:`Decision`);
-        the one path from images to answers of ``busdx predict``, evaluate and the API."""
+        the one path from images to answers of ``busdx predict``, evaluate and the API.
+        ``regions``: what the model looks at in each image when it is not the whole image
+        (an ROI model's lesion boxes, :func:`busdx.transforms.region_of`)."""
         if not images:
             return []
-        inputs = torch.stack([self.transform(image) for image in images])
+        inputs = torch.stack([self.transform(region) for region in (regions or images)])
         return self.decide_inputs(inputs, [image_checks(image) for image in images], threshold)
 
     def decide_inputs(

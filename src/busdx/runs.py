@@ -17,7 +17,14 @@ import yaml
 from busdx import __version__
 from busdx.audit import audit_dataset
 from busdx.config import Config, apply_overrides, config_from_dict
-from busdx.data import LabelledDataset, apply_split_file, draw_split, scan_sites, write_split_csv
+from busdx.data import (
+    LabelledDataset,
+    apply_split_file,
+    attach_boxes,
+    draw_split,
+    scan_sites,
+    write_split_csv,
+)
 from busdx.errors import CheckpointError, ConfigError, DataError, RunDirError
 from busdx.fileio import atomic_write_text
 from busdx.provenance import environment
@@ -98,7 +105,8 @@ def prepare_dataset(
 
 def _scan(config: Config, sources: str | Path | Sequence[str | Path]) -> LabelledDataset:
     sources = [sources] if isinstance(sources, str | Path) else list(sources)
-    return scan_sites(sources, config.data.classes, include_normal=config.data.include_normal)
+    dataset = scan_sites(sources, config.data.classes, include_normal=config.data.include_normal)
+    return attach_boxes(dataset, config.data.boxes) if config.data.region == "box" else dataset
 
 
 def run_sources(info: dict[str, Any]) -> list[str]:

@@ -17,7 +17,6 @@ ratio up to 3.2, at most 0.9% coloured pixels, grey-level standard deviation at 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -25,9 +24,9 @@ import torch
 from PIL import Image, ImageStat
 from sklearn.covariance import LedoitWolf
 
-from busdx.imaging import load_image
+from busdx.imaging import InputLike, as_input
 from busdx.models import BinaryClassifier, Ensemble
-from busdx.transforms import Preprocessing, build_eval_transform
+from busdx.transforms import Preprocessing, build_eval_transform, load_region
 
 __all__ = ["SCOPE_KEY", "fit_scope", "image_checks", "pooled_features", "scope_distances"]
 
@@ -71,14 +70,15 @@ def pooled_features(model: BinaryClassifier | Ensemble, images: torch.Tensor) ->
 def _file_features(
     model: BinaryClassifier | Ensemble,
     prep: Preprocessing,
-    files: Sequence[Path],
+    files: Sequence[InputLike],
     device: torch.device,
     batch_size: int = 16,
 ) -> np.ndarray:
     transform = build_eval_transform(prep)
     parts = []
     for start in range(0, len(files), batch_size):
-        batch = torch.stack([transform(load_image(p)) for p in files[start : start + batch_size]])
+        chunk = files[start : start + batch_size]
+        batch = torch.stack([transform(load_region(as_input(p), prep)) for p in chunk])
         parts.append(pooled_features(model, batch.to(device)).cpu().numpy())
     return np.concatenate(parts)
 
@@ -86,8 +86,8 @@ def _file_features(
 def fit_scope(
     model: BinaryClassifier | Ensemble,
     prep: Preprocessing,
-    train_files: Sequence[Path],
-    held_out_files: Sequence[Path],
+    train_files: Sequence[InputLike],
+    held_out_files: Sequence[InputLike],
     *,
     device: torch.device,
     quantile: float = 0.99,

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import anyio
-from fastapi import FastAPI, File, Query, Request, UploadFile
+from fastapi import FastAPI, File, Form, Query, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import HTMLResponse, JSONResponse, Response
@@ -39,12 +39,14 @@ from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from busdx import __version__
-from busdx.errors import ConfigError, ImageDecodeError, ImageTooLargeError
+from busdx.boxes import parse_box
+from busdx.errors import BoxError, ConfigError, ImageDecodeError, ImageTooLargeError
 from busdx.explain import explain_image
 from busdx.imaging import decode_image
 from busdx.predictor import Predictor, load_model
 from busdx.runs import load_run
 from busdx.training import MODEL_FILE
+from busdx.transforms import region_of
 
 __all__ = [
     "ErrorBody",
@@ -58,6 +60,10 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
+BOX_HELP = (
+    "lesion box x,y,w,h in the image's pixels: required by a model trained on boxes "
+    "(preprocessing.region: box), refused by a whole-image model"
+)
 
 API_KEY_HEADER = "X-API-Key"
 
@@ -101,6 +107,7 @@ class Prediction(BaseModel):
     out_of_scope: bool | None = Field(description="far from the training images, or not a scan")
     scope_reason: str | None
     error: str | None
+    box: str | None = Field(default=None, description="the lesion box used, x,y,w,h")
 
 
 class PredictResponse(BaseModel):
@@ -267,6 +274,7 @@ def _add_error_handlers(app: FastAPI) -> None:
         ApiError: lambda exc: (exc.status, exc.error, exc.detail),
         ImageTooLargeError: lambda exc: (413, "image_too_large", str(exc)),
         ImageDecodeError: lambda exc: (400, "bad_image", str(exc)),
+        BoxError: lambda exc: (422, "bad_box", str(exc)),
         HTTPException: lambda exc: (exc.status_code, "http_error", str(exc.detail)),
         RequestValidationError: lambda exc: (422, "invalid_request", _first_problem(exc)),
     }
@@ -321,15 +329,20 @@ def create_app(run: str | Path, settings: ServeSettings | None = None) -> FastAP
         )  # fmt: skip
     _add_error_handlers(app)
 
-    async def _read(upload: UploadFile) -> Any:
+    async def _read(upload: UploadFile, box: str | None, frame: int) -> tuple[str, Any, Any]:
+        """The upload's name, decoded image (its DICOM ``frame``) and the region the model
+        looks at (the lesion ``box`` of an ROI model); 4xx errors as exceptions."""
         name = upload.filename or "upload"
-        return name, decode_image(await upload.read(), name, max_pixels=settings.max_pixels)
+        data = await upload.read()
+        image = decode_image(data, name, frame=frame, max_pixels=settings.max_pixels)
+        parsed = parse_box(box) if box else None
+        return name, image, region_of(image, parsed, predictor.preprocessing, name=name)
 
-    def _predict(images: list[Any]) -> list[dict[str, Any]]:
+    def _predict(images: list[Any], regions: list[Any]) -> list[dict[str, Any]]:
         return [
             {"probability_malignant": round(decision.probability, 6), "label": decision.label,
              "out_of_scope": decision.out_of_scope, "scope_reason": decision.scope_reason}
-            for decision in predictor.decide_images(images)
+            for decision in predictor.decide_images(images, regions=regions)
         ]  # fmt: skip
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
@@ -350,31 +363,40 @@ def create_app(run: str | Path, settings: ServeSettings | None = None) -> FastAP
     @app.post("/predict", responses=ERRORS)
     async def predict(
         files: Annotated[list[UploadFile], File(description="one or several images")],
+        box: Annotated[list[str] | None, Form(description=BOX_HELP)] = None,
+        frame: Annotated[int, Form(ge=0, description="DICOM frame (0: the first)")] = 0,
     ) -> PredictResponse:
-        """Probability of malignancy for each uploaded image (multipart field ``files``).
+        """Probability of malignancy for each uploaded image (multipart field ``files``), with
+        its lesion box (field ``box``, ``x,y,w,h``, one per file in order) for a model trained
+        on boxes (``/model``: ``preprocessing.region`` is ``box``).
 
-        An unreadable file gets an error in its own row; if no file is readable the answer is
-        the first file's 4xx error.
+        An unreadable file (or a missing or invalid box) gets an error in its own row; if no
+        file is readable the answer is the first file's 4xx error.
         """
         started = time.perf_counter()
         if len(files) > settings.max_files:
             raise ApiError(413, "too_many_files", f"at most {settings.max_files} files a request")
+        boxes = list(box or [])
+        if boxes and len(boxes) != len(files):
+            raise ApiError(422, "bad_box", f"{len(boxes)} box(es) for {len(files)} file(s): "
+                           "give one box per file, in the files' order")  # fmt: skip
         rows: list[dict[str, Any]] = []
         readable, first_error = [], None
-        for upload in files:
+        for upload, given in zip(files, boxes or [None] * len(files), strict=True):
             row = {"filename": upload.filename or "upload", "threshold": predictor.threshold,
                    "probability_malignant": None, "label": None, "out_of_scope": None,
-                   "scope_reason": None, "error": None}  # fmt: skip
+                   "scope_reason": None, "error": None, "box": given}  # fmt: skip
             try:
-                readable.append((row, (await _read(upload))[1]))
-            except ImageDecodeError as exc:
+                readable.append((row, *(await _read(upload, given, frame))[1:]))
+            except (ImageDecodeError, BoxError) as exc:
                 first_error = first_error or exc
                 row["error"] = str(exc)
             rows.append(row)
         if not readable:
             raise first_error
-        results = await gate.run(_predict, [image for _, image in readable])
-        for (row, _), result in zip(readable, results, strict=True):
+        images, regions = [item[1] for item in readable], [item[2] for item in readable]
+        results = await gate.run(_predict, images, regions)
+        for (row, *_), result in zip(readable, results, strict=True):
             row.update(result)
         elapsed = (time.perf_counter() - started) * 1000
         return PredictResponse(
@@ -388,6 +410,8 @@ def create_app(run: str | Path, settings: ServeSettings | None = None) -> FastAP
     async def explain(
         file: Annotated[UploadFile, File(description="one image")],
         format: Annotated[Literal["png", "json"], Query()] = "png",
+        box: Annotated[str | None, Form(description=BOX_HELP)] = None,
+        frame: Annotated[int, Form(ge=0, description="DICOM frame (0: the first)")] = 0,
     ) -> Response:
         """Grad-CAM overlay at the image's original size (field ``file``).
 
@@ -401,9 +425,9 @@ def create_app(run: str | Path, settings: ServeSettings | None = None) -> FastAP
                 501, "explain_unavailable",
                 f"Grad-CAM needs the PyTorch model ({MODEL_FILE}); this server has only ONNX",
             )  # fmt: skip
-        name, image = await _read(file)
-        (decision,) = await gate.run(_predict, [image])
-        explanation = await gate.run(explain_image, explainer, image)
+        name, image, region = await _read(file, box, frame)
+        (decision,) = await gate.run(_predict, [image], [region])
+        explanation = await gate.run(explain_image, explainer, region)
         buffer = io.BytesIO()
         explanation.overlay.save(buffer, format="PNG")
         if format == "png":
@@ -411,7 +435,7 @@ def create_app(run: str | Path, settings: ServeSettings | None = None) -> FastAP
                        "X-Label": decision["label"], "X-Backend": predictor.backend}  # fmt: skip
             return Response(buffer.getvalue(), media_type="image/png", headers=headers)
         answer = ExplainResponse(
-            filename=name, threshold=predictor.threshold, error=None, **decision,
+            filename=name, threshold=predictor.threshold, error=None, box=box, **decision,
             overlay_png_base64=base64.b64encode(buffer.getvalue()).decode("ascii"),
             timing_ms=round((time.perf_counter() - started) * 1000, 1),
             backend=predictor.backend, overlay_backend="torch",

@@ -10,12 +10,18 @@ from __future__ import annotations
 
 import struct
 import zlib
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
-__all__ = ["decompression_bomb_png", "make_lesion_image", "write_synthetic_dataset"]
+__all__ = [
+    "decompression_bomb_png",
+    "make_lesion_image",
+    "ultrasound_dicom",
+    "write_synthetic_dataset",
+]
 
 
 def _speckle_background(rng: np.random.Generator, size: int) -> np.ndarray:
@@ -30,8 +36,9 @@ def _speckle_background(rng: np.random.Generator, size: int) -> np.ndarray:
 
 def make_lesion_image(
     malignant: bool, *, size: int = 256, seed: int | None = None
-) -> tuple[Image.Image, tuple[int, int]]:
-    """One 8-bit grayscale image and the (row, col) centre of its lesion.
+) -> tuple[Image.Image, tuple[int, int], Image.Image]:
+    """One 8-bit grayscale image, the (row, col) centre of its lesion and its lesion mask (a
+    1-bit image, white on the lesion).
 
     Irregularity is drawn from overlapping ranges (benign 0-0.5, malignant 0.4-1), so some
     benign lesions look suspicious and some cancers look smooth, as in real scans.
@@ -56,18 +63,25 @@ def make_lesion_image(
     image[lesion] = 0.08 + 0.05 * rng.random(lesion.sum())
     image *= rng.rayleigh(0.8, (size, size))  # multiplicative speckle
     pixels = np.clip(image / max(image.max(), 1e-6) * 255, 0, 255).astype(np.uint8)
-    return Image.fromarray(pixels, mode="L"), (cy, cx)
+    return Image.fromarray(pixels, mode="L"), (cy, cx), Image.fromarray(lesion)
 
 
-def write_synthetic_dataset(root: str | Path, *, n_per_class: int = 40, seed: int = 0) -> Path:
-    """Write ``root/benign/*.png`` and ``root/malignant/*.png`` (the BUSI layout)."""
+def write_synthetic_dataset(
+    root: str | Path, *, n_per_class: int = 40, seed: int = 0, masks: bool = False
+) -> Path:
+    """Write ``root/benign/*.png`` and ``root/malignant/*.png`` (the BUSI layout), and with
+    ``masks`` each image's lesion mask beside it (``<image>_mask.png``, as in BUSI)."""
     root = Path(root)
     for label, name in enumerate(("benign", "malignant")):
         folder = root / name
         folder.mkdir(parents=True, exist_ok=True)
         for i in range(n_per_class):
-            image, _ = make_lesion_image(bool(label), seed=seed * 100_000 + label * 10_000 + i)
+            image, _, mask = make_lesion_image(
+                bool(label), seed=seed * 100_000 + label * 10_000 + i
+            )
             image.save(folder / f"{name} ({i + 1}).png")
+            if masks:
+                mask.save(folder / f"{name} ({i + 1})_mask.png")
     return root
 
 
@@ -85,3 +99,57 @@ def decompression_bomb_png(side: int = 30_000) -> bytes:
     pixels = b"".join(compressor.compress(row) for _ in range(side)) + compressor.flush()
     chunks = chunk(b"IHDR", header) + chunk(b"IDAT", pixels) + chunk(b"IEND", b"")
     return b"\x89PNG\r\n\x1a\n" + chunks
+
+
+def ultrasound_dicom(
+    frames: Sequence[np.ndarray],
+    *,
+    photometric: str = "MONOCHROME2",
+    region: tuple[int, int, int, int] | None = None,
+    spacing_cm: float = 0.01,
+    transfer_syntax: str = "1.2.840.10008.1.2.1",
+    modality: str = "US",
+):
+    """A DICOM dataset (pydicom) of synthetic ultrasound ``frames``: 8-bit (rows, columns)
+    greyscale arrays, or (rows, columns, 3) RGB arrays stored as ``photometric`` ``RGB`` or
+    ``YBR_FULL``; with a ``region`` (left, top, right, bottom; inclusive) an Ultrasound Region
+    Sequence item for the B-mode field, ``spacing_cm`` per pixel; compressed to
+    ``transfer_syntax`` when it is not explicit VR little endian. Write it with
+    ``dataset.save_as(path)``."""
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.pixels import convert_color_space
+    from pydicom.uid import ExplicitVRLittleEndian, UltrasoundMultiFrameImageStorage, generate_uid
+
+    pixels = np.stack([np.asarray(frame, dtype=np.uint8) for frame in frames])
+    colour = pixels.ndim == 4
+    if photometric == "YBR_FULL":
+        pixels = convert_color_space(pixels, "RGB", "YBR_FULL")
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = UltrasoundMultiFrameImageStorage
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    dataset = Dataset()
+    dataset.file_meta = meta
+    dataset.SOPClassUID, dataset.SOPInstanceUID = meta.MediaStorageSOPClassUID, generate_uid()
+    dataset.Modality, dataset.PatientName = modality, "Synthetic^Phantom"
+    dataset.Rows, dataset.Columns = pixels.shape[1:3]
+    dataset.NumberOfFrames = len(pixels)
+    dataset.SamplesPerPixel = 3 if colour else 1
+    dataset.PhotometricInterpretation = photometric
+    if colour:
+        dataset.PlanarConfiguration = 0
+    dataset.BitsAllocated, dataset.BitsStored, dataset.HighBit = 8, 8, 7
+    dataset.PixelRepresentation = 0
+    dataset.PixelData = pixels.tobytes()
+    if region is not None:
+        item = Dataset()
+        item.RegionSpatialFormat, item.RegionDataType, item.RegionFlags = 1, 1, 0
+        left, top, right, bottom = region
+        item.RegionLocationMinX0, item.RegionLocationMinY0 = left, top
+        item.RegionLocationMaxX1, item.RegionLocationMaxY1 = right, bottom
+        item.PhysicalUnitsXDirection = item.PhysicalUnitsYDirection = 3  # cm
+        item.PhysicalDeltaX = item.PhysicalDeltaY = spacing_cm
+        dataset.SequenceOfUltrasoundRegions = [item]
+    if transfer_syntax != ExplicitVRLittleEndian:
+        dataset.compress(transfer_syntax, pixels if len(pixels) > 1 else pixels[0])
+    return dataset

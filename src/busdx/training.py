@@ -10,6 +10,7 @@ continues exactly as if it had never stopped.
 from __future__ import annotations
 
 import csv
+import functools
 import io
 import logging
 import time
@@ -39,6 +40,7 @@ from busdx.transforms import (
     build_augment_transform,
     build_decode_transform,
     build_normalize_transform,
+    load_region,
 )
 
 __all__ = [
@@ -236,9 +238,13 @@ def _inputs(
         barrier()  # every process's share of the cache is written
         return CachedFeatures(train, cache, views), CachedFeatures(val_share, cache, [0]), True
     decode = build_decode_transform(prep)
-    train_set = ImageDataset(train, decode, build_augment_transform(prep, config.augment),
-                             seed=config.train.seed)  # fmt: skip
-    val_set = ImageDataset(val_share, decode, build_normalize_transform(prep))
+    jitter = config.augment.box_jitter if prep.region == "box" else 0.0
+    train_read = functools.partial(load_region, prep=prep, jitter=jitter)
+    augment = build_augment_transform(prep, config.augment)
+    train_set = ImageDataset(train, decode, augment, seed=config.train.seed, read=train_read,
+                             random_read=jitter > 0)  # fmt: skip
+    val_set = ImageDataset(val_share, decode, build_normalize_transform(prep),
+                           read=functools.partial(load_region, prep=prep))  # fmt: skip
     budget = config.data.memory_cache_mb
     for images in (train_set, val_set) if not model.backbone_frozen else (train_set,):
         if images.preload(image_size=prep.image_size, limit_mb=budget, workers=workers,
@@ -282,8 +288,10 @@ def fit(
     progress = progress and world.is_main
     torch.manual_seed(config.train.seed)
     model, weights, prep = create_model(config.model, image_size=config.data.image_size)
+    roi = config.data.region == "box"
     prep = replace(prep, crop=config.data.crop, resize=config.data.resize,
-                   annotations=config.data.annotations)  # fmt: skip
+                   annotations=config.data.annotations, region=config.data.region,
+                   box_margin=config.data.box_margin if roi else 0.0)  # fmt: skip
     model.to(device)
     metadata = model_metadata(config, weights, prep, dataset.class_names)
 

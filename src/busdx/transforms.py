@@ -18,7 +18,10 @@ from PIL import Image
 from scipy import ndimage
 from torchvision.transforms import v2
 
+from busdx.boxes import crop_to_box
 from busdx.config import AugmentConfig
+from busdx.errors import BoxError
+from busdx.imaging import Box, ImageInput, load_image
 
 __all__ = [
     "ContentCrop",
@@ -33,7 +36,9 @@ __all__ = [
     "build_normalize_transform",
     "build_train_transform",
     "content_box",
+    "load_region",
     "mask_annotations",
+    "region_of",
 ]
 
 INTENSITY_KEYS = ("gain", "contrast", "gamma", "speckle", "blur", "attenuation")
@@ -58,6 +63,8 @@ class Preprocessing:
     crop: str = "none"
     resize: str = "squash"
     annotations: str = "keep"
+    region: str = "image"  # "box": the model sees the lesion box (with its margin) only
+    box_margin: float = 0.0
 
     def to_dict(self) -> dict[str, Any]:
         """Plain dict for model files and JSON."""
@@ -74,7 +81,40 @@ class Preprocessing:
             crop=str(values.get("crop", "none")),
             resize=str(values.get("resize", "squash")),
             annotations=str(values.get("annotations", "keep")),
+            region=str(values.get("region", "image")),
+            box_margin=float(values.get("box_margin", 0.0)),
         )
+
+
+def region_of(
+    image: Image.Image,
+    box: Box | None,
+    prep: Preprocessing,
+    *,
+    jitter: float = 0.0,
+    name: str = "image",
+) -> Image.Image:
+    """The part of ``image`` a model looks at: for a model trained in ROI mode, ``box`` enlarged
+    by its margin (``jitter``: random edges, in training); for a whole-image model, the image.
+
+    :class:`BoxError` when an ROI model gets no box or a whole-image model gets one.
+    """
+    if prep.region != "box":
+        if box is not None:
+            raise BoxError(f"{name}: this model was trained on whole images; it takes no box")
+        return image
+    if box is None:
+        raise BoxError(
+            f"{name}: this model classifies a lesion box; give one (--box x,y,w,h or "
+            f"--boxes FILE, the API's box field, or draw it on the web page)"
+        )
+    return crop_to_box(image, box, margin=prep.box_margin, jitter=jitter, name=name)
+
+
+def load_region(item: ImageInput, prep: Preprocessing, *, jitter: float = 0.0) -> Image.Image:
+    """Read ``item`` (its DICOM frame) and crop it as ``prep`` says (:func:`region_of`)."""
+    image = load_image(item.path, frame=item.frame)
+    return region_of(image, item.box, prep, jitter=jitter, name=item.name)
 
 
 def content_box(image: Image.Image, *, dark: int = 12, min_fill: float = 0.3) -> tuple:

@@ -1,0 +1,182 @@
+"""Lesion boxes and ROI mode: boxes from masks and CSVs, the crop, training, predict and API."""
+
+import csv
+import json
+
+import numpy as np
+import pytest
+import torch
+from fastapi.testclient import TestClient
+from PIL import Image
+
+from busdx.boxes import (
+    check_box,
+    crop_to_box,
+    find_masks,
+    mask_box,
+    parse_box,
+    read_boxes_csv,
+)
+from busdx.cli import main
+from busdx.data import ImageDataset, attach_boxes, scan_dataset
+from busdx.errors import BoxError, DataError
+from busdx.imaging import ORIGIN_KEY
+from busdx.serving import create_app
+from busdx.transforms import Preprocessing, build_decode_transform, load_region
+
+from conftest import FAST, train_run
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [("1,2,0,5", "zero area"), ("1,2,5", "four numbers"), ("a,b,c,d", "four numbers"),
+     ("-1,2,5,5", "outside"), ("1,2,5,-3", "zero area")],
+)  # fmt: skip
+def test_bad_boxes_are_refused_with_the_reason(text, message):
+    with pytest.raises(BoxError, match=message):
+        parse_box(text)
+
+
+def test_a_box_must_lie_inside_its_image():
+    image = Image.new("RGB", (100, 80))
+    assert parse_box(" 10, 20 ,30,40") == (10, 20, 30, 40)
+    assert check_box((10, 20, 30, 40), image) == (10, 20, 40, 60)
+    with pytest.raises(BoxError, match="outside the image"):
+        check_box((90, 20, 30, 40), image)
+    image.info[ORIGIN_KEY] = (50, 5)  # a DICOM region: boxes are in full-frame pixels
+    assert check_box((60, 25, 30, 40), image) == (10, 20, 40, 60)
+    with pytest.raises(BoxError, match="B-mode region from x=50"):
+        check_box((10, 20, 30, 40), image)
+
+
+def test_crop_adds_the_margin_clips_and_jitters_reproducibly():
+    image = Image.fromarray(np.arange(100 * 100, dtype=np.uint32).reshape(100, 100) % 251)
+    image = image.convert("RGB")
+    crop = crop_to_box(image, (10, 20, 30, 40), margin=0.5)
+    assert crop.size == (55, 80)  # left edge clipped at 0: x from -5 to 55, y from 0 to 80
+    torch.manual_seed(3)
+    first = crop_to_box(image, (10, 20, 30, 40), margin=0.2, jitter=0.1)
+    torch.manual_seed(3)
+    again = crop_to_box(image, (10, 20, 30, 40), margin=0.2, jitter=0.1)
+    other = crop_to_box(image, (10, 20, 30, 40), margin=0.2, jitter=0.1)
+    assert first.tobytes() == again.tobytes()
+    assert first.size != other.size or first.tobytes() != other.tobytes()
+    assert abs(first.width - 42) <= 6 and abs(first.height - 56) <= 8
+
+
+def test_boxes_from_masks_in_each_layout(tmp_path):
+    mask = np.zeros((512, 512), np.uint8)
+    mask[100:200, 300:340] = 255  # rows 100..199, columns 300..339
+    (tmp_path / "benign").mkdir()
+    Image.new("L", (256, 256)).save(tmp_path / "benign" / "a (1).png")
+    Image.fromarray(mask).save(tmp_path / "benign" / "a (1)_mask.png")  # BUSI original
+    second = np.zeros((512, 512), np.uint8)
+    second[400:420, 10:20] = 255
+    Image.fromarray(second).save(tmp_path / "benign" / "a (1)_mask_1.png")
+    (tmp_path / "masks" / "benign").mkdir(parents=True)
+    Image.new("L", (256, 256)).save(tmp_path / "benign" / "b.png")
+    Image.fromarray(mask).save(tmp_path / "masks" / "benign" / "b_mask.png")  # shared BUSI copy
+    Image.new("L", (512, 512)).save(tmp_path / "benign" / "c.png")
+    Image.fromarray(mask).save(tmp_path / "masks" / "c_tumor.png")  # BrEaST
+    assert len(find_masks(tmp_path / "benign" / "a (1).png", tmp_path)) == 2
+    assert mask_box(find_masks(tmp_path / "benign" / "b.png", tmp_path), (256, 256)) == (
+        150, 50, 20, 50,
+    )  # fmt: skip
+    assert mask_box(find_masks(tmp_path / "benign" / "c.png", tmp_path)) == (300, 100, 40, 100)
+    both = mask_box(find_masks(tmp_path / "benign" / "a (1).png", tmp_path), (256, 256))
+    assert both == (5, 50, 165, 160)  # around both lesions: x 5..170, y 50..210
+
+
+def test_boxes_csv_and_missing_boxes(tmp_path, synthetic_data):
+    table = tmp_path / "boxes.csv"
+    table.write_text("path,x,y,w,h\nbenign/benign (1).png,1,2,3,4\nother.png,5,6,7,8\n")
+    assert read_boxes_csv(table)["other.png"] == (5, 6, 7, 8)
+    (tmp_path / "bad.csv").write_text('image,box\nx.png,"1,2,0,4"\n')
+    with pytest.raises(DataError, match="line 2: box '1,2,0,4' has zero area"):
+        read_boxes_csv(tmp_path / "bad.csv")
+    dataset = scan_dataset(synthetic_data, ["benign", "malignant"])
+    with pytest.raises(DataError, match=r"24 image.s. have no lesion box"):
+        attach_boxes(dataset)  # no masks beside these images
+    with pytest.raises(DataError, match=r"23 image.s. have no lesion box in .*boxes.csv"):
+        attach_boxes(dataset, str(table))
+
+
+def test_training_crops_are_seeded_per_epoch_and_never_preloaded(masked_data):
+    dataset = attach_boxes(scan_dataset(masked_data, ["benign", "malignant"]))
+    prep = Preprocessing(32, (0.0,) * 3, (1.0,) * 3, region="box", box_margin=0.2)
+
+    def read(item):
+        return load_region(item, prep, jitter=0.2)
+
+    images = ImageDataset(dataset.samples[:4], build_decode_transform(prep), lambda x: x,
+                          read=read, random_read=True)  # fmt: skip
+    assert not images.preload(image_size=32, limit_mb=100)
+    assert torch.equal(images[(0, 1)][0], images[(0, 1)][0])
+    assert not torch.equal(images[(0, 1)][0], images[(1, 1)][0])
+
+
+def test_roi_run_records_its_mode_and_boxes(roi_run):
+    prep = torch.load(roi_run / "model.pt", weights_only=True)["preprocessing"]
+    assert prep["region"] == "box" and prep["box_margin"] == pytest.approx(0.2)
+    rows = list(csv.DictReader((roi_run / "split.csv").open()))
+    assert all(parse_box(row["box"]) for row in rows)
+    assert json.loads((roi_run / "metrics.json").read_text())["roc_auc"] is not None
+
+
+def _predict(run, *paths, extra=()):
+    return main(["predict", "--run", str(run), *map(str, paths), "--no-progress", *extra])
+
+
+def test_predict_with_an_roi_model_needs_boxes(roi_run, masked_data, tmp_path, capsys):
+    image = masked_data / "malignant" / "malignant (1).png"
+    box = ",".join(map(str, mask_box(find_masks(image, masked_data))))
+    capsys.readouterr()
+    assert _predict(roi_run, image) == 2
+    assert "classifies a lesion box" in capsys.readouterr().err
+    out = tmp_path / "one.csv"
+    assert _predict(roi_run, image, extra=["--box", box, "--out", str(out)]) == 0
+    (row,) = csv.DictReader(out.open())
+    assert row["box"] == box and 0 <= float(row["probability_malignant"]) <= 1
+    assert _predict(roi_run, image, extra=["--box", "1,1,0,9"]) == 2
+    assert "zero area" in capsys.readouterr().err
+    table = tmp_path / "boxes.csv"
+    table.write_text(f'path,box\n{image.name},"{box}"\nbenign (1).png,"250,250,40,40"\n')
+    many = tmp_path / "many.csv"
+    folder = [
+        image,
+        masked_data / "benign" / "benign (1).png",
+        masked_data / "benign" / "benign (2).png",
+    ]
+    assert _predict(roi_run, *folder, extra=["--boxes", str(table), "--out", str(many)]) == 0
+    rows = list(csv.DictReader(many.open()))
+    assert rows[0]["probability_malignant"] == row["probability_malignant"]
+    assert "lies outside the image" in rows[1]["error"]
+    assert "classifies a lesion box" in rows[2]["error"]  # not in the table
+
+
+def test_a_whole_image_model_takes_no_box(masked_data, tmp_path, capsys):
+    run = train_run(masked_data, tmp_path / "whole", *FAST, epochs=1)
+    image = masked_data / "benign" / "benign (1).png"
+    capsys.readouterr()
+    assert _predict(run, image, extra=["--box", "1,1,9,9"]) == 2
+    assert "trained on whole images" in capsys.readouterr().err
+
+
+def test_api_box_field(roi_run, masked_data):
+    image = masked_data / "malignant" / "malignant (2).png"
+    box = ",".join(map(str, mask_box(find_masks(image, masked_data))))
+    upload = [("files", (image.name, image.read_bytes()))]
+    with TestClient(create_app(roi_run), raise_server_exceptions=False) as client:
+        assert client.get("/model").json()["preprocessing"]["region"] == "box"
+        missing = client.post("/predict", files=upload)
+        assert missing.status_code == 422 and missing.json()["error"] == "bad_box"
+        answered = client.post("/predict", files=upload, data={"box": box})
+        assert answered.status_code == 200, answered.text
+        (row,) = answered.json()["predictions"]
+        assert row["box"] == box and 0 <= row["probability_malignant"] <= 1
+        outside = client.post("/predict", files=upload, data={"box": "200,200,100,100"})
+        assert outside.status_code == 422 and "outside the image" in outside.json()["detail"]
+        two = client.post("/predict", files=upload * 2, data={"box": box})
+        assert two.status_code == 422 and "one box per file" in two.json()["detail"]
+        explained = client.post("/explain", files=[("file", upload[0][1])], data={"box": box})
+        assert explained.status_code == 200 and explained.headers["content-type"] == "image/png"
