@@ -22,17 +22,42 @@ from busdx.transforms import (
 
 
 def _screenshot() -> Image.Image:
-    """A 300x200 'screenshot': black margins, a text line on top, speckle field inside."""
+    """A 300x300 'screenshot': black margins, a text line on top, speckle field inside."""
     rng = np.random.default_rng(0)
-    canvas = np.zeros((200, 300), dtype=np.uint8)
-    canvas[40:180, 60:260] = rng.integers(30, 200, (140, 200))
+    canvas = np.zeros((300, 300), dtype=np.uint8)
+    canvas[80:220, 60:260] = rng.integers(30, 200, (140, 200))
     image = Image.fromarray(canvas).convert("RGB")
     ImageDraw.Draw(image).text((5, 5), "GE LOGIQ 12L  Gain 45  Depth 4.0 cm", fill="white")
     return image
 
 
 def test_content_box_finds_the_scan_field_and_ignores_text():
-    assert content_box(_screenshot()) == (60, 40, 260, 180)
+    assert content_box(_screenshot()) == (60, 80, 260, 220)
+
+
+def _screen_with_panels(cyst_rows: int) -> Image.Image:
+    """A 400 x 300 screenshot: a flat grey side panel touching a 250 x 220 speckle field
+    (x 80..330, y 60..280) with a dark cyst across most of its width, and a flat title bar
+    (further from the field than content_box's max_gap: nearer, it is kept with the field)."""
+    rng = np.random.default_rng(0)
+    screen = np.zeros((300, 400), np.uint8)
+    screen[:, 330:] = 90  # a flat grey side panel, full height, right of the field
+    screen[:12, 40:330] = 120  # a flat grey title bar
+    field = rng.integers(30, 200, (220, 250)).astype(np.uint8)  # speckle
+    field[60 : 60 + cyst_rows, 20:230] = rng.integers(0, 6, (cyst_rows, 210))
+    screen[60:280, 80:330] = field
+    image = Image.fromarray(screen).convert("RGB")
+    ImageDraw.Draw(image).text((10, 285), "L12-5 GAIN 50 DEPTH 4.0 cm", fill=(255, 255, 255))
+    return image
+
+
+def test_content_box_skips_flat_ui_panels_and_bridges_a_dark_cyst():
+    found = np.array(content_box(_screen_with_panels(cyst_rows=40)))
+    assert np.abs(found - (80, 60, 330, 280)).max() <= 3  # 2-pixel rims of the flat panels
+
+
+def test_content_box_keeps_the_whole_image_when_a_cyst_splits_the_field():
+    assert content_box(_screen_with_panels(cyst_rows=110)) == (0, 0, 400, 300)
 
 
 def test_content_box_keeps_an_image_with_nothing_to_crop():

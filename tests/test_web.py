@@ -86,3 +86,50 @@ def test_bounded_load_test_has_no_errors(run, tmp_path):
     result = json.loads(out.read_text())
     assert result["requests"] == 200 and result["errors"] == 0
     assert 0 < result["p50_ms"] <= result["p99_ms"] and result["server_exit_code"] == 0
+
+
+def test_browser_box_drawing_sends_the_box_and_shows_the_result(
+    roi_run, masked_data, screenshot_dir
+):
+    if CHROMIUM is None:
+        if os.environ.get("CI"):
+            pytest.fail("Chromium is missing: .ci/run installs it (apt-get install chromium)")
+        pytest.skip("Chromium not installed (apt-get install chromium)")
+    from playwright.sync_api import expect, sync_playwright
+
+    image = masked_data / "malignant" / "malignant (3).png"  # 256 x 256, shown at 256 x 256
+    with running_server(roi_run) as server, sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
+        page = browser.new_page(viewport={"width": 1100, "height": 900})
+        page.goto(server.url)
+        expect(page.locator("#status")).to_have_text("Ready.")
+        page.set_input_files("#files", [str(image)])
+        expect(page.locator("#boxer")).to_be_visible()
+        expect(page.locator("#classify")).to_be_disabled()
+        source = page.locator("#boxsrc")
+        expect(source).to_have_js_property("complete", True)
+        frame = source.bounding_box()
+        scale = frame["width"] / 256
+        page.mouse.move(frame["x"] + 60 * scale, frame["y"] + 70 * scale)
+        page.mouse.down()
+        page.mouse.move(frame["x"] + 120 * scale, frame["y"] + 110 * scale, steps=5)
+        page.mouse.move(frame["x"] + 180 * scale, frame["y"] + 160 * scale, steps=5)
+        page.mouse.up()
+        expect(page.locator("#boxtext")).to_contain_text("x,y,w,h = ")
+        box = page.locator("#boxtext").inner_text().split("= ")[1].split(" ")[0]
+        page.click("#classify")
+        expect(page.locator("#status")).to_contain_text("Done: 1 image(s)", timeout=60_000)
+        row = page.locator("tr.result")  # the box shown is the one the server echoes back
+        expect(row.locator(".box-used")).to_have_text(f"lesion box {box}")
+        shown = float(row.locator(".prob").inner_text())
+        screenshot = screenshot_dir / "web-roi.png"
+        page.screenshot(path=str(screenshot), full_page=True)
+        browser.close()
+        with image.open("rb") as handle:
+            api = httpx.post(f"{server.url}/predict", files={"files": (image.name, handle)},
+                             data={"box": box}).json()  # fmt: skip
+    x, y, w, h = map(int, box.split(","))
+    assert abs(x - 60) <= 2 and abs(y - 70) <= 2 and abs(w - 120) <= 2 and abs(h - 90) <= 2
+    assert shown == pytest.approx(api["predictions"][0]["probability_malignant"], abs=1e-3)
+    assert screenshot.stat().st_size > 10_000
+    assert server.exit_code == 0

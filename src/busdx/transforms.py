@@ -117,27 +117,40 @@ def load_region(item: ImageInput, prep: Preprocessing, *, jitter: float = 0.0) -
     return region_of(image, item.box, prep, jitter=jitter, name=item.name)
 
 
-def content_box(image: Image.Image, *, dark: int = 12, min_fill: float = 0.3) -> tuple:
-    """Bounding box ``(left, top, right, bottom)`` of the B-mode field in a scan or screenshot.
+def content_box(
+    image: Image.Image, *, dark: int = 12, texture: float = 2.0, min_fill: float = 0.3,
+    max_gap: float = 0.15,
+) -> tuple:  # fmt: skip
+    """Bounding box ``(left, top, right, bottom)`` of the B-mode field in a scan or screenshot:
+    the largest textured region.
 
-    A row or column belongs to the field when at least ``min_fill`` of its pixels are brighter
-    than ``dark`` (speckle fills the field; black margins, text and thin UI lines do not); the
-    box spans the longest run of such rows and of such columns. When that leaves less than a
-    quarter of the image, the whole image is kept: a crop must never cut a lesion away.
+    A pixel belongs to the field when it is brighter than ``dark`` and textured (the standard
+    deviation of its 5 x 5 neighbourhood above ``texture`` grey levels: speckle is, black
+    margins and flat UI bars and panels are not). A row or column belongs to the field when at
+    least ``min_fill`` of its pixels do (thin text and lines do not fill a row); gaps shorter
+    than ``max_gap`` of the side (a dark cyst or shadow across the field) are closed, so a
+    text line that close to the field is kept with it, runs shorter than 5% of the side are
+    dropped, and the box spans the longest run of rows and of columns. When that leaves less
+    than a quarter of the image (a cyst too large to bridge), the whole image is kept: a crop
+    must never cut a lesion away. docs/levers.md section 12 measures how often it does.
     """
-    grey = np.asarray(image.convert("L"), dtype=np.uint8) > dark
+    grey = np.asarray(image.convert("L"), dtype=np.float32)
+    mean = ndimage.uniform_filter(grey, 5)
+    spread = np.sqrt(np.clip(ndimage.uniform_filter(grey * grey, 5) - mean * mean, 0, None))
+    field = (grey > dark) & (spread > texture)
     spans = []
     for axis in (0, 1):  # columns (fill over rows), then rows
-        filled = grey.mean(axis=axis) >= min_fill
-        best, start, run = (0, len(filled)), None, (0, 0)
-        for index, value in enumerate([*filled, False]):
-            if value and start is None:
-                start = index
-            elif not value and start is not None:
-                if index - start > run[1] - run[0]:
-                    run = (start, index)
-                start = None
-        spans.append(run if run[1] > run[0] else best)
+        filled = field.mean(axis=axis) >= min_fill
+        gap, shortest = (max(1, int(share * len(filled))) for share in (max_gap, 0.05))
+        filled = ndimage.binary_closing(np.pad(filled, gap), np.ones(gap))[gap:-gap]
+        filled = ndimage.binary_opening(filled, np.ones(shortest))  # a lone text line goes
+        runs, count = ndimage.label(filled)
+        if not count:
+            spans.append((0, len(filled)))
+            continue
+        longest = np.argmax(np.bincount(runs)[1:]) + 1
+        where = np.flatnonzero(runs == longest)
+        spans.append((int(where[0]), int(where[-1]) + 1))
     (left, right), (top, bottom) = spans
     if (right - left) * (bottom - top) < 0.25 * grey.size:
         return (0, 0, image.width, image.height)
