@@ -180,3 +180,24 @@ def test_api_box_field(roi_run, masked_data):
         assert two.status_code == 422 and "one box per file" in two.json()["detail"]
         explained = client.post("/explain", files=[("file", upload[0][1])], data={"box": box})
         assert explained.status_code == 200 and explained.headers["content-type"] == "image/png"
+
+
+def test_evaluate_with_other_boxes(roi_run, masked_data, tmp_path, capsys):
+    dataset = attach_boxes(scan_dataset(masked_data, ["benign", "malignant"]))
+    table = tmp_path / "wide.csv"
+    rows = [f'{s.relpath},"{max(s.box[0] - 5, 0)},{max(s.box[1] - 5, 0)},{s.box[2] + 5},'
+            f'{s.box[3] + 5}"' for s in dataset.samples]  # fmt: skip
+    table.write_text("path,box\n" + "\n".join(rows) + "\n")
+    out = tmp_path / "eval"
+    args = ["evaluate", "--run", str(roi_run), "--data", str(masked_data), "--split", "all",
+            "--no-progress", "--out", str(out)]  # fmt: skip
+    assert main([*args, "--boxes", str(table)]) == 0
+    wide = list(csv.DictReader((out / "predictions.csv").open()))
+    assert main([*args, "--out", str(tmp_path / "masks")]) == 0
+    exact = list(csv.DictReader((tmp_path / "masks" / "predictions.csv").open()))
+    assert len(wide) == len(exact) == 24
+    assert [r["probability_malignant"] for r in wide] != [r["probability_malignant"] for r in exact]
+    table.write_text('path,box\nnone.png,"1,1,5,5"\n')
+    capsys.readouterr()
+    assert main([*args, "--boxes", str(table)]) == 2
+    assert "24 image(s) have no lesion box" in capsys.readouterr().err

@@ -209,3 +209,10 @@ def test_serve_reads_dicom_uploads(dicom_run, dicom_data):
         ct = (PYDICOM_FILES / "CT_small.dcm").read_bytes()
         refused = client.post("/predict", files=[("files", ("ct.dcm", ct))])
         assert refused.status_code == 400 and "not ultrasound" in refused.json()["detail"]
+        truncated = client.post(
+            "/predict", files=[("files", ("cut.dcm", scan_file.read_bytes()[:-300]))]
+        )
+        assert truncated.status_code == 400 and "DICOM" in truncated.json()["detail"]
+        no_frame = client.post("/predict", files=[("files", ("scan.dcm", scan_file.read_bytes()))],
+                               data={"frame": "7"})  # fmt: skip
+        assert no_frame.status_code == 400 and "no frame 7" in no_frame.json()["detail"]

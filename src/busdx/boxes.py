@@ -31,6 +31,7 @@ from busdx.imaging import ORIGIN_KEY, Box, load_image
 __all__ = [
     "box_to_text",
     "check_box",
+    "crop_rectangle",
     "crop_to_box",
     "find_masks",
     "lookup_box",
@@ -79,12 +80,13 @@ def check_box(box: Box, image: Image.Image, name: str = "image") -> tuple[int, i
     return left, top, right, bottom
 
 
-def crop_to_box(
+def crop_rectangle(
     image: Image.Image, box: Box, *, margin: float, jitter: float = 0.0, name: str = "image"
-) -> Image.Image:
-    """The box enlarged by ``margin`` (a fraction of its width / height on each side), clipped
-    to the image. With ``jitter``, each edge moves by up to that fraction of the box's side,
-    drawn from torch's random stream (seeded per image by the training loader)."""
+) -> tuple[int, int, int, int]:
+    """(left, top, right, bottom) in ``image`` of the box enlarged by ``margin`` (a fraction of
+    its width / height on each side), clipped to the image. With ``jitter``, each edge moves by
+    up to that fraction of the box's side, drawn from torch's random stream (seeded per image
+    by the training loader)."""
     left, top, right, bottom = check_box(box, image, name)
     width, height = right - left, bottom - top
     edges = np.array([left - margin * width, top - margin * height,
@@ -95,7 +97,14 @@ def crop_to_box(
     left_, top_ = max(0, round(edges[0])), max(0, round(edges[1]))
     right_ = min(image.width, max(left_ + 1, round(edges[2])))
     bottom_ = min(image.height, max(top_ + 1, round(edges[3])))
-    return image.crop((left_, top_, right_, bottom_))
+    return left_, top_, right_, bottom_
+
+
+def crop_to_box(
+    image: Image.Image, box: Box, *, margin: float, jitter: float = 0.0, name: str = "image"
+) -> Image.Image:
+    """``image`` cropped to :func:`crop_rectangle`."""
+    return image.crop(crop_rectangle(image, box, margin=margin, jitter=jitter, name=name))
 
 
 def find_masks(image_path: Path, root: Path) -> list[Path]:

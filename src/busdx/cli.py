@@ -162,6 +162,10 @@ def _reader_ranks(args: argparse.Namespace, dataset_root: Path, relpaths: list[s
 def cmd_evaluate(args: argparse.Namespace) -> int:
     run_dir = Path(args.run)
     config, info = load_run(run_dir)
+    if args.boxes:
+        if config.data.region != "box":
+            raise ConfigError("--boxes is for a model trained on lesion boxes (data.region: box)")
+        config.data.boxes = args.boxes
     dataset = samples_for_split(run_dir, config, info, args.data, args.split)
     site = args.site or dataset.site
     variant = (
@@ -585,6 +589,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="readers' BI-RADS per image (default: DATA/labels.csv when it has the column)",
     )
     evaluate.add_argument("--reader-column", default="birads", help="column of reader scores")
+    evaluate.add_argument(
+        "--boxes", metavar="FILE",
+        help="ROI model: lesion boxes CSV (path,x,y,w,h) instead of the data's lesion masks",
+    )  # fmt: skip
     evaluate.add_argument("--device", default="auto")
     evaluate.add_argument(
         "--backend", choices=BACKENDS, default="torch", help="onnx: the exported (int8) model"
