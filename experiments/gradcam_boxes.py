@@ -14,6 +14,7 @@ Usage:
     python experiments/gradcam_boxes.py --cv whole=runs/cv-busi-lite0 \\
         --data ../shared/data/busi --external ../shared/data/breast_lesions_usg \\
         --out docs/levers/gradcam-boxes.json
+    python experiments/gradcam_boxes.py --pair roi whole --out docs/levers/gradcam-boxes.json
 """
 
 from __future__ import annotations
@@ -92,13 +93,42 @@ def measure(models: list[Predictor], samples: list[Sample], desc: str) -> dict:
     }
 
 
+def pair(out: Path, a: str, b: str, seed: int = 0, resamples: int = 2000) -> None:
+    """Paired bootstrap (same images) of A - B for the peak-in-box rate and the CAM share in
+    the box, per site; stored under ``paired`` in ``out``."""
+    payload = json.loads(out.read_text())
+    first, second = payload["models"][a], payload["models"][b]
+    rng = np.random.default_rng(seed)
+    paired = {}
+    for site in (key for key in first if isinstance(first[key], dict) and key in second):
+        result = {}
+        for measure_name in ("peak_in_box", "cam_share_in_box"):
+            x = np.array(first[site]["per_image"][measure_name], dtype=float)
+            y = np.array(second[site]["per_image"][measure_name], dtype=float)
+            draws = [(lambda i: (x[i] - y[i]).mean())(rng.integers(0, len(x), len(x)))
+                     for _ in range(resamples)]  # fmt: skip
+            low, high = np.percentile(draws, [2.5, 97.5])
+            result[measure_name] = {"delta": round(float((x - y).mean()), 4),
+                                    "ci": [round(low, 4), round(high, 4)]}  # fmt: skip
+        paired[site] = result
+        print(site, result)
+    payload.setdefault("paired", {})[f"{a} - {b}"] = paired
+    out.write_text(json.dumps(payload, indent=1) + "\n")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--cv", action="append", required=True, metavar="NAME=CVDIR")
-    parser.add_argument("--data", required=True, help="the cross-validated site (with masks)")
-    parser.add_argument("--external", required=True, help="an external site (with masks)")
+    parser.add_argument("--cv", action="append", default=[], metavar="NAME=CVDIR")
+    parser.add_argument("--data", help="the cross-validated site (with masks)")
+    parser.add_argument("--external", help="an external site (with masks)")
     parser.add_argument("--out", required=True, help="JSON results (merged by name)")
+    parser.add_argument(
+        "--pair", nargs=2, metavar=("A", "B"),
+        help="only add paired differences A - B (same images) of two measured models",
+    )  # fmt: skip
     args = parser.parse_args()
+    if args.pair:
+        return pair(Path(args.out), *args.pair)
     torch.set_grad_enabled(True)
     out = Path(args.out)
     payload = json.loads(out.read_text()) if out.is_file() else {"models": {}}
