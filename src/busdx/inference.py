@@ -27,7 +27,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from tqdm.auto import tqdm
 
 from busdx.boxes import box_to_text, lookup_box
-from busdx.dicom import DICOM_EXTENSIONS, count_frames, is_dicom_file
+from busdx.dicom import count_frames, is_dicom_file
 from busdx.errors import BoxError, ConfigError, DataError, ImageDecodeError
 from busdx.fileio import atomic_path
 from busdx.imaging import Box, ImageInput, InputLike, as_input, is_image_file, load_image
@@ -221,8 +221,8 @@ class _DecodedBatches(IterableDataset):
                 errors.append(None)
                 inputs.append(self.transform(region))
                 checks.append(image_checks(image))  # is the whole image a scan?
-            dicom = item.frame or item.path.suffix.lower() in DICOM_EXTENSIONS
-            described.append((str(item.path), item.frame if dicom else None, item.box))
+            frame = item.frame if item.frame or is_dicom_file(item.path) else None
+            described.append((str(item.path), frame, item.box))
         stacked = torch.stack(inputs) if inputs else torch.empty(0)
         return described, errors, stacked, checks
 
