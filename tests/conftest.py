@@ -86,3 +86,19 @@ def train_run(data: Path, out: Path, *options: str, epochs: int = 2) -> Path:
     args += options
     assert main(args) == 0
     return out
+
+
+FLOAT_COLUMNS = ("probability_malignant", "logit", "scope_distance")
+
+
+def assert_same_rows(first: list[dict], second: list[dict], tolerance: float = 1e-5) -> None:
+    """Prediction rows equal as text, except numbers that a model computed: those may differ by
+    float noise (batch composition, threads and CPU kernels change the last digits)."""
+    assert len(first) == len(second)
+    for a, b in zip(first, second, strict=True):
+        assert a.keys() == b.keys()
+        for key in a:
+            if key in FLOAT_COLUMNS and a[key] and b[key]:
+                assert abs(float(a[key]) - float(b[key])) <= tolerance, (key, a, b)
+            else:
+                assert a[key] == b[key], (key, a, b)

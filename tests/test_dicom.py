@@ -193,8 +193,10 @@ def test_predict_a_dicom_and_every_frame_of_one(dicom_run, dicom_data, tmp_path,
     rows = list(csv.DictReader(every.open()))
     assert single["frame"] == "0" and 0 <= float(single["probability_malignant"]) <= 1
     assert [row["frame"] for row in rows[:2]] == ["0", "1"]
-    assert rows[0]["probability_malignant"] == single["probability_malignant"]
-    assert rows[0]["probability_malignant"] != rows[1]["probability_malignant"]  # flipped frame
+    # one image alone and in a batch of three: equal up to float noise (kernels differ by CPU)
+    first, alone = float(rows[0]["probability_malignant"]), float(single["probability_malignant"])
+    assert abs(first - alone) <= 1e-5
+    assert abs(first - float(rows[1]["probability_malignant"])) > 1e-5  # the flipped frame
     assert "not ultrasound" in rows[2]["error"] and not rows[2]["probability_malignant"]
     assert main([*args, str(ct), "--any-modality", "--out", str(tmp_path / "ct.csv")]) == 0
     (ct_row,) = csv.DictReader((tmp_path / "ct.csv").open())

@@ -21,6 +21,7 @@ from typing import Any
 from busdx import __version__
 from busdx.audit import DEFAULT_MAX_DISTANCE, audit_dataset, write_audit
 from busdx.boxes import parse_box, read_boxes_csv
+from busdx.bundled import DEFAULT_MODEL, bundled_info, list_bundled, resolve_run
 from busdx.config import Config, apply_overrides, list_recipes, load_config
 from busdx.data import apply_split_file, resolve_workers, scan_dataset
 from busdx.devices import PRECISIONS, resolve_device
@@ -51,7 +52,7 @@ from busdx.inference import (
 from busdx.model_card import write_report
 from busdx.pipeline import cross_validate, format_cv, train_and_evaluate
 from busdx.predictor import BACKENDS, Predictor, load_model
-from busdx.readers import match_reader_scores, read_reader_scores
+from busdx.readers import match_reader_scores, rank_categories, read_reader_scores
 from busdx.runs import (
     CONFIG_FILE,
     INFO_FILE,
@@ -74,6 +75,8 @@ from busdx.weights import get_weight_spec, resolve_weights_file
 logger = logging.getLogger("busdx")
 
 EXAMPLES = """examples:
+  busdx predict scan.png                       (the bundled model: no training needed)
+  busdx models
   busdx demo
   busdx train --data BUSI/ --out runs/vgg16 --epochs 30
   busdx train --resume runs/vgg16
@@ -140,8 +143,13 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def _reader_ranks(args: argparse.Namespace, dataset_root: Path, relpaths: list[str]):
-    """Readers' BI-RADS ranks of the images, from --readers or DATA/labels.csv if it has them."""
+def _reader_ranks(args: argparse.Namespace, dataset_root: Path, samples: list):
+    """Readers' BI-RADS ranks of the images: from --readers, else the labels table the images
+    came from, else DATA/labels.csv if it has them."""
+    relpaths = [s.relpath for s in samples]
+    from_table = rank_categories([s.birads for s in samples])
+    if from_table is not None and not args.readers:
+        return from_table
     path = Path(args.readers) if args.readers else dataset_root / "labels.csv"
     if not path.is_file():
         if args.readers:
@@ -187,7 +195,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         data_root=dataset.root,
         settings=config.evaluate,
         site=site,
-        reader_ranks=_reader_ranks(args, dataset.root, [s.relpath for s in dataset.samples]),
+        reader_ranks=_reader_ranks(args, dataset.root, dataset.samples),
         progress=not args.no_progress,
     )
     print(format_metrics(result))
@@ -242,6 +250,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
+    args.run = str(resolve_run(args.run))
     if args.ray:
         return _predict_on_ray(args)
     shard = parse_shard(args.shard)
@@ -347,6 +356,7 @@ def _with_explanations(
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    args.run = str(resolve_run(args.run))
     settings = ServeSettings.from_options(
         max_upload_mb=args.max_upload_mb,
         max_pixels=args.max_pixels,
@@ -438,6 +448,25 @@ def cmd_cv(args: argparse.Namespace) -> int:
     )
     print(format_cv(summary))
     print(f"written to {out} (cv_metrics.json, cv_roc_curve.png, fold-*/)")
+    return 0
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    names = list_bundled()
+    if not names:
+        print("no bundled models in this installation of busdx")
+        return 1
+    for name in names:
+        info = bundled_info(name)
+        default = " (default)" if name == DEFAULT_MODEL else ""
+        print(f"{name}{default}: {info['description']}")
+        sites = ", ".join(info["trained_on"])
+        print(f"  trained on: {sites}; {info['size_mb']} MB at {info['path']}")
+        for site, row in info.get("held_out_sites", {}).items():
+            print(f"  expected at an unseen hospital, as measured when {site} was held out: "
+                  f"ROC AUC {row['roc_auc']:.3f}; sensitivity {row['sensitivity']:.3f}, "
+                  f"specificity {row['specificity']:.3f} at its threshold")  # fmt: skip
+    print("use one with: busdx predict [--run NAME] scan.png; busdx serve [--run NAME]")
     return 0
 
 
@@ -645,7 +674,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="probability of malignancy for images",
         description="Predict image files and/or folders of images.",
     )
-    predict.add_argument("--run", required=True, metavar="RUNDIR", help="run directory or model.pt")
+    predict.add_argument(
+        "--run", metavar="RUNDIR",
+        help=f"run directory, model.pt, or a bundled model's name (default: the bundled "
+        f"{DEFAULT_MODEL}; see busdx models)",
+    )  # fmt: skip
     predict.add_argument("paths", nargs="+", metavar="PATH", help="image files and/or folders")
     predict.add_argument("--out", help="write .csv or .json here (default: CSV to stdout)")
     predict.add_argument("--threshold", type=float, help="decision threshold (default: model's)")
@@ -704,7 +737,10 @@ def build_parser() -> argparse.ArgumentParser:
         description="Serve a run's model: web page at /, API at /predict, /explain, /model, "
         "/health, docs at /docs. Research use only; not a medical device.",
     )
-    serve_parser.add_argument("--run", required=True, metavar="RUNDIR")
+    serve_parser.add_argument(
+        "--run", metavar="RUNDIR",
+        help=f"run directory or a bundled model's name (default: the bundled {DEFAULT_MODEL})",
+    )  # fmt: skip
     serve_parser.add_argument("--host", default="127.0.0.1")
     serve_parser.add_argument("--port", type=int, default=8000)
     serve_parser.add_argument(
@@ -790,6 +826,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     report.add_argument("run", metavar="RUNDIR")
     report.set_defaults(func=cmd_report)
+
+    models = commands.add_parser(
+        "models",
+        help="list the models that ship with busdx",
+        description="List the bundled models (busdx predict and serve use the default one when "
+        "no --run is given), with what to expect of each at a hospital it never saw.",
+    )
+    models.set_defaults(func=cmd_models)
 
     audit = commands.add_parser(
         "audit",

@@ -112,6 +112,9 @@ class TrainConfig:
     device: str = "auto"  # "auto", "cpu", "cuda", "cuda:1", ...
     threads: int = 0  # CPU threads for torch; 0 keeps torch's default
     precision: str = "fp32"  # "fp32", "bf16" (CUDA, or a CPU with avx512_bf16 / AMX), "fp16" (CUDA)
+    # "uniform": each training image once per epoch; "balanced_sites": an epoch of as many draws,
+    # with replacement, each site drawn equally often (a small hospital weighs as much as a big one)
+    sampling: str = "uniform"
 
 
 @dataclass
@@ -210,6 +213,10 @@ class Config:
                 "train.feature_cache needs a frozen backbone with pretrained weights",
             ),
             (self.train.cache_views >= 1, "train.cache_views must be >= 1"),
+            (
+                self.train.sampling in {"uniform", "balanced_sites"},
+                f"train.sampling must be uniform or balanced_sites, got {self.train.sampling!r}",
+            ),
             (
                 self.train.precision in PRECISIONS,
                 f"train.precision must be fp32, bf16 or fp16, got {self.train.precision!r}",

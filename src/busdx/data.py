@@ -1,11 +1,14 @@
 """Find labelled images on disk, split them reproducibly and serve them to PyTorch.
 
-Two layouts are detected automatically:
+Three layouts are detected automatically:
 
 * pre-split (the Kaggle layout): ``DIR/train/<class>``, ``DIR/validation/<class>`` (or ``val``),
   optionally ``DIR/test/<class>``;
 * class folders (the BUSI layout): ``DIR/<class>``; the split is drawn here, stratified by class
-  with a fixed seed.
+  with a fixed seed;
+* a table (:mod:`busdx.tables`): a labels CSV, or a dataset release that lists its images in one
+  (BUS-BRA); its patient, site, box, BI-RADS and scanner columns travel with each sample, and a
+  ``split`` column makes it pre-split.
 
 Several folders can be combined, one per *site* (hospital, scanner), with :func:`scan_sites`:
 every image is tagged with its site, splits are drawn within each site, and paths are written
@@ -37,6 +40,7 @@ from busdx.boxes import box_to_text, sample_boxes
 from busdx.errors import DataError, ImageDecodeError
 from busdx.fileio import atomic_write_text, sha256_file
 from busdx.imaging import Box, ImageInput, is_image_file, load_image
+from busdx.tables import is_table_source, read_table
 
 __all__ = [
     "SPLITS",
@@ -49,9 +53,11 @@ __all__ = [
     "draw_split",
     "item_seed",
     "make_loader",
+    "merge_groups",
     "resolve_workers",
     "scan_dataset",
     "scan_sites",
+    "site_balanced_weights",
     "write_split_csv",
 ]
 
@@ -75,6 +81,9 @@ class Sample:
     group: int | None = None  # near-duplicate group: images of one group share a split
     site: str = ""  # where the image comes from: its data folder's name, or the name given
     box: Box | None = None  # lesion box (x, y, w, h), attached for ROI mode (attach_boxes)
+    patient: str | None = None  # images of one patient (or lesion) share every split and fold
+    birads: str | None = None  # the readers' BI-RADS category, where the table gives it
+    scanner: str = ""  # the device, where the table gives it: reported as a sub-site
 
     @property
     def input(self) -> ImageInput:
@@ -87,7 +96,7 @@ class LabelledDataset:
     """The images found under ``root`` and how they were found."""
 
     root: Path
-    layout: str  # "pre-split" or "class-folders"
+    layout: str  # "pre-split", "class-folders" or "table"
     class_names: list[str]
     samples: list[Sample]
     skipped: list[str]  # "path: reason" for files that could not be decoded
@@ -166,13 +175,15 @@ def scan_dataset(
     Raises :class:`DataError` when the folder is missing, empty or lacks a class.
     """
     root = Path(root).expanduser().resolve()
-    site = site or root.name
-    if not root.is_dir():
-        raise DataError(f"data folder {root} does not exist")
     class_names = list(class_names)
     class_folders = {name.lower(): i for i, name in enumerate(class_names)}
     if include_normal:
         class_folders[NORMAL_CLASS] = 0
+    if is_table_source(root):
+        return _scan_table(root, class_names, class_folders, site)
+    site = site or root.name
+    if not root.is_dir():
+        raise DataError(f"data folder {root} does not exist")
     layout = _detect_layout(root, list(class_folders))
     samples: list[Sample] = []
     skipped: list[str] = []
@@ -192,9 +203,76 @@ def scan_dataset(
     return dataset
 
 
+def _scan_table(
+    source: Path, class_names: list[str], class_folders: dict[str, int], site: str | None
+) -> LabelledDataset:
+    """The images a labels table lists (see :mod:`busdx.tables`), checked as they are found."""
+    root, rows = read_table(source)
+    default_site = site or (source.name if source.is_dir() else root.name)
+    unknown = sorted({r.label for r in rows} - set(class_folders) - {NORMAL_CLASS})
+    if unknown:
+        raise DataError(
+            f"{source} has label(s) {', '.join(map(repr, unknown))}; expected "
+            f"{', '.join(class_folders)}"
+        )
+    splits = {row.split for row in rows}
+    if None in splits and len(splits) > 1:
+        raise DataError(f"{source}: some rows have a split and some do not; fill the split column")
+    samples, skipped = [], []
+    for row in rows:
+        if row.label not in class_folders:  # normal images, unless include_normal
+            continue
+        try:
+            load_image(row.path)
+        except ImageDecodeError as exc:
+            skipped.append(str(exc))
+            logger.warning("skipping %s", exc)
+            continue
+        split = None if row.split is None else _SPLIT_FOLDERS.get(row.split)
+        if row.split is not None and split is None:
+            raise DataError(f"{source}: unknown split {row.split!r} for {row.path.name}")
+        samples.append(Sample(
+            row.path, row.path.relative_to(root).as_posix(), class_folders[row.label],
+            sha256_file(row.path), row.label, split, site=row.site or default_site, box=row.box,
+            patient=row.patient, birads=row.birads, scanner=row.scanner,
+        ))  # fmt: skip
+    layout = "table" if None in splits else "pre-split"
+    sites = dict.fromkeys(sorted({s.site for s in samples}), root)
+    dataset = LabelledDataset(root, layout, class_names, samples, skipped, sites)
+    _check_classes(dataset)
+    return dataset
+
+
+def merge_groups(samples: Sequence[Sample], groups: Sequence[int] | None) -> list[int] | None:
+    """``groups`` (near-duplicate groups, one id per sample) joined with the patients: images of
+    one patient at one site end up in one group. None when there is neither."""
+    if groups is None and all(s.patient is None for s in samples):
+        return None
+    parent = list(range(len(samples)))
+
+    def find(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    first: dict[tuple[str, object], int] = {}
+    for index, sample in enumerate(samples):
+        keys = [("group", groups[index])] if groups is not None else []
+        keys += [(f"patient:{sample.site}", sample.patient)] if sample.patient else []
+        for key in keys:
+            parent[find(index)] = find(first.setdefault(key, index))
+    roots = [find(i) for i in range(len(samples))]
+    renumber = {root: number for number, root in enumerate(dict.fromkeys(roots))}
+    return [renumber[root] for root in roots]
+
+
 def attach_boxes(dataset: LabelledDataset, boxes_file: str | None = None) -> LabelledDataset:
     """The dataset with each sample's lesion box (ROI mode), from ``boxes_file`` or from the
-    lesion masks found beside the images (see :func:`busdx.boxes.sample_boxes`)."""
+    lesion masks found beside the images (see :func:`busdx.boxes.sample_boxes`). Boxes that a
+    labels table gave are kept when no ``boxes_file`` is named."""
+    if boxes_file is None and all(s.box is not None for s in dataset.samples):
+        return dataset
     boxes = sample_boxes(
         [s.path for s in dataset.samples],
         [s.relpath for s in dataset.samples],
@@ -231,23 +309,24 @@ def scan_sites(
     ]
     if len(parts) == 1:
         return parts[0]
-    names = [part.site for part in parts]
-    roots = [part.root for part in parts]
+    names = [name for part in parts for name in part.sites]
+    roots = sorted({part.root for part in parts})
     if len(set(names)) < len(names):
         raise DataError(
             f"two data folders share the site name {Counter(names).most_common(1)[0][0]!r}; "
             "name them: --data NAME=DIR"
         )
     common = Path(os.path.commonpath(roots))
-    if common in roots:
+    if len(roots) < len(parts) or common in roots:
         raise DataError(
             f"data folders must be distinct and not inside one another; {common} is given "
             "twice or holds another"
         )
     layouts = {part.layout for part in parts}
-    if len(layouts) > 1:
+    if "pre-split" in layouts and len(layouts) > 1:
         raise DataError(
-            "the data folders mix layouts (pre-split and class folders); give them one layout"
+            "the data sources mix given splits (pre-split folders or a split column) with "
+            "unsplit ones; give all of them a split, or none"
         )
     samples = [
         replace(sample, relpath=sample.path.relative_to(common).as_posix())
@@ -256,11 +335,11 @@ def scan_sites(
     ]
     return LabelledDataset(
         common,
-        layouts.pop(),
+        layouts.pop() if len(layouts) == 1 else "+".join(sorted(layouts)),
         list(class_names),
         sorted(samples, key=lambda s: s.relpath),
         [line for part in parts for line in part.skipped],
-        dict(zip(names, roots, strict=True)),
+        {name: root for part in parts for name, root in part.sites.items()},
     )
 
 
@@ -420,18 +499,21 @@ class EpochSampler(Sampler):
 
     The order is :class:`~torch.utils.data.DistributedSampler`'s (a permutation seeded by
     ``seed + epoch``, dealt round-robin to ``world_size`` processes, padded to equal shares), so
-    one process and N processes see the same global batches. The epoch travels with each index
-    to :class:`ImageDataset`, which seeds the image's augmentation with it, in whichever worker
-    process the image lands.
+    one process and N processes see the same global batches. With ``weights`` (one per image,
+    e.g. from :func:`site_balanced_weights`) an epoch is instead as many draws with replacement,
+    in proportion to them, seeded the same way and dealt out alike. The epoch travels with each
+    index to :class:`ImageDataset`, which seeds the image's augmentation with it, in whichever
+    worker process the image lands.
     """
 
     def __init__(
         self, dataset: Dataset, *, seed: int, shuffle: bool = True, rank: int = 0,
-        world_size: int = 1,
+        world_size: int = 1, weights: Sequence[float] | None = None,
     ) -> None:  # fmt: skip
         self.order = DistributedSampler(
             dataset, num_replicas=world_size, rank=rank, shuffle=shuffle, seed=seed
         )
+        self.weights = None if weights is None else torch.as_tensor(weights, dtype=torch.double)
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -442,8 +524,22 @@ class EpochSampler(Sampler):
     def __len__(self) -> int:
         return len(self.order)
 
+    def _indices(self) -> Iterable[int]:
+        if self.weights is None:
+            return self.order
+        generator = torch.Generator().manual_seed(self.order.seed + self.epoch)
+        drawn = torch.multinomial(self.weights, self.order.total_size, replacement=True,
+                                  generator=generator).tolist()  # fmt: skip
+        return drawn[self.order.rank : self.order.total_size : self.order.num_replicas]
+
     def __iter__(self) -> Iterator[tuple[int, int]]:
-        return ((self.epoch, index) for index in self.order)
+        return ((self.epoch, index) for index in self._indices())
+
+
+def site_balanced_weights(samples: Sequence[Sample]) -> list[float]:
+    """A sampling weight per sample, so that each site is drawn equally often."""
+    counts = Counter(s.site for s in samples)
+    return [1.0 / counts[s.site] for s in samples]
 
 
 def item_seed(seed: int, epoch: int, index: int) -> int:

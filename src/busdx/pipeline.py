@@ -17,7 +17,7 @@ from sklearn.model_selection import StratifiedGroupKFold
 
 from busdx.calibration import apply_temperature, fit_operating_points
 from busdx.config import Config
-from busdx.data import LabelledDataset, draw_split
+from busdx.data import LabelledDataset, Sample, draw_split
 from busdx.errors import DataError
 from busdx.evaluation import calibrate_model, evaluate_samples, json_safe
 from busdx.fileio import atomic_path, atomic_write_text
@@ -29,6 +29,7 @@ from busdx.metrics import (
     roc_band,
 )
 from busdx.predictor import load_model
+from busdx.readers import compare_with_readers, rank_categories
 from busdx.reporting import plot_roc_curve, plot_training_curves
 from busdx.runs import save_run
 from busdx.scope import SCOPE_KEY, fit_scope
@@ -201,10 +202,10 @@ def cross_validate(
         )
     else:
         logger.warning("fold predictions without logits (an older busdx): no cross-fitted model")
-    site_of = {s.relpath: s.site for s in dataset.samples}
-    sites = np.array([site_of.get(path, "") for path in paths])
-    if len(set(sites)) > 1:
-        extra["per_site"] = _per_site(config, sites, y_true_array, np.array(y_prob), decided)
+    by_path = {s.relpath: s for s in dataset.samples}
+    tested = [by_path[path] for path in paths]
+    if len({s.site for s in tested}) > 1:
+        extra["per_site"] = _per_site(config, tested, y_true_array, np.array(y_prob), decided)
     summary = _summarise(config, per_fold, y_true_array, np.array(y_prob), decided, out_dir, extra)
     if crossfit:
         write_crossfit_ensemble(config, dataset, out_dir, n_folds, y_true_array, logits_array)
@@ -260,30 +261,52 @@ def leave_one_fold_out_threshold(
 
 def _per_site(
     config: Config,
-    sites: np.ndarray,
+    tested: list[Sample],
     y_true: np.ndarray,
     y_prob: np.ndarray,
     decided: dict[str, np.ndarray],
 ) -> dict[str, Any]:
-    """Each site's ranking (AUC with CI) and each decision rule's sensitivity and specificity."""
+    """Each site's ranking (AUC with CI) and each decision rule's sensitivity and specificity;
+    the same for each scanner of a site that names them, and the readers' BI-RADS beside the
+    model where every image of the site has one."""
     settings = config.evaluate
     ci = dict(n_resamples=settings.n_bootstrap, level=settings.ci_level, seed=settings.seed)
+    sites = np.array([s.site for s in tested])
+    scanners = np.array([s.scanner for s in tested])
     table = {}
     for site in sorted(set(sites)):
         mask = sites == site
-        ranking = binary_metrics(y_true[mask], y_prob[mask])
-        ranking_ci = bootstrap_ci(y_true[mask], y_prob[mask], threshold=0.5, **ci)
-        row: dict[str, Any] = {
-            "n": int(mask.sum()),
-            "n_positive": int(y_true[mask].sum()),
-            **{key: ranking[key] for key in SCORE_METRICS},
-            "ci": {key: ranking_ci[key] for key in SCORE_METRICS},
-        }
-        for rule, calls in decided.items():
-            metrics = binary_metrics(y_true[mask], calls[mask])
-            row[rule] = {key: metrics[key] for key in ("sensitivity", "specificity")}
+        row = _subset_row(y_true, y_prob, decided, mask, ci)
+        ranks = rank_categories([s.birads for s, m in zip(tested, mask, strict=True) if m])
+        if ranks is not None:
+            row["readers"] = compare_with_readers(y_true[mask], y_prob[mask], ranks, **ci)
+        site_scanners = sorted(set(scanners[mask]) - {""})
+        if site_scanners:
+            row["per_scanner"] = {
+                scanner: _subset_row(y_true, y_prob, decided, mask & (scanners == scanner), ci)
+                for scanner in site_scanners
+            }
         table[site] = row
     return table
+
+
+def _subset_row(
+    y_true: np.ndarray, y_prob: np.ndarray, decided: dict[str, np.ndarray], mask: np.ndarray,
+    ci: dict[str, Any],
+) -> dict[str, Any]:  # fmt: skip
+    """Ranking with CI and each decision rule's sensitivity and specificity on ``mask`` (a
+    subset of one class only, such as a scanner that saw no cancer, has counts alone)."""
+    row: dict[str, Any] = {"n": int(mask.sum()), "n_positive": int(y_true[mask].sum())}
+    if len(set(y_true[mask])) < 2:
+        return {**row, "note": "one class only: no ROC AUC, sensitivity or specificity"}
+    ranking = binary_metrics(y_true[mask], y_prob[mask])
+    ranking_ci = bootstrap_ci(y_true[mask], y_prob[mask], threshold=0.5, **ci)
+    row |= {key: ranking[key] for key in SCORE_METRICS}
+    row["ci"] = {key: ranking_ci[key] for key in SCORE_METRICS}
+    for rule, calls in decided.items():
+        metrics = binary_metrics(y_true[mask], calls[mask])
+        row[rule] = {key: metrics[key] for key in ("sensitivity", "specificity")}
+    return row
 
 
 def write_crossfit_ensemble(

@@ -7,7 +7,8 @@ images, as a clinician would ask:
 * the readers' ROC curve and AUC, with the model's, and a paired bootstrap of ΔAUC
   (model - readers): the same resampled cases for both, so the difference's CI is honest;
 * the readers' operating points (BI-RADS ≥ 4a and ≥ 4b called positive: the biopsy
-  recommendations) with sensitivity and specificity;
+  recommendations; ≥ 4 and ≥ 5 where the readers did not subdivide category 4, as in BUS-BRA)
+  with sensitivity and specificity;
 * at each of those, the model's specificity at the readers' sensitivity (the model's highest
   threshold that detects at least as many cancers), with a paired bootstrap of Δspecificity.
 """
@@ -30,11 +31,14 @@ __all__ = [
     "birads_rank",
     "compare_with_readers",
     "match_reader_scores",
+    "rank_categories",
     "read_reader_scores",
+    "reader_points",
 ]
 
 BIRADS_ORDER = ("1", "2", "3", "4a", "4b", "4c", "5", "6")
 READER_POINTS = ("4a", "4b")  # BI-RADS >= 4a: biopsy recommended; >= 4b: moderate suspicion
+UNSPLIT_POINTS = ("4", "5")  # where category 4 is not subdivided: >= 4 (biopsy), >= 5
 
 
 def birads_rank(category: str) -> int:
@@ -69,6 +73,21 @@ def read_reader_scores(path: str | Path, column: str = "birads") -> dict[str, in
             for row in reader
             if row[column] and row[column].strip()
         }
+
+
+def rank_categories(categories: Sequence[str | None]) -> np.ndarray | None:
+    """Ranks of BI-RADS categories (e.g. the ``birads`` of table samples); None if any is
+    missing."""
+    if not categories or any(c is None or not str(c).strip() for c in categories):
+        return None
+    return np.array([birads_rank(c) for c in categories], dtype=float)
+
+
+def reader_points(ranks: np.ndarray) -> tuple[str, ...]:
+    """The readers' operating points to report: ≥ 4a and ≥ 4b, or ≥ 4 and ≥ 5 when no case
+    was put in 4b or 4c (category 4 not subdivided, read as 4a)."""
+    split = {birads_rank("4b"), birads_rank("4c")} & set(np.asarray(ranks).tolist())
+    return READER_POINTS if split else UNSPLIT_POINTS
 
 
 def match_reader_scores(relpaths: Sequence[str], scores: dict[str, int]) -> np.ndarray | None:
@@ -110,7 +129,7 @@ def compare_with_readers(
         "delta_roc_auc": paired_bootstrap(y_true, y_prob, ranks, **ci),
         "operating_points": {},
     }
-    for category in READER_POINTS:
+    for category in reader_points(ranks):
         cut = birads_rank(category)
         readers = binary_metrics(y_true, ranks, threshold=cut)
         threshold, specificity = _specificity_at_sensitivity(y_true, y_prob, readers["sensitivity"])

@@ -22,6 +22,7 @@ from busdx.data import (
     apply_split_file,
     attach_boxes,
     draw_split,
+    merge_groups,
     scan_sites,
     write_split_csv,
 )
@@ -68,29 +69,30 @@ def prepare_dataset(
     folders, or a seeded draw (within each site).
 
     With ``data.group_duplicates`` (default) a drawn split keeps near-duplicate groups whole, and
-    a given split (folders or split file) is checked for duplicates across splits: a warning.
+    a given split (folders or split file) is checked for duplicates across splits: a warning. The
+    images of one patient (a table's patient column) are always kept together.
     """
     dataset = _scan(config, sources)
     if config.data.split_file:
         dataset = apply_split_file(dataset, config.data.split_file)
-    if not config.data.group_duplicates:
-        groups = None
-    else:
+    groups = None
+    if config.data.group_duplicates:
         audit = audit_dataset(
             dataset, max_distance=config.data.duplicate_distance, progress=progress
         )
         groups = audit.groups
-        if dataset.layout == "pre-split" or config.data.split_file:
-            if audit.cross_split_pairs:
-                logger.warning(
-                    "LEAKAGE: %d duplicate or near-duplicate image pair(s) straddle two splits; "
-                    "validation/test metrics will be optimistic. See: busdx audit --data %s",
-                    len(audit.cross_split_pairs),
-                    dataset.root,
-                )
-            dataset.samples = [
-                replace(s, group=g) for s, g in zip(dataset.samples, groups, strict=True)
-            ]
+        if (dataset.layout == "pre-split" or config.data.split_file) and audit.cross_split_pairs:
+            logger.warning(
+                "LEAKAGE: %d duplicate or near-duplicate image pair(s) straddle two splits; "
+                "validation/test metrics will be optimistic. See: busdx audit --data %s",
+                len(audit.cross_split_pairs),
+                dataset.root,
+            )
+    groups = merge_groups(dataset.samples, groups)  # a patient's images form one group too
+    if groups is not None:
+        dataset.samples = [
+            replace(s, group=g) for s, g in zip(dataset.samples, groups, strict=True)
+        ]
     if dataset.layout == "pre-split" or config.data.split_file:
         return dataset
     dataset.samples = draw_split(
@@ -106,7 +108,10 @@ def prepare_dataset(
 def _scan(config: Config, sources: str | Path | Sequence[str | Path]) -> LabelledDataset:
     sources = [sources] if isinstance(sources, str | Path) else list(sources)
     dataset = scan_sites(sources, config.data.classes, include_normal=config.data.include_normal)
-    return attach_boxes(dataset, config.data.boxes) if config.data.region == "box" else dataset
+    if config.data.region == "box":
+        return attach_boxes(dataset, config.data.boxes)
+    # a table's boxes are for ROI models only: a whole-image model takes none
+    return replace(dataset, samples=[replace(s, box=None) for s in dataset.samples])
 
 
 def run_sources(info: dict[str, Any]) -> list[str]:

@@ -27,7 +27,14 @@ from tqdm.auto import tqdm
 
 from busdx import __version__
 from busdx.config import Config
-from busdx.data import EpochSampler, ImageDataset, LabelledDataset, make_loader, resolve_workers
+from busdx.data import (
+    EpochSampler,
+    ImageDataset,
+    LabelledDataset,
+    make_loader,
+    resolve_workers,
+    site_balanced_weights,
+)
 from busdx.devices import autocast, check_precision, resolve_device
 from busdx.distributed import World, all_sum, barrier, current_world
 from busdx.errors import CheckpointError, ConfigError
@@ -334,8 +341,10 @@ def fit(
         ids = [device.index] if device.type == "cuda" else None  # this process's GPU
         step = DistributedDataParallel(step, device_ids=ids)
     val_forward = model.from_stem if isinstance(val_set, TensorDataset | CachedFeatures) else model
+    balanced = config.train.sampling == "balanced_sites"
+    weights = site_balanced_weights(train_set.samples) if balanced else None
     sampler = EpochSampler(train_set, seed=config.train.seed, rank=world.rank,
-                           world_size=world.size)  # fmt: skip
+                           world_size=world.size, weights=weights)  # fmt: skip
     train_loader = make_loader(train_set, batch_size=batch, sampler=sampler, workers=workers,
                                device=device)  # fmt: skip
     val_workers = 0 if isinstance(val_set, TensorDataset) else workers  # in memory already
