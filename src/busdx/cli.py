@@ -524,6 +524,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
     print(format_metrics(result))
     for row in predict_files(loaded, examples, progress=False):
         print(f"  predict {Path(row.path).name}: p(malignant)={row.probability:.3f} -> {row.label}")
+    if DEFAULT_MODEL in list_bundled():  # the model that ships: no training, no download
+        print(f"the bundled model {DEFAULT_MODEL} (trained on real scans) on the same files:")
+        for row in predict_files(load_model(resolve_run(None)), examples, progress=False):
+            scope = f"out of scope ({row.scope_reason})" if row.out_of_scope else "in scope"
+            print(f"  predict {Path(row.path).name}: p(malignant)={row.probability:.3f} -> "
+                  f"{row.label}; {scope}")  # fmt: skip
     print(
         f"demo finished in {time.perf_counter() - started:.0f} s; outputs in {run_dir} "
         "(training_curves.png, sample_predictions.png, roc_curve.png, metrics.json, model.pt)"

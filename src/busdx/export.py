@@ -113,17 +113,27 @@ class _CalibrationImages(CalibrationDataReader):
 
 
 def quantize_int8(
-    fp32_path: Path, out_path: Path, calibration: Sequence[Path], loaded: Predictor
+    fp32_path: Path,
+    out_path: Path,
+    calibration: Sequence[Path],
+    loaded: Predictor,
+    *,
+    float_edges: bool = True,
 ) -> Path:
     """Static int8 quantization (QDQ; per-channel 7-bit int8 weights, uint8 activations).
 
     ``reduce_range`` keeps weights to 7 bits: without it, CPUs lacking VNNI (AVX2 only) can
     saturate the 16-bit sums of u8 x s8 products. On BUSI (AVX2 CPU) it made the difference
     between a validation AUC drop of 0.013 with 96% decision agreement and no drop with 100%.
+    ``float_edges`` keeps the first and the last weighted layer in float (the stem conv sees
+    raw pixels; the head turns features into the logit), the usual remedy for compact
+    networks such as EfficientNet-Lite, whose accuracy int8 hurts most there.
     """
     with tempfile.TemporaryDirectory() as folder, atomic_path(out_path) as tmp:
         prepared = Path(folder) / "prepared.onnx"
         quant_pre_process(str(fp32_path), str(prepared), skip_symbolic_shape=True)
+        weighted = [node.name for node in onnx.load(str(prepared)).graph.node
+                    if node.op_type in {"Conv", "Gemm", "MatMul"}]  # fmt: skip
         quantize_static(
             str(prepared),
             str(tmp),
@@ -133,6 +143,7 @@ def quantize_int8(
             activation_type=QuantType.QUInt8,
             weight_type=QuantType.QInt8,
             reduce_range=True,
+            nodes_to_exclude=[weighted[0], weighted[-1]] if float_edges else [],
         )
         _add_metadata(tmp, loaded)
     return out_path

