@@ -209,3 +209,19 @@ def test_leave_one_site_out_reports_readers_and_scanners(bus_bra, synthetic_data
     assert set(site["readers"]["operating_points"]) == {"birads>=4", "birads>=5"}
     assert "readers" not in summary["per_site"]["busi"]  # no BI-RADS in class folders
     assert "cross-fitted threshold" in site
+
+
+def test_evaluate_on_a_table_reports_each_scanner_and_the_tables_readers(
+    bus_bra, synthetic_data, tmp_path
+):
+    run = tmp_path / "run"
+    assert main(["train", "--data", str(synthetic_data), "--out", str(run), "--epochs", "1",
+                 *FAST, "--set", "evaluate.n_bootstrap=100"]) == 0  # fmt: skip
+    out = tmp_path / "eval"
+    assert main(["evaluate", "--run", str(run), "--data", str(bus_bra), "--split", "all",
+                 "--out", str(out), "--no-progress"]) == 0  # fmt: skip
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert set(metrics["per_scanner"]) == set(SCANNERS)
+    assert metrics["per_scanner"][SCANNERS[2]]["note"] == "one class only: no ROC AUC"
+    assert metrics["per_scanner"][SCANNERS[1]]["n"] == 8
+    assert set(metrics["readers"]["operating_points"]) == {"birads>=4", "birads>=5"}

@@ -130,6 +130,23 @@ def _metrics_with_ci(y_true, y_prob, threshold: float, settings: EvaluateConfig)
     return metrics
 
 
+def _per_group(
+    groups: list[str], y_true: np.ndarray, y_prob: np.ndarray, threshold: float,
+    settings: EvaluateConfig,
+) -> dict[str, Any]:  # fmt: skip
+    """Metrics with CIs of each group (site, scanner); a group of one class has counts only."""
+    table: dict[str, Any] = {}
+    names = np.array(groups)
+    for name in sorted(set(groups)):
+        mask = names == name
+        if len(set(y_true[mask])) < 2:
+            table[name] = {"n": int(mask.sum()), "n_positive": int(y_true[mask].sum()),
+                           "note": "one class only: no ROC AUC"}  # fmt: skip
+        else:
+            table[name] = _metrics_with_ci(y_true[mask], y_prob[mask], threshold, settings)
+    return table
+
+
 def evaluate_samples(
     loaded: Predictor,
     samples: list[Sample],
@@ -182,13 +199,12 @@ def evaluate_samples(
             "epoch": loaded.metadata.get("epoch"),
         },
     }
-    sites = np.array([s.site for s in samples])
+    sites = [s.site for s in samples]
     if len(set(sites)) > 1:  # several sites: each one's own table, never only the pooled one
-        result["per_site"] = {
-            site: _metrics_with_ci(y_true[mask], y_prob[mask], threshold, settings)
-            for site in sorted(set(sites))
-            for mask in [sites == site]
-        }
+        result["per_site"] = _per_group(sites, y_true, y_prob, threshold, settings)
+    if any(s.scanner for s in samples):  # a table named the scanners: each one's own table too
+        scanners = [s.scanner or "unknown" for s in samples]
+        result["per_scanner"] = _per_group(scanners, y_true, y_prob, threshold, settings)
     if reader_ranks is not None:
         result["readers"] = compare_with_readers(
             y_true,
@@ -284,12 +300,16 @@ def format_metrics(result: dict[str, Any]) -> str:
         )
     if result.get("out_of_scope_rate") is not None:
         lines.append(f"  flagged out of scope {result['out_of_scope_rate']:.1%} of the images")
-    for site, row in result.get("per_site", {}).items():
-        lines.append(
-            f"  site {site} (n={row['n']}): ROC AUC {_with_ci(row, 'roc_auc')}; at the model's "
-            f"threshold sensitivity {_with_ci(row, 'sensitivity')}, specificity "
-            f"{_with_ci(row, 'specificity')}"
-        )
+    for kind in ("site", "scanner"):
+        for name, row in result.get(f"per_{kind}", {}).items():
+            if "note" in row:
+                lines.append(f"  {kind} {name} (n={row['n']}): {row['note']}")
+                continue
+            lines.append(
+                f"  {kind} {name} (n={row['n']}): ROC AUC {_with_ci(row, 'roc_auc')}; at the "
+                f"model's threshold sensitivity {_with_ci(row, 'sensitivity')}, specificity "
+                f"{_with_ci(row, 'specificity')}"
+            )
     if "readers" in result:
         lines += _format_readers(result["readers"])
     return "\n".join(lines)
