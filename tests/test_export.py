@@ -203,3 +203,18 @@ def test_train_export_then_predict_and_serve_use_the_int8_model_by_default(
     caplog.clear()
     assert load_model(run, backend="auto").backend == "torch"
     assert "using the torch model meanwhile" in caplog.text
+
+
+def test_8_bit_int8_weights_are_used_only_on_a_cpu_with_vnni(run_copy, monkeypatch, capsys):
+    args = ["export", "--run", str(run_copy), "--int8", "--calibration-size", "8"]
+    assert main([*args, "--int8-weight-bits", "8", "--allow-auc-drop"]) == 0
+    report = json.loads((run_copy / "export.json").read_text())
+    assert report["int8"]["weight_bits"] == 8
+    assert load_model(run_copy, backend="onnx").metadata["int8_weight_bits"] == 8
+    monkeypatch.setattr("busdx.predictor.cpu_has_vnni", lambda: True)
+    assert load_model(run_copy, device="cpu", backend="auto").path.name == "model.int8.onnx"
+    monkeypatch.setattr("busdx.predictor.cpu_has_vnni", lambda: False)  # an AVX2-only CPU
+    assert load_model(run_copy, device="cpu", backend="auto").backend == "torch"
+    with pytest.raises(SystemExit):  # argparse: 7 or 8 only
+        main([*args, "--int8-weight-bits", "6"])
+    assert "invalid choice: 6" in capsys.readouterr().err

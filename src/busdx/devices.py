@@ -16,6 +16,7 @@ __all__ = [
     "check_precision",
     "cpu_flags",
     "cpu_has_bf16",
+    "cpu_has_vnni",
     "resolve_device",
 ]
 
@@ -44,6 +45,12 @@ def cpu_flags() -> set[str]:
 def cpu_has_bf16() -> bool:
     """Whether the CPU computes in bfloat16 natively (avx512_bf16 or AMX)."""
     return bool({"avx512_bf16", "amx_bf16"} & cpu_flags())
+
+
+def cpu_has_vnni() -> bool:
+    """Whether the CPU multiplies int8 with 32-bit sums (VNNI or AMX), so that 8-bit int8
+    weights cannot saturate."""
+    return bool({"avx512_vnni", "avx_vnni", "amx_int8"} & cpu_flags())
 
 
 def check_precision(precision: str, device: torch.device) -> None:

@@ -43,6 +43,7 @@ from busdx.metrics import roc_auc
 from busdx.predictor import (
     EXPORT_STAMP,
     INT8_FILE,
+    INT8_WEIGHT_BITS,
     ONNX_FILE,
     ONNX_METADATA_KEY,
     Predictor,
@@ -61,15 +62,16 @@ EXPORT_REPORT = "export.json"
 OPSET = 17
 
 
-def _add_metadata(path: Path, loaded: Predictor) -> None:
+def _add_metadata(path: Path, loaded: Predictor, extra: dict[str, Any] | None = None) -> None:
     """The model file's metadata, stamped with the sha256 of the file it was exported from (see
-    :data:`busdx.inference.EXPORT_STAMP`) and the exporting machine."""
+    :data:`busdx.predictor.EXPORT_STAMP`) and the exporting machine (and ``extra`` entries)."""
     model = onnx.load(str(path))
     del model.metadata_props[:]
     entry = model.metadata_props.add()
     metadata = {k: v for k, v in loaded.metadata.items() if k != SCOPE_KEY}  # tensors; torch only
     metadata[EXPORT_STAMP] = {"file": loaded.path.name, "sha256": sha256_file(loaded.path)}
     metadata["export_environment"] = environment()
+    metadata.update(extra or {})
     entry.key, entry.value = ONNX_METADATA_KEY, json.dumps(json_safe(metadata))
     onnx.save(model, str(path))
 
@@ -118,22 +120,23 @@ def quantize_int8(
     calibration: Sequence[Path],
     loaded: Predictor,
     *,
-    float_edges: bool = True,
+    weight_bits: int = 7,
 ) -> Path:
-    """Static int8 quantization (QDQ; per-channel 7-bit int8 weights, uint8 activations).
+    """Static int8 quantization (QDQ; per-channel int8 weights, uint8 activations).
 
-    ``reduce_range`` keeps weights to 7 bits: without it, CPUs lacking VNNI (AVX2 only) can
-    saturate the 16-bit sums of u8 x s8 products. On BUSI (AVX2 CPU) it made the difference
-    between a validation AUC drop of 0.013 with 96% decision agreement and no drop with 100%.
-    ``float_edges`` keeps the first and the last weighted layer in float (the stem conv sees
-    raw pixels; the head turns features into the logit), the usual remedy for compact
-    networks such as EfficientNet-Lite, whose accuracy int8 hurts most there.
+    ``weight_bits=7`` (``reduce_range``) keeps weights to 7 bits: without it, CPUs lacking VNNI
+    (AVX2 only) can saturate the 16-bit sums of u8 x s8 products. On BUSI (AVX2 CPU) it made the
+    difference between a validation AUC drop of 0.013 with 96% decision agreement and no drop
+    with 100% (VGG16). Compact networks lose more to the 7th bit: an EfficientNet-Lite0 agreed
+    with fp32 on 89% of decisions with 7-bit weights and 97% with 8-bit
+    (experiments/int8_lite.py). ``weight_bits=8`` marks the model as needing VNNI (or AMX):
+    :func:`busdx.predictor.load_model` uses it only on such a CPU.
     """
+    if weight_bits not in {7, 8}:
+        raise ExportError(f"int8 weights are 7 or 8 bits, got {weight_bits}")
     with tempfile.TemporaryDirectory() as folder, atomic_path(out_path) as tmp:
         prepared = Path(folder) / "prepared.onnx"
         quant_pre_process(str(fp32_path), str(prepared), skip_symbolic_shape=True)
-        weighted = [node.name for node in onnx.load(str(prepared)).graph.node
-                    if node.op_type in {"Conv", "Gemm", "MatMul"}]  # fmt: skip
         quantize_static(
             str(prepared),
             str(tmp),
@@ -142,10 +145,9 @@ def quantize_int8(
             per_channel=True,
             activation_type=QuantType.QUInt8,
             weight_type=QuantType.QInt8,
-            reduce_range=True,
-            nodes_to_exclude=[weighted[0], weighted[-1]] if float_edges else [],
+            reduce_range=weight_bits == 7,
         )
-        _add_metadata(tmp, loaded)
+        _add_metadata(tmp, loaded, {INT8_WEIGHT_BITS: weight_bits})
     return out_path
 
 
@@ -198,6 +200,7 @@ def export_run(
     data_root: str | Path | None = None,
     max_auc_drop: float = 0.01,
     force: bool = False,
+    weight_bits: int = 7,
 ) -> dict[str, Any]:
     """Export a run's ``model.pt`` to ONNX (and int8); returns what ``export.json`` records."""
     run_dir = Path(run_dir)
@@ -223,7 +226,7 @@ def export_run(
         calibration = _calibration_files(run_dir, calibration_dir, data_root, calibration_size)
         candidate = run_dir / ".int8-candidate.onnx"
         try:
-            quantize_int8(fp32_path, candidate, calibration, loaded)
+            quantize_int8(fp32_path, candidate, calibration, loaded, weight_bits=weight_bits)
             int8_logits = file_logits(load_model(candidate), files, progress=False)
             check = compare_logits(fp32_logits, int8_logits, labels, loaded)
             drop = check["roc_auc_drop"]
@@ -239,6 +242,7 @@ def export_run(
         report["int8"] = {
             "file": INT8_FILE,
             "sha256": sha256_file(run_dir / INT8_FILE),
+            "weight_bits": weight_bits,
             "calibration": {
                 "source": str(calibration_dir or "training split"),
                 "images": len(calibration),

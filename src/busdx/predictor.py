@@ -24,7 +24,7 @@ from PIL import Image
 
 from busdx.calibration import apply_temperature
 from busdx.config import ModelConfig
-from busdx.devices import autocast, check_precision, resolve_device
+from busdx.devices import autocast, check_precision, cpu_has_vnni, resolve_device
 from busdx.errors import CheckpointError, ConfigError
 from busdx.fileio import sha256_file
 from busdx.metrics import is_positive
@@ -37,6 +37,7 @@ __all__ = [
     "BACKENDS",
     "EXPORT_STAMP",
     "INT8_FILE",
+    "INT8_WEIGHT_BITS",
     "ONNX_FILE",
     "ONNX_METADATA_KEY",
     "Decision",
@@ -50,6 +51,7 @@ BACKENDS = ("auto", "torch", "onnx")
 ONNX_FILE = "model.onnx"
 INT8_FILE = "model.int8.onnx"
 EXPORT_STAMP = "exported_from"  # ONNX metadata: {"file", "sha256"} of the model.pt exported
+INT8_WEIGHT_BITS = "int8_weight_bits"  # ONNX metadata: 8 needs a CPU with VNNI or AMX
 ONNX_METADATA_KEY = "busdx"
 
 
@@ -266,6 +268,10 @@ def _exported_int8(path: Path, device: str, threads: int | None) -> Predictor | 
         loaded = _load_onnx(int8, threads)
     except CheckpointError as exc:
         logger.warning("%s; using the torch model meanwhile", exc)
+        return None
+    if loaded.metadata.get(INT8_WEIGHT_BITS) == 8 and not cpu_has_vnni():
+        logger.info("%s has 8-bit weights, which this CPU (no VNNI or AMX) can saturate; using "
+                    "the torch model", INT8_FILE)  # fmt: skip
         return None
     logger.info("using %s (ONNX Runtime int8, the fastest on a CPU; --backend torch for "
                 "the PyTorch model)", INT8_FILE)  # fmt: skip

@@ -1,0 +1,102 @@
+"""The model that ships inside busdx: listed, loaded safely, and used by predict and serve when
+no --run is given, with no weights folder, no data and no training."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import numpy as np
+import pytest
+import torch
+from fastapi.testclient import TestClient
+
+from busdx.bundled import DEFAULT_MODEL, bundled_info, list_bundled, resolve_run
+from busdx.cli import main
+from busdx.errors import UnknownModelError
+from busdx.predictor import load_model
+from busdx.serving import create_app
+from busdx.synthetic import make_lesion_image
+
+
+@pytest.fixture(autouse=True)
+def _no_weights_folder(monkeypatch, tmp_path):
+    """As on a user's machine: no ../shared, no weights folder."""
+    monkeypatch.setenv("BUSDX_WEIGHTS_DIR", str(tmp_path / "no-weights"))
+
+
+@pytest.fixture(scope="module")
+def scans(tmp_path_factory) -> list:
+    folder = tmp_path_factory.mktemp("scans")
+    paths = []
+    for index, malignant in enumerate((True, False, True)):
+        path = folder / f"scan{index}.png"
+        make_lesion_image(malignant, seed=70 + index, size=256)[0].save(path)
+        paths.append(path)
+    return paths
+
+
+def test_the_default_model_ships_small_and_says_what_to_expect(capsys):
+    assert DEFAULT_MODEL in list_bundled()
+    info = bundled_info(DEFAULT_MODEL)
+    assert info["size_mb"] <= 30 and info["int8"]
+    assert info["trained_on"] == ["busi", "bus_bra", "breast"]
+    assert set(info["held_out_sites"]) == {"busi", "bus_bra", "breast"}
+    assert "leave-one-site-out" in info["calibration_source"]
+    card = (resolve_run(None) / "MODEL_CARD.md").read_text()
+    assert "CC BY 4.0" in card and "doi:10.1038/s41597-024-02984-z" in card
+    run_info = json.loads((resolve_run(None) / "run.json").read_text())
+    assert "/" not in json.dumps(run_info["sites"])  # no local paths ship
+    assert main(["models"]) == 0
+    assert f"{DEFAULT_MODEL} (default)" in capsys.readouterr().out
+
+
+def test_the_model_file_loads_as_tensors_only_and_carries_its_policy():
+    payload = torch.load(resolve_run(None) / "model.pt", map_location="cpu", weights_only=True)
+    assert payload["format"] == "busdx-model" and payload["class_names"] == ["benign", "malignant"]
+    assert payload["preprocessing"]["mean"] == [127.0] * 3
+    assert payload["calibration_cases"]["n"] == 2292  # every image of the three sites
+
+
+def test_predict_with_no_run_uses_the_bundled_model(scans, tmp_path):
+    out, overlays = tmp_path / "p.csv", tmp_path / "overlays"
+    assert main(["predict", *map(str, scans), "--out", str(out), "--explain", str(overlays),
+                 "--no-progress"]) == 0  # fmt: skip
+    rows = list(csv.DictReader(out.open()))
+    threshold = bundled_info(DEFAULT_MODEL)["threshold"]
+    assert len(rows) == 3 and all(not row["error"] for row in rows)
+    for row in rows:
+        probability = float(row["probability_malignant"])
+        assert row["label"] == ("malignant" if probability >= threshold else "benign")
+        assert row["out_of_scope"] in {"True", "False"} and float(row["threshold"]) == pytest.approx(
+            threshold, abs=1e-6
+        )
+    assert len(list(overlays.glob("*.png"))) == 3
+
+
+def test_the_int8_model_answers_like_the_torch_model(scans):
+    fast = load_model(resolve_run(None))
+    assert fast.backend == "onnx"  # the int8 model, on a CPU
+    exact = load_model(resolve_run(None), backend="torch")
+    from busdx.inference import predict_files
+
+    a = [row.probability for row in predict_files(fast, scans, progress=False)]
+    b = [row.probability for row in predict_files(exact, scans, progress=False)]
+    assert np.max(np.abs(np.array(a) - np.array(b))) < 0.1
+
+
+def test_a_misspelt_model_name_is_a_one_line_error_with_a_suggestion(scans, capsys):
+    assert main(["predict", "--run", "lite0-3site", str(scans[0])]) == 2
+    assert "Did you mean 'lite0-3sites'" in capsys.readouterr().err
+    with pytest.raises(UnknownModelError):
+        resolve_run("no-such-model")
+    assert resolve_run(str(scans[0])) == scans[0]  # a path is taken as it is
+
+
+def test_serve_with_no_run_answers_with_the_bundled_model(scans):
+    with TestClient(create_app(resolve_run(None))) as client:
+        card = client.get("/model").json()
+        assert card["threshold"] == pytest.approx(bundled_info(DEFAULT_MODEL)["threshold"])
+        answer = client.post("/predict", files=[("files", ("s.png", scans[0].read_bytes()))])
+        assert answer.status_code == 200
+        assert 0 < answer.json()["predictions"][0]["probability_malignant"] < 1
