@@ -71,12 +71,35 @@ def ensemble(studies: list[Path], n_resamples: int) -> dict:
     return result
 
 
+def against_baseline(study: Path, site: str, baseline: Path, n_resamples: int) -> dict:
+    """The study's model at ``site`` against earlier predictions of the same images (a
+    predictions CSV with path, label and probability_malignant), matched by file name: paired
+    ΔAUC (study minus baseline)."""
+    rows = fold_predictions(study)[site]
+    with baseline.open(newline="") as handle:
+        earlier = {Path(row["path"]).name: row for row in csv.DictReader(handle)}
+    names = [Path(row["path"]).name for row in rows]
+    if set(names) != set(earlier):
+        raise SystemExit(f"{baseline} does not hold the same images as {study} at {site}")
+    y = np.array([row["label"] == "malignant" for row in rows], dtype=int)
+    new = np.array([float(row["probability_malignant"]) for row in rows])
+    old = np.array([float(earlier[name]["probability_malignant"]) for name in names])
+    return {
+        "study": str(study),
+        "baseline": str(baseline),
+        "site": site,
+        "delta_roc_auc": paired_bootstrap(y, new, old, n_resamples=n_resamples),
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--study", action="append", default=[], help="NAME=CV_FOLDER")
     parser.add_argument("--compare", action="append", default=[], help="A:B (A minus B)")
     parser.add_argument("--ensemble", action="append", default=[], help="A+B[+C]")
+    parser.add_argument("--baseline", action="append", default=[],
+                        help="STUDY:SITE=PREDICTIONS.csv (earlier predictions of that site)")
     parser.add_argument("--n-bootstrap", type=int, default=2000)
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
@@ -99,6 +122,15 @@ def main() -> None:
             delta = result["roc_auc"]
             print(f"{a} - {b}, {fold}: ΔAUC {delta['delta']:+.3f} "
                   f"[{delta['low']:+.3f}, {delta['high']:+.3f}]")  # fmt: skip
+    for item in args.baseline:
+        where, csv_path = item.split("=", 1)
+        name, site = where.split(":")
+        result = against_baseline(studies[name], site, Path(csv_path), args.n_bootstrap)
+        target = args.out / f"baseline-{name}-{site}-vs-{Path(csv_path).stem}.json"
+        atomic_write_text(target, json.dumps(json_safe(result), indent=2) + "\n")
+        delta = result["delta_roc_auc"]
+        print(f"{name} at {site} minus {Path(csv_path).name}: ΔAUC {delta['delta']:+.3f} "
+              f"[{delta['low']:+.3f}, {delta['high']:+.3f}]")
     for combo in args.ensemble:
         names = combo.split("+")
         result = ensemble([studies[n] for n in names], args.n_bootstrap)

@@ -91,6 +91,7 @@ def train_and_evaluate(
         data_root=dataset.root,
         settings=config.evaluate,
         site="+".join(n for n in dataset.sites if any(s.site == n for s in tested)) or None,
+        reader_ranks=rank_categories([s.birads for s in tested]),  # where a table gave BI-RADS
         progress=progress,
     )
 
