@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 from busdx import __version__
 from busdx.bundled import BUNDLED_DIR, SUMMARY_FILE
@@ -34,6 +35,7 @@ from busdx.export import EXPORT_REPORT, export_run
 from busdx.fileio import atomic_write_text
 from busdx.predictor import INT8_FILE
 from busdx.runs import CONFIG_FILE, INFO_FILE, load_run
+from busdx.scope import SCOPE_KEY
 from busdx.training import MODEL_FILE, update_model_metadata
 
 MIN_AGREEMENT = 0.95  # int8 ships only if it decides as the fp32 model on 95% of validation cases
@@ -42,13 +44,13 @@ SITES = {  # site name in the study -> what the card says of it
         "title": "BUSI (Baheya Hospital, Cairo, Egypt)",
         "citation": "W. Al-Dhabyani, M. Gomaa, H. Khaled, A. Fahmy, \"Dataset of breast "
         "ultrasound images\", Data in Brief 28 (2020) 104863. doi:10.1016/j.dib.2019.104863",
-        "licence": "CC0 1.0 (as released by the authors)",
+        "licence": "CC0 1.0 (the dataset's public listings; the article is CC BY 4.0)",
     },
     "bus_bra": {
-        "title": "BUS-BRA (National Cancer Institute, Rio de Janeiro, Brazil; four scanners)",
+        "title": "BUS-BRA (Brazil; four scanners)",
         "citation": "W. Gómez-Flores, M. J. Gregorio-Calas, W. C. A. Pereira, \"BUS-BRA: A "
         "breast ultrasound dataset for assessing computer-aided diagnosis systems\", Medical "
-        "Physics 51 (2024). doi:10.5281/zenodo.7730709 (data)",
+        "Physics 51(4):3110-3123 (2024); data doi:10.5281/zenodo.7730709",
         "licence": "CC BY 4.0 (Zenodo record; the release's LICENSE asks for the citation)",
     },
     "breast": {
@@ -173,7 +175,10 @@ def main() -> None:
     labels, logits = out_of_site_predictions(args.loso)
     fitted = fit_operating_points(logits, labels, config.evaluate)
     source = f"out-of-site predictions of leave-one-site-out ({args.loso.name})"
-    update_model_metadata(args.run / MODEL_FILE, {**fitted, "calibration_source": source})
+    scope = torch.load(args.run / MODEL_FILE, weights_only=True)[SCOPE_KEY]
+    scope["precision"] = scope["precision"].half()  # as busdx stores it now: 3.3 MB less
+    update_model_metadata(args.run / MODEL_FILE,
+                          {**fitted, "calibration_source": source, SCOPE_KEY: scope})  # fmt: skip
     try:  # 8-bit weights: a Lite model keeps its decisions far better (experiments/int8_lite.py)
         export = export_run(args.run, int8=True, weight_bits=8, calibration_size=200)
         agreement = export["int8"]["vs_fp32"]["agreement"]

@@ -10,6 +10,7 @@ import onnx
 import pytest
 import torch
 from fastapi.testclient import TestClient
+from PIL import Image
 
 from busdx.cli import main
 from busdx.errors import CheckpointError, ExportError
@@ -218,3 +219,18 @@ def test_8_bit_int8_weights_are_used_only_on_a_cpu_with_vnni(run_copy, monkeypat
     with pytest.raises(SystemExit):  # argparse: 7 or 8 only
         main([*args, "--int8-weight-bits", "6"])
     assert "invalid choice: 6" in capsys.readouterr().err
+
+
+def test_the_exported_model_carries_the_out_of_scope_guard(run_copy, images, tmp_path):
+    export_run(run_copy)
+    outputs = [o.name for o in onnx.load(run_copy / "model.onnx").graph.output]
+    assert outputs == ["logits", "scope_distance"]
+    flat = tmp_path / "flat.png"  # a uniform image: out of scope by its pixels
+    Image.new("RGB", (200, 200), (90, 90, 90)).save(flat)
+    files = [*images[:4], flat]
+    by_torch = list(predict_files(load_model(run_copy), files, progress=False))
+    by_onnx = list(predict_files(load_model(run_copy, backend="onnx"), files, progress=False))
+    for a, b in zip(by_torch, by_onnx, strict=True):
+        assert b.scope_distance == pytest.approx(a.scope_distance, rel=1e-3)
+        assert (a.out_of_scope, a.scope_reason) == (b.out_of_scope, b.scope_reason)
+    assert by_onnx[-1].out_of_scope and "uniform" in by_onnx[-1].scope_reason

@@ -51,7 +51,7 @@ from busdx.predictor import (
 )
 from busdx.provenance import environment
 from busdx.runs import load_run, samples_for_split
-from busdx.scope import SCOPE_KEY
+from busdx.scope import SCOPE_KEY, ScopedClassifier, public_scope
 from busdx.transforms import build_eval_transform, load_region
 
 __all__ = ["EXPORT_REPORT", "compare_logits", "export_onnx", "export_run", "quantize_int8"]
@@ -68,7 +68,9 @@ def _add_metadata(path: Path, loaded: Predictor, extra: dict[str, Any] | None = 
     model = onnx.load(str(path))
     del model.metadata_props[:]
     entry = model.metadata_props.add()
-    metadata = {k: v for k, v in loaded.metadata.items() if k != SCOPE_KEY}  # tensors; torch only
+    metadata = {k: v for k, v in loaded.metadata.items() if k != SCOPE_KEY}
+    if SCOPE_KEY in loaded.metadata:  # its threshold; the tensors are inside the graph
+        metadata[SCOPE_KEY] = public_scope(loaded.metadata[SCOPE_KEY])
     metadata[EXPORT_STAMP] = {"file": loaded.path.name, "sha256": sha256_file(loaded.path)}
     metadata["export_environment"] = environment()
     metadata.update(extra or {})
@@ -77,9 +79,14 @@ def _add_metadata(path: Path, loaded: Predictor, extra: dict[str, Any] | None = 
 
 
 def export_onnx(loaded: Predictor, path: Path) -> Path:
-    """Write the torch model as fp32 ONNX (input ``images`` (N, 3, H, W), output ``logits`` N)."""
+    """Write the torch model as fp32 ONNX: input ``images`` (N, 3, H, W), output ``logits`` (N)
+    and, for a model with an out-of-scope guard, ``scope_distance`` (N)."""
     size = loaded.preprocessing.image_size
     model = loaded.model.to("cpu").eval()
+    outputs = ["logits"]
+    if SCOPE_KEY in loaded.metadata:
+        model = ScopedClassifier(model, loaded.metadata[SCOPE_KEY]).eval()
+        outputs.append("scope_distance")
     with atomic_path(path) as tmp, warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation notice
         torch.onnx.export(
@@ -87,8 +94,8 @@ def export_onnx(loaded: Predictor, path: Path) -> Path:
             (torch.zeros(1, 3, size, size),),
             str(tmp),
             input_names=["images"],
-            output_names=["logits"],
-            dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}},
+            output_names=outputs,
+            dynamic_axes={name: {0: "batch"} for name in ["images", *outputs]},
             opset_version=OPSET,
             dynamo=False,
         )
@@ -137,6 +144,8 @@ def quantize_int8(
     with tempfile.TemporaryDirectory() as folder, atomic_path(out_path) as tmp:
         prepared = Path(folder) / "prepared.onnx"
         quant_pre_process(str(fp32_path), str(prepared), skip_symbolic_shape=True)
+        guard = [node.name for node in onnx.load(str(prepared)).graph.node
+                 if node.name.startswith(ScopedClassifier.GUARD_PREFIX)]  # fmt: skip
         quantize_static(
             str(prepared),
             str(tmp),
@@ -146,6 +155,7 @@ def quantize_int8(
             activation_type=QuantType.QUInt8,
             weight_type=QuantType.QInt8,
             reduce_range=weight_bits == 7,
+            nodes_to_exclude=guard,  # the out-of-scope distance stays in float
         )
         _add_metadata(tmp, loaded, {INT8_WEIGHT_BITS: weight_bits})
     return out_path

@@ -29,7 +29,7 @@ from busdx.errors import CheckpointError, ConfigError
 from busdx.fileio import sha256_file
 from busdx.metrics import is_positive
 from busdx.models import BinaryClassifier, Ensemble, create_model
-from busdx.scope import SCOPE_KEY, image_checks, scope_distances
+from busdx.scope import SCOPE_KEY, image_checks, logits_and_features, scope_distances
 from busdx.training import MODEL_FILE
 from busdx.transforms import Preprocessing, build_eval_transform
 
@@ -157,21 +157,18 @@ class Predictor:
     @torch.inference_mode()
     def predict(self, images: torch.Tensor) -> tuple[torch.Tensor, np.ndarray | None]:
         """Raw log-odds of the positive class for a batch of preprocessed images, and each
-        image's out-of-scope distance (see :mod:`busdx.scope`; None without a fitted guard or
-        on the ONNX backend). The backbone runs once for both."""
-        if self.session is not None:
-            (logits,) = self.session.run(None, {"images": images.numpy()})
-            return torch.from_numpy(logits), None
+        image's out-of-scope distance (see :mod:`busdx.scope`; None without a fitted guard, or
+        from an ONNX model exported without one). The backbone runs once for both."""
+        if self.session is not None:  # an export of a guarded model has the distance too
+            logits, *distances = self.session.run(None, {"images": images.numpy()})
+            return torch.from_numpy(logits), (distances[0] if distances else None)
         images = images.to(self.device, non_blocking=True)
         scope = self.metadata.get(SCOPE_KEY)
         with autocast(self.device, self.precision):
             if scope is None:
                 return self.model(images).float().cpu(), None
-            first, *others = getattr(self.model, "members", [self.model])
-            maps, tapped = first.run_backbone(first.stem(images), first.stem_layers)
-            logits = torch.stack([first.classify(maps, tapped), *(m(images) for m in others)])
-        distances = scope_distances(scope, maps.float().mean(dim=(2, 3)))
-        return logits.float().mean(dim=0).cpu(), distances
+            logits, features = logits_and_features(self.model, images)
+        return logits.cpu(), scope_distances(scope, features)
 
     def scope_reason(self, checks: list[str], distance: float | None) -> str | None:
         """Why an input is out of scope (None: it is not, or there is no way to tell).
