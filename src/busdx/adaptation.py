@@ -22,7 +22,6 @@ import numpy as np
 import torch
 from scipy.optimize import minimize
 from scipy.special import expit
-from sklearn.model_selection import StratifiedKFold
 
 from busdx.calibration import fit_operating_points, fit_temperature
 from busdx.config import EvaluateConfig
@@ -134,6 +133,9 @@ def fit_local_head(
     k = min(folds, int(labels.sum()), int(len(labels) - labels.sum()))
     if k < 2:
         raise DataError("refitting the head needs at least 2 cases of each class")
+    # imported here, not at the top: scikit-learn takes 1-2 s to import
+    from sklearn.model_selection import StratifiedKFold
+
     folding = StratifiedKFold(k, shuffle=True, random_state=settings.seed)
     splits = list(folding.split(labels, labels))
     candidates = {}

@@ -66,7 +66,6 @@ from busdx.runs import (
     save_config,
     save_run,
 )
-from busdx.serving import ServeSettings, serve
 from busdx.synthetic import write_synthetic_dataset
 from busdx.training import MODEL_FILE, fit
 from busdx.transforms import load_region
@@ -356,6 +355,8 @@ def _with_explanations(
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    from busdx.serving import ServeSettings, serve  # FastAPI: only the server needs it
+
     args.run = str(resolve_run(args.run))
     settings = ServeSettings.from_options(
         max_upload_mb=args.max_upload_mb,

@@ -13,7 +13,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from sklearn.model_selection import StratifiedGroupKFold
 
 from busdx.calibration import apply_temperature, fit_operating_points
 from busdx.config import Config
@@ -120,6 +119,9 @@ def assign_folds(
     if min(np.bincount(labels, minlength=2)) < n_folds:
         raise DataError(f"each class needs at least {n_folds} images for {n_folds} folds")
     folds = np.zeros(len(labels), dtype=int)
+    # imported here, not at the top: scikit-learn takes 1-2 s to import
+    from sklearn.model_selection import StratifiedGroupKFold
+
     splitter = StratifiedGroupKFold(n_splits=n_folds, shuffle=True, random_state=seed)
     for fold, (_, test_index) in enumerate(splitter.split(labels, strata, groups)):
         folds[test_index] = fold

@@ -22,7 +22,6 @@ from typing import Any
 import numpy as np
 import torch
 from PIL import Image, ImageStat
-from sklearn.covariance import LedoitWolf
 from torch import nn
 
 from busdx.imaging import InputLike, as_input
@@ -107,6 +106,9 @@ def fit_scope(
     """Fit the guard on training images; set its threshold on held-out in-scope images."""
     model.eval()
     train = _file_features(model, prep, train_files, device)
+    # imported here, not at the top: scikit-learn takes 1-2 s to import
+    from sklearn.covariance import LedoitWolf
+
     estimator = LedoitWolf().fit(train)
     mean = torch.from_numpy(estimator.location_.astype(np.float32))
     # float16: half the size in the model file (1280 x 1280 for EfficientNet-Lite, 3.3 MB
