@@ -4,7 +4,8 @@ two recipes' fold models), with the mean of several studies' logits as an ensemb
 
     python experiments/collect_loso.py --out docs/multisite \\
         --study lite0=runs/loso3-lite0 --study balanced=runs/loso3-lite0-balanced \\
-        --compare balanced:lite0 --ensemble lite0+seed7
+        --compare balanced:lite0 --ensemble lite0+seed7 \\
+        --evaluations seeds-breast=runs/loso3-lite0/fold-2/eval-breast,runs/seed7/eval-breast
 """
 
 from __future__ import annotations
@@ -92,6 +93,30 @@ def against_baseline(study: Path, site: str, baseline: Path, n_resamples: int) -
     }
 
 
+def evaluations_ensemble(folders: list[Path], n_resamples: int) -> dict:
+    """Evaluations of one site by several models (``busdx evaluate`` folders): each one's AUC,
+    the paired difference of the second minus the first (run-to-run spread when they differ
+    only by seed), and the mean of their raw logits as an ensemble, paired against the first."""
+    tables = []
+    for folder in folders:
+        with (folder / "predictions.csv").open(newline="") as handle:
+            tables.append({row["path"]: row for row in csv.DictReader(handle)})
+    order = sorted(tables[0])
+    if any(set(table) != set(order) for table in tables):
+        raise SystemExit("the evaluations scored different images")
+    y = np.array([tables[0][path]["label"] == "malignant" for path in order], dtype=int)
+    logits = [np.array([float(table[path]["logit"]) for path in order]) for table in tables]
+    mean = np.mean(logits, axis=0)
+    return {
+        "members": [str(folder) for folder in folders],
+        "each_roc_auc": [roc_auc(y, member) for member in logits],
+        "second_minus_first": paired_bootstrap(y, logits[1], logits[0], n_resamples=n_resamples),
+        "ensemble_roc_auc": roc_auc(y, mean),
+        "ensemble_ci": bootstrap_ci(y, mean, threshold=0.0, n_resamples=n_resamples)["roc_auc"],
+        "ensemble_vs_first": paired_bootstrap(y, mean, logits[0], n_resamples=n_resamples),
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True)
@@ -100,6 +125,8 @@ def main() -> None:
     parser.add_argument("--ensemble", action="append", default=[], help="A+B[+C]")
     parser.add_argument("--baseline", action="append", default=[],
                         help="STUDY:SITE=PREDICTIONS.csv (earlier predictions of that site)")
+    parser.add_argument("--evaluations", action="append", default=[],
+                        help="NAME=EVAL_DIR,EVAL_DIR[,...]: one site scored by several models")
     parser.add_argument("--n-bootstrap", type=int, default=2000)
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
@@ -131,6 +158,16 @@ def main() -> None:
         delta = result["delta_roc_auc"]
         print(f"{name} at {site} minus {Path(csv_path).name}: ΔAUC {delta['delta']:+.3f} "
               f"[{delta['low']:+.3f}, {delta['high']:+.3f}]")
+    for item in args.evaluations:
+        name, folders = item.split("=", 1)
+        result = evaluations_ensemble([Path(f) for f in folders.split(",")], args.n_bootstrap)
+        target = args.out / f"evaluations-{name}.json"
+        atomic_write_text(target, json.dumps(json_safe(result), indent=2) + "\n")
+        spread, ens = result["second_minus_first"], result["ensemble_vs_first"]
+        print(f"{name}: AUCs {', '.join(f'{v:.3f}' for v in result['each_roc_auc'])}; second "
+              f"minus first {spread['delta']:+.3f} [{spread['low']:+.3f}, {spread['high']:+.3f}]; "
+              f"ensemble {result['ensemble_roc_auc']:.3f}, vs first {ens['delta']:+.3f} "
+              f"[{ens['low']:+.3f}, {ens['high']:+.3f}]")
     for combo in args.ensemble:
         names = combo.split("+")
         result = ensemble([studies[n] for n in names], args.n_bootstrap)
