@@ -76,7 +76,11 @@ def against_baseline(study: Path, site: str, baseline: Path, n_resamples: int) -
     """The study's model at ``site`` against earlier predictions of the same images (a
     predictions CSV with path, label and probability_malignant), matched by file name: paired
     ΔAUC (study minus baseline)."""
-    rows = fold_predictions(study)[site]
+    if (study / "predictions.csv").is_file() and not (study / "folds.csv").is_file():
+        with (study / "predictions.csv").open(newline="") as handle:  # a busdx evaluate folder
+            rows = list(csv.DictReader(handle))
+    else:
+        rows = fold_predictions(study)[site]
     with baseline.open(newline="") as handle:
         earlier = {Path(row["path"]).name: row for row in csv.DictReader(handle)}
     names = [Path(row["path"]).name for row in rows]
@@ -124,7 +128,8 @@ def main() -> None:
     parser.add_argument("--compare", action="append", default=[], help="A:B (A minus B)")
     parser.add_argument("--ensemble", action="append", default=[], help="A+B[+C]")
     parser.add_argument("--baseline", action="append", default=[],
-                        help="STUDY:SITE=PREDICTIONS.csv (earlier predictions of that site)")
+                        help="STUDY:SITE=PREDICTIONS.csv (earlier predictions of that site); "
+                        "STUDY may be a busdx evaluate folder")
     parser.add_argument("--evaluations", action="append", default=[],
                         help="NAME=EVAL_DIR,EVAL_DIR[,...]: one site scored by several models")
     parser.add_argument("--n-bootstrap", type=int, default=2000)
@@ -152,7 +157,9 @@ def main() -> None:
     for item in args.baseline:
         where, csv_path = item.split("=", 1)
         name, site = where.split(":")
-        result = against_baseline(studies[name], site, Path(csv_path), args.n_bootstrap)
+        study = studies.get(name, Path(name))  # a study's name, or an evaluation folder
+        result = against_baseline(study, site, Path(csv_path), args.n_bootstrap)
+        name = name if name in studies else Path(name).parent.name
         target = args.out / f"baseline-{name}-{site}-vs-{Path(csv_path).stem}.json"
         atomic_write_text(target, json.dumps(json_safe(result), indent=2) + "\n")
         delta = result["delta_roc_auc"]
