@@ -145,10 +145,10 @@ def cmd_train(args: argparse.Namespace) -> int:
 def _reader_ranks(args: argparse.Namespace, dataset_root: Path, samples: list):
     """Readers' BI-RADS ranks of the images: from --readers, else the labels table the images
     came from, else DATA/labels.csv if it has them."""
-    relpaths = [s.relpath for s in samples]
     from_table = rank_categories([s.birads for s in samples])
     if from_table is not None and not args.readers:
         return from_table
+    relpaths = [s.relpath for s in samples]
     path = Path(args.readers) if args.readers else dataset_root / "labels.csv"
     if not path.is_file():
         if args.readers:

@@ -112,9 +112,9 @@ class MBConv(nn.Module):
         return out + x if self.residual else out
 
 
-# (repeats, kernel, stride, expand, out channels) of each EfficientNet-Lite's seven stages, and
-# the channels of its last stage. Lite keeps the stem (32), the first and last stages' repeats and
-# the head (1280) fixed; Lite1 and Lite2 add depth, Lite2 width too (Tan & Le 2019, lite).
+# (repeats, kernel, stride, expand, out channels) of each EfficientNet-Lite's seven stages. Lite
+# keeps the stem (32), the first and last stages' repeats and the head (1280) fixed; Lite1 and
+# Lite2 add depth, Lite2 width too (Tan & Le 2019, lite).
 _LITE_STAGES = {
     0: [(1, 3, 1, 1, 16), (2, 3, 2, 6, 24), (2, 5, 2, 6, 40), (3, 3, 2, 6, 80),
         (3, 5, 1, 6, 112), (4, 5, 2, 6, 192), (1, 3, 1, 6, 320)],

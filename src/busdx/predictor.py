@@ -253,6 +253,9 @@ def load_model(
     target = resolve_device(device)
     model.to(target).eval()
     metadata = {k: v for k, v in payload.items() if k not in {"state_dict", "optimizer"}}
+    if SCOPE_KEY in metadata:  # stored in float16; upcast once here, not on every batch
+        scope = metadata[SCOPE_KEY]
+        metadata[SCOPE_KEY] = {**scope, "precision": scope["precision"].float()}
     return Predictor(metadata, prep, path, model=model, device=target, precision=precision)
 
 
