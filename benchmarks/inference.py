@@ -25,8 +25,9 @@ import onnxruntime
 import torch
 
 from busdx.devices import cpu_has_bf16
+from busdx.layout import INT8_FILE, ONNX_FILE
 from busdx.models import BinaryClassifier
-from busdx.predictor import INT8_FILE, ONNX_FILE, load_model
+from busdx.predictor import load_model
 
 from _common import REPO, machine_info, throughput, write_json
 

@@ -33,7 +33,8 @@ from training import subset_split
 from busdx.data import resolve_workers
 from busdx.devices import autocast, cpu_has_bf16, resolve_device
 from busdx.inference import predict_files, write_predictions
-from busdx.predictor import INT8_FILE, load_model
+from busdx.layout import INT8_FILE
+from busdx.predictor import load_model
 from busdx.synthetic import make_lesion_image
 
 from _common import REPO, machine_info, throughput, write_json

@@ -30,33 +30,32 @@ from busdx import __version__
 from busdx.bundled import BUNDLED_DIR, SUMMARY_FILE
 from busdx.calibration import fit_operating_points
 from busdx.errors import ExportError
-from busdx.evaluation import json_safe
-from busdx.export import EXPORT_REPORT, export_run
-from busdx.fileio import atomic_write_text
-from busdx.predictor import INT8_FILE
-from busdx.runs import CONFIG_FILE, INFO_FILE, load_run
+from busdx.export import export_run
+from busdx.fileio import atomic_write_text, json_safe
+from busdx.layout import CONFIG_FILE, EXPORT_REPORT, INFO_FILE, INT8_FILE, MODEL_FILE
+from busdx.runs import load_run
 from busdx.scope import SCOPE_KEY
-from busdx.training import MODEL_FILE, update_model_metadata
+from busdx.training import update_model_metadata
 
 MIN_AGREEMENT = 0.95  # int8 ships only if it decides as the fp32 model on 95% of validation cases
 SITES = {  # site name in the study -> what the card says of it
     "busi": {
         "title": "BUSI (Baheya Hospital, Cairo, Egypt)",
-        "citation": "W. Al-Dhabyani, M. Gomaa, H. Khaled, A. Fahmy, \"Dataset of breast "
-        "ultrasound images\", Data in Brief 28 (2020) 104863. doi:10.1016/j.dib.2019.104863",
+        "citation": 'W. Al-Dhabyani, M. Gomaa, H. Khaled, A. Fahmy, "Dataset of breast '
+        'ultrasound images", Data in Brief 28 (2020) 104863. doi:10.1016/j.dib.2019.104863',
         "licence": "CC0 1.0 (the dataset's public listings; the article is CC BY 4.0)",
     },
     "bus_bra": {
         "title": "BUS-BRA (Brazil; four scanners)",
-        "citation": "W. Gómez-Flores, M. J. Gregorio-Calas, W. C. A. Pereira, \"BUS-BRA: A "
-        "breast ultrasound dataset for assessing computer-aided diagnosis systems\", Medical "
+        "citation": 'W. Gómez-Flores, M. J. Gregorio-Calas, W. C. A. Pereira, "BUS-BRA: A '
+        'breast ultrasound dataset for assessing computer-aided diagnosis systems", Medical '
         "Physics 51(4):3110-3123 (2024); data doi:10.5281/zenodo.7730709",
         "licence": "CC BY 4.0 (Zenodo record; the release's LICENSE asks for the citation)",
     },
     "breast": {
         "title": "BrEaST-Lesions-USG (Poland)",
-        "citation": "A. Pawłowska et al., \"Curated benchmark dataset for ultrasound based "
-        "breast lesion analysis\", Scientific Data 11 (2024). doi:10.1038/s41597-024-02984-z; "
+        "citation": 'A. Pawłowska et al., "Curated benchmark dataset for ultrasound based '
+        'breast lesion analysis", Scientific Data 11 (2024). doi:10.1038/s41597-024-02984-z; '
         "TCIA collection doi:10.7937/9WKK-Q141",
         "licence": "CC BY 4.0 (TCIA, data citation required)",
     },
@@ -130,13 +129,13 @@ def model_card(name: str, info: dict[str, Any], held_out: dict, fitted: dict) ->
 Research use only. busdx is not a medical device and must not be used for diagnosis.
 
 - **What**: probability that a breast lesion in a B-mode ultrasound image is malignant, from the
-  whole image; {info['recipe']} recipe (EfficientNet-Lite0, ImageNet weights, fine-tuned end to
-  end), {info['epochs']} epochs, bf16 on a CPU; busdx {__version__}.
+  whole image; {info["recipe"]} recipe (EfficientNet-Lite0, ImageNet weights, fine-tuned end to
+  end), {info["epochs"]} epochs, bf16 on a CPU; busdx {__version__}.
 - **Trained on** three hospitals' images, all of each site ({counts}; the validation images
-  chose the checkpoint): {', '.join(SITES.get(s, {}).get('title', s) for s in info['sites'])}.
-- **Threshold policy**: `{fitted['threshold_policy']}`, target sensitivity
-  {fitted['target_sensitivity']}; temperature {fitted['temperature']:.3f} and threshold
-  {fitted['threshold']:.3f} fitted on the {fitted['calibration_cases']['n']} out-of-site
+  chose the checkpoint): {", ".join(SITES.get(s, {}).get("title", s) for s in info["sites"])}.
+- **Threshold policy**: `{fitted["threshold_policy"]}`, target sensitivity
+  {fitted["target_sensitivity"]}; temperature {fitted["temperature"]:.3f} and threshold
+  {fitted["threshold"]:.3f} fitted on the {fitted["calibration_cases"]["n"]} out-of-site
   predictions of the leave-one-site-out study below (each image scored by a model of the same
   recipe that never saw its hospital): the sensitivity to expect at a hospital this model never
   saw, not at the ones it trained on.

@@ -19,9 +19,9 @@ from pathlib import Path
 
 import numpy as np
 
+from busdx.comparison import compare_evaluations
 from busdx.config import EvaluateConfig
-from busdx.evaluation import compare_evaluations, json_safe
-from busdx.fileio import atomic_write_text
+from busdx.fileio import atomic_write_text, json_safe
 from busdx.metrics import bootstrap_ci, paired_bootstrap, roc_auc
 
 
@@ -127,11 +127,19 @@ def main() -> None:
     parser.add_argument("--study", action="append", default=[], help="NAME=CV_FOLDER")
     parser.add_argument("--compare", action="append", default=[], help="A:B (A minus B)")
     parser.add_argument("--ensemble", action="append", default=[], help="A+B[+C]")
-    parser.add_argument("--baseline", action="append", default=[],
-                        help="STUDY:SITE=PREDICTIONS.csv (earlier predictions of that site); "
-                        "STUDY may be a busdx evaluate folder")
-    parser.add_argument("--evaluations", action="append", default=[],
-                        help="NAME=EVAL_DIR,EVAL_DIR[,...]: one site scored by several models")
+    parser.add_argument(
+        "--baseline",
+        action="append",
+        default=[],
+        help="STUDY:SITE=PREDICTIONS.csv (earlier predictions of that site); "
+        "STUDY may be a busdx evaluate folder",
+    )
+    parser.add_argument(
+        "--evaluations",
+        action="append",
+        default=[],
+        help="NAME=EVAL_DIR,EVAL_DIR[,...]: one site scored by several models",
+    )
     parser.add_argument("--n-bootstrap", type=int, default=2000)
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
@@ -163,18 +171,22 @@ def main() -> None:
         target = args.out / f"baseline-{name}-{site}-vs-{Path(csv_path).stem}.json"
         atomic_write_text(target, json.dumps(json_safe(result), indent=2) + "\n")
         delta = result["delta_roc_auc"]
-        print(f"{name} at {site} minus {Path(csv_path).name}: ΔAUC {delta['delta']:+.3f} "
-              f"[{delta['low']:+.3f}, {delta['high']:+.3f}]")
+        print(
+            f"{name} at {site} minus {Path(csv_path).name}: ΔAUC {delta['delta']:+.3f} "
+            f"[{delta['low']:+.3f}, {delta['high']:+.3f}]"
+        )
     for item in args.evaluations:
         name, folders = item.split("=", 1)
         result = evaluations_ensemble([Path(f) for f in folders.split(",")], args.n_bootstrap)
         target = args.out / f"evaluations-{name}.json"
         atomic_write_text(target, json.dumps(json_safe(result), indent=2) + "\n")
         spread, ens = result["second_minus_first"], result["ensemble_vs_first"]
-        print(f"{name}: AUCs {', '.join(f'{v:.3f}' for v in result['each_roc_auc'])}; second "
-              f"minus first {spread['delta']:+.3f} [{spread['low']:+.3f}, {spread['high']:+.3f}]; "
-              f"ensemble {result['ensemble_roc_auc']:.3f}, vs first {ens['delta']:+.3f} "
-              f"[{ens['low']:+.3f}, {ens['high']:+.3f}]")
+        print(
+            f"{name}: AUCs {', '.join(f'{v:.3f}' for v in result['each_roc_auc'])}; second "
+            f"minus first {spread['delta']:+.3f} [{spread['low']:+.3f}, {spread['high']:+.3f}]; "
+            f"ensemble {result['ensemble_roc_auc']:.3f}, vs first {ens['delta']:+.3f} "
+            f"[{ens['low']:+.3f}, {ens['high']:+.3f}]"
+        )
     for combo in args.ensemble:
         names = combo.split("+")
         result = ensemble([studies[n] for n in names], args.n_bootstrap)
@@ -182,9 +194,11 @@ def main() -> None:
         atomic_write_text(target, json.dumps(json_safe(result), indent=2) + "\n")
         for site, row in result.items():
             delta = row["ensemble_vs_first"]
-            print(f"ensemble {combo} at {site}: AUC {row['ensemble_roc_auc']:.3f} "
-                  f"(members {', '.join(f'{v:.3f}' for v in row['each_roc_auc'])}); vs "
-                  f"{names[0]} {delta['delta']:+.3f} [{delta['low']:+.3f}, {delta['high']:+.3f}]")
+            print(
+                f"ensemble {combo} at {site}: AUC {row['ensemble_roc_auc']:.3f} "
+                f"(members {', '.join(f'{v:.3f}' for v in row['each_roc_auc'])}); vs "
+                f"{names[0]} {delta['delta']:+.3f} [{delta['low']:+.3f}, {delta['high']:+.3f}]"
+            )
 
 
 if __name__ == "__main__":

@@ -27,8 +27,8 @@ import numpy as np
 
 from busdx.calibration import apply_temperature, fit_operating_points
 from busdx.config import apply_overrides, load_config
+from busdx.crossval import leave_one_fold_out_threshold
 from busdx.metrics import binary_metrics, bootstrap_ci
-from busdx.pipeline import leave_one_fold_out_threshold
 
 
 def _predictions(folder: Path, positive: str) -> tuple[np.ndarray, np.ndarray]:

@@ -19,8 +19,8 @@ import onnx
 from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 from onnxruntime.quantization.shape_inference import quant_pre_process
 
-from busdx.evaluation import json_safe
 from busdx.export import _calibration_files, _CalibrationImages, compare_logits, export_onnx
+from busdx.fileio import json_safe
 from busdx.inference import file_logits
 from busdx.metrics import paired_bootstrap
 from busdx.predictor import load_model

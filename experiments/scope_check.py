@@ -25,7 +25,8 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from busdx.errors import DataError
-from busdx.inference import iter_image_paths, predict_files
+from busdx.inference import predict_files
+from busdx.inputs import iter_image_paths
 from busdx.predictor import load_model
 from busdx.runs import load_run, samples_for_split
 

@@ -35,11 +35,11 @@ from sklearn.preprocessing import StandardScaler
 from tqdm.auto import tqdm
 
 from busdx.config import ModelConfig, load_config
+from busdx.crossval import assign_folds
 from busdx.data import scan_dataset
 from busdx.imaging import load_image
 from busdx.metrics import bootstrap_ci, paired_bootstrap, roc_auc
 from busdx.models import create_model
-from busdx.pipeline import assign_folds
 from busdx.runs import prepare_dataset
 from busdx.transforms import build_eval_transform
 

@@ -16,7 +16,8 @@ from busdx.cli import main
 from busdx.errors import CheckpointError, ExportError
 from busdx.export import export_run
 from busdx.fileio import sha256_file
-from busdx.inference import file_logits, iter_image_paths, predict_files
+from busdx.inference import file_logits, predict_files
+from busdx.inputs import iter_image_paths
 from busdx.predictor import load_model
 from busdx.serving import ServeSettings, create_app
 
@@ -196,7 +197,7 @@ def test_train_export_then_predict_and_serve_use_the_int8_model_by_default(
     assert "using model.int8.onnx" in caplog.text
     with TestClient(create_app(run, ServeSettings(workers=2))) as client:
         assert client.get("/health").json()["backend"] == "onnx"
-        session = client.app.state.predictor.session
+        session = client.app.state.service.predictor.session
         assert session.get_session_options().intra_op_num_threads == max(1, os.cpu_count() // 2)
     payload = torch.load(run / "model.pt", weights_only=True)
     payload["threshold"] = 0.2  # model.pt changed since the export: the int8 file is stale

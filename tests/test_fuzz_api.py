@@ -2,6 +2,10 @@
 answer is never a 5xx, every error is ``{error, detail}`` JSON, and every answer matches the
 schema (its status code, content type and body)."""
 
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import schemathesis
 from hypothesis import HealthCheck, given, settings
@@ -11,13 +15,36 @@ from busdx.serving import ServeSettings, create_app
 
 from conftest import FAST, train_run
 
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from load_test import running_server  # noqa: E402
+
 EXAMPLES = 40  # per operation: bounded so that CI stays within its budget
 
 
 @pytest.fixture(scope="module")
-def app(synthetic_data, tmp_path_factory):
-    run = train_run(synthetic_data, tmp_path_factory.mktemp("fuzz") / "run", *FAST, epochs=1)
+def run(synthetic_data, tmp_path_factory):
+    return train_run(synthetic_data, tmp_path_factory.mktemp("fuzz") / "run", *FAST, epochs=1)
+
+
+@pytest.fixture(scope="module")
+def app(run):
     return create_app(run, ServeSettings(max_upload_mb=1.0, max_pixels=4_000_000))
+
+
+def test_schemathesis_own_runner_with_every_check_finds_no_failure(run):
+    """``schemathesis run --checks all`` against a live ``busdx serve``, as a user would run
+    it: the service does what its OpenAPI schema says (schemathesis.toml explains the one
+    setting: a schema-valid upload need not be a decodable image)."""
+    runner = Path(sys.executable).parent / "schemathesis"
+    with running_server(run) as server:
+        result = subprocess.run(
+            [str(runner), "run", f"{server.url}/openapi.json", "--checks", "all",
+             "--max-examples", "30", "--seed", "0"],
+            cwd=ROOT, capture_output=True, text=True, timeout=600,
+        )  # fmt: skip
+    assert result.returncode == 0, result.stdout[-4000:]
+    assert "passed" in result.stdout and "failures" not in result.stdout.split("SUMMARY")[-1]
 
 
 OPERATIONS = [("/predict", "POST"), ("/explain", "POST"), ("/health", "GET"), ("/model", "GET")]

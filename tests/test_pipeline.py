@@ -9,8 +9,8 @@ import torch
 
 from busdx.cli import main
 from busdx.config import apply_overrides, load_config
+from busdx.crossval import leave_one_fold_out_threshold
 from busdx.inference import predict_files
-from busdx.pipeline import leave_one_fold_out_threshold
 from busdx.predictor import load_model
 
 from conftest import FAST

@@ -12,7 +12,8 @@ from busdx.cli import main
 from busdx.explain import explain_image
 from busdx.export import export_run
 from busdx.imaging import load_image
-from busdx.inference import iter_image_paths, predict_files
+from busdx.inference import predict_files
+from busdx.inputs import iter_image_paths
 from busdx.metrics import is_positive
 from busdx.predictor import load_model
 from busdx.serving import ServeSettings, create_app

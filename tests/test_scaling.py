@@ -8,7 +8,8 @@ import pytest
 from busdx.cli import main
 from busdx.errors import ConfigError
 from busdx.export import export_run
-from busdx.inference import iter_image_paths, parse_shard, predict_files, take_shard
+from busdx.inference import predict_files
+from busdx.inputs import iter_image_paths, parse_shard, take_shard
 from busdx.predictor import load_model
 from busdx.synthetic import make_lesion_image
 

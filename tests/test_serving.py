@@ -151,6 +151,33 @@ def test_malformed_requests(client):
     assert _post(client, [("scan.png", PNG, "image/png")]).status_code == 200  # still serving
 
 
+def test_a_wrong_method_is_405_with_its_allow_header(client):
+    """RFC 9110: a 405 names the methods the resource takes; a POST to a GET resource reaches
+    the router (no upload checks first), and a GET to an upload route is 405 too."""
+    for method, path, allowed in (("POST", "/model", "GET"), ("DELETE", "/health", "GET"),
+                                  ("GET", "/predict", "POST")):  # fmt: skip
+        answer = client.request(method, path)
+        assert answer.status_code == 405, (method, path, answer.text)
+        assert answer.headers["allow"] == allowed
+        assert answer.json()["error"] == "http_error"
+
+
+def test_the_schema_requires_at_least_one_file(client):
+    schema = client.get("/openapi.json").json()
+    body = schema["paths"]["/predict"]["post"]["requestBody"]
+    form = schema["components"]["schemas"][
+        body["content"]["multipart/form-data"]["schema"]["$ref"].split("/")[-1]
+    ]
+    assert body["required"] is True and "files" in form["required"]
+    assert form["properties"]["files"]["minItems"] == 1
+    for route in ("/predict", "/explain"):
+        documented = schema["paths"][route]["post"]["responses"]
+        assert {"400", "413", "415", "422", "501"} <= set(documented)
+        assert documented["400"]["content"]["application/json"]["schema"]["$ref"].endswith(
+            "ErrorBody"
+        )
+
+
 def test_api_key_cors_and_bind_rules(run):
     app = create_app(run, ServeSettings(api_key="s3cret", cors_origins=("http://lab.example",)))
     with TestClient(app) as client:

@@ -8,9 +8,9 @@ import pytest
 
 from busdx.cli import main
 from busdx.config import load_config
+from busdx.crossval import assign_folds
 from busdx.data import parse_source, scan_sites
 from busdx.errors import DataError
-from busdx.pipeline import assign_folds
 from busdx.runs import prepare_dataset, run_sources
 from busdx.synthetic import write_synthetic_dataset
 

@@ -3,8 +3,9 @@ import torch
 
 from busdx.config import apply_overrides, load_config
 from busdx.errors import ConfigError
+from busdx.layout import LAST_FILE, MODEL_FILE
 from busdx.runs import prepare_dataset
-from busdx.training import LAST_FILE, MODEL_FILE, fit
+from busdx.training import fit
 
 FAST = [
     "data.image_size=32",

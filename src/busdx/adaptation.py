@@ -8,13 +8,18 @@ the ones learned on the training data. The strength is chosen by k-fold cross-va
 the local cases (including "infinite", which keeps the trained head), and the temperature and
 threshold are fitted on the same out-of-fold logits (cross-fitting), so the local labels never
 choose a threshold on scores they were fitted to.
+
+:func:`calibrate_model` fits temperature and thresholds (after training, on the validation
+split); :func:`calibrate_run` is ``busdx calibrate``: a copy of a run refitted on a site's cases.
 """
 
 from __future__ import annotations
 
 import math
+import shutil
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -24,15 +29,23 @@ from scipy.optimize import minimize
 from scipy.special import expit
 
 from busdx.calibration import fit_operating_points, fit_temperature
-from busdx.config import EvaluateConfig
+from busdx.config import EvaluateConfig, apply_overrides
+from busdx.data import Sample
 from busdx.errors import DataError
+from busdx.fileio import write_json
 from busdx.imaging import InputLike
 from busdx.inference import file_logits
+from busdx.layout import CONFIG_FILE, INFO_FILE, MODEL_FILE, SPLIT_FILE
 from busdx.metrics import roc_auc
-from busdx.predictor import Predictor
+from busdx.predictor import Predictor, load_model
+from busdx.runs import create_run_dir, load_run, samples_for_split, save_config
+from busdx.training import update_model_metadata
 
 __all__ = [
     "STRENGTHS",
+    "CalibratedRun",
+    "calibrate_model",
+    "calibrate_run",
     "fit_anchored_layer",
     "fit_local_head",
     "last_layer_features",
@@ -185,3 +198,86 @@ def refit_head(
         layer.bias.data = torch.as_tensor([b]).to(layer.bias)
     state = {key: value.cpu() for key, value in loaded.model.state_dict().items()}
     return fitted, state
+
+
+def calibrate_model(
+    run_dir: Path,
+    loaded: Predictor,
+    val_samples: list[Sample],
+    settings: EvaluateConfig,
+    *,
+    source: str = "validation split",
+    refit: bool = False,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Fit temperature and thresholds on ``val_samples``; store them in ``run_dir/model.pt``.
+
+    After training these are the validation split's images; ``busdx calibrate`` passes a new
+    site's own labelled cases (``source`` then says so). With ``refit`` the head's last layer
+    is refitted on them too (:func:`busdx.adaptation.refit_head`; cross-fitted threshold).
+    """
+    labels = np.array([s.label for s in val_samples])
+    paths = [s.input for s in val_samples]
+    updates = {}
+    if refit:
+        fitted, updates["state_dict"] = refit_head(
+            loaded, paths, labels, settings, progress=progress
+        )
+    else:
+        fitted = fit_operating_points(file_logits(loaded, paths, progress=progress), labels,
+                                      settings)  # fmt: skip
+    fitted["calibration_source"] = source
+    update_model_metadata(run_dir / MODEL_FILE, {**fitted, **updates})
+    loaded.metadata.update(fitted)
+    return fitted
+
+
+@dataclass(frozen=True)
+class CalibratedRun:
+    """The new run of :func:`calibrate_run`, the site it was fitted to, and what was fitted
+    (temperature, threshold, operating points, cases; ``head_refit`` with ``refit``)."""
+
+    run_dir: Path
+    site: str
+    fitted: dict[str, Any]
+
+
+def calibrate_run(
+    run_dir: str | Path,
+    data: str | Path | Sequence[str | Path],
+    split: str = "all",
+    *,
+    site: str | None = None,
+    out: str | Path | None = None,
+    overrides: Sequence[str] = (),
+    refit: bool = False,
+    device: str = "auto",
+    progress: bool = True,
+) -> CalibratedRun:
+    """``busdx calibrate``: copy a run into ``out`` (default ``RUNDIR-<site>``) and refit its
+    temperature and threshold (and, with ``refit``, its last layer) on a site's labelled cases.
+
+    The original run is never changed. ``overrides`` are ``evaluate.*`` settings such as
+    ``evaluate.target_sensitivity=0.98``.
+    """
+    run_dir = Path(run_dir)
+    config, info = load_run(run_dir)
+    dataset = samples_for_split(run_dir, config, info, data, split)
+    site = site or dataset.site
+    out = Path(out) if out else run_dir.with_name(f"{run_dir.name}-{site}")
+    create_run_dir(out, config.recipe)  # refuses an existing run directory
+    config = apply_overrides(config, list(overrides))
+    for name in (CONFIG_FILE, SPLIT_FILE, MODEL_FILE):
+        shutil.copyfile(run_dir / name, out / name)
+    save_config(out, config)
+    info["calibrated"] = {"from_run": str(run_dir.resolve()), "data": str(dataset.root),
+                          "site": site, "split": split, "n": len(dataset.samples),
+                          "head_refitted": refit}  # fmt: skip
+    write_json(out / INFO_FILE, info)
+    source = f"site {site}: {len(dataset.samples)} labelled cases"
+    loaded = load_model(out, device=device)
+    fitted = calibrate_model(
+        out, loaded, dataset.samples, config.evaluate, source=source, refit=refit,
+        progress=progress,
+    )  # fmt: skip
+    return CalibratedRun(out, site, fitted)

@@ -12,7 +12,6 @@ from __future__ import annotations
 import base64
 import html
 import io
-import json
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,8 +24,9 @@ from tqdm.auto import tqdm
 
 from busdx.data import LabelledDataset, Sample
 from busdx.dicom import is_dicom_file
-from busdx.fileio import atomic_write_text
+from busdx.fileio import atomic_write_text, write_json
 from busdx.imaging import load_image
+from busdx.layout import AUDIT_HTML, AUDIT_JSON
 
 __all__ = [
     "DEFAULT_MAX_DISTANCE",
@@ -264,5 +264,5 @@ margin:4px;font-size:11px;width:160px}}.flag{{color:#b00}}</style></head><body>
 def write_audit(result: AuditResult, out_dir: Path, *, max_pairs: int = 200) -> None:
     """Write ``audit.json`` and a self-contained ``audit.html`` with thumbnails of each pair."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out_dir / "audit.json", json.dumps(result.to_dict(), indent=2) + "\n")
-    atomic_write_text(out_dir / "audit.html", _html_report(result, max_pairs))
+    write_json(out_dir / AUDIT_JSON, result.to_dict())
+    atomic_write_text(out_dir / AUDIT_HTML, _html_report(result, max_pairs))

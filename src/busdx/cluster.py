@@ -29,7 +29,8 @@ from tqdm.auto import tqdm
 
 from busdx.errors import ConfigError, DataError
 from busdx.fileio import atomic_path, atomic_write_text
-from busdx.inference import PREDICTION_FIELDS, iter_image_paths, predict_files
+from busdx.inference import PREDICTION_FIELDS, predict_files
+from busdx.inputs import iter_image_paths
 from busdx.predictor import load_model
 
 __all__ = ["RayPredictSummary", "predict_on_ray"]

@@ -1,103 +1,59 @@
-"""Score labelled images with a trained model; calibrate on validation; report with CIs.
+"""Score labelled images with a trained model and report every metric with its CI.
 
-``calibrate_model`` fits temperature scaling and the decision thresholds on the validation split
-and stores them in ``model.pt``. ``evaluate_samples`` reports, on any labelled set, every metric
-at the model's chosen threshold and at each candidate operating point, each with a seeded
-percentile-bootstrap confidence interval, plus calibration (ECE, reliability diagram) and figures.
+:func:`evaluate_samples` reports, on any labelled set, every metric at the model's chosen
+threshold and at each candidate operating point, each with a seeded percentile-bootstrap
+confidence interval, plus calibration (ECE, reliability diagram) and figures.
+:func:`evaluate_run` is ``busdx evaluate``: it finds the run's data, split and readers first.
 """
 
 from __future__ import annotations
 
 import csv
 import io
-import json
 import math
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from busdx.adaptation import refit_head
-from busdx.calibration import fit_operating_points
 from busdx.config import EvaluateConfig
 from busdx.data import Sample
-from busdx.errors import DataError
+from busdx.errors import ConfigError, DataError
 from busdx.explain import explain_image
-from busdx.fileio import atomic_write_text
-from busdx.inference import file_logits, file_predictions
+from busdx.fileio import atomic_write_text, write_json
+from busdx.inference import file_predictions
+from busdx.layout import (
+    CONFUSION_MATRIX,
+    EVAL_DIR,
+    GRADCAM_SAMPLES,
+    METRICS_FILE,
+    PREDICTIONS_FILE,
+    RELIABILITY,
+    ROC_CURVE,
+    SAMPLE_PREDICTIONS,
+)
 from busdx.metrics import (
     DECISION_METRICS,
     SCORE_METRICS,
     binary_metrics,
     bootstrap_ci,
-    paired_bootstrap,
     reliability_bins,
     roc_band,
 )
-from busdx.predictor import Predictor
-from busdx.readers import compare_with_readers
+from busdx.predictor import Predictor, load_model
+from busdx.readers import compare_with_readers, reader_ranks
 from busdx.reporting import (
     plot_confusion_matrix,
     plot_reliability_diagram,
     plot_roc_curve,
     plot_sample_predictions,
 )
-from busdx.training import MODEL_FILE, update_model_metadata
+from busdx.runs import load_run, samples_for_split
 from busdx.transforms import load_region
 
-__all__ = [
-    "calibrate_model",
-    "compare_evaluations",
-    "evaluate_samples",
-    "format_comparison",
-    "format_metrics",
-    "json_safe",
-]
-
-METRICS_FILE = "metrics.json"
-
-
-def calibrate_model(
-    run_dir: Path,
-    loaded: Predictor,
-    val_samples: list[Sample],
-    settings: EvaluateConfig,
-    *,
-    source: str = "validation split",
-    refit: bool = False,
-    progress: bool = True,
-) -> dict[str, Any]:
-    """Fit temperature and thresholds on ``val_samples``; store them in ``run_dir/model.pt``.
-
-    After training these are the validation split's images; ``busdx calibrate`` passes a new
-    site's own labelled cases (``source`` then says so). With ``refit`` the head's last layer
-    is refitted on them too (:func:`busdx.adaptation.refit_head`; cross-fitted threshold).
-    """
-    labels = np.array([s.label for s in val_samples])
-    paths = [s.input for s in val_samples]
-    updates = {}
-    if refit:
-        fitted, updates["state_dict"] = refit_head(
-            loaded, paths, labels, settings, progress=progress
-        )
-    else:
-        fitted = fit_operating_points(file_logits(loaded, paths, progress=progress), labels,
-                                      settings)  # fmt: skip
-    fitted["calibration_source"] = source
-    update_model_metadata(run_dir / MODEL_FILE, {**fitted, **updates})
-    loaded.metadata.update(fitted)
-    return fitted
-
-
-def json_safe(value: Any) -> Any:
-    """NaN (undefined ratios) becomes null, recursively."""
-    if isinstance(value, float) and math.isnan(value):
-        return None
-    if isinstance(value, dict):
-        return {k: json_safe(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [json_safe(v) for v in value]
-    return value
+__all__ = ["evaluate_run", "evaluate_samples", "evaluation_name", "format_metrics"]
 
 
 def _promise(metadata: dict[str, Any]) -> float | None:
@@ -169,21 +125,60 @@ def evaluate_samples(
     """
     if not samples:
         raise DataError(f"the {split} split is empty: nothing to evaluate")
-    y_true = np.array([s.label for s in samples])
-    rows = file_predictions(loaded, [s.input for s in samples], progress=progress)
-    logits = np.array([row.logit for row in rows])
-    flags = [row.out_of_scope for row in rows]
-    y_prob = loaded.probabilities(logits)
-    called = loaded.decide(y_prob)
-    threshold = loaded.threshold
-    points = dict(loaded.metadata.get("operating_points") or {"fixed": threshold})
-    names = loaded.class_names
+    scores = _score(loaded, samples, progress=progress)
     result = {
         "site": site or data_root.name,
         "split": split,
         "data": str(data_root),
-        "positive_class": names[1],
+        **_metrics_tables(loaded, samples, scores, settings, reader_ranks),
+    }
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_json(out_dir / METRICS_FILE, result)
+    _write_predictions(out_dir / PREDICTIONS_FILE, samples, scores, loaded.class_names)
+    _plot_evaluation(out_dir, loaded, samples, scores, result, settings, reader_ranks)
+    return result
+
+
+@dataclass(frozen=True)
+class _Scores:
+    """The model's outputs on the evaluated samples, in their order."""
+
+    y_true: np.ndarray
+    logits: np.ndarray
+    y_prob: np.ndarray
+    called: np.ndarray  # decided malignant at the model's threshold
+    out_of_scope: list[bool | None]
+
+
+def _score(loaded: Predictor, samples: list[Sample], *, progress: bool) -> _Scores:
+    rows = file_predictions(loaded, [s.input for s in samples], progress=progress)
+    logits = np.array([row.logit for row in rows])
+    y_prob = loaded.probabilities(logits)
+    return _Scores(
+        y_true=np.array([s.label for s in samples]),
+        logits=logits,
+        y_prob=y_prob,
+        called=loaded.decide(y_prob),
+        out_of_scope=[row.out_of_scope for row in rows],
+    )
+
+
+def _metrics_tables(
+    loaded: Predictor,
+    samples: list[Sample],
+    scores: _Scores,
+    settings: EvaluateConfig,
+    reader_ranks: np.ndarray | None,
+) -> dict[str, Any]:
+    """Every metric with its CI: at the model's threshold, at each candidate operating point,
+    by site and scanner, and against the readers."""
+    y_true, y_prob, threshold = scores.y_true, scores.y_prob, loaded.threshold
+    points = dict(loaded.metadata.get("operating_points") or {"fixed": threshold})
+    flags = scores.out_of_scope
+    result: dict[str, Any] = {
+        "positive_class": loaded.class_names[1],
         "threshold_policy": loaded.metadata.get("threshold_policy", "fixed"),
+        "ci_level": settings.ci_level,
         **_metrics_with_ci(y_true, y_prob, threshold, settings),
         "calibrated": "temperature" in loaded.metadata,
         "temperature": loaded.temperature,
@@ -207,65 +202,108 @@ def evaluate_samples(
         result["per_scanner"] = _per_group(scanners, y_true, y_prob, threshold, settings)
     if reader_ranks is not None:
         result["readers"] = compare_with_readers(
-            y_true,
-            y_prob,
-            reader_ranks,
-            n_resamples=settings.n_bootstrap,
-            level=settings.ci_level,
-            seed=settings.seed,
-        )
-    out_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out_dir / METRICS_FILE, json.dumps(json_safe(result), indent=2) + "\n")
+            y_true, y_prob, reader_ranks, n_resamples=settings.n_bootstrap,
+            level=settings.ci_level, seed=settings.seed,
+        )  # fmt: skip
+    return result
 
+
+PREDICTION_COLUMNS = (
+    "path", "label", "probability_malignant", "predicted", "logit", "out_of_scope", "site",
+)  # fmt: skip
+
+
+def _write_predictions(
+    path: Path, samples: list[Sample], scores: _Scores, names: Sequence[str]
+) -> None:
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(
-        ["path", "label", "probability_malignant", "predicted", "logit", "out_of_scope", "site"]
-    )
-    for sample, score, positive, logit, flag in zip(
-        samples, y_prob, called, logits, flags, strict=True
-    ):
-        writer.writerow(
-            [
-                sample.relpath,
-                names[sample.label],
-                f"{score:.6f}",
-                names[int(positive)],
-                f"{logit:.6f}",
-                "" if flag is None else flag,
-                sample.site,
-            ]
-        )
-    atomic_write_text(out_dir / "predictions.csv", buffer.getvalue())
+    writer.writerow(PREDICTION_COLUMNS)
+    for i, sample in enumerate(samples):
+        flag = scores.out_of_scope[i]
+        writer.writerow([
+            sample.relpath, names[sample.label], f"{scores.y_prob[i]:.6f}",
+            names[int(scores.called[i])], f"{scores.logits[i]:.6f}",
+            "" if flag is None else flag, sample.site,
+        ])  # fmt: skip
+    atomic_write_text(path, buffer.getvalue())
 
-    band = roc_band(
-        y_true,
-        y_prob,
-        n_resamples=settings.n_bootstrap,
-        level=settings.ci_level,
-        seed=settings.seed,
-    )
-    plot_confusion_matrix(result["confusion"], names, out_dir / "confusion_matrix.png")
-    plot_roc_curve(
-        y_true,
-        y_prob,
-        result,
-        out_dir / "roc_curve.png",
-        band=band,
-        readers=None if reader_ranks is None else (reader_ranks, result["readers"]),
-    )
-    plot_reliability_diagram(result["reliability"], result["ece"], out_dir / "reliability.png")
-    picked = _sample_indices(y_true, called)
+
+def _plot_evaluation(
+    out_dir: Path,
+    loaded: Predictor,
+    samples: list[Sample],
+    scores: _Scores,
+    result: dict[str, Any],
+    settings: EvaluateConfig,
+    reader_ranks: np.ndarray | None,
+) -> None:
+    """Confusion matrix, ROC with its bootstrap band (and the readers'), reliability diagram,
+    a grid of sample predictions and, with a torch model, their Grad-CAM."""
+    y_true, y_prob, names = scores.y_true, scores.y_prob, loaded.class_names
+    band = roc_band(y_true, y_prob, n_resamples=settings.n_bootstrap, level=settings.ci_level,
+                    seed=settings.seed)  # fmt: skip
+    plot_confusion_matrix(result["confusion"], names, out_dir / CONFUSION_MATRIX)
+    readers = None if reader_ranks is None else (reader_ranks, result["readers"])
+    plot_roc_curve(y_true, y_prob, result, out_dir / ROC_CURVE, band=band, readers=readers)
+    plot_reliability_diagram(result["reliability"], result["ece"], out_dir / RELIABILITY)
+    picked = _sample_indices(y_true, scores.called)
     images = [load_region(samples[i].input, loaded.preprocessing) for i in picked]
     shown = {"true_labels": [names[y_true[i]] for i in picked],
              "probabilities": [float(y_prob[i]) for i in picked],
-             "threshold": threshold, "class_names": names}  # fmt: skip
-    plot_sample_predictions(images, **shown, path=out_dir / "sample_predictions.png")
+             "threshold": loaded.threshold, "class_names": names}  # fmt: skip
+    plot_sample_predictions(images, **shown, path=out_dir / SAMPLE_PREDICTIONS)
     if loaded.model is not None:  # Grad-CAM needs the torch model
         overlays = [explain_image(loaded, image).overlay for image in images]
-        plot_sample_predictions(overlays, **shown, path=out_dir / "gradcam_samples.png",
+        plot_sample_predictions(overlays, **shown, path=out_dir / GRADCAM_SAMPLES,
                                 title="Grad-CAM: where the model found its evidence")  # fmt: skip
-    return result
+
+
+def evaluation_name(site: str, split: str, backend: str = "torch", precision: str = "fp32") -> str:
+    """The folder name of an evaluation under ``RUNDIR/eval/``: ``<site>-<split>``, with
+    ``-onnx`` or ``-<precision>`` when not the fp32 torch model."""
+    variant = "-onnx" if backend == "onnx" else "" if precision == "fp32" else f"-{precision}"
+    return f"{site}-{split}{variant}"
+
+
+def evaluate_run(
+    run_dir: str | Path,
+    data: Sequence[str] | None = None,
+    split: str = "test",
+    *,
+    site: str | None = None,
+    out: str | Path | None = None,
+    readers: str | Path | None = None,
+    reader_column: str = "birads",
+    boxes: str | None = None,
+    device: str = "auto",
+    backend: str = "torch",
+    precision: str = "fp32",
+    progress: bool = True,
+) -> tuple[dict[str, Any], Path]:
+    """``busdx evaluate``: a run's best model on a split of its own data or of ``data``.
+
+    Writes into ``out`` (default ``RUNDIR/eval/<site>-<split>``) and returns the metrics and
+    that folder. ``readers`` is a CSV of the readers' BI-RADS per image (default: the labels
+    table, see :func:`busdx.readers.reader_ranks`); ``boxes`` a lesion-box CSV for an ROI model.
+    """
+    run_dir = Path(run_dir)
+    config, info = load_run(run_dir)
+    if boxes:
+        if config.data.region != "box":
+            raise ConfigError("--boxes is for a model trained on lesion boxes (data.region: box)")
+        config.data.boxes = boxes
+    dataset = samples_for_split(run_dir, config, info, data, split)
+    site = site or dataset.site
+    name = evaluation_name(site, split, backend, precision)
+    out = Path(out) if out else run_dir / EVAL_DIR / name
+    loaded = load_model(run_dir, device=device, backend=backend, precision=precision)
+    ranks = reader_ranks(dataset.samples, dataset.root, readers, reader_column)
+    result = evaluate_samples(
+        loaded, dataset.samples, out, split=split, data_root=dataset.root,
+        settings=config.evaluate, site=site, reader_ranks=ranks, progress=progress,
+    )  # fmt: skip
+    return result, out
 
 
 def _with_ci(result: dict[str, Any], key: str) -> str:
@@ -277,10 +315,12 @@ def _with_ci(result: dict[str, Any], key: str) -> str:
 
 
 def format_metrics(result: dict[str, Any]) -> str:
-    """A compact, aligned text table for the terminal, with 95% CIs."""
+    """A compact, aligned text table for the terminal, with the bootstrap CIs."""
+    level = result.get("ci_level", 0.95)  # metrics.json written before busdx 0.9 lack it
     lines = [
         f"{result.get('site', '')} {result['split']} split: n={result['n']} "
-        f"({result['n_positive']} {result['positive_class']}); 95% bootstrap CIs in brackets"
+        f"({result['n_positive']} {result['positive_class']}); {level:.0%} bootstrap CIs "
+        "in brackets"
     ]
     for key in SCORE_METRICS:
         lines.append(f"  {key:<18} {_with_ci(result, key)}")
@@ -332,96 +372,3 @@ def _format_readers(readers: dict[str, Any]) -> list[str]:
             f"(difference {ours['delta']:+.3f} [{ours['low']:+.3f}, {ours['high']:+.3f}])"
         )
     return lines
-
-
-def _read_predictions(folder: Path) -> tuple[dict[str, Any], dict[str, tuple[str, float, bool]]]:
-    """An evaluation's metrics and ``{path: (label, probability, called positive)}``; for a
-    ``busdx cv`` folder, every fold's test predictions (each at its fold's threshold)."""
-    if (folder / "folds.csv").is_file():
-        parts = [_read_predictions(fold) for fold in sorted(folder.glob("fold-*"))]
-        if not parts:
-            raise DataError(f"{folder} holds no finished fold (fold-*/): finish the CV first")
-        rows = {path: row for _, fold_rows in parts for path, row in fold_rows.items()}
-        return {**parts[0][0], "split": "cv out-of-fold"}, rows
-    metrics_path, predictions_path = folder / METRICS_FILE, folder / "predictions.csv"
-    if not metrics_path.is_file() or not predictions_path.is_file():
-        raise DataError(
-            f"{folder} holds no evaluation ({METRICS_FILE} + predictions.csv): give a run "
-            "directory or an evaluation folder written by busdx evaluate"
-        )
-    metrics = json.loads(metrics_path.read_text(encoding="utf-8"))
-    with predictions_path.open(newline="", encoding="utf-8") as handle:
-        rows = {
-            row["path"]: (
-                row["label"],
-                float(row["probability_malignant"]),
-                row["predicted"] == metrics["positive_class"],
-            )
-            for row in csv.DictReader(handle)
-        }
-    return metrics, rows
-
-
-def compare_evaluations(
-    folder_a: Path, folder_b: Path, settings: EvaluateConfig, *, out: Path | None = None
-) -> dict[str, Any]:
-    """Paired bootstrap of two models on the same images: ΔAUC and the difference in each
-    decision metric at each model's own threshold (A - B).
-
-    Each folder is an evaluation written by ``busdx evaluate``, a run directory (whose test
-    evaluation is at its top) or a ``busdx cv`` folder (its pooled out-of-fold predictions:
-    two CVs on the same folds compare paired); images are matched by path, and both must have
-    scored the same set. Resamples are drawn per case, the same for both models, so the shared
-    difficulty of the cases cancels out of the difference.
-    """
-    metrics_a, rows_a = _read_predictions(Path(folder_a))
-    metrics_b, rows_b = _read_predictions(Path(folder_b))
-    if set(rows_a) != set(rows_b):
-        only = sorted(set(rows_a) ^ set(rows_b))
-        raise DataError(
-            f"{folder_a} and {folder_b} scored different images ({len(only)} not in both, e.g. "
-            f"{only[0]!r}): evaluate both models on the same data and split"
-        )
-    paths = sorted(rows_a)
-    if any(rows_a[p][0] != rows_b[p][0] for p in paths):
-        raise DataError(f"{folder_a} and {folder_b} label some images differently")
-    y_true = np.array([int(rows_a[p][0] == metrics_a["positive_class"]) for p in paths])
-    columns = {
-        name: np.array([[rows[p][1], rows[p][2]] for p in paths], dtype=float)
-        for name, rows in (("a", rows_a), ("b", rows_b))
-    }
-    ci = dict(n_resamples=settings.n_bootstrap, level=settings.ci_level, seed=settings.seed)
-    result: dict[str, Any] = {
-        "a": {"folder": str(folder_a), "site": metrics_a.get("site"), "split": metrics_a["split"]},
-        "b": {"folder": str(folder_b), "site": metrics_b.get("site"), "split": metrics_b["split"]},
-        "n": len(paths),
-        "n_positive": int(y_true.sum()),
-        "roc_auc": paired_bootstrap(y_true, columns["a"][:, 0], columns["b"][:, 0], **ci),
-    }
-    for key in ("sensitivity", "specificity"):
-        result[key] = paired_bootstrap(
-            y_true,
-            columns["a"][:, 1],
-            columns["b"][:, 1],
-            lambda y, s, k=key: binary_metrics(y, s, threshold=0.5)[k],
-            **ci,
-        )
-    if out is not None:
-        atomic_write_text(out, json.dumps(json_safe(result), indent=2) + "\n")
-    return result
-
-
-def format_comparison(result: dict[str, Any]) -> str:
-    """Terminal summary of :func:`compare_evaluations`."""
-    lines = [
-        f"A: {result['a']['folder']}\nB: {result['b']['folder']}",
-        f"same {result['n']} images ({result['n_positive']} positive); A - B, 95% paired "
-        "bootstrap CI, two-sided bootstrap p",
-    ]
-    for key in ("roc_auc", "sensitivity", "specificity"):
-        d = result[key]
-        lines.append(
-            f"  {key:<12} A {d['a']:.3f}  B {d['b']:.3f}  difference {d['delta']:+.3f} "
-            f"[{d['low']:+.3f}, {d['high']:+.3f}]  p={d['p_value']:.3f}"
-        )
-    return "\n".join(lines)

@@ -35,30 +35,22 @@ from onnxruntime.quantization.shape_inference import quant_pre_process
 
 from busdx import __version__
 from busdx.errors import BoxError, DataError, ExportError, ImageDecodeError, SingleClassError
-from busdx.evaluation import json_safe
-from busdx.fileio import atomic_path, atomic_write_text, sha256_file
+from busdx.fileio import atomic_path, json_safe, sha256_file, write_json
 from busdx.imaging import InputLike, as_input
-from busdx.inference import expand_paths, file_logits
+from busdx.inference import file_logits
+from busdx.inputs import expand_paths
+from busdx.layout import EXPORT_REPORT, INT8_FILE, ONNX_FILE
 from busdx.metrics import roc_auc
-from busdx.predictor import (
-    EXPORT_STAMP,
-    INT8_FILE,
-    INT8_WEIGHT_BITS,
-    ONNX_FILE,
-    ONNX_METADATA_KEY,
-    Predictor,
-    load_model,
-)
+from busdx.predictor import EXPORT_STAMP, INT8_WEIGHT_BITS, ONNX_METADATA_KEY, Predictor, load_model
 from busdx.provenance import environment
 from busdx.runs import load_run, samples_for_split
 from busdx.scope import SCOPE_KEY, ScopedClassifier, public_scope
 from busdx.transforms import build_eval_transform, load_region
 
-__all__ = ["EXPORT_REPORT", "compare_logits", "export_onnx", "export_run", "quantize_int8"]
+__all__ = ["compare_logits", "export_onnx", "export_run", "format_export", "quantize_int8"]
 
 logger = logging.getLogger(__name__)
 
-EXPORT_REPORT = "export.json"
 OPSET = 17
 
 
@@ -260,5 +252,32 @@ def export_run(
             "vs_fp32": check,
             "accepted_auc_drop": bool(drop is not None and drop > max_auc_drop),
         }
-    atomic_write_text(run_dir / EXPORT_REPORT, json.dumps(json_safe(report), indent=2) + "\n")
+    write_json(run_dir / EXPORT_REPORT, report)
     return report
+
+
+def format_export(run_dir: str | Path, report: dict[str, Any]) -> str:
+    """Terminal summary of :func:`export_run`: each file written and how close it is to the
+    model it replaces."""
+    run_dir = Path(run_dir)
+    check = report["onnx"]["vs_torch"]
+    lines = [
+        f"{run_dir / report['onnx']['file']}: fp32 ONNX; on {check['n']} validation images "
+        f"max |logit - torch| {check['max_abs_logit_difference']:.2e}, "
+        f"decision agreement {check['agreement']:.3f}"
+    ]
+    if "int8" in report:
+        check = report["int8"]["vs_fp32"]
+        aucs = (check["roc_auc_reference"], check["roc_auc_candidate"], check["roc_auc_drop"])
+        auc_text = "ROC AUC fp32 {:.3f} -> int8 {:.3f} (drop {:+.3f})".format(*aucs)
+        lines.append(
+            f"{run_dir / report['int8']['file']}: int8 (calibrated on "
+            f"{report['int8']['calibration']['images']} images); decision agreement with fp32 "
+            f"{check['agreement']:.3f}; " + (auc_text if aucs[0] is not None else "no AUC")
+        )
+    kept = "int8" if "int8" in report else "torch"
+    lines.append(
+        f"report: {run_dir / EXPORT_REPORT}; busdx predict and serve use the {kept} model by "
+        "default"
+    )
+    return "\n".join(lines)

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
+import math
 import os
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
-__all__ = ["atomic_path", "atomic_write_text", "sha256_file"]
+__all__ = ["atomic_path", "atomic_write_text", "json_safe", "sha256_file", "write_json"]
 
 
 @contextlib.contextmanager
@@ -47,3 +50,19 @@ def sha256_file(path: str | Path, chunk_size: int = 1 << 20) -> str:
         while chunk := handle.read(chunk_size):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def json_safe(value: Any) -> Any:
+    """NaN (an undefined ratio) becomes null, recursively: JSON has no NaN."""
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [json_safe(v) for v in value]
+    return value
+
+
+def write_json(path: str | Path, value: Any) -> None:
+    """Write ``value`` as indented JSON (NaN as null) to ``path`` atomically."""
+    atomic_write_text(path, json.dumps(json_safe(value), indent=2) + "\n")

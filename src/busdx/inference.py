@@ -1,11 +1,9 @@
-"""Load a trained model and predict the probability of malignancy for image files.
+"""Predict the probability of malignancy for image files with a loaded model.
 
-Two backends run the same network: ``torch`` reads ``model.pt`` with
-``torch.load(..., weights_only=True)`` (an untrusted file cannot run code), ``onnx`` runs the
-exported ``model.int8.onnx`` (or ``model.onnx``) with ONNX Runtime, several times faster on a
-CPU (see ``busdx export``). Both carry the same metadata: preprocessing, class names,
-threshold, temperature. Prediction streams: files are read batch by batch, and a file that
-cannot be decoded yields an error row while the rest goes on.
+:func:`predict_images` is ``busdx predict``: it loads the model (:func:`busdx.predictor.
+load_model`), selects the inputs (:class:`busdx.inputs.InputSelection`), predicts, writes
+Grad-CAM overlays if asked and the rows to a file. Prediction streams: files are read batch by
+batch, and a file that cannot be decoded yields an error row while the rest goes on.
 """
 
 from __future__ import annotations
@@ -14,8 +12,8 @@ import contextlib
 import csv
 import json
 import logging
-import os
 import sys
+import time
 from collections.abc import Callable, Iterable, Iterator, Sequence, Sized
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,104 +24,30 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from tqdm.auto import tqdm
 
-from busdx.boxes import box_to_text, lookup_box
-from busdx.dicom import count_frames, is_dicom_file
+from busdx.boxes import box_to_text
+from busdx.data import resolve_workers
+from busdx.dicom import is_dicom_file
 from busdx.errors import BoxError, ConfigError, DataError, ImageDecodeError
+from busdx.explain import explain_image
 from busdx.fileio import atomic_path
-from busdx.imaging import Box, ImageInput, InputLike, as_input, is_image_file, load_image
-from busdx.predictor import Predictor
+from busdx.imaging import Box, ImageInput, InputLike, as_input, load_image
+from busdx.inputs import InputSelection
+from busdx.predictor import Predictor, load_model
 from busdx.scope import image_checks
-from busdx.transforms import Preprocessing, region_of
+from busdx.transforms import Preprocessing, load_region, region_of
 
 __all__ = [
+    "PredictSummary",
     "Prediction",
-    "expand_paths",
     "file_logits",
     "file_predictions",
-    "image_inputs",
-    "iter_image_paths",
-    "parse_frame",
-    "parse_shard",
     "predict_files",
-    "take_shard",
+    "predict_images",
+    "write_explanations",
     "write_predictions",
 ]
 
 logger = logging.getLogger(__name__)
-
-
-def iter_image_paths(paths: Sequence[str | Path]) -> Iterator[Path]:
-    """Files as given plus image files found under given folders (recursively, sorted).
-
-    Folders are walked lazily, one directory listing at a time, so a folder of any size
-    streams in constant memory.
-    """
-    for raw in paths:
-        path = Path(raw)
-        if path.is_dir():
-            for folder, subfolders, names in os.walk(path):
-                subfolders.sort()
-                for name in sorted(names):
-                    if is_image_file(Path(name)):
-                        yield Path(folder) / name
-        elif path.exists():
-            yield path
-        else:
-            raise DataError(f"{path} does not exist")
-
-
-def parse_shard(shard: str | None) -> tuple[int, int]:
-    """``"I/N"`` (I from 0 to N - 1) as (I, N); None is the whole list, (0, 1)."""
-    if shard is None:
-        return 0, 1
-    index, sep, count = shard.partition("/")
-    if sep and index.isdigit() and count.isdigit() and int(index) < int(count):
-        return int(index), int(count)
-    raise ConfigError(f"--shard must be I/N with 0 <= I < N (e.g. 0/4 for the first of 4 jobs), "
-                      f"got {shard!r}")  # fmt: skip
-
-
-def take_shard(files: Iterable[Path], shard: tuple[int, int]) -> Iterator[Path]:
-    """Every N-th file, starting at the I-th, of ``shard`` = (I, N): the jobs of an array
-    with I = 0 .. N - 1 share the files out exactly, each file to one job."""
-    index, count = shard
-    return (path for position, path in enumerate(files) if position % count == index)
-
-
-def image_inputs(
-    files: Iterable[Path],
-    *,
-    frame: str = "0",
-    box: Box | None = None,
-    boxes: dict[str, Box] | None = None,
-) -> Iterator[ImageInput]:
-    """What to predict for each file: its DICOM ``frame`` (a number, or ``"all"``: one input
-    per frame; other files have one image), and its lesion box: ``box`` for every file, or
-    each file's entry in a ``boxes`` table (:func:`busdx.boxes.read_boxes_csv`)."""
-    for path in files:
-        chosen = box if boxes is None else lookup_box(boxes, path)
-        if not is_dicom_file(path):
-            yield ImageInput(path, 0, chosen)
-        elif frame != "all":
-            yield ImageInput(path, int(frame), chosen)
-        else:
-            try:
-                count = count_frames(path)
-            except ImageDecodeError:
-                count = 1  # the error is reported when the file is read
-            yield from (ImageInput(path, number, chosen) for number in range(count))
-
-
-def parse_frame(frame: str) -> str:
-    """``--frame``: a frame number (0 is the first) or ``all``."""
-    if frame == "all" or frame.isdigit():
-        return frame
-    raise ConfigError(f"--frame must be a frame number (0 is the first) or all, got {frame!r}")
-
-
-def expand_paths(paths: Sequence[str | Path]) -> list[Path]:
-    """:func:`iter_image_paths` as a list (an error for a missing path comes first)."""
-    return list(iter_image_paths(paths))
 
 
 PREDICTION_FIELDS = [
@@ -319,3 +243,82 @@ def write_predictions(rows: Iterable[Prediction], out: str | Path | None) -> tup
             count, failed = count + 1, failed + (row.error is not None)
         handle.write("\n]\n" if suffix == ".json" else "")
     return count, failed
+
+
+def write_explanations(
+    rows: Iterable[Prediction], explainer: Predictor, out: str | Path
+) -> Iterator[Prediction]:
+    """Pass rows through, writing a Grad-CAM overlay for each readable image into ``out``
+    (``<row>-<stem>-gradcam.png``); ``explainer`` is a torch-backend model."""
+    folder = Path(out)
+    folder.mkdir(parents=True, exist_ok=True)
+    for index, row in enumerate(rows):
+        if row.error is None:
+            item = ImageInput(Path(row.path), row.frame or 0, row.box)
+            explanation = explain_image(explainer, load_region(item, explainer.preprocessing))
+            target = folder / f"{index:05d}-{Path(row.path).stem}-gradcam.png"
+            with atomic_path(target) as tmp:
+                explanation.overlay.save(tmp, format="PNG")
+        yield row
+
+
+@dataclass(frozen=True)
+class PredictSummary:
+    """What :func:`predict_images` did."""
+
+    predicted: int
+    failed: int
+    seconds: float
+    backend: str
+    model_file: str
+
+
+def predict_images(
+    run: str | Path,
+    paths: Sequence[str | Path],
+    out: str | Path | None = None,
+    *,
+    selection: InputSelection = InputSelection(),  # noqa: B008 (frozen: safe to share)
+    device: str = "auto",
+    backend: str = "auto",
+    precision: str = "fp32",
+    threads: int | None = None,
+    batch_size: int = 16,
+    threshold: float | None = None,
+    workers: int = -1,
+    explain: str | Path | None = None,
+    progress: bool = True,
+) -> PredictSummary:
+    """``busdx predict``: the images under ``paths`` through the model of ``run``, written to
+    ``out`` (.csv or .json; None: CSV on stdout), with Grad-CAM overlays in ``explain``.
+
+    ``selection`` picks the images (shard), DICOM frames and lesion boxes; ``workers`` decode
+    the next images while the model runs (-1: automatic). An unreadable file is an error row,
+    never the end of the batch.
+    """
+    started = time.perf_counter()
+    loaded = load_model(run, device=device, backend=backend, threads=threads, precision=precision)
+    roi_model = loaded.preprocessing.region == "box"
+    total = sum(1 for _ in selection.inputs(paths, roi_model=roi_model))
+    if not total:
+        raise DataError(f"no image files found in {', '.join(map(str, paths))}")
+    if selection.box and total > 1:
+        raise ConfigError(
+            f"--box is one image's lesion box, but {total} images were given; "
+            "use --boxes FILE (path,x,y,w,h) for several"
+        )
+    rows = predict_files(
+        loaded,
+        selection.inputs(paths, roi_model=roi_model),
+        total=total,
+        batch_size=batch_size,
+        threshold=threshold,
+        workers=resolve_workers(workers),
+        progress=progress,
+    )
+    if explain:
+        explainer = loaded if loaded.model is not None else load_model(run, device=device)
+        rows = write_explanations(rows, explainer, explain)
+    count, failed = write_predictions(rows, out)
+    seconds = time.perf_counter() - started
+    return PredictSummary(count - failed, failed, seconds, loaded.backend, loaded.path.name)

@@ -17,9 +17,21 @@ from typing import Any
 
 from busdx.errors import CheckpointError
 from busdx.fileio import atomic_write_text
+from busdx.layout import (
+    CONFUSION_MATRIX,
+    GRADCAM_SAMPLES,
+    METRICS_FILE,
+    MODEL_CARD,
+    RELIABILITY,
+    REPORT_HTML,
+    ROC_CURVE,
+    SAMPLE_PREDICTIONS,
+    SPLIT_FILE,
+    TRAINING_CURVES,
+)
 from busdx.metrics import DECISION_METRICS, SCORE_METRICS
 from busdx.predictor import load_model
-from busdx.runs import SPLIT_FILE, load_run
+from busdx.runs import load_run
 
 __all__ = ["write_report"]
 
@@ -31,12 +43,12 @@ INTENDED_USE = (
     "burned-in annotations."
 )
 FIGURES = [
-    ("training_curves.png", "Training curves"),
-    ("roc_curve.png", "ROC curve (test)"),
-    ("reliability.png", "Calibration (test)"),
-    ("confusion_matrix.png", "Confusion matrix (test, model's threshold)"),
-    ("sample_predictions.png", "Sample predictions (errors in red)"),
-    ("gradcam_samples.png", "Grad-CAM of the same images: where the model found its evidence"),
+    (TRAINING_CURVES, "Training curves"),
+    (ROC_CURVE, "ROC curve (test)"),
+    (RELIABILITY, "Calibration (test)"),
+    (CONFUSION_MATRIX, "Confusion matrix (test, model's threshold)"),
+    (SAMPLE_PREDICTIONS, "Sample predictions (errors in red)"),
+    (GRADCAM_SAMPLES, "Grad-CAM of the same images: where the model found its evidence"),
 ]
 ROWS = SCORE_METRICS[:2] + DECISION_METRICS + SCORE_METRICS[2:]
 
@@ -52,7 +64,7 @@ def _value(metrics: dict[str, Any], key: str) -> str:
 
 def _facts(run_dir: Path) -> dict[str, Any]:
     config, info = load_run(run_dir)
-    paths = [run_dir / "metrics.json", *sorted(run_dir.glob("eval/*/metrics.json"))]
+    paths = [run_dir / METRICS_FILE, *sorted(run_dir.glob("eval/*/metrics.json"))]
     evaluations = [json.loads(p.read_text(encoding="utf-8")) for p in paths if p.is_file()]
     if not evaluations:
         raise CheckpointError(
@@ -215,7 +227,7 @@ def write_report(run_dir: str | Path) -> tuple[Path, Path]:
     external = [
         (f"eval/{folder.name}/{name}", f"{title} ({folder.name})")
         for folder in sorted(p for p in (run_dir / "eval").glob("*") if p.is_dir())
-        for name, title in (("roc_curve.png", "ROC curve"), ("reliability.png", "Calibration"))
+        for name, title in ((ROC_CURVE, "ROC curve"), (RELIABILITY, "Calibration"))
     ]
     figures = "".join(
         f"<figure>{_embed(run_dir / name)}<figcaption>{html.escape(title)}</figcaption></figure>"
@@ -229,7 +241,7 @@ figure{{display:inline-block;margin:8px;vertical-align:top}}img{{max-width:520px
 .notice{{background:#fff3cd;border:1px solid #e0c36a;padding:8px}}</style></head><body>
 <p class="notice">Research use only. Not a medical device.</p>
 {_markdown_to_html(card)}<h2>Figures</h2>{figures}</body></html>"""
-    card_path, report_path = run_dir / "MODEL_CARD.md", run_dir / "report.html"
+    card_path, report_path = run_dir / MODEL_CARD, run_dir / REPORT_HTML
     atomic_write_text(card_path, card)
     atomic_write_text(report_path, page)
     return report_path, card_path

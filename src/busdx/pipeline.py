@@ -1,49 +1,88 @@
-"""Whole workflows built from the pieces: train-and-evaluate one run, and cross-validation."""
+"""The training workflow: start or resume a run, train, calibrate, guard, evaluate.
+
+:func:`train_run` is ``busdx train``: it owns the rules of a new run and of a resumed one and
+runs the same under ``torchrun`` (each process trains its share; the first one evaluates).
+:func:`train_and_evaluate` is the work itself, also used by each fold of :mod:`busdx.crossval`.
+"""
 
 from __future__ import annotations
 
-import csv
-import io
-import json
 import logging
 import time
-from dataclasses import asdict, replace
+from collections.abc import Sequence
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import torch
-
-from busdx.calibration import apply_temperature, fit_operating_points
-from busdx.config import Config
-from busdx.data import LabelledDataset, Sample, draw_split
+from busdx.adaptation import calibrate_model
+from busdx.config import Config, apply_overrides, load_config
+from busdx.data import LabelledDataset
+from busdx.devices import resolve_device
+from busdx.distributed import broadcast, init_world
 from busdx.errors import DataError
-from busdx.evaluation import calibrate_model, evaluate_samples, json_safe
-from busdx.fileio import atomic_path, atomic_write_text
-from busdx.metrics import (
-    DECISION_METRICS,
-    SCORE_METRICS,
-    binary_metrics,
-    bootstrap_ci,
-    roc_band,
-)
+from busdx.evaluation import evaluate_samples
+from busdx.layout import MODEL_FILE, SPLIT_FILE, TRAINING_CURVES
 from busdx.predictor import load_model
-from busdx.readers import compare_with_readers, rank_categories
-from busdx.reporting import plot_roc_curve, plot_training_curves
-from busdx.runs import save_run
+from busdx.readers import rank_categories
+from busdx.reporting import plot_training_curves
+from busdx.runs import (
+    create_run_dir,
+    load_run,
+    prepare_dataset,
+    resumed_config,
+    run_sources,
+    save_config,
+    save_run,
+)
 from busdx.scope import SCOPE_KEY, fit_scope
-from busdx.training import MODEL_FILE, fit, update_model_metadata
+from busdx.training import fit, update_model_metadata
 
-__all__ = [
-    "assign_folds",
-    "cross_validate",
-    "format_cv",
-    "leave_one_fold_out_threshold",
-    "train_and_evaluate",
-    "write_crossfit_ensemble",
-]
+__all__ = ["train_and_evaluate", "train_run"]
 
 logger = logging.getLogger(__name__)
+
+
+def train_run(
+    data: Sequence[str] | None = None,
+    out: str | Path | None = None,
+    *,
+    resume: str | Path | None = None,
+    config_file: str | Path | None = None,
+    recipe: str | None = None,
+    overrides: Sequence[str] = (),
+    progress: bool = True,
+) -> tuple[dict[str, Any] | None, Path]:
+    """``busdx train``: a new run in ``out`` (default ``runs/<recipe>-<time>``) on ``data``,
+    or the interrupted run ``resume`` continued (its own data and split; ``overrides`` such as
+    more epochs are recorded in its config).
+
+    Returns the test metrics and the run directory; under ``torchrun`` the helper processes
+    train their share and return no metrics.
+    """
+    if resume:
+        run_dir = Path(resume)
+        config, info = load_run(run_dir)
+        config = resumed_config(run_dir, config, list(overrides))
+        config.data.split_file = str(run_dir / SPLIT_FILE)
+        data = data or run_sources(info)
+    elif not data:
+        raise DataError("--data DIR is required (or --resume RUNDIR to continue a run)")
+    else:
+        config = apply_overrides(load_config(config_file, recipe=recipe), list(overrides))
+    world = init_world(resolve_device(config.train.device))  # several processes: torchrun
+    dataset = prepare_dataset(config, data)
+    if resume:
+        if world.is_main:
+            save_config(run_dir, config)
+    else:
+        run_dir = create_run_dir(out, config.recipe) if world.is_main else None
+        if world.is_main:
+            save_run(run_dir, config, dataset)
+        run_dir = broadcast(run_dir)
+    if not world.is_main:  # a helper process: its share of the training, then done
+        fit(config, dataset, run_dir, progress=False)
+        return None, run_dir
+    return train_and_evaluate(config, dataset, run_dir, progress=progress), run_dir
 
 
 def train_and_evaluate(
@@ -59,7 +98,7 @@ def train_and_evaluate(
     started = time.perf_counter()
     history = fit(config, dataset, run_dir, progress=progress)
     logger.info("training took %.0f s", time.perf_counter() - started)
-    plot_training_curves([asdict(r) for r in history], run_dir / "training_curves.png")
+    plot_training_curves([asdict(r) for r in history], run_dir / TRAINING_CURVES)
     loaded = load_model(run_dir)
     fitted = calibrate_model(
         run_dir, loaded, dataset.subset("val"), config.evaluate, progress=progress
@@ -93,373 +132,3 @@ def train_and_evaluate(
         reader_ranks=rank_categories([s.birads for s in tested]),  # where a table gave BI-RADS
         progress=progress,
     )
-
-
-def assign_folds(
-    dataset: LabelledDataset, n_folds: int, seed: int, *, group_by: str = "duplicates"
-) -> list[int]:
-    """Fold of each sample.
-
-    ``group_by="duplicates"``: stratified by class (and site, with several), near-duplicate
-    groups kept in one fold. ``group_by="site"``: one fold per site (leave one site out);
-    ``n_folds`` must then equal the number of sites.
-    """
-    sites = list(dataset.sites) or [""]
-    site_index = np.array([sites.index(s.site) if s.site in sites else 0 for s in dataset.samples])
-    if group_by == "site":
-        if len(sites) < 2 or n_folds != len(sites):
-            raise DataError(
-                f"leave-one-site-out needs at least two sites and --folds equal to their number "
-                f"(got {len(sites)} site(s), --folds {n_folds}); repeat --data for each site"
-            )
-        return site_index.tolist()
-    labels = np.array([s.label for s in dataset.samples])
-    strata = labels + 2 * site_index  # the classes of each site spread over the folds
-    groups = np.array([i if s.group is None else s.group for i, s in enumerate(dataset.samples)])
-    if min(np.bincount(labels, minlength=2)) < n_folds:
-        raise DataError(f"each class needs at least {n_folds} images for {n_folds} folds")
-    folds = np.zeros(len(labels), dtype=int)
-    # imported here, not at the top: scikit-learn takes 1-2 s to import
-    from sklearn.model_selection import StratifiedGroupKFold
-
-    splitter = StratifiedGroupKFold(n_splits=n_folds, shuffle=True, random_state=seed)
-    for fold, (_, test_index) in enumerate(splitter.split(labels, strata, groups)):
-        folds[test_index] = fold
-    return folds.tolist()
-
-
-def _fold_dataset(
-    dataset: LabelledDataset, folds: list[int], fold: int, config: Config
-) -> LabelledDataset:
-    test = [
-        replace(s, split="test") for s, f in zip(dataset.samples, folds, strict=True) if f == fold
-    ]
-    rest = [s for s, f in zip(dataset.samples, folds, strict=True) if f != fold]
-    groups = [i if s.group is None else s.group for i, s in enumerate(rest)]
-    rest = draw_split(
-        rest,
-        val_fraction=config.data.val_fraction,
-        test_fraction=0.0,
-        seed=config.train.seed + fold,
-        groups=groups,
-    )
-    return replace(dataset, samples=sorted(rest + test, key=lambda s: s.relpath))
-
-
-def cross_validate(
-    config: Config,
-    dataset: LabelledDataset,
-    out_dir: Path,
-    *,
-    n_folds: int = 5,
-    group_by: str = "duplicates",
-    progress: bool = True,
-) -> dict[str, Any]:
-    """Grouped, stratified k-fold (or leave-one-site-out) cross-validation; per-fold, pooled
-    and per-site metrics with CIs.
-
-    Near-duplicate groups stay within one fold (``group_by="site"``: each fold is one site).
-    Each fold trains on the other folds (minus a grouped validation split used for checkpoint
-    selection, calibration and the threshold) and is tested once. Folds with a
-    ``metrics.json`` are skipped, so an interrupted run resumes.
-    """
-    out_dir.mkdir(parents=True, exist_ok=True)
-    folds = assign_folds(dataset, n_folds, config.train.seed, group_by=group_by)
-    _check_saved_folds(out_dir / "folds.csv", dataset, folds)
-    buffer = io.StringIO()
-    writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(["path", "label", "group", "fold", "site"])
-    for sample, fold in zip(dataset.samples, folds, strict=True):
-        label = dataset.class_names[sample.label]
-        writer.writerow([sample.relpath, label, sample.group, fold, sample.site])
-    atomic_write_text(out_dir / "folds.csv", buffer.getvalue())
-
-    per_fold, y_true, y_prob, decisions, logits, fold_of, paths = [], [], [], [], [], [], []
-    for fold in range(n_folds):
-        fold_dir = out_dir / f"fold-{fold}"
-        fold_data = _fold_dataset(dataset, folds, fold, config)
-        if (fold_dir / "metrics.json").is_file():
-            result = json.loads((fold_dir / "metrics.json").read_text(encoding="utf-8"))
-        else:
-            fold_dir.mkdir(exist_ok=True)
-            if not (fold_dir / "run.json").is_file():
-                save_run(fold_dir, config, fold_data)
-            logger.info("fold %d/%d", fold + 1, n_folds)
-            result = train_and_evaluate(config, fold_data, fold_dir, progress=progress)
-        per_fold.append(result)
-        with (fold_dir / "predictions.csv").open(newline="") as handle:
-            rows = list(csv.DictReader(handle))
-        y_true += [dataset.class_names.index(r["label"]) for r in rows]
-        y_prob += [float(r["probability_malignant"]) for r in rows]
-        decisions += [float(r["predicted"] == dataset.class_names[1]) for r in rows]
-        logits += [float(r.get("logit") or "nan") for r in rows]
-        fold_of += [fold] * len(rows)
-        paths += [r["path"] for r in rows]
-    y_true_array, logits_array = np.array(y_true), np.array(logits)
-    decided = {"each fold at its own threshold": np.array(decisions)}
-    crossfit = not np.isnan(logits_array).any()
-    extra: dict[str, Any] = {"group_by": group_by}
-    if crossfit:
-        extra["crossfit"], decided["cross-fitted threshold"] = leave_one_fold_out_threshold(
-            config, y_true_array, logits_array, np.array(fold_of)
-        )
-    else:
-        logger.warning("fold predictions without logits (an older busdx): no cross-fitted model")
-    by_path = {s.relpath: s for s in dataset.samples}
-    tested = [by_path[path] for path in paths]
-    if len({s.site for s in tested}) > 1:
-        extra["per_site"] = _per_site(config, tested, y_true_array, np.array(y_prob), decided)
-    summary = _summarise(config, per_fold, y_true_array, np.array(y_prob), decided, out_dir, extra)
-    if crossfit:
-        write_crossfit_ensemble(config, dataset, out_dir, n_folds, y_true_array, logits_array)
-    return summary
-
-
-def _check_saved_folds(path: Path, dataset: LabelledDataset, folds: list[int]) -> None:
-    """A resumed CV must partition the images as it did: else finished folds would be mixed
-    with folds of another partition (other --folds, --group-by or data)."""
-    if not path.is_file():
-        return
-    with path.open(newline="") as handle:
-        saved = {row["path"]: row["fold"] for row in csv.DictReader(handle)}
-    now = {s.relpath: str(f) for s, f in zip(dataset.samples, folds, strict=True)}
-    if saved != now:
-        raise DataError(
-            f"{path.parent} holds a cross-validation with other folds (another --folds, "
-            "--group-by or data); choose a new --out"
-        )
-
-
-def leave_one_fold_out_threshold(
-    config: Config, y_true: np.ndarray, logits: np.ndarray, fold_of: np.ndarray
-) -> tuple[dict[str, Any], np.ndarray]:
-    """How the cross-fitted threshold keeps its promise, honestly: each fold is decided with the
-    temperature and threshold fitted on the other folds' out-of-fold predictions.
-
-    Returns the summary (sensitivity, specificity with CIs, each fold's threshold) and each
-    image's decision (1: called positive)."""
-    called = np.zeros(len(y_true))
-    thresholds = []
-    for fold in np.unique(fold_of):
-        rest = fold_of != fold
-        fitted = fit_operating_points(logits[rest], y_true[rest], config.evaluate)
-        probabilities = apply_temperature(logits[~rest], fitted["temperature"])
-        called[~rest] = probabilities >= fitted["threshold"]
-        thresholds.append(fitted["threshold"])
-    settings = config.evaluate
-    decided = binary_metrics(y_true, called)
-    decided_ci = bootstrap_ci(y_true, called, threshold=0.5, n_resamples=settings.n_bootstrap,
-                              level=settings.ci_level, seed=settings.seed)  # fmt: skip
-    summary = {
-        "policy": settings.threshold_policy,
-        "target_sensitivity": settings.target_sensitivity,
-        "threshold_confidence": settings.threshold_confidence,
-        "thresholds": thresholds,
-        **{key: decided[key] for key in DECISION_METRICS},
-        "ci": {key: decided_ci[key] for key in DECISION_METRICS},
-        "confusion": decided["confusion"],
-    }
-    return summary, called
-
-
-def _per_site(
-    config: Config,
-    tested: list[Sample],
-    y_true: np.ndarray,
-    y_prob: np.ndarray,
-    decided: dict[str, np.ndarray],
-) -> dict[str, Any]:
-    """Each site's ranking (AUC with CI) and each decision rule's sensitivity and specificity;
-    the same for each scanner of a site that names them, and the readers' BI-RADS beside the
-    model where every image of the site has one."""
-    settings = config.evaluate
-    ci = dict(n_resamples=settings.n_bootstrap, level=settings.ci_level, seed=settings.seed)
-    sites = np.array([s.site for s in tested])
-    scanners = np.array([s.scanner for s in tested])
-    table = {}
-    for site in sorted(set(sites)):
-        mask = sites == site
-        row = _subset_row(y_true, y_prob, decided, mask, ci)
-        ranks = rank_categories([s.birads for s, m in zip(tested, mask, strict=True) if m])
-        if ranks is not None:
-            row["readers"] = compare_with_readers(y_true[mask], y_prob[mask], ranks, **ci)
-        site_scanners = sorted(set(scanners[mask]) - {""})
-        if site_scanners:
-            row["per_scanner"] = {
-                scanner: _subset_row(y_true, y_prob, decided, mask & (scanners == scanner), ci)
-                for scanner in site_scanners
-            }
-        table[site] = row
-    return table
-
-
-def _subset_row(
-    y_true: np.ndarray, y_prob: np.ndarray, decided: dict[str, np.ndarray], mask: np.ndarray,
-    ci: dict[str, Any],
-) -> dict[str, Any]:  # fmt: skip
-    """Ranking with CI and each decision rule's sensitivity and specificity on ``mask`` (a
-    subset of one class only, such as a scanner that saw no cancer, has counts alone)."""
-    row: dict[str, Any] = {"n": int(mask.sum()), "n_positive": int(y_true[mask].sum())}
-    if len(set(y_true[mask])) < 2:
-        return {**row, "note": "one class only: no ROC AUC, sensitivity or specificity"}
-    ranking = binary_metrics(y_true[mask], y_prob[mask])
-    ranking_ci = bootstrap_ci(y_true[mask], y_prob[mask], threshold=0.5, **ci)
-    row |= {key: ranking[key] for key in SCORE_METRICS}
-    row["ci"] = {key: ranking_ci[key] for key in SCORE_METRICS}
-    for rule, calls in decided.items():
-        metrics = binary_metrics(y_true[mask], calls[mask])
-        row[rule] = {key: metrics[key] for key in ("sensitivity", "specificity")}
-    return row
-
-
-def write_crossfit_ensemble(
-    config: Config,
-    dataset: LabelledDataset,
-    out_dir: Path,
-    n_folds: int,
-    y_true: np.ndarray,
-    oof_logits: np.ndarray,
-) -> Path:
-    """``out_dir/ensemble``: a run whose model averages the fold models' logits, with the
-    temperature and threshold fitted on all out-of-fold predictions (cross-fitting).
-
-    Every image was a test image of exactly one fold model, so the calibration sees as many
-    cases as the dataset holds, none scored by a model that trained on it. Its split marks every
-    image ``train``: evaluate it on other data (``busdx evaluate --data SITE --split all``).
-    """
-    run_dir = out_dir / "ensemble"
-    run_dir.mkdir(exist_ok=True)
-    payloads = [
-        torch.load(out_dir / f"fold-{k}" / MODEL_FILE, map_location="cpu", weights_only=True)
-        for k in range(n_folds)
-    ]
-    metadata = {k: v for k, v in payloads[0].items() if k in ENSEMBLE_METADATA}
-    state = {
-        f"members.{index}.{key}": tensor
-        for index, payload in enumerate(payloads)
-        for key, tensor in payload["state_dict"].items()
-    }
-    fitted = fit_operating_points(oof_logits, y_true, config.evaluate)
-    with atomic_path(run_dir / MODEL_FILE) as tmp:
-        source = f"out-of-fold predictions of {n_folds}-fold CV"
-        payload = {**metadata, **fitted, "calibration_source": source}
-        torch.save({**payload, "ensemble_size": n_folds, "state_dict": state}, tmp)
-    everything = replace(dataset, samples=[replace(s, split="train") for s in dataset.samples])
-    save_run(run_dir, config, everything)
-    logger.info(
-        "cross-fitted ensemble of %d fold models: %s (temperature %.3f, threshold %.3f)",
-        n_folds,
-        run_dir,
-        fitted["temperature"],
-        fitted["threshold"],
-    )
-    return run_dir
-
-
-ENSEMBLE_METADATA = (
-    "format",
-    "format_version",
-    "busdx_version",
-    "environment",
-    "model",
-    "class_names",
-    "positive_class",
-    "preprocessing",
-    "weights",
-    "config",
-    SCOPE_KEY,
-)  # fmt: skip (the guard of the first member, whose features it uses)
-
-
-FOLD_KEYS = SCORE_METRICS + DECISION_METRICS
-
-
-def _summarise(config, per_fold, y_true, y_prob, decided, out_dir, extra) -> dict[str, Any]:
-    decisions = decided["each fold at its own threshold"]
-    settings = config.evaluate
-    ci = dict(n_resamples=settings.n_bootstrap, level=settings.ci_level, seed=settings.seed)
-    ranking = binary_metrics(y_true, y_prob)  # threshold-free metrics of the pooled scores
-    ranking_ci = bootstrap_ci(y_true, y_prob, threshold=0.5, **ci)
-    decided = binary_metrics(y_true, decisions)  # each fold at its own validation threshold
-    decided_ci = bootstrap_ci(y_true, decisions, threshold=0.5, **ci)
-    pooled = {key: ranking[key] for key in SCORE_METRICS}
-    pooled |= {key: decided[key] for key in DECISION_METRICS}
-    pooled_ci = {key: ranking_ci[key] for key in SCORE_METRICS}
-    pooled_ci |= {key: decided_ci[key] for key in DECISION_METRICS}
-    table = {key: [fold[key] for fold in per_fold] for key in FOLD_KEYS}
-    summary = {
-        "folds": len(per_fold),
-        "n": len(y_true),
-        "n_positive": int(y_true.sum()),
-        "threshold_policy": settings.threshold_policy,
-        "pooled": pooled,
-        "pooled_ci": pooled_ci,
-        "pooled_confusion": decided["confusion"],
-        "per_fold": table,
-        "mean": {k: float(np.nanmean(np.array(v, dtype=float))) for k, v in table.items()},
-        "sd": {k: float(np.nanstd(np.array(v, dtype=float), ddof=1)) for k, v in table.items()},
-        **extra,
-    }
-    atomic_write_text(out_dir / "cv_metrics.json", json.dumps(json_safe(summary), indent=2) + "\n")
-    plot_roc_curve(
-        y_true,
-        y_prob,
-        {
-            **ranking,
-            "operating_points": {"each fold at its own threshold": {**decided, "threshold": None}},
-        },
-        out_dir / "cv_roc_curve.png",
-        band=roc_band(y_true, y_prob, **ci),
-    )
-    return summary
-
-
-def format_cv(summary: dict[str, Any]) -> str:
-    """Terminal table: pooled value with CI, and mean ± sd over folds."""
-    lines = [
-        f"{summary['folds']}-fold grouped CV: n={summary['n']} ({summary['n_positive']} "
-        f"positive); pooled [95% CI]  |  mean ± sd over folds"
-    ]
-    for key, value in summary["pooled"].items():
-        ci = summary["pooled_ci"][key]
-        spread = (
-            f"{summary['mean'][key]:.3f} ± {summary['sd'][key]:.3f}"
-            if key in summary["mean"]
-            else ""
-        )
-        lines.append(f"  {key:<18} {value:.3f} [{ci['low']:.3f}, {ci['high']:.3f}]  |  {spread}")
-    if "crossfit" in summary:
-        fit = summary["crossfit"]
-        ci = fit["ci"]
-        lines.append(
-            f"cross-fitted threshold (each fold decided by the other folds' out-of-fold fit; "
-            f"target sensitivity {fit['target_sensitivity']:.2f}, confidence "
-            f"{fit['threshold_confidence']:.2f}):"
-        )
-        for key in ("sensitivity", "specificity"):
-            lines.append(
-                f"  {key:<18} {fit[key]:.3f} [{ci[key]['low']:.3f}, {ci[key]['high']:.3f}]"
-            )
-    for site, row in summary.get("per_site", {}).items():
-        auc = row["ci"]["roc_auc"]
-        rules = "; ".join(
-            f"{rule}: sensitivity {row[rule]['sensitivity']:.3f}, specificity "
-            f"{row[rule]['specificity']:.3f}"
-            for rule in ("each fold at its own threshold", "cross-fitted threshold")
-            if rule in row
-        )
-        lines.append(
-            f"site {site} (n={row['n']}, {row['n_positive']} positive): ROC AUC "
-            f"{row['roc_auc']:.3f} [{auc['low']:.3f}, {auc['high']:.3f}]; {rules}"
-        )
-        if "readers" in row:
-            readers, delta = row["readers"], row["readers"]["delta_roc_auc"]
-            lines.append(
-                f"  readers' BI-RADS ROC AUC {readers['readers_roc_auc']:.3f}; model - readers "
-                f"{delta['delta']:+.3f} [{delta['low']:+.3f}, {delta['high']:+.3f}]"
-            )
-        for scanner, sub in row.get("per_scanner", {}).items():
-            value = f"ROC AUC {sub['roc_auc']:.3f}" if "roc_auc" in sub else sub["note"]
-            count = f"n={sub['n']}, {sub['n_positive']} positive"
-            lines.append(f"  scanner {scanner} ({count}): {value}")
-    return "\n".join(lines)

@@ -27,18 +27,16 @@ from busdx.config import ModelConfig
 from busdx.devices import autocast, check_precision, cpu_has_vnni, resolve_device
 from busdx.errors import CheckpointError, ConfigError
 from busdx.fileio import sha256_file
+from busdx.layout import INT8_FILE, MODEL_FILE, ONNX_FILE
 from busdx.metrics import is_positive
 from busdx.models import BinaryClassifier, Ensemble, create_model
 from busdx.scope import SCOPE_KEY, image_checks, logits_and_features, scope_distances
-from busdx.training import MODEL_FILE
 from busdx.transforms import Preprocessing, build_eval_transform
 
 __all__ = [
     "BACKENDS",
     "EXPORT_STAMP",
-    "INT8_FILE",
     "INT8_WEIGHT_BITS",
-    "ONNX_FILE",
     "ONNX_METADATA_KEY",
     "Decision",
     "Predictor",
@@ -48,8 +46,7 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 BACKENDS = ("auto", "torch", "onnx")
-ONNX_FILE = "model.onnx"
-INT8_FILE = "model.int8.onnx"
+INT8_FILE = INT8_FILE
 EXPORT_STAMP = "exported_from"  # ONNX metadata: {"file", "sha256"} of the model.pt exported
 INT8_WEIGHT_BITS = "int8_weight_bits"  # ONNX metadata: 8 needs a CPU with VNNI or AMX
 ONNX_METADATA_KEY = "busdx"

@@ -16,6 +16,7 @@ images, as a clinician would ask:
 from __future__ import annotations
 
 import csv
+import logging
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,7 @@ from typing import Any
 import numpy as np
 
 from busdx.errors import DataError
+from busdx.layout import LABELS_TABLE
 from busdx.metrics import binary_metrics, bootstrap_ci, paired_bootstrap, roc_auc
 
 __all__ = [
@@ -34,7 +36,10 @@ __all__ = [
     "rank_categories",
     "read_reader_scores",
     "reader_points",
+    "reader_ranks",
 ]
+
+logger = logging.getLogger(__name__)
 
 BIRADS_ORDER = ("1", "2", "3", "4a", "4b", "4c", "5", "6")
 READER_POINTS = ("4a", "4b")  # BI-RADS >= 4a: biopsy recommended; >= 4b: moderate suspicion
@@ -97,6 +102,38 @@ def match_reader_scores(relpaths: Sequence[str], scores: dict[str, int]) -> np.n
     if any(rank is None for rank in ranks):
         return None
     return np.array(ranks, dtype=float)
+
+
+def reader_ranks(
+    samples: Sequence[Any],
+    data_root: Path,
+    readers_file: str | Path | None = None,
+    column: str = "birads",
+) -> np.ndarray | None:
+    """The readers' BI-RADS rank of each sample, or None when they are not known.
+
+    From ``readers_file`` when given (an error if it is missing or lacks the column), else
+    from the labels table the samples came from (their ``birads``), else from
+    ``data_root/labels.csv`` if it has the column.
+    """
+    from_table = rank_categories([s.birads for s in samples])
+    if from_table is not None and not readers_file:
+        return from_table
+    path = Path(readers_file) if readers_file else data_root / LABELS_TABLE
+    if not path.is_file():
+        if readers_file:
+            raise DataError(f"reader scores file {path} does not exist")
+        return None
+    try:
+        scores = read_reader_scores(path, column=column)
+    except DataError:
+        if readers_file:
+            raise
+        return None  # a labels.csv without reader scores
+    ranks = match_reader_scores([s.relpath for s in samples], scores)
+    if ranks is None:
+        logger.warning("%s lacks reader scores for some images: no reader comparison", path)
+    return ranks
 
 
 def _specificity_at_sensitivity(y_true: np.ndarray, y_score: np.ndarray, sensitivity: float):

@@ -27,12 +27,11 @@ from busdx.data import (
     write_split_csv,
 )
 from busdx.errors import CheckpointError, ConfigError, DataError, RunDirError
-from busdx.fileio import atomic_write_text
+from busdx.fileio import atomic_write_text, write_json
+from busdx.layout import CONFIG_FILE, INFO_FILE, SPLIT_FILE
 from busdx.provenance import environment
 
 __all__ = [
-    "CONFIG_FILE",
-    "SPLIT_FILE",
     "create_run_dir",
     "load_run",
     "prepare_dataset",
@@ -44,10 +43,6 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
-
-CONFIG_FILE = "config.yaml"
-SPLIT_FILE = "split.csv"
-INFO_FILE = "run.json"
 
 
 def create_run_dir(out: str | Path | None, recipe: str) -> Path:
@@ -142,7 +137,7 @@ def save_run(run_dir: Path, config: Config, dataset: LabelledDataset) -> None:
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "command": " ".join(["busdx", *sys.argv[1:]]),
     }
-    atomic_write_text(run_dir / INFO_FILE, json.dumps(info, indent=2) + "\n")
+    write_json(run_dir / INFO_FILE, info)
 
 
 # Settings a resumed training may change: how long it runs and where, not what it trains.

@@ -40,6 +40,7 @@ from busdx.distributed import World, all_sum, barrier, current_world
 from busdx.errors import CheckpointError, ConfigError
 from busdx.features import CachedFeatures, FeatureCache
 from busdx.fileio import atomic_path, atomic_write_text
+from busdx.layout import HISTORY_FILE, LAST_FILE, MODEL_FILE
 from busdx.models import BinaryClassifier, WeightsInfo, create_model
 from busdx.provenance import environment
 from busdx.transforms import (
@@ -51,8 +52,6 @@ from busdx.transforms import (
 )
 
 __all__ = [
-    "LAST_FILE",
-    "MODEL_FILE",
     "EpochRecord",
     "evaluate_epoch",
     "fit",
@@ -62,10 +61,6 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
-
-MODEL_FILE = "model.pt"
-LAST_FILE = "last.pt"
-HISTORY_FILE = "history.csv"
 
 
 @dataclass

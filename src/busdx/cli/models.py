@@ -1,0 +1,39 @@
+"""``busdx models``: the models that ship with busdx."""
+
+from __future__ import annotations
+
+import argparse
+
+from busdx.bundled import DEFAULT_MODEL, bundled_info, list_bundled
+from busdx.cli.options import Subcommands
+
+
+def register(commands: Subcommands) -> None:
+    parser = commands.add_parser(
+        "models",
+        help="list the models that ship with busdx",
+        description="List the bundled models (busdx predict and serve use the default one when "
+        "no --run is given), with what to expect of each at a hospital it never saw.",
+    )
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    names = list_bundled()
+    if not names:
+        print("no bundled models in this installation of busdx")
+        return 1
+    for name in names:
+        info = bundled_info(name)
+        default = " (default)" if name == DEFAULT_MODEL else ""
+        print(f"{name}{default}: {info['description']}")
+        sites = ", ".join(info["trained_on"])
+        print(f"  trained on: {sites}; {info['size_mb']} MB at {info['path']}")
+        for site, row in info.get("held_out_sites", {}).items():
+            print(
+                f"  expected at an unseen hospital, as measured when {site} was held out: "
+                f"ROC AUC {row['roc_auc']:.3f}; sensitivity {row['sensitivity']:.3f}, "
+                f"specificity {row['specificity']:.3f} at its threshold"
+            )
+    print("use one with: busdx predict [--run NAME] scan.png; busdx serve [--run NAME]")
+    return 0

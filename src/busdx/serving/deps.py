@@ -1,0 +1,99 @@
+"""The model the routes share: loaded once when the app is created, injected per request."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any
+
+from fastapi import Depends, Request, UploadFile
+from PIL import Image
+
+from busdx import __version__
+from busdx.boxes import parse_box
+from busdx.errors import BusdxError
+from busdx.imaging import decode_image
+from busdx.layout import MODEL_FILE
+from busdx.predictor import Predictor, load_model
+from busdx.runs import load_run
+from busdx.serving.guard import Gate
+from busdx.serving.settings import ServeSettings
+from busdx.transforms import region_of
+
+__all__ = ["ModelService", "Service", "load_service"]
+
+
+@dataclass
+class ModelService:
+    """The served model (``predictor``), the torch model for Grad-CAM (``explainer``: None on
+    an ONNX-only deployment), the model card and the gate that limits concurrent model calls."""
+
+    settings: ServeSettings
+    predictor: Predictor
+    explainer: Predictor | None
+    card: dict[str, Any]
+    gate: Gate
+
+    async def read(self, upload: UploadFile, box: str | None, frame: int) -> tuple[str, Any, Any]:
+        """The upload's name, decoded image (its DICOM ``frame``) and the region the model
+        looks at (the lesion ``box`` of an ROI model); 4xx errors as exceptions."""
+        name = upload.filename or "upload"
+        data = await upload.read()
+        image = decode_image(data, name, frame=frame, max_pixels=self.settings.max_pixels)
+        parsed = parse_box(box) if box else None
+        return name, image, region_of(image, parsed, self.predictor.preprocessing, name=name)
+
+    def decide(self, images: list[Image.Image], regions: list[Image.Image]) -> list[dict]:
+        """The server's decisions: probability, label at its threshold, scope flag."""
+        return [
+            {"probability_malignant": round(decision.probability, 6), "label": decision.label,
+             "out_of_scope": decision.out_of_scope, "scope_reason": decision.scope_reason}
+            for decision in self.predictor.decide_images(images, regions=regions)
+        ]  # fmt: skip
+
+
+def load_service(run: str | Path, settings: ServeSettings) -> ModelService:
+    """Load the model of ``run`` (a run directory or model file) for serving."""
+    run_dir = Path(run)
+    threads = max(1, (os.cpu_count() or 1) // settings.workers)  # workers never oversubscribe
+    predictor = load_model(run_dir, backend=settings.backend, threads=threads)
+    if predictor.backend == "torch":
+        explainer: Predictor | None = predictor
+    else:  # Grad-CAM needs the torch model's gradients; an ONNX-only deployment has no /explain
+        has_torch = run_dir.is_dir() and (run_dir / MODEL_FILE).is_file()
+        explainer = load_model(run_dir, threads=threads) if has_torch else None
+    card = _model_card(predictor, run_dir if run_dir.is_dir() else run_dir.parent)
+    gate = Gate(settings.workers, settings.queue_size)
+    return ModelService(settings, predictor, explainer, card, gate)
+
+
+def _model_card(loaded: Predictor, run_dir: Path) -> dict[str, Any]:
+    metadata = loaded.metadata
+    card: dict[str, Any] = {
+        "busdx_version": metadata.get("busdx_version"),
+        "server_version": __version__,
+        "backend": loaded.backend,
+        "model": metadata.get("model"),
+        "classes": metadata["class_names"],
+        "positive_class": metadata.get("positive_class"),
+        "threshold": loaded.threshold,
+        "threshold_policy": metadata.get("threshold_policy"),
+        "temperature": loaded.temperature,
+        "preprocessing": metadata["preprocessing"],
+        "weights": metadata.get("weights"),
+        "intended_use": "research use only; not a medical device",
+    }
+    try:
+        _, info = load_run(run_dir)
+        card["training_data"] = {"counts": info["counts"], "layout": info["layout"]}
+    except (BusdxError, OSError, KeyError):  # a bare model file has no run directory around it
+        card["training_data"] = None
+    return card
+
+
+def _service(request: Request) -> ModelService:
+    return request.app.state.service
+
+
+Service = Annotated[ModelService, Depends(_service)]  # a route's parameter: the shared model
