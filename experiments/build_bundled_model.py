@@ -29,13 +29,13 @@ import torch
 from busdx import __version__
 from busdx.bundled import BUNDLED_DIR, SUMMARY_FILE
 from busdx.calibration import fit_operating_points
+from busdx.checkpoints import update_model_metadata
 from busdx.errors import ExportError
 from busdx.export import export_run
 from busdx.fileio import atomic_write_text, json_safe
 from busdx.layout import CONFIG_FILE, EXPORT_REPORT, INFO_FILE, INT8_FILE, MODEL_FILE
 from busdx.runs import load_run
 from busdx.scope import SCOPE_KEY
-from busdx.training import update_model_metadata
 
 MIN_AGREEMENT = 0.95  # int8 ships only if it decides as the fp32 model on 95% of validation cases
 SITES = {  # site name in the study -> what the card says of it

@@ -30,7 +30,7 @@ from busdx.features import FeatureCache
 from busdx.metrics import roc_auc
 from busdx.models import create_model
 from busdx.runs import prepare_dataset
-from busdx.training import evaluate_epoch, train_one_epoch
+from busdx.training import evaluate, train_one_epoch
 
 
 def _train_head(config, train_x, train_y, val_x, val_y, seed: int) -> dict[str, float]:
@@ -50,7 +50,7 @@ def _train_head(config, train_x, train_y, val_x, val_y, seed: int) -> dict[str, 
         model.train()
         train_one_epoch(model.from_stem, train, optimizer, criterion, cpu)
     model.eval()
-    _, accuracy = evaluate_epoch(model.from_stem, val, criterion, cpu)
+    _, accuracy = evaluate(model.from_stem, val, criterion, cpu)
     with torch.inference_mode():
         scores = torch.cat([model.from_stem(x) for x, _ in val]).numpy()
     return {"val_accuracy": accuracy, "val_roc_auc": roc_auc(val_y.numpy(), scores)}

@@ -29,6 +29,7 @@ from scipy.optimize import minimize
 from scipy.special import expit
 
 from busdx.calibration import fit_operating_points, fit_temperature
+from busdx.checkpoints import update_model_metadata
 from busdx.config import EvaluateConfig, apply_overrides
 from busdx.data import Sample
 from busdx.errors import DataError
@@ -39,7 +40,6 @@ from busdx.layout import CONFIG_FILE, INFO_FILE, MODEL_FILE, SPLIT_FILE
 from busdx.metrics import roc_auc
 from busdx.predictor import Predictor, load_model
 from busdx.runs import create_run_dir, load_run, samples_for_split, save_config
-from busdx.training import update_model_metadata
 
 __all__ = [
     "STRENGTHS",

@@ -36,7 +36,14 @@ from busdx.layout import (
     MODEL_FILE,
     PREDICTIONS_FILE,
 )
-from busdx.metrics import DECISION_METRICS, SCORE_METRICS, binary_metrics, bootstrap_ci, roc_band
+from busdx.metrics import (
+    DECISION_METRICS,
+    SCORE_METRICS,
+    binary_metrics,
+    bootstrap_ci,
+    is_positive,
+    roc_band,
+)
 from busdx.pipeline import train_and_evaluate
 from busdx.readers import compare_with_readers, rank_categories
 from busdx.reporting import plot_roc_curve
@@ -267,7 +274,7 @@ def leave_one_fold_out_threshold(
         rest = fold_of != fold
         fitted = fit_operating_points(logits[rest], y_true[rest], config.evaluate)
         probabilities = apply_temperature(logits[~rest], fitted["temperature"])
-        called[~rest] = probabilities >= fitted["threshold"]
+        called[~rest] = is_positive(probabilities, fitted["threshold"])
         thresholds.append(fitted["threshold"])
     settings = config.evaluate
     decided = binary_metrics(y_true, called)

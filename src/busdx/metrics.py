@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import numpy as np
 
@@ -53,9 +54,15 @@ def _check(y_true: np.ndarray, y_score: np.ndarray) -> tuple[np.ndarray, np.ndar
     return y_true, y_score
 
 
-def is_positive(y_score: np.ndarray, threshold: float) -> np.ndarray:
-    """The decision rule of every busdx model: positive where ``score >= threshold``."""
-    return np.asarray(y_score) >= threshold
+def is_positive(y_score: Any, threshold: float) -> Any:
+    """The decision rule of every busdx model: positive where ``score >= threshold``.
+
+    The one place of that rule: prediction, evaluation, cross-fitting and the accuracy logged
+    during training all call it. ``y_score`` is a NumPy array, a torch tensor (the answer is
+    then a tensor on the same device) or anything :func:`numpy.asarray` takes.
+    """
+    scores = y_score if hasattr(y_score, "shape") else np.asarray(y_score)
+    return scores >= threshold
 
 
 def confusion_counts(y_true: np.ndarray, y_pred: np.ndarray) -> dict[str, int]:

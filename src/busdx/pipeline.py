@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from busdx.adaptation import calibrate_model
+from busdx.checkpoints import update_model_metadata
 from busdx.config import Config, apply_overrides, load_config
 from busdx.data import LabelledDataset
 from busdx.devices import resolve_device
@@ -35,7 +36,7 @@ from busdx.runs import (
     save_run,
 )
 from busdx.scope import SCOPE_KEY, fit_scope
-from busdx.training import fit, update_model_metadata
+from busdx.training import fit
 
 __all__ = ["train_and_evaluate", "train_run"]
 

@@ -15,7 +15,7 @@ import io
 import logging
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +25,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import Dataset, TensorDataset
 from tqdm.auto import tqdm
 
-from busdx import __version__
+from busdx.checkpoints import model_metadata, save_model_file
 from busdx.config import Config
 from busdx.data import (
     EpochSampler,
@@ -39,10 +39,10 @@ from busdx.devices import autocast, check_precision, resolve_device
 from busdx.distributed import World, all_sum, barrier, current_world
 from busdx.errors import CheckpointError, ConfigError
 from busdx.features import CachedFeatures, FeatureCache
-from busdx.fileio import atomic_path, atomic_write_text
+from busdx.fileio import atomic_write_text
 from busdx.layout import HISTORY_FILE, LAST_FILE, MODEL_FILE
+from busdx.metrics import is_positive
 from busdx.models import BinaryClassifier, WeightsInfo, create_model
-from busdx.provenance import environment
 from busdx.transforms import (
     Preprocessing,
     build_augment_transform,
@@ -53,11 +53,16 @@ from busdx.transforms import (
 
 __all__ = [
     "EpochRecord",
-    "evaluate_epoch",
+    "Optimization",
+    "TrainingState",
+    "build_loaders",
+    "build_model",
+    "build_optimizer",
+    "evaluate",
     "fit",
-    "model_metadata",
+    "restore",
+    "save_checkpoint",
     "train_one_epoch",
-    "update_model_metadata",
 ]
 
 logger = logging.getLogger(__name__)
@@ -79,6 +84,12 @@ def _epoch_seed(seed: int, epoch: int) -> int:
     return seed * 1_000 + epoch
 
 
+def _right(logits: torch.Tensor, labels: torch.Tensor) -> int:
+    """How many decisions at probability 0.5 (:func:`busdx.metrics.is_positive`) are right."""
+    called = is_positive(torch.sigmoid(logits.float()), 0.5)
+    return int((called.float() == labels).sum().item())
+
+
 def train_one_epoch(
     forward: Callable[[torch.Tensor], torch.Tensor],
     loader: Iterable,
@@ -91,7 +102,7 @@ def train_one_epoch(
 ) -> tuple[float, int, int]:
     """One pass of ``forward`` (images or features -> logits) over ``loader``.
 
-    Returns the summed loss, the number right at threshold 0.5 and the number seen (summed over
+    Returns the summed loss, the number right at probability 0.5 and the number seen (summed over
     processes by the caller). ``scaler`` scales fp16 losses. The caller sets train mode.
     """
     total_loss, correct, seen = 0.0, 0, 0
@@ -110,13 +121,13 @@ def train_one_epoch(
             loss.backward()
             optimizer.step()
         total_loss += loss.item() * len(labels)
-        correct += ((logits > 0).float() == labels).sum().item()
+        correct += _right(logits, labels)
         seen += len(labels)
     return total_loss, correct, seen
 
 
 @torch.inference_mode()
-def evaluate_epoch(
+def evaluate(
     forward: Callable[[torch.Tensor], torch.Tensor],
     loader: Iterable,
     criterion: nn.Module,
@@ -132,7 +143,7 @@ def evaluate_epoch(
         with autocast(device, precision):
             logits = forward(inputs).float()
         total_loss += criterion(logits, labels).item() * len(labels)
-        correct += ((logits > 0).float() == labels).sum().item()
+        correct += _right(logits, labels)
         seen += len(labels)
     return total_loss, correct, seen
 
@@ -161,36 +172,6 @@ class _Trainable(nn.Module):
 
     def forward(self, inputs: torch.Tensor) -> torch.Tensor:
         return self.model.from_stem(inputs) if self.on_stem_outputs else self.model(inputs)
-
-
-def model_metadata(
-    config: Config, weights: WeightsInfo, prep: Preprocessing, class_names: list[str]
-) -> dict[str, Any]:
-    """Everything besides the tensors that a model file needs to be used on its own."""
-    return {
-        "format": "busdx-model",
-        "format_version": 1,
-        "busdx_version": __version__,
-        "environment": environment(),
-        "model": asdict(config.model),
-        "class_names": list(class_names),
-        "positive_class": config.data.positive_class,
-        "threshold": 0.5,
-        "preprocessing": prep.to_dict(),
-        "weights": {"name": weights.name, "sha256": weights.sha256},
-        "config": config.to_dict(),
-    }
-
-
-def _save(path: Path, payload: dict[str, Any]) -> None:
-    with atomic_path(path) as tmp:
-        torch.save(payload, tmp)
-
-
-def update_model_metadata(path: Path, updates: dict[str, Any]) -> None:
-    """Rewrite a model file atomically with some metadata entries added or replaced."""
-    payload = torch.load(path, map_location="cpu", weights_only=True)
-    _save(path, {**payload, **updates})
 
 
 def _write_history(path: Path, history: list[EpochRecord]) -> None:
@@ -270,6 +251,135 @@ def _process_batch_size(batch_size: int, world: World) -> int:
     return batch_size // world.size
 
 
+@dataclass
+class TrainingState:
+    """What a resumed run continues from (all of it is in ``last.pt``)."""
+
+    history: list[EpochRecord] = field(default_factory=list)
+    best_val_loss: float = float("inf")
+    stale_epochs: int = 0
+
+    @property
+    def next_epoch(self) -> int:
+        return self.history[-1].epoch + 1 if self.history else 1
+
+    def update(self, record: EpochRecord) -> bool:
+        """Add an epoch; True when its validation loss is the best so far."""
+        self.history.append(record)
+        improved = record.val_loss < self.best_val_loss
+        if improved:
+            self.best_val_loss, self.stale_epochs = record.val_loss, 0
+        else:
+            self.stale_epochs += 1
+        return improved
+
+
+@dataclass
+class Optimization:
+    """Optimizer, learning-rate schedule and (fp16 only) loss scaler of one run."""
+
+    optimizer: torch.optim.Optimizer
+    schedule: torch.optim.lr_scheduler.LRScheduler
+    scaler: torch.amp.GradScaler | None
+
+    def state_dict(self) -> dict[str, Any]:
+        state = {"optimizer": self.optimizer.state_dict(), "schedule": self.schedule.state_dict()}
+        return state | ({"scaler": self.scaler.state_dict()} if self.scaler is not None else {})
+
+
+def build_optimizer(config: Config, model: nn.Module, device: torch.device) -> Optimization:
+    """Adam over the trainable parameters, a constant or cosine schedule, and a loss scaler
+    for fp16."""
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.Adam(
+        trainable, lr=config.train.lr, weight_decay=config.train.weight_decay
+    )
+    schedule = (
+        torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=config.train.epochs)
+        if config.train.schedule == "cosine"
+        else torch.optim.lr_scheduler.LambdaLR(optimizer, lambda epoch: 1.0)
+    )
+    scaler = torch.amp.GradScaler(device.type) if config.train.precision == "fp16" else None
+    return Optimization(optimizer, schedule, scaler)
+
+
+def restore(path: Path, model: nn.Module, optimization: Optimization) -> TrainingState:
+    """Load ``last.pt`` into the model and optimizer; a fresh state when there is none."""
+    if not path.is_file():
+        return TrainingState()
+    saved = _load_last(path)
+    model.load_state_dict(saved["state_dict"])
+    optimization.optimizer.load_state_dict(saved["optimizer"])
+    if "schedule" in saved:
+        optimization.schedule.load_state_dict(saved["schedule"])
+    if optimization.scaler is not None and "scaler" in saved:
+        optimization.scaler.load_state_dict(saved["scaler"])
+    logger.info("resuming %s after epoch %d", path.parent, saved["epoch"])
+    history = [EpochRecord(**row) for row in saved["history"]]
+    return TrainingState(history, saved["best_val_loss"], saved["stale_epochs"])
+
+
+@dataclass
+class Loaders:
+    """What one epoch iterates: the training batches (``step`` maps them to logits, wrapped in
+    DistributedDataParallel under torchrun) and the validation batches (``val_forward``)."""
+
+    train: Iterable
+    sampler: EpochSampler
+    step: nn.Module
+    val: Iterable
+    val_forward: Callable[[torch.Tensor], torch.Tensor]
+
+
+def build_loaders(
+    config: Config,
+    dataset: LabelledDataset,
+    model: BinaryClassifier,
+    prep: Preprocessing,
+    weights: WeightsInfo,
+    device: torch.device,
+    progress: bool,
+) -> Loaders:
+    """The training and validation loaders of this process (see :func:`_inputs` for what they
+    hold: images, augmented images, or cached stem outputs)."""
+    world = current_world()
+    batch = _process_batch_size(config.train.batch_size, world)
+    workers = resolve_workers(config.data.num_workers, processes=world.local_size)
+    train_set, val_set, on_stem_outputs = _inputs(
+        config, dataset, model, prep, weights, device, workers, progress
+    )
+    step: nn.Module = _Trainable(model, on_stem_outputs)
+    if world.distributed:
+        ids = [device.index] if device.type == "cuda" else None  # this process's GPU
+        step = DistributedDataParallel(step, device_ids=ids)
+    val_forward = model.from_stem if isinstance(val_set, TensorDataset | CachedFeatures) else model
+    balanced = config.train.sampling == "balanced_sites"
+    sample_weights = site_balanced_weights(train_set.samples) if balanced else None
+    sampler = EpochSampler(train_set, seed=config.train.seed, rank=world.rank,
+                           world_size=world.size, weights=sample_weights)  # fmt: skip
+    train = make_loader(train_set, batch_size=batch, sampler=sampler, workers=workers,
+                        device=device)  # fmt: skip
+    val_workers = 0 if isinstance(val_set, TensorDataset) else workers  # in memory already
+    val = make_loader(val_set, batch_size=batch, workers=val_workers, device=device)
+    if world.is_main:
+        logger.info("training on %s (%s), %d process(es), %d loader worker(s) each",
+                    device, config.train.precision, world.size, workers)  # fmt: skip
+    return Loaders(train, sampler, step, val, val_forward)
+
+
+def build_model(
+    config: Config, device: torch.device
+) -> tuple[BinaryClassifier, WeightsInfo, Preprocessing]:
+    """The recipe's model on ``device``, with the preprocessing the data settings ask for."""
+    torch.manual_seed(config.train.seed)
+    model, weights, prep = create_model(config.model, image_size=config.data.image_size)
+    roi = config.data.region == "box"
+    prep = replace(prep, crop=config.data.crop, resize=config.data.resize,
+                   annotations=config.data.annotations, region=config.data.region,
+                   box_margin=config.data.box_margin if roi else 0.0)  # fmt: skip
+    return model.to(device), weights, prep
+
+
 def fit(
     config: Config, dataset: LabelledDataset, run_dir: Path, *, progress: bool = True
 ) -> list[EpochRecord]:
@@ -281,142 +391,83 @@ def fit(
     """
     world = current_world()
     device = world.device(resolve_device(config.train.device))
-    precision = config.train.precision
-    check_precision(precision, device)
+    check_precision(config.train.precision, device)
     if config.train.threads:
         torch.set_num_threads(config.train.threads)
-    batch = _process_batch_size(config.train.batch_size, world)
-    workers = resolve_workers(config.data.num_workers, processes=world.local_size)
     progress = progress and world.is_main
-    torch.manual_seed(config.train.seed)
-    model, weights, prep = create_model(config.model, image_size=config.data.image_size)
-    roi = config.data.region == "box"
-    prep = replace(prep, crop=config.data.crop, resize=config.data.resize,
-                   annotations=config.data.annotations, region=config.data.region,
-                   box_margin=config.data.box_margin if roi else 0.0)  # fmt: skip
-    model.to(device)
+    model, weights, prep = build_model(config, device)
     metadata = model_metadata(config, weights, prep, dataset.class_names)
-
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.Adam(
-        trainable, lr=config.train.lr, weight_decay=config.train.weight_decay
-    )
-    schedule = (
-        torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=config.train.epochs)
-        if config.train.schedule == "cosine"
-        else torch.optim.lr_scheduler.LambdaLR(optimizer, lambda epoch: 1.0)
-    )
-    scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
+    optimization = build_optimizer(config, model, device)
+    state = restore(run_dir / LAST_FILE, model, optimization)
+    if _finished(config, state):
+        return state.history
+    loaders = build_loaders(config, dataset, model, prep, weights, device, progress)
     criterion = nn.BCEWithLogitsLoss()
-
-    history: list[EpochRecord] = []
-    best_val_loss, stale_epochs, start_epoch = float("inf"), 0, 1
-    last_path = run_dir / LAST_FILE
-    if last_path.is_file():
-        state = _load_last(last_path)
-        model.load_state_dict(state["state_dict"])
-        optimizer.load_state_dict(state["optimizer"])
-        if "schedule" in state:
-            schedule.load_state_dict(state["schedule"])
-        if scaler is not None and "scaler" in state:
-            scaler.load_state_dict(state["scaler"])
-        history = [EpochRecord(**row) for row in state["history"]]
-        best_val_loss, stale_epochs = state["best_val_loss"], state["stale_epochs"]
-        start_epoch = state["epoch"] + 1
-        logger.info("resuming %s after epoch %d", run_dir, state["epoch"])
-
-    patience = config.train.early_stopping_patience
-    if start_epoch > config.train.epochs or (patience and stale_epochs >= patience):
-        return history  # nothing left to train
-    train_set, val_set, on_stem_outputs = _inputs(
-        config, dataset, model, prep, weights, device, workers, progress
-    )
-    step: nn.Module = _Trainable(model, on_stem_outputs)
-    if world.distributed:
-        ids = [device.index] if device.type == "cuda" else None  # this process's GPU
-        step = DistributedDataParallel(step, device_ids=ids)
-    val_forward = model.from_stem if isinstance(val_set, TensorDataset | CachedFeatures) else model
-    balanced = config.train.sampling == "balanced_sites"
-    weights = site_balanced_weights(train_set.samples) if balanced else None
-    sampler = EpochSampler(train_set, seed=config.train.seed, rank=world.rank,
-                           world_size=world.size, weights=weights)  # fmt: skip
-    train_loader = make_loader(train_set, batch_size=batch, sampler=sampler, workers=workers,
-                               device=device)  # fmt: skip
-    val_workers = 0 if isinstance(val_set, TensorDataset) else workers  # in memory already
-    val_loader = make_loader(val_set, batch_size=batch, workers=val_workers, device=device)
-    if world.is_main:
-        logger.info("training on %s (%s), %d process(es), %d loader worker(s) each",
-                    device, precision, world.size, workers)  # fmt: skip
-
-    for epoch in range(start_epoch, config.train.epochs + 1):
-        if patience and stale_epochs >= patience:
-            logger.info("early stopping: no val-loss improvement in %d epochs", patience)
-            break
+    epochs, precision = config.train.epochs, config.train.precision
+    for epoch in range(state.next_epoch, epochs + 1):
         started = time.perf_counter()
         torch.manual_seed(_epoch_seed(config.train.seed, epoch) + world.rank)  # dropout
-        sampler.set_epoch(epoch)
-        bar = tqdm(
-            train_loader,
-            desc=f"epoch {epoch}/{config.train.epochs}",
-            unit="batch",
-            disable=not progress,
-            leave=False,
-        )
+        loaders.sampler.set_epoch(epoch)
+        bar = tqdm(loaders.train, desc=f"epoch {epoch}/{epochs}", unit="batch",
+                   disable=not progress, leave=False)  # fmt: skip
         model.train()
-        trained = train_one_epoch(
-            step, bar, optimizer, criterion, device, precision=precision, scaler=scaler
-        )
-        schedule.step()
+        trained = train_one_epoch(loaders.step, bar, optimization.optimizer, criterion, device,
+                                  precision=precision, scaler=optimization.scaler)  # fmt: skip
+        optimization.schedule.step()
         model.eval()
-        validated = evaluate_epoch(val_forward, val_loader, criterion, device, precision=precision)
-        loss, right, seen, val_loss, val_right, val_seen = all_sum([*trained, *validated], device)
-        seconds = round(time.perf_counter() - started, 2)
-        record = EpochRecord(epoch, loss / seen, right / seen, val_loss / val_seen,
-                             val_right / val_seen, seconds)  # fmt: skip
-        history.append(record)
-
-        improved = record.val_loss < best_val_loss
-        if improved:
-            best_val_loss, stale_epochs = record.val_loss, 0
-        else:
-            stale_epochs += 1
+        validated = evaluate(loaders.val_forward, loaders.val, criterion, device,
+                             precision=precision)  # fmt: skip
+        record = _record(epoch, all_sum([*trained, *validated], device), started)
+        improved = state.update(record)
         if world.is_main:
-            _save_epoch(run_dir, metadata, model, history, improved, {
-                "optimizer": optimizer.state_dict(),
-                "schedule": schedule.state_dict(),
-                **({"scaler": scaler.state_dict()} if scaler is not None else {}),
-                "history": [asdict(r) for r in history],
-                "best_val_loss": best_val_loss,
-                "stale_epochs": stale_epochs,
-            })  # fmt: skip
-        logger.info(
-            "epoch %d/%d  train loss %.4f acc %.3f  val loss %.4f acc %.3f  %.0fs%s",
-            epoch,
-            config.train.epochs,
-            record.train_loss,
-            record.train_accuracy,
-            record.val_loss,
-            record.val_accuracy,
-            record.seconds,
-            "  *best" if improved else "",
-        )
+            save_checkpoint(run_dir, metadata, model, state, improved, optimization)
+        _log_epoch(record, epochs, improved)
+        if _finished(config, state):
+            break
     barrier()  # rank 0's files are complete before any process goes on
-    return history
+    return state.history
 
 
-def _save_epoch(
+def _finished(config: Config, state: TrainingState) -> bool:
+    """All epochs done, or no validation-loss improvement for ``early_stopping_patience``."""
+    patience = config.train.early_stopping_patience
+    if patience and state.stale_epochs >= patience:
+        logger.info("early stopping: no val-loss improvement in %d epochs", patience)
+        return True
+    return state.next_epoch > config.train.epochs
+
+
+def _record(epoch: int, sums: list[float], started: float) -> EpochRecord:
+    loss, right, seen, val_loss, val_right, val_seen = sums
+    seconds = round(time.perf_counter() - started, 2)
+    return EpochRecord(epoch, loss / seen, right / seen, val_loss / val_seen,
+                       val_right / val_seen, seconds)  # fmt: skip
+
+
+def _log_epoch(record: EpochRecord, epochs: int, improved: bool) -> None:
+    logger.info(
+        "epoch %d/%d  train loss %.4f acc %.3f  val loss %.4f acc %.3f  %.0fs%s",
+        record.epoch, epochs, record.train_loss, record.train_accuracy, record.val_loss,
+        record.val_accuracy, record.seconds, "  *best" if improved else "",
+    )  # fmt: skip
+
+
+def save_checkpoint(
     run_dir: Path,
     metadata: dict[str, Any],
     model: BinaryClassifier,
-    history: list[EpochRecord],
+    state: TrainingState,
     improved: bool,
-    training_state: dict[str, Any],
+    optimization: Optimization,
 ) -> None:
-    """Checkpoint the last epoch of ``history``: ``model.pt`` when it is the best so far,
-    ``last.pt`` (the state to resume from) and ``history.csv`` always."""
-    weights = {**metadata, "state_dict": model.state_dict(), "epoch": history[-1].epoch,
-               "val_loss": history[-1].val_loss}  # fmt: skip
+    """Checkpoint the last epoch: ``model.pt`` when it is the best so far, ``last.pt`` (the
+    state to resume from) and ``history.csv`` always."""
+    last = state.history[-1]
+    weights = {**metadata, "state_dict": model.state_dict(), "epoch": last.epoch,
+               "val_loss": last.val_loss}  # fmt: skip
     if improved:
-        _save(run_dir / MODEL_FILE, weights)
-    _save(run_dir / LAST_FILE, {**weights, **training_state})
-    _write_history(run_dir / HISTORY_FILE, history)
+        save_model_file(run_dir / MODEL_FILE, weights)
+    resume = {"history": [asdict(r) for r in state.history], "best_val_loss": state.best_val_loss,
+              "stale_epochs": state.stale_epochs, **optimization.state_dict()}  # fmt: skip
+    save_model_file(run_dir / LAST_FILE, {**weights, **resume})
+    _write_history(run_dir / HISTORY_FILE, state.history)
