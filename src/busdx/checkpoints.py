@@ -8,7 +8,6 @@ it loads with ``torch.load(..., weights_only=True)``.
 
 from __future__ import annotations
 
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +32,7 @@ def model_metadata(
         "format_version": 1,
         "busdx_version": __version__,
         "environment": environment(),
-        "model": asdict(config.model),
+        "model": config.model.model_dump(),
         "class_names": list(class_names),
         "positive_class": config.data.positive_class,
         "threshold": 0.5,

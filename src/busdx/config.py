@@ -1,19 +1,21 @@
-"""Run configuration as data: typed sections, YAML files and ``key=value`` overrides.
+"""Run configuration as data: typed sections (pydantic models), YAML files and ``key=value``
+overrides.
 
-Precedence is defaults < recipe < YAML file < command-line overrides. Unknown keys are an error,
-so a typo never silently falls back to a default. The resolved config is saved with every run.
+Precedence is defaults < recipe < YAML file < command-line overrides. Each default is written
+once, in the models below (they are the classic recipe). Unknown keys are an error with a
+suggestion, so a typo never silently falls back to a default; ``--set section.key=value``
+reaches every key. The resolved config is saved with every run.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import difflib
-from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from busdx.devices import PRECISIONS
 from busdx.errors import ConfigError
@@ -39,278 +41,227 @@ ANNOTATIONS = ("keep", "mask")  # data.annotations
 REGIONS = ("image", "box")  # data.region
 
 
-@dataclass
-class ModelConfig:
+class _Section(BaseModel):
+    """A config section: unknown keys are errors; numbers given for text become text."""
+
+    model_config = ConfigDict(extra="forbid", coerce_numbers_to_str=True)
+
+
+class ModelConfig(_Section):
     """Network: registered backbone, its pretrained weights and the classification head."""
 
     name: str = "vgg16"
-    weights: str = "imagenet"  # "imagenet", "none" or a path to a state_dict file
+    weights: str = Field("imagenet", description='"imagenet", "none" or a state_dict file')
     freeze_backbone: bool = True
-    trainable_blocks: int = 0  # with a frozen backbone: its last blocks still trained
-    pooling: str = "flatten"  # "flatten" (the recipe), "avg"/"avgmax" (global), "multistage"
-    hidden_units: int = 512  # 0: a linear head
-    dropout: float = 0.5
+    trainable_blocks: int = Field(0, ge=0, description="frozen backbone: last blocks trained")
+    pooling: Literal[POOLINGS] = Field(  # type: ignore[valid-type]
+        "flatten", description='"flatten" (the recipe), "avg"/"avgmax" (global), "multistage"'
+    )
+    hidden_units: int = Field(512, ge=0, description="0: a linear head")
+    dropout: float = Field(0.5, ge=0, lt=1)
 
 
-@dataclass
-class DataConfig:
+class DataConfig(_Section):
     """Which images are used, how they are split and how they are loaded."""
 
-    classes: list[str] = field(default_factory=lambda: ["benign", "malignant"])
+    classes: list[str] = Field(default_factory=lambda: ["benign", "malignant"])
     positive_class: str = "malignant"
-    include_normal: bool = False  # class-folder layout: count normal/ images as benign
-    image_size: int = 224
-    crop: str = "none"  # "content": crop to the B-mode field (drop black margins and UI)
-    resize: str = "squash"  # "squash" (the recipe) or "pad" (keep the aspect ratio)
-    annotations: str = "keep"  # "mask": paint over burned-in calipers, text and markers
-    region: str = "image"  # "box": ROI mode, the model sees the lesion box only (see boxes.py)
-    box_margin: float = 0.2  # ROI mode: box enlarged by this fraction of its side on each side
-    boxes: str | None = None  # ROI mode: CSV of boxes (path,x,y,w,h); default: from lesion masks
-    val_fraction: float = 0.15
-    test_fraction: float = 0.15
-    split_file: str | None = None  # re-use a split.csv instead of drawing a new split
-    group_duplicates: bool = True  # keep near-duplicate images in one split (see busdx audit)
-    duplicate_distance: int = 10  # perceptual-hash bits (of 63) that still count as duplicate
-    num_workers: int = -1  # loader worker processes; -1: auto (half the cores, max 8; 0 below 4)
-    memory_cache_mb: int = 4096  # decode each image once into memory when they fit (0: off)
+    include_normal: bool = Field(False, description="class folders: normal/ counted as benign")
+    image_size: int = Field(224, ge=32, multiple_of=32)
+    crop: Literal[CROPS] = Field(  # type: ignore[valid-type]
+        "none", description='"content": crop to the B-mode field (drop black margins and UI)'
+    )
+    resize: Literal[RESIZES] = Field(  # type: ignore[valid-type]
+        "squash", description='"squash" (the recipe) or "pad" (keep the aspect ratio)'
+    )
+    annotations: Literal[ANNOTATIONS] = Field(  # type: ignore[valid-type]
+        "keep", description='"mask": paint over burned-in calipers, text and markers'
+    )
+    region: Literal[REGIONS] = Field(  # type: ignore[valid-type]
+        "image", description='"box": ROI mode, the model sees the lesion box only'
+    )
+    box_margin: float = Field(0.2, ge=0, le=2, description="ROI: box enlarged by this fraction")
+    boxes: str | None = Field(None, description="ROI: CSV of boxes; default: from lesion masks")
+    val_fraction: float = Field(0.15, ge=0, lt=1)
+    test_fraction: float = Field(0.15, ge=0, lt=1)
+    split_file: str | None = Field(None, description="re-use a split.csv")
+    group_duplicates: bool = Field(True, description="near-duplicate images share a split")
+    duplicate_distance: int = Field(10, ge=0, le=63, description="perceptual-hash bits")
+    num_workers: int = Field(-1, description="loader processes; -1: auto")
+    memory_cache_mb: int = Field(4096, ge=0, description="decode images once into memory")
+
+    @field_validator("num_workers")
+    @classmethod
+    def _workers(cls, value: int) -> int:
+        if value < -1:
+            raise ValueError("data.num_workers must be >= 0 (or -1: auto)")
+        return value
 
 
-@dataclass
-class AugmentConfig:
+class AugmentConfig(_Section):
     """Training-time augmentation (the recipe's Keras ImageDataGenerator settings)."""
 
     rotation_degrees: float = 20.0
     width_shift: float = 0.2
     height_shift: float = 0.2
-    # Keras' ImageDataGenerator reads shear_range=0.2 as 0.2 *degrees*: kept for fidelity.
-    shear_degrees: float = 0.2
-    zoom: float = 0.2
+    shear_degrees: float = Field(0.2, description="Keras reads shear_range=0.2 as 0.2 degrees")
+    zoom: float = Field(0.2, lt=1)
     horizontal_flip: bool = True
-    # Ultrasound-specific intensity changes (0 = off; see transforms.UltrasoundIntensity)
+    # ultrasound-specific intensity changes (0 = off; see transforms.UltrasoundIntensity)
     gain: float = 0.0
     contrast: float = 0.0
     gamma: float = 0.0
     speckle: float = 0.0
     blur: float = 0.0
     attenuation: float = 0.0
-    box_jitter: float = 0.1  # ROI mode: each box edge moves by up to this fraction of its side
+    box_jitter: float = Field(0.1, ge=0, lt=1, description="ROI: box edges move by this much")
 
 
-@dataclass
-class TrainConfig:
+class TrainConfig(_Section):
     """Optimisation loop."""
 
-    epochs: int = 30
-    batch_size: int = 32
-    lr: float = 1e-3
-    weight_decay: float = 0.0
-    schedule: str = "constant"  # "constant" or "cosine" (decay to 0 over the epochs)
-    early_stopping_patience: int = 0  # 0 disables early stopping
-    feature_cache: bool = False  # frozen backbone only: train the head on cached features
-    cache_views: int = 5  # augmented views per training image in the cache
+    epochs: int = Field(30, ge=1)
+    batch_size: int = Field(32, ge=1)
+    lr: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    schedule: Literal["constant", "cosine"] = "constant"
+    early_stopping_patience: int = Field(0, ge=0, description="0 disables early stopping")
+    feature_cache: bool = Field(False, description="frozen backbone: train on cached features")
+    cache_views: int = Field(5, ge=1, description="augmented views per image in the cache")
     seed: int = 42
-    device: str = "auto"  # "auto", "cpu", "cuda", "cuda:1", ...
-    threads: int = 0  # CPU threads for torch; 0 keeps torch's default
-    precision: str = "fp32"  # "fp32", "bf16" (CUDA, or a CPU with avx512_bf16 / AMX), "fp16" (CUDA)
-    # "uniform": each training image once per epoch; "balanced_sites": an epoch of as many draws,
-    # with replacement, each site drawn equally often (a small hospital weighs as much as a big one)
-    sampling: str = "uniform"
+    device: str = Field("auto", description='"auto", "cpu", "cuda", "cuda:1", ...')
+    threads: int = Field(0, ge=0, description="CPU threads for torch; 0: torch's default")
+    precision: Literal[PRECISIONS] = Field(  # type: ignore[valid-type]
+        "fp32", description="bf16: CUDA or a CPU with avx512_bf16 / AMX; fp16: CUDA"
+    )
+    sampling: Literal["uniform", "balanced_sites"] = Field(
+        "uniform",
+        description="balanced_sites: each site drawn equally often, with replacement",
+    )
 
 
-@dataclass
-class EvaluateConfig:
+class EvaluateConfig(_Section):
     """Calibration, decision threshold and confidence intervals (all fitted on validation data)."""
 
-    calibrate: bool = True  # temperature scaling
-    threshold_policy: str = "target_sensitivity"  # "target_sensitivity", "youden" or "fixed"
-    target_sensitivity: float = 0.95
-    # > 0: the sensitivity's one-sided Clopper-Pearson lower bound at this confidence must
-    # reach the target, not just its point estimate (needs many positives: see busdx cv)
-    threshold_confidence: float = 0.0
-    fixed_threshold: float = 0.5
-    n_bootstrap: int = 1000
-    ci_level: float = 0.95
+    calibrate: bool = Field(True, description="temperature scaling")
+    threshold_policy: Literal["target_sensitivity", "youden", "fixed"] = "target_sensitivity"
+    target_sensitivity: float = Field(0.95, gt=0, le=1)
+    threshold_confidence: float = Field(
+        0.0, ge=0, lt=1,
+        description="> 0: the sensitivity's one-sided Clopper-Pearson lower bound at this "
+        "confidence must reach the target (needs many positives: see busdx cv)",
+    )  # fmt: skip
+    fixed_threshold: float = Field(0.5, ge=0, le=1)
+    n_bootstrap: int = Field(1000, ge=100)
+    ci_level: float = Field(0.95, gt=0, lt=1)
     seed: int = 0
 
 
-@dataclass
-class Config:
-    """Everything a run needs; saved as ``config.yaml`` in the run directory."""
+class Config(_Section):
+    """Everything a run needs; saved as ``config.yaml`` in the run directory.
+
+    The defaults below are the classic recipe ``vgg16-frozen``; every other recipe is a YAML
+    file of the values it changes (``busdx/configs``).
+    """
 
     recipe: str = "vgg16-frozen"
-    model: ModelConfig = field(default_factory=ModelConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    augment: AugmentConfig = field(default_factory=AugmentConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    augment: AugmentConfig = Field(default_factory=AugmentConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Config:
+        """Rules that tie two settings together."""
+        data, train = self.data, self.train
+        rules = [
+            (data.val_fraction + data.test_fraction < 1,
+             "data.val_fraction and data.test_fraction must sum to less than 1"),
+            (len(data.classes) == 2 and len(set(data.classes)) == 2,
+             f"data.classes must name two different classes, got {data.classes}"),
+            (data.classes[-1] == data.positive_class,
+             f"data.positive_class ({data.positive_class!r}) must be the last of "
+             f"data.classes ({data.classes}): list the negative class first"),
+            (data.region == "image" or (data.crop == "none" and not train.feature_cache),
+             "data.region: box crops to the lesion box itself: use it with data.crop: none "
+             "and train.feature_cache: false"),
+            (not train.feature_cache
+             or (self.model.freeze_backbone and self.model.weights != "none"),
+             "train.feature_cache needs a frozen backbone with pretrained weights"),
+        ]  # fmt: skip
+        for ok, message in rules:
+            if not ok:
+                raise ValueError(message)
+        return self
 
     def to_dict(self) -> dict[str, Any]:
         """Plain nested dict (YAML- and checkpoint-safe)."""
-        return dataclasses.asdict(self)
-
-    def validate(self) -> Config:
-        """Check ranges and cross-field rules; return self for chaining."""
-        checks = [
-            (
-                self.data.image_size >= 32 and self.data.image_size % 32 == 0,
-                f"data.image_size must be a multiple of 32 and >= 32, got {self.data.image_size}",
-            ),
-            (
-                0 <= self.data.val_fraction < 1
-                and 0 <= self.data.test_fraction < 1
-                and self.data.val_fraction + self.data.test_fraction < 1,
-                "data.val_fraction and data.test_fraction must be in [0, 1) and sum to less than 1",
-            ),
-            (
-                len(self.data.classes) == 2 and len(set(self.data.classes)) == 2,
-                f"data.classes must name two different classes, got {self.data.classes}",
-            ),
-            (
-                self.data.classes[-1] == self.data.positive_class,
-                f"data.positive_class ({self.data.positive_class!r}) must be the last of "
-                f"data.classes ({self.data.classes}): list the negative class first",
-            ),
-            (
-                self.data.crop in CROPS and self.data.resize in RESIZES,
-                f"data.crop must be none or content and data.resize squash or pad, got "
-                f"{self.data.crop!r} and {self.data.resize!r}",
-            ),
-            (
-                self.data.annotations in ANNOTATIONS,
-                f"data.annotations must be keep or mask, got {self.data.annotations!r}",
-            ),
-            (
-                self.data.region in REGIONS
-                and 0 <= self.data.box_margin <= 2
-                and 0 <= self.augment.box_jitter < 1,
-                f"data.region must be image or box (got {self.data.region!r}), "
-                f"data.box_margin in [0, 2] and augment.box_jitter in [0, 1)",
-            ),
-            (
-                self.data.region == "image"
-                or (self.data.crop == "none" and not self.train.feature_cache),
-                "data.region: box crops to the lesion box itself: use it with data.crop: none "
-                "and train.feature_cache: false",
-            ),
-            (
-                self.model.pooling in POOLINGS and self.model.hidden_units >= 0,
-                f"model.pooling must be one of {', '.join(POOLINGS)} (got "
-                f"{self.model.pooling!r}) and model.hidden_units >= 0 (0: a linear head)",
-            ),
-            (self.train.epochs >= 1, f"train.epochs must be >= 1, got {self.train.epochs}"),
-            (
-                self.train.batch_size >= 1,
-                f"train.batch_size must be >= 1, got {self.train.batch_size}",
-            ),
-            (self.train.lr > 0, f"train.lr must be > 0, got {self.train.lr}"),
-            (
-                self.train.schedule in {"constant", "cosine"},
-                f"train.schedule must be constant or cosine, got {self.train.schedule!r}",
-            ),
-            (
-                not self.train.feature_cache
-                or (self.model.freeze_backbone and self.model.weights != "none"),
-                "train.feature_cache needs a frozen backbone with pretrained weights",
-            ),
-            (self.train.cache_views >= 1, "train.cache_views must be >= 1"),
-            (
-                self.train.sampling in {"uniform", "balanced_sites"},
-                f"train.sampling must be uniform or balanced_sites, got {self.train.sampling!r}",
-            ),
-            (
-                self.train.precision in PRECISIONS,
-                f"train.precision must be fp32, bf16 or fp16, got {self.train.precision!r}",
-            ),
-            (
-                self.data.num_workers >= -1 and self.data.memory_cache_mb >= 0,
-                "data.num_workers must be >= 0 (or -1: auto) and data.memory_cache_mb >= 0",
-            ),
-            (
-                0 <= self.model.dropout < 1,
-                f"model.dropout must be in [0, 1), got {self.model.dropout}",
-            ),
-            (self.augment.zoom < 1, f"augment.zoom must be < 1, got {self.augment.zoom}"),
-            (
-                self.evaluate.threshold_policy in {"target_sensitivity", "youden", "fixed"},
-                "evaluate.threshold_policy must be target_sensitivity, youden or fixed, got "
-                f"{self.evaluate.threshold_policy!r}",
-            ),
-            (
-                0 < self.evaluate.target_sensitivity <= 1
-                and 0 < self.evaluate.ci_level < 1
-                and 0 <= self.evaluate.threshold_confidence < 1,
-                "evaluate.target_sensitivity must be in (0, 1], evaluate.ci_level in (0, 1) and "
-                "evaluate.threshold_confidence in [0, 1)",
-            ),
-            (
-                self.evaluate.n_bootstrap >= 100,
-                f"evaluate.n_bootstrap must be >= 100, got {self.evaluate.n_bootstrap}",
-            ),
-        ]
-        for ok, message in checks:
-            if not ok:
-                raise ConfigError(message)
-        return self
+        return self.model_dump()
 
 
-def _coerce(value: Any, annotation: str, key: str) -> Any:
-    """Convert ``value`` to the field's declared type, or raise ConfigError."""
-    if annotation == "bool":
-        if isinstance(value, bool):
-            return value
-        raise ConfigError(f"{key} must be true or false, got {value!r}")
-    if annotation == "int":
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        raise ConfigError(f"{key} must be an integer, got {value!r}")
-    if annotation == "float":
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        raise ConfigError(f"{key} must be a number, got {value!r}")
-    if annotation == "str":
-        return str(value)
-    if annotation == "str | None":
-        return None if value is None else str(value)
-    if annotation == "list[str]":
-        if isinstance(value, list) and all(isinstance(v, str) for v in value):
-            return value
-        raise ConfigError(f"{key} must be a list of names, got {value!r}")
-    raise AssertionError(f"unhandled config type {annotation} for {key}")
+KEYS = {  # every key that --set reaches, by section: the fields of each section's model
+    name: list(section.model_fields)
+    for name, section in (("model", ModelConfig), ("data", DataConfig), ("augment", AugmentConfig),
+                          ("train", TrainConfig), ("evaluate", EvaluateConfig))
+}  # fmt: skip
 
 
-def _unknown_key(key: str, valid: list[str]) -> ConfigError:
-    hint = difflib.get_close_matches(key.split(".")[-1], valid, n=1)
-    suggestion = f" Did you mean {hint[0]!r}?" if hint else ""
-    return ConfigError(f"unknown config key {key!r}; valid keys: {', '.join(valid)}.{suggestion}")
-
-
-def _update_section(section: Any, values: dict[str, Any], prefix: str) -> None:
-    fields = {f.name: f for f in dataclasses.fields(section)}
-    for name, value in values.items():
-        key = f"{prefix}{name}"
-        if name not in fields:
-            raise _unknown_key(key, sorted(fields))
-        current = getattr(section, name)
-        if dataclasses.is_dataclass(current):
-            if not isinstance(value, dict):
-                raise ConfigError(f"{key} must be a mapping, got {value!r}")
-            _update_section(current, value, f"{key}.")
-        else:
-            setattr(section, name, _coerce(value, str(fields[name].type), key))
+def _problem(error: dict[str, Any]) -> str:
+    """One pydantic error as a sentence that names the key and what it must be."""
+    key = ".".join(str(part) for part in error["loc"])
+    given, kind, ctx = error.get("input"), error["type"], error.get("ctx", {})
+    if kind == "extra_forbidden":
+        section, _, name = key.rpartition(".")
+        valid = KEYS.get(section, list(Config.model_fields))
+        hint = difflib.get_close_matches(name, valid, n=1)
+        suggestion = f" Did you mean {hint[0]!r}?" if hint else ""
+        return f"unknown config key {key!r}; valid keys: {', '.join(valid)}.{suggestion}"
+    if kind == "value_error":
+        return str(ctx.get("error", error["msg"]))
+    expected = {
+        "int_type": "an integer",
+        "int_parsing": "an integer",
+        "int_from_float": "an integer",
+        "bool_type": "true or false",
+        "bool_parsing": "true or false",
+        "float_type": "a number",
+        "float_parsing": "a number",
+        "greater_than_equal": f">= {ctx.get('ge')}",
+        "greater_than": f"> {ctx.get('gt')}",
+        "less_than": f"< {ctx.get('lt')}",
+        "less_than_equal": f"<= {ctx.get('le')}",
+        "multiple_of": f"a multiple of {ctx.get('multiple_of')}",
+        "literal_error": str(ctx.get("expected", "")).replace("'", ""),
+        "list_type": "a list",
+        "string_type": "text",
+        "model_type": "a mapping",
+        "dict_type": "a mapping",
+    }.get(kind)
+    if expected is None:
+        return f"{key}: {error['msg']}"
+    return f"{key} must be {expected}, got {given!r}"
 
 
 def config_from_dict(values: dict[str, Any], base: Config | None = None) -> Config:
-    """Return ``base`` (default: the built-in defaults) updated with a nested dict."""
-    config = _copy(base) if base is not None else Config()
-    _update_section(config, values or {}, "")
-    return config.validate()
+    """Return ``base`` (default: the built-in defaults) updated with a nested dict; any
+    problem is a :class:`ConfigError` naming the key."""
+    merged = _merge(base.to_dict() if base is not None else {}, values or {})
+    try:
+        return Config.model_validate(merged)
+    except ValidationError as exc:
+        raise ConfigError(_problem(exc.errors()[0])) from None
 
 
-def _copy(config: Config) -> Config:
-    """Deep copy of a config through its dict form."""
-    copy = Config()
-    _update_section(copy, config.to_dict(), "")
-    return copy
+def _merge(base: dict[str, Any], values: dict[str, Any]) -> dict[str, Any]:
+    """``base`` with ``values`` laid over it, section by section."""
+    merged = dict(base)
+    for key, value in values.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
 
 
 def list_recipes() -> list[str]:
@@ -345,14 +296,12 @@ def load_config(path: str | Path | None = None, *, recipe: str | None = None) ->
         if not path.is_file():
             raise ConfigError(f"config file {path} does not exist")
         file_values = _read_yaml(path.read_text(encoding="utf-8"), str(path))
-    name = recipe or file_values.get("recipe") or Config.recipe
+    name = recipe or file_values.get("recipe") or Config.model_fields["recipe"].default
     if name not in list_recipes():
         raise ConfigError(f"unknown recipe {name!r}; available: {', '.join(list_recipes())}")
     recipe_text = (resources.files("busdx") / "configs" / f"{name}.yaml").read_text("utf-8")
     config = config_from_dict(_read_yaml(recipe_text, f"recipe {name}"))
-    config = config_from_dict(file_values, base=config)
-    config.recipe = name
-    return config
+    return config_from_dict({**file_values, "recipe": name}, base=config)
 
 
 def apply_overrides(config: Config, overrides: list[str]) -> Config:

@@ -20,7 +20,6 @@ import hashlib
 import json
 import os
 from collections.abc import Callable, Sequence
-from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -84,7 +83,7 @@ class FeatureCache:
             base["precision"] = precision
         self.root = root or default_cache_dir()
         self.eval_key = _fingerprint(base)
-        self.augment_key = _fingerprint({**base, "augment": asdict(augment), "seed": seed})
+        self.augment_key = _fingerprint({**base, "augment": augment.model_dump(), "seed": seed})
         self.preprocessing = preprocessing
         self.augment = augment
         self.seed = seed
