@@ -1,10 +1,12 @@
 import csv
 import json
 import shutil
+from html.parser import HTMLParser
 from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from PIL import Image
 
 from busdx.cli import main
@@ -247,6 +249,47 @@ def test_report_and_model_card(trained_run, capsys):
     auc = metrics["roc_auc"]
     assert f"{auc:.3f}" in card  # numbers come from metrics.json
     assert "Temperature scaling T =" in card
+    html = HTMLParsed(page)
+    assert html.orphan_items == 0 and html.open_tags == []  # every <li> inside a <ul>, closed
+
+
+class HTMLParsed(HTMLParser):
+    """Counts list items outside a list and tags left open (void elements aside)."""
+
+    VOID = frozenset({"meta", "img", "br", "hr", "input", "link"})
+
+    def __init__(self, page: str) -> None:
+        super().__init__()
+        self.open_tags: list[str] = []
+        self.orphan_items = 0
+        self.feed(page)
+
+    def handle_starttag(self, tag, attrs):
+        if tag == "li" and not {"ul", "ol"} & set(self.open_tags):
+            self.orphan_items += 1
+        if tag not in self.VOID:
+            self.open_tags.append(tag)
+
+    def handle_endtag(self, tag):
+        if tag in self.open_tags:
+            del self.open_tags[len(self.open_tags) - 1 - self.open_tags[::-1].index(tag)]
+
+
+def test_report_escapes_what_the_run_files_say_and_names_every_pooling(trained_run, tmp_path):
+    """A site name from a labels table is text, never markup; a multistage head is described
+    (it raised KeyError before)."""
+    run = shutil.copytree(trained_run, tmp_path / "hostile")
+    metrics = json.loads((run / "metrics.json").read_text())
+    metrics["site"] = "<script>alert(1)</script>"
+    (run / "metrics.json").write_text(json.dumps(metrics))
+    config = yaml.safe_load((run / "config.yaml").read_text())
+    config["model"]["pooling"] = "multistage"
+    (run / "config.yaml").write_text(yaml.safe_dump(config))
+    assert main(["report", str(run)]) == 0
+    page = (run / "report.html").read_text()
+    assert "<script>" not in page and "&lt;script&gt;alert(1)&lt;/script&gt;" in page
+    card = (run / "MODEL_CARD.md").read_text()
+    assert "global average pooling of the last stages" in card
 
 
 def test_report_of_an_unfinished_run_is_a_user_error(trained_run, tmp_path, capsys):

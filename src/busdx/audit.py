@@ -10,7 +10,6 @@ Images connected by any duplicate pair form a group: a group must never straddle
 from __future__ import annotations
 
 import base64
-import html
 import io
 from collections import Counter
 from dataclasses import dataclass
@@ -27,6 +26,7 @@ from busdx.dicom import is_dicom_file
 from busdx.fileio import atomic_write_text, write_json
 from busdx.imaging import load_image
 from busdx.layout import AUDIT_HTML, AUDIT_JSON
+from busdx.templating import render
 
 __all__ = [
     "DEFAULT_MAX_DISTANCE",
@@ -217,11 +217,6 @@ def _thumbnail(path: Path, size: int = 160) -> str:
 
 
 def _html_report(result: AuditResult, max_pairs: int) -> str:
-    summary = result.summary()
-    rows = "".join(
-        f"<tr><th>{html.escape(k.replace('_', ' '))}</th><td>{html.escape(str(v))}</td></tr>"
-        for k, v in summary.items()
-    )
     ordered = sorted(
         result.pairs,
         key=lambda p: (
@@ -230,35 +225,22 @@ def _html_report(result: AuditResult, max_pairs: int) -> str:
             p.distance,
         ),
     )
-    cards = []
+    pairs = []
     for pair in ordered[:max_pairs]:
         info = result._describe(pair)
-        flags = []
-        if info["split_a"] != info["split_b"]:
-            flags.append("LEAK: different splits")
-        if info["class_a"] != info["class_b"]:
-            flags.append("LABEL CONFLICT")
-        kind = "exact" if pair.exact else f"near (distance {pair.distance})"
-        images = "".join(
-            f'<figure><img src="data:image/jpeg;base64,{_thumbnail(result.samples[i].path)}">'
-            f"<figcaption>{html.escape(result.samples[i].relpath)}"
-            f"<br>{html.escape(str(result.samples[i].split or ''))}</figcaption></figure>"
+        flags = ["LEAK: different splits"] if info["split_a"] != info["split_b"] else []
+        flags += ["LABEL CONFLICT"] if info["class_a"] != info["class_b"] else []
+        images = [
+            {"thumbnail": _thumbnail(result.samples[i].path), "relpath": result.samples[i].relpath,
+             "split": result.samples[i].split or ""}
             for i in (pair.first, pair.second)
-        )
-        flag_html = f'<b class="flag">{html.escape("; ".join(flags))}</b>' if flags else ""
-        cards.append(f'<div class="pair"><div>{kind} {flag_html}</div>{images}</div>')
-    more = len(result.pairs) - len(cards)
-    tail = f"<p>{more} more pairs are listed in audit.json.</p>" if more > 0 else ""
-    return f"""<!doctype html><html><head><meta charset="utf-8"><title>busdx audit</title>
-<style>body{{font-family:sans-serif;margin:2em}}table{{border-collapse:collapse}}
-th,td{{border:1px solid #ccc;padding:4px 8px;text-align:left}}.pair{{display:inline-block;
-border:1px solid #ddd;margin:6px;padding:6px;vertical-align:top}}figure{{display:inline-block;
-margin:4px;font-size:11px;width:160px}}.flag{{color:#b00}}</style></head><body>
-<h1>Dataset audit: {html.escape(str(result.root))}</h1>
-<p>Layout: {html.escape(result.layout)}. Near-duplicates: perceptual-hash distance &le;
-{result.max_distance} of 63 bits (mirror images included).</p>
-<table>{rows}</table><h2>Duplicate pairs (leaks and label conflicts first)</h2>
-{"".join(cards) or "<p>None found.</p>"}{tail}</body></html>"""
+        ]  # fmt: skip
+        kind = "exact" if pair.exact else f"near (distance {pair.distance})"
+        pairs.append({"kind": kind, "flags": flags, "images": images})
+    return render(
+        "audit.html.j2", root=str(result.root), layout=result.layout, summary=result.summary(),
+        max_distance=result.max_distance, pairs=pairs, more=len(result.pairs) - len(pairs),
+    )  # fmt: skip
 
 
 def write_audit(result: AuditResult, out_dir: Path, *, max_pairs: int = 200) -> None:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import base64
 import csv
-import html
 import json
 import math
 from collections import Counter
@@ -19,6 +18,7 @@ from busdx.errors import CheckpointError
 from busdx.fileio import atomic_write_text
 from busdx.layout import (
     CONFUSION_MATRIX,
+    EVAL_DIR,
     GRADCAM_SAMPLES,
     METRICS_FILE,
     MODEL_CARD,
@@ -32,8 +32,9 @@ from busdx.layout import (
 from busdx.metrics import DECISION_METRICS, SCORE_METRICS
 from busdx.predictor import load_model
 from busdx.runs import load_run
+from busdx.templating import render
 
-__all__ = ["write_report"]
+__all__ = ["card_context", "write_report"]
 
 INTENDED_USE = (
     "Research and education: a baseline for telling benign from malignant breast lesions in "
@@ -64,7 +65,7 @@ def _value(metrics: dict[str, Any], key: str) -> str:
 
 def _facts(run_dir: Path) -> dict[str, Any]:
     config, info = load_run(run_dir)
-    paths = [run_dir / METRICS_FILE, *sorted(run_dir.glob("eval/*/metrics.json"))]
+    paths = [run_dir / METRICS_FILE, *sorted(run_dir.glob(f"{EVAL_DIR}/*/{METRICS_FILE}"))]
     evaluations = [json.loads(p.read_text(encoding="utf-8")) for p in paths if p.is_file()]
     if not evaluations:
         raise CheckpointError(
@@ -81,21 +82,36 @@ def _facts(run_dir: Path) -> dict[str, Any]:
             "images_in_groups": sum(n for n in groups.values() if n > 1)}  # fmt: skip
 
 
+POOLING_NAMES = {
+    "flatten": "Flatten",
+    "avg": "global average pooling",
+    "avgmax": "global average + max pooling",
+    "multistage": "global average pooling of the last stages, concatenated",
+}
+
+
 def _head_text(model: Any) -> str:
-    pool = {"flatten": "Flatten", "avg": "global average pooling",
-            "avgmax": "global average + max pooling"}[model.pooling]  # fmt: skip
+    pool = POOLING_NAMES[model.pooling]
     if model.hidden_units == 0:
         return f"head {pool} → Dropout {model.dropout} → Linear 1"
     return f"head {pool} → Linear {model.hidden_units} + ReLU → Dropout {model.dropout} → Linear 1"
 
 
-def _site_rows(evaluations: list[dict[str, Any]]) -> list[str]:
+SITE_COLUMNS = (
+    "site", "split", "n (malignant)", "ROC AUC", "sensitivity (promised)", "specificity", "ECE",
+    "out of scope", "readers' AUC", "model - readers AUC",
+)  # fmt: skip
+
+
+SITE_COLUMNS = (
+    "site", "split", "n (malignant)", "ROC AUC", "sensitivity (promised)", "specificity", "ECE",
+    "out of scope", "readers' AUC", "model - readers AUC",
+)  # fmt: skip
+
+
+def _site_table(evaluations: list[dict[str, Any]]) -> dict[str, Any]:
     """One row per evaluation: the run's own test split, then each external site."""
-    lines = [
-        "| site | split | n (malignant) | ROC AUC | sensitivity (promised) | specificity | ECE |"
-        " out of scope | readers' AUC | model - readers AUC |",
-        "|---|---|---|---|---|---|---|---|---|---|",
-    ]
+    rows = []
     for result in evaluations:
         readers = result.get("readers")
         reader_cells = ["—", "—"]
@@ -106,144 +122,103 @@ def _site_rows(evaluations: list[dict[str, Any]]) -> list[str]:
                 f"{delta['delta']:+.3f} [{delta['low']:+.3f}, {delta['high']:+.3f}]",
             ]
         promise = result.get("promised_sensitivity")
-        cells = [
-            str(result.get("site", "")),
-            result["split"],
-            f"{result['n']} ({result['n_positive']})",
+        scope = result.get("out_of_scope_rate")
+        rows.append([
+            str(result.get("site", "")), result["split"], f"{result['n']} ({result['n_positive']})",
             _value(result, "roc_auc"),
             _value(result, "sensitivity") + (f" ({promise:.2f})" if promise else ""),
-            _value(result, "specificity"),
-            _value(result, "ece"),
-            "—"
-            if result.get("out_of_scope_rate") is None
-            else f"{result['out_of_scope_rate']:.1%}",
-            *reader_cells,
-        ]
-        lines.append("| " + " | ".join(cells) + " |")
-    return lines
+            _value(result, "specificity"), _value(result, "ece"),
+            "—" if scope is None else f"{scope:.1%}", *reader_cells,
+        ])  # fmt: skip
+    return {
+        "heading": "Every evaluation, site by site",
+        "note": "The run's own test split first (when it has one), then each dataset evaluated "
+        "with busdx evaluate (eval/*/metrics.json); sensitivity at the model's threshold, with "
+        "the sensitivity that threshold was chosen to deliver in parentheses. Readers: the "
+        "radiologists' BI-RADS on the same images, where the site records it (paired bootstrap "
+        "CI).",
+        "header": SITE_COLUMNS,
+        "rows": rows,
+    }
 
 
-def _model_card(facts: dict[str, Any]) -> str:
-    config, info, metrics, model = facts["config"], facts["info"], facts["metrics"], facts["model"]
-    calibrated = "temperature" in model
+def _model_lines(config: Any, model: dict[str, Any]) -> list[str]:
     backbone_state = "trained"
     if config.model.freeze_backbone:
         blocks = config.model.trainable_blocks
         backbone_state = f"frozen but its last {blocks} block(s)" if blocks else "frozen"
-    size, prep = model["preprocessing"]["image_size"], model["preprocessing"]
+    prep = model["preprocessing"]
+    size = prep["image_size"]
+    calibration = (
+        f" Temperature scaling T = {model['temperature']:.3f}."
+        if "temperature" in model
+        else " NOT CALIBRATED: probabilities are the raw sigmoid outputs."
+    )
+    return [
+        f"Backbone `{config.model.name}` ({backbone_state}), initial weights "
+        f"`{model['weights']['name']}` (sha256 `{model['weights']['sha256']}`); "
+        f"{_head_text(config.model)}.",
+        f"Input {size}x{size} RGB; `(pixel_0_255 - {prep['mean']}) / {prep['std']}`.",
+        f"Classes {model['class_names']}; positive class `{model['positive_class']}`.",
+        f"Decision threshold {model['threshold']:.3f} ({model.get('threshold_policy', 'fixed')}, "
+        f"target sensitivity {model.get('target_sensitivity', '—')}); threshold and temperature "
+        f"fitted on: {model.get('calibration_source', 'the validation split')}." + calibration,
+    ]
+
+
+def _performance_table(metrics: dict[str, Any]) -> dict[str, Any]:
+    points = metrics["operating_points"]
+    level = metrics.get("ci_level", 0.95)  # metrics.json written before busdx 0.9 lack it
+    return {
+        "heading": f"Performance on {metrics.get('site', 'the')} {metrics['split']} split "
+        f"(n = {metrics['n']}, {metrics['n_positive']} {metrics['positive_class']})",
+        "note": f"{level:.0%} percentile-bootstrap confidence intervals in brackets.",
+        "header": ["metric", *(f"{name} (t={p['threshold']:.3f})" for name, p in points.items())],
+        "rows": [[key, *(_value(p, key) for p in points.values())] for key in ROWS],
+    }
+
+
+def card_context(facts: dict[str, Any]) -> dict[str, Any]:
+    """What the model card and the report show, from the run's own files (:func:`_facts`)."""
+    config, info, metrics, model = facts["config"], facts["info"], facts["metrics"], facts["model"]
     counts = "; ".join(f"{split}: {dict(row)}" for split, row in sorted(info["counts"].items()))
-    lines = [
-        f"# Model card: {config.recipe} (busdx {model['busdx_version']})",
-        "",
-        "## Intended use and limits",
-        INTENDED_USE,
-        "",
-        "## Model",
-        f"- Backbone `{config.model.name}` ({backbone_state}),"
-        f" initial weights `{model['weights']['name']}` (sha256 `{model['weights']['sha256']}`);"
-        f" {_head_text(config.model)}.",
-        f"- Input {size}x{size} RGB; `(pixel_0_255 - {prep['mean']}) / {prep['std']}`.",
-        f"- Classes {model['class_names']}; positive class `{model['positive_class']}`.",
-        f"- Decision threshold {model['threshold']:.3f} ({model.get('threshold_policy', 'fixed')}"
-        f", target sensitivity {model.get('target_sensitivity', '—')}); threshold and temperature"
-        f" fitted on: {model.get('calibration_source', 'the validation split')}."
-        + (
-            f" Temperature scaling T = {model['temperature']:.3f}."
-            if calibrated
-            else " **Not calibrated**: probabilities are the raw sigmoid outputs."
-        ),
-        "",
-        "## Data and split",
-        f"- Data: {_data_sources(info)} ({info['layout']} layout); {counts}.",
-        f"- Near-duplicate groups kept within one split: {facts['duplicate_groups']} groups holding"
-        f" {facts['images_in_groups']} images (see `split.csv`, column `group`).",
-        f"- Unreadable files left out: {len(info['skipped_files'])}.",
-        "",
-        f"## Performance on {metrics.get('site', 'the')} {metrics['split']} split"
-        f" (n = {metrics['n']}, {metrics['n_positive']} {metrics['positive_class']})",
-        "95% percentile-bootstrap confidence intervals in brackets.",
-        "",
-        "| metric | "
-        + " | ".join(
-            f"{name} (t={p['threshold']:.3f})" for name, p in metrics["operating_points"].items()
-        )
-        + " |",
-        "|---|" + "---|" * len(metrics["operating_points"]),
+    return {
+        "title": f"{config.recipe} (busdx {model['busdx_version']})",
+        "intended_use": INTENDED_USE,
+        "model_lines": _model_lines(config, model),
+        "data_lines": [
+            f"Data: {_data_sources(info)} ({info['layout']} layout); {counts}.",
+            f"Near-duplicate groups kept within one split: {facts['duplicate_groups']} groups "
+            f"holding {facts['images_in_groups']} images (see `split.csv`, column `group`).",
+            f"Unreadable files left out: {len(info['skipped_files'])}.",
+        ],
+        "performance": _performance_table(metrics),
+        "sites": _site_table(facts["evaluations"]),
+        "command": info["command"],
+    }
+
+
+def _figures(run_dir: Path) -> list[dict[str, str]]:
+    external = [
+        (f"{EVAL_DIR}/{folder.name}/{name}", f"{title} ({folder.name})")
+        for folder in sorted(p for p in (run_dir / EVAL_DIR).glob("*") if p.is_dir())
+        for name, title in ((ROC_CURVE, "ROC curve"), (RELIABILITY, "Calibration"))
     ]
-    for key in ROWS:
-        cells = [_value(point, key) for point in metrics["operating_points"].values()]
-        lines.append(f"| {key} | " + " | ".join(cells) + " |")
-    lines += [
-        "",
-        "## Every evaluation, site by site",
-        "The run's own test split first (when it has one), then each dataset evaluated with"
-        " `busdx evaluate`"
-        " (`eval/*/metrics.json`); sensitivity at the model's threshold, with the sensitivity that"
-        " threshold was chosen to deliver in parentheses. Readers: the radiologists' BI-RADS on"
-        " the same images, where the site records it (paired bootstrap CI).",
-        "",
-        *_site_rows(facts["evaluations"]),
-    ]
-    lines += ["", f"Training command: `{info['command']}`", ""]
-    return "\n".join(lines)
-
-
-def _embed(path: Path) -> str:
-    data = base64.b64encode(path.read_bytes()).decode("ascii")
-    return f'<img src="data:image/png;base64,{data}" alt="{html.escape(path.name)}">'
-
-
-def _markdown_to_html(markdown: str) -> str:
-    """Just enough for the card: headings, bullets, paragraphs and one table."""
-    out, table = [], []
-    for line in markdown.splitlines():
-        if line.startswith("|"):
-            cells = [html.escape(c.strip()) for c in line.strip("|").split("|")]
-            if not set("".join(cells)) <= set("-"):
-                tag = "th" if not table else "td"
-                table.append("<tr>" + "".join(f"<{tag}>{c}</{tag}>" for c in cells) + "</tr>")
-            continue
-        if table:
-            out.append("<table>" + "".join(table) + "</table>")
-            table = []
-        text = html.escape(line).replace("**", "")
-        if line.startswith("## "):
-            out.append(f"<h2>{text[3:]}</h2>")
-        elif line.startswith("# "):
-            out.append(f"<h1>{text[2:]}</h1>")
-        elif line.startswith("- "):
-            out.append(f"<li>{text[2:]}</li>")
-        elif line.strip():
-            out.append(f"<p>{text}</p>")
-    if table:
-        out.append("<table>" + "".join(table) + "</table>")
-    return "\n".join(out)
+    return [
+        {"title": title,
+         "png_base64": base64.b64encode((run_dir / name).read_bytes()).decode("ascii")}
+        for name, title in FIGURES + external
+        if (run_dir / name).is_file()
+    ]  # fmt: skip
 
 
 def write_report(run_dir: str | Path) -> tuple[Path, Path]:
     """Write ``RUNDIR/report.html`` and ``RUNDIR/MODEL_CARD.md``; return their paths."""
     run_dir = Path(run_dir)
-    card = _model_card(_facts(run_dir))
-    external = [
-        (f"eval/{folder.name}/{name}", f"{title} ({folder.name})")
-        for folder in sorted(p for p in (run_dir / "eval").glob("*") if p.is_dir())
-        for name, title in ((ROC_CURVE, "ROC curve"), (RELIABILITY, "Calibration"))
-    ]
-    figures = "".join(
-        f"<figure>{_embed(run_dir / name)}<figcaption>{html.escape(title)}</figcaption></figure>"
-        for name, title in FIGURES + external
-        if (run_dir / name).is_file()
-    )
-    page = f"""<!doctype html><html><head><meta charset="utf-8"><title>busdx report</title>
-<style>body{{font-family:sans-serif;max-width:1100px;margin:2em auto;line-height:1.4}}
-table{{border-collapse:collapse}}th,td{{border:1px solid #ccc;padding:4px 8px}}
-figure{{display:inline-block;margin:8px;vertical-align:top}}img{{max-width:520px}}
-.notice{{background:#fff3cd;border:1px solid #e0c36a;padding:8px}}</style></head><body>
-<p class="notice">Research use only. Not a medical device.</p>
-{_markdown_to_html(card)}<h2>Figures</h2>{figures}</body></html>"""
+    context = card_context(_facts(run_dir))
     card_path, report_path = run_dir / MODEL_CARD, run_dir / REPORT_HTML
-    atomic_write_text(card_path, card)
-    atomic_write_text(report_path, page)
+    atomic_write_text(card_path, render("model_card.md.j2", **context))
+    atomic_write_text(report_path, render("report.html.j2", **context, figures=_figures(run_dir)))
     return report_path, card_path
 
 
