@@ -27,7 +27,7 @@ import numpy as np
 
 from busdx.calibration import apply_temperature, fit_operating_points
 from busdx.config import apply_overrides, load_config
-from busdx.crossval import leave_one_fold_out_threshold
+from busdx.crossfit import leave_one_fold_out_threshold
 from busdx.metrics import binary_metrics, bootstrap_ci
 
 

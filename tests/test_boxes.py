@@ -18,9 +18,10 @@ from busdx.boxes import (
     read_boxes_csv,
 )
 from busdx.cli import main
-from busdx.data import ImageDataset, attach_boxes, scan_dataset
+from busdx.data import attach_boxes, scan_dataset
 from busdx.errors import BoxError, DataError
 from busdx.imaging import ORIGIN_KEY
+from busdx.loading import ImageDataset
 from busdx.serving import create_app
 from busdx.transforms import Preprocessing, build_decode_transform, load_region
 

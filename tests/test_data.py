@@ -5,16 +5,9 @@ import pytest
 import torch
 from PIL import Image
 
-from busdx.data import (
-    ImageDataset,
-    apply_split_file,
-    draw_split,
-    item_seed,
-    resolve_workers,
-    scan_dataset,
-    write_split_csv,
-)
+from busdx.data import apply_split_file, draw_split, scan_dataset, write_split_csv
 from busdx.errors import DataError
+from busdx.loading import ImageDataset, item_seed, resolve_workers
 
 CLASSES = ["benign", "malignant"]
 

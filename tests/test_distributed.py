@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from busdx.data import EpochSampler
+from busdx.loading import EpochSampler
 
 # dropout 0: with it, each process would draw other dropout masks than one process does
 SETTINGS = [

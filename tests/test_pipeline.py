@@ -9,7 +9,7 @@ import torch
 
 from busdx.cli import main
 from busdx.config import apply_overrides, load_config
-from busdx.crossval import leave_one_fold_out_threshold
+from busdx.crossfit import leave_one_fold_out_threshold
 from busdx.inference import predict_files
 from busdx.predictor import load_model
 

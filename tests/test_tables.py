@@ -14,8 +14,9 @@ import pytest
 from busdx.cli import main
 from busdx.config import Config
 from busdx.crossval import assign_folds
-from busdx.data import EpochSampler, scan_dataset, scan_sites, site_balanced_weights
+from busdx.data import scan_dataset, scan_sites
 from busdx.errors import DataError
+from busdx.loading import EpochSampler, site_balanced_weights
 from busdx.readers import compare_with_readers, rank_categories
 from busdx.runs import prepare_dataset
 from busdx.synthetic import make_lesion_image

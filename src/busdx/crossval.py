@@ -19,13 +19,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
-from busdx.calibration import apply_temperature, fit_operating_points
 from busdx.config import Config, apply_overrides, load_config
+from busdx.crossfit import leave_one_fold_out_threshold, write_crossfit_ensemble
 from busdx.data import LabelledDataset, Sample, draw_split
 from busdx.errors import ConfigError, DataError, RunDirError
-from busdx.fileio import atomic_path, atomic_write_text, write_json
+from busdx.fileio import atomic_write_text, write_json
 from busdx.layout import (
     CONFIG_FILE,
     CV_METRICS_FILE,
@@ -33,7 +32,6 @@ from busdx.layout import (
     FOLDS_FILE,
     INFO_FILE,
     METRICS_FILE,
-    MODEL_FILE,
     PREDICTIONS_FILE,
 )
 from busdx.metrics import (
@@ -41,14 +39,12 @@ from busdx.metrics import (
     SCORE_METRICS,
     binary_metrics,
     bootstrap_ci,
-    is_positive,
     roc_band,
 )
 from busdx.pipeline import train_and_evaluate
 from busdx.readers import compare_with_readers, rank_categories
 from busdx.reporting import plot_roc_curve
 from busdx.runs import prepare_dataset, save_config, save_run
-from busdx.scope import SCOPE_KEY
 
 __all__ = [
     "EACH_FOLD",
@@ -56,9 +52,7 @@ __all__ = [
     "cross_validate",
     "cv_config",
     "format_cv",
-    "leave_one_fold_out_threshold",
     "run_cv",
-    "write_crossfit_ensemble",
 ]
 
 logger = logging.getLogger(__name__)
@@ -195,28 +189,11 @@ def cross_validate(
     """
     out_dir.mkdir(parents=True, exist_ok=True)
     folds = assign_folds(dataset, n_folds, config.train.seed, group_by=group_by)
-    _check_saved_folds(out_dir / FOLDS_FILE, dataset, folds)
-    buffer = io.StringIO()
-    writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(["path", "label", "group", "fold", "site"])
-    for sample, fold in zip(dataset.samples, folds, strict=True):
-        label = dataset.class_names[sample.label]
-        writer.writerow([sample.relpath, label, sample.group, fold, sample.site])
-    atomic_write_text(out_dir / FOLDS_FILE, buffer.getvalue())
-
+    _write_folds(out_dir / FOLDS_FILE, dataset, folds)
     per_fold, y_true, y_prob, decisions, logits, fold_of, paths = [], [], [], [], [], [], []
     for fold in range(n_folds):
         fold_dir = out_dir / f"fold-{fold}"
-        fold_data = _fold_dataset(dataset, folds, fold, config)
-        if (fold_dir / METRICS_FILE).is_file():
-            result = json.loads((fold_dir / METRICS_FILE).read_text(encoding="utf-8"))
-        else:
-            fold_dir.mkdir(exist_ok=True)
-            if not (fold_dir / INFO_FILE).is_file():
-                save_run(fold_dir, config, fold_data)
-            logger.info("fold %d/%d", fold + 1, n_folds)
-            result = train_and_evaluate(config, fold_data, fold_dir, progress=progress)
-        per_fold.append(result)
+        per_fold.append(_run_fold(config, dataset, folds, fold, fold_dir, progress=progress))
         with (fold_dir / PREDICTIONS_FILE).open(newline="") as handle:
             rows = list(csv.DictReader(handle))
         y_true += [dataset.class_names.index(r["label"]) for r in rows]
@@ -245,6 +222,38 @@ def cross_validate(
     return summary
 
 
+def _write_folds(path: Path, dataset: LabelledDataset, folds: list[int]) -> None:
+    """``folds.csv``: each image's fold (checked against a saved one when resuming)."""
+    _check_saved_folds(path, dataset, folds)
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(["path", "label", "group", "fold", "site"])
+    for sample, fold in zip(dataset.samples, folds, strict=True):
+        label = dataset.class_names[sample.label]
+        writer.writerow([sample.relpath, label, sample.group, fold, sample.site])
+    atomic_write_text(path, buffer.getvalue())
+
+
+def _run_fold(
+    config: Config,
+    dataset: LabelledDataset,
+    folds: list[int],
+    fold: int,
+    fold_dir: Path,
+    *,
+    progress: bool,
+) -> dict[str, Any]:
+    """Train and test one fold, or read its metrics if a previous call finished it."""
+    if (fold_dir / METRICS_FILE).is_file():
+        return json.loads((fold_dir / METRICS_FILE).read_text(encoding="utf-8"))
+    fold_data = _fold_dataset(dataset, folds, fold, config)
+    fold_dir.mkdir(exist_ok=True)
+    if not (fold_dir / INFO_FILE).is_file():
+        save_run(fold_dir, config, fold_data)
+    logger.info("fold %d/%d", fold + 1, max(folds) + 1)
+    return train_and_evaluate(config, fold_data, fold_dir, progress=progress)
+
+
 def _check_saved_folds(path: Path, dataset: LabelledDataset, folds: list[int]) -> None:
     """A resumed CV must partition the images as it did: else finished folds would be mixed
     with folds of another partition (other --folds, --group-by or data)."""
@@ -258,38 +267,6 @@ def _check_saved_folds(path: Path, dataset: LabelledDataset, folds: list[int]) -
             f"{path.parent} holds a cross-validation with other folds (another --folds, "
             "--group-by or data); choose a new --out"
         )
-
-
-def leave_one_fold_out_threshold(
-    config: Config, y_true: np.ndarray, logits: np.ndarray, fold_of: np.ndarray
-) -> tuple[dict[str, Any], np.ndarray]:
-    """How the cross-fitted threshold keeps its promise, honestly: each fold is decided with the
-    temperature and threshold fitted on the other folds' out-of-fold predictions.
-
-    Returns the summary (sensitivity, specificity with CIs, each fold's threshold) and each
-    image's decision (1: called positive)."""
-    called = np.zeros(len(y_true))
-    thresholds = []
-    for fold in np.unique(fold_of):
-        rest = fold_of != fold
-        fitted = fit_operating_points(logits[rest], y_true[rest], config.evaluate)
-        probabilities = apply_temperature(logits[~rest], fitted["temperature"])
-        called[~rest] = is_positive(probabilities, fitted["threshold"])
-        thresholds.append(fitted["threshold"])
-    settings = config.evaluate
-    decided = binary_metrics(y_true, called)
-    decided_ci = bootstrap_ci(y_true, called, threshold=0.5, n_resamples=settings.n_bootstrap,
-                              level=settings.ci_level, seed=settings.seed)  # fmt: skip
-    summary = {
-        "policy": settings.threshold_policy,
-        "target_sensitivity": settings.target_sensitivity,
-        "threshold_confidence": settings.threshold_confidence,
-        "thresholds": thresholds,
-        **{key: decided[key] for key in DECISION_METRICS},
-        "ci": {key: decided_ci[key] for key in DECISION_METRICS},
-        "confusion": decided["confusion"],
-    }
-    return summary, called
 
 
 def _per_site(
@@ -342,65 +319,6 @@ def _subset_row(
     return row
 
 
-def write_crossfit_ensemble(
-    config: Config,
-    dataset: LabelledDataset,
-    out_dir: Path,
-    n_folds: int,
-    y_true: np.ndarray,
-    oof_logits: np.ndarray,
-) -> Path:
-    """``out_dir/ensemble``: a run whose model averages the fold models' logits, with the
-    temperature and threshold fitted on all out-of-fold predictions (cross-fitting).
-
-    Every image was a test image of exactly one fold model, so the calibration sees as many
-    cases as the dataset holds, none scored by a model that trained on it. Its split marks every
-    image ``train``: evaluate it on other data (``busdx evaluate --data SITE --split all``).
-    """
-    run_dir = out_dir / "ensemble"
-    run_dir.mkdir(exist_ok=True)
-    payloads = [
-        torch.load(out_dir / f"fold-{k}" / MODEL_FILE, map_location="cpu", weights_only=True)
-        for k in range(n_folds)
-    ]
-    metadata = {k: v for k, v in payloads[0].items() if k in ENSEMBLE_METADATA}
-    state = {
-        f"members.{index}.{key}": tensor
-        for index, payload in enumerate(payloads)
-        for key, tensor in payload["state_dict"].items()
-    }
-    fitted = fit_operating_points(oof_logits, y_true, config.evaluate)
-    with atomic_path(run_dir / MODEL_FILE) as tmp:
-        source = f"out-of-fold predictions of {n_folds}-fold CV"
-        payload = {**metadata, **fitted, "calibration_source": source}
-        torch.save({**payload, "ensemble_size": n_folds, "state_dict": state}, tmp)
-    everything = replace(dataset, samples=[replace(s, split="train") for s in dataset.samples])
-    save_run(run_dir, config, everything)
-    logger.info(
-        "cross-fitted ensemble of %d fold models: %s (temperature %.3f, threshold %.3f)",
-        n_folds,
-        run_dir,
-        fitted["temperature"],
-        fitted["threshold"],
-    )
-    return run_dir
-
-
-ENSEMBLE_METADATA = (
-    "format",
-    "format_version",
-    "busdx_version",
-    "environment",
-    "model",
-    "class_names",
-    "positive_class",
-    "preprocessing",
-    "weights",
-    "config",
-    SCOPE_KEY,
-)  # fmt: skip (the guard of the first member, whose features it uses)
-
-
 FOLD_KEYS = SCORE_METRICS + DECISION_METRICS
 
 
@@ -422,6 +340,7 @@ def _summarise(config, per_fold, y_true, y_prob, decided, out_dir, extra) -> dic
         "n": len(y_true),
         "n_positive": int(y_true.sum()),
         "threshold_policy": settings.threshold_policy,
+        "ci_level": settings.ci_level,
         "pooled": pooled,
         "pooled_ci": pooled_ci,
         "pooled_confusion": decided["confusion"],
@@ -440,15 +359,17 @@ def _summarise(config, per_fold, y_true, y_prob, decided, out_dir, extra) -> dic
         },
         out_dir / CV_ROC_CURVE,
         band=roc_band(y_true, y_prob, **ci),
+        ci_level=settings.ci_level,
     )
     return summary
 
 
 def format_cv(summary: dict[str, Any]) -> str:
     """Terminal table: pooled value with CI, and mean ± sd over folds."""
+    level = summary.get("ci_level", 0.95)  # cv_metrics.json before busdx 0.9 lack it
     lines = [
         f"{summary['folds']}-fold grouped CV: n={summary['n']} ({summary['n_positive']} "
-        f"positive); pooled [95% CI]  |  mean ± sd over folds"
+        f"positive); pooled [{level:.0%} CI]  |  mean ± sd over folds"
     ]
     for key, value in summary["pooled"].items():
         ci = summary["pooled_ci"][key]

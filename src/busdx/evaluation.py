@@ -245,7 +245,8 @@ def _plot_evaluation(
                     seed=settings.seed)  # fmt: skip
     plot_confusion_matrix(result["confusion"], names, out_dir / CONFUSION_MATRIX)
     readers = None if reader_ranks is None else (reader_ranks, result["readers"])
-    plot_roc_curve(y_true, y_prob, result, out_dir / ROC_CURVE, band=band, readers=readers)
+    plot_roc_curve(y_true, y_prob, result, out_dir / ROC_CURVE, band=band, readers=readers,
+                   ci_level=settings.ci_level)  # fmt: skip
     plot_reliability_diagram(result["reliability"], result["ece"], out_dir / RELIABILITY)
     picked = _sample_indices(y_true, scores.called)
     images = [load_region(samples[i].input, loaded.preprocessing) for i in picked]

@@ -226,21 +226,11 @@ def export_run(
     report["onnx"]["vs_torch"] = compare_logits(torch_logits, fp32_logits, labels, loaded)
     if int8:
         calibration = _calibration_files(run_dir, calibration_dir, data_root, calibration_size)
-        candidate = run_dir / ".int8-candidate.onnx"
-        try:
-            quantize_int8(fp32_path, candidate, calibration, loaded, weight_bits=weight_bits)
-            int8_logits = file_logits(load_model(candidate), files, progress=False)
-            check = compare_logits(fp32_logits, int8_logits, labels, loaded)
-            drop = check["roc_auc_drop"]
-            if drop is not None and drop > max_auc_drop and not force:
-                raise ExportError(
-                    f"int8 lowers validation ROC AUC by {drop:.3f} (more than {max_auc_drop}); "
-                    "kept the fp32 model only. Calibrate on more images (--calibration-size), "
-                    "or accept it with --allow-auc-drop"
-                )
-            candidate.replace(run_dir / INT8_FILE)
-        finally:
-            candidate.unlink(missing_ok=True)
+        check = _quantize_checked(
+            fp32_path, run_dir / INT8_FILE, calibration, loaded, weight_bits,
+            reference=(fp32_logits, files, labels), max_auc_drop=max_auc_drop, force=force,
+        )  # fmt: skip
+        drop = check["roc_auc_drop"]
         report["int8"] = {
             "file": INT8_FILE,
             "sha256": sha256_file(run_dir / INT8_FILE),
@@ -254,6 +244,39 @@ def export_run(
         }
     write_json(run_dir / EXPORT_REPORT, report)
     return report
+
+
+def _quantize_checked(
+    fp32_path: Path,
+    target: Path,
+    calibration: Sequence[InputLike],
+    loaded: Predictor,
+    weight_bits: int,
+    *,
+    reference: tuple[np.ndarray, list, list[int]],
+    max_auc_drop: float,
+    force: bool,
+) -> dict[str, Any]:
+    """Quantize to a candidate file, compare it with the fp32 logits on the validation images
+    (``reference``: logits, inputs, labels) and move it to ``target`` only if it keeps the AUC
+    (or ``force``). Returns the comparison."""
+    fp32_logits, files, labels = reference
+    candidate = target.with_name(".int8-candidate.onnx")
+    try:
+        quantize_int8(fp32_path, candidate, calibration, loaded, weight_bits=weight_bits)
+        int8_logits = file_logits(load_model(candidate), files, progress=False)
+        check = compare_logits(fp32_logits, int8_logits, labels, loaded)
+        drop = check["roc_auc_drop"]
+        if drop is not None and drop > max_auc_drop and not force:
+            raise ExportError(
+                f"int8 lowers validation ROC AUC by {drop:.3f} (more than {max_auc_drop}); "
+                "kept the fp32 model only. Calibrate on more images (--calibration-size), "
+                "or accept it with --allow-auc-drop"
+            )
+        candidate.replace(target)
+    finally:
+        candidate.unlink(missing_ok=True)
+    return check
 
 
 def format_export(run_dir: str | Path, report: dict[str, Any]) -> str:

@@ -28,11 +28,12 @@ from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
 from busdx.config import AugmentConfig, Config
-from busdx.data import Sample, make_loader
+from busdx.data import Sample
 from busdx.devices import autocast
 from busdx.distributed import current_world
 from busdx.fileio import atomic_path
 from busdx.imaging import load_image
+from busdx.loading import make_loader
 from busdx.models import BinaryClassifier, WeightsInfo
 from busdx.transforms import Preprocessing, build_eval_transform, build_train_transform
 

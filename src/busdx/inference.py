@@ -25,13 +25,13 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from tqdm.auto import tqdm
 
 from busdx.boxes import box_to_text
-from busdx.data import resolve_workers
 from busdx.dicom import is_dicom_file
 from busdx.errors import BoxError, ConfigError, DataError, ImageDecodeError
 from busdx.explain import explain_image
 from busdx.fileio import atomic_path
 from busdx.imaging import Box, ImageInput, InputLike, as_input, load_image
 from busdx.inputs import InputSelection
+from busdx.loading import resolve_workers
 from busdx.predictor import Predictor, load_model
 from busdx.scope import image_checks
 from busdx.transforms import Preprocessing, load_region, region_of

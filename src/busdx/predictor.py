@@ -224,6 +224,11 @@ def load_model(
         backend = "torch"
     if backend in {"auto", "onnx"} or path.suffix == ".onnx":
         return _load_onnx(path, threads)
+    return _load_torch(path, device, precision)
+
+
+def _load_torch(path: Path, device: str, precision: str) -> Predictor:
+    """``model.pt`` (or a run directory's), loaded with ``weights_only=True``."""
     if path.is_dir():
         path = path / MODEL_FILE
     if not path.is_file():

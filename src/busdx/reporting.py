@@ -55,8 +55,10 @@ def plot_roc_curve(
     *,
     band: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None,
     readers: tuple[np.ndarray, dict] | None = None,
+    ci_level: float = 0.95,
 ) -> None:
-    """ROC curve, its bootstrap band, and the operating point of each candidate threshold.
+    """ROC curve, its ``ci_level`` bootstrap band, and the operating point of each candidate
+    threshold.
 
     ``readers`` (reader ranks, :func:`busdx.readers.compare_with_readers` result) adds the
     readers' ROC curve and their BI-RADS operating points.
@@ -65,7 +67,7 @@ def plot_roc_curve(
     figure, axis = plt.subplots(figsize=(5.5, 5.5))
     if band is not None:
         grid, low, high = band
-        axis.fill_between(grid, low, high, alpha=0.2, label="95% bootstrap band")
+        axis.fill_between(grid, low, high, alpha=0.2, label=f"{ci_level:.0%} bootstrap band")
     axis.plot(fpr, tpr, lw=2, label=f"ROC (AUC {metrics['roc_auc']:.3f}, n={metrics['n']})")
     axis.plot([0, 1], [0, 1], "--", color="grey", lw=1, label="chance")
     points = metrics.get("operating_points") or {"threshold": metrics}

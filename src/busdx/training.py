@@ -27,20 +27,20 @@ from tqdm.auto import tqdm
 
 from busdx.checkpoints import model_metadata, save_model_file
 from busdx.config import Config
-from busdx.data import (
-    EpochSampler,
-    ImageDataset,
-    LabelledDataset,
-    make_loader,
-    resolve_workers,
-    site_balanced_weights,
-)
+from busdx.data import LabelledDataset
 from busdx.devices import autocast, check_precision, resolve_device
 from busdx.distributed import World, all_sum, barrier, current_world
 from busdx.errors import CheckpointError, ConfigError
 from busdx.features import CachedFeatures, FeatureCache
 from busdx.fileio import atomic_write_text
 from busdx.layout import HISTORY_FILE, LAST_FILE, MODEL_FILE
+from busdx.loading import (
+    EpochSampler,
+    ImageDataset,
+    make_loader,
+    resolve_workers,
+    site_balanced_weights,
+)
 from busdx.metrics import is_positive
 from busdx.models import BinaryClassifier, WeightsInfo, create_model
 from busdx.transforms import (

@@ -1,0 +1,96 @@
+"""The shape of the code, checked: no import cycles, no module over 500 lines, no function
+over 60 (docs/architecture.md)."""
+
+import ast
+from pathlib import Path
+
+import pytest
+
+SRC = Path(__file__).resolve().parents[1] / "src" / "busdx"
+MODULES = sorted(p for p in SRC.rglob("*.py"))
+MAX_MODULE_LINES, MAX_FUNCTION_LINES = 500, 60
+
+
+def _name(path: Path) -> str:
+    parts = path.relative_to(SRC.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _imports(path: Path) -> set[str]:
+    """The busdx modules ``path`` imports, at the top or inside a function."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("busdx"):
+            found.add(node.module)
+            found |= {f"{node.module}.{alias.name}" for alias in node.names}
+        elif isinstance(node, ast.Import):
+            found |= {a.name for a in node.names if a.name.startswith("busdx")}
+    return found
+
+
+def _graph() -> dict[str, set[str]]:
+    """Module -> the modules it imports; a package's __init__ only re-exports, so it is
+    left out as a source (its imports are its members')."""
+    names = {_name(p) for p in MODULES}
+    graph = {}
+    for path in MODULES:
+        if path.name != "__init__.py":
+            graph[_name(path)] = {m for m in _imports(path) if m in names and m != "busdx"}
+    return graph
+
+
+def _cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    state: dict[str, int] = {}
+
+    def visit(node: str, trail: list[str]) -> list[str] | None:
+        state[node] = 1
+        for target in sorted(graph.get(node, ())):
+            if state.get(target) == 1:
+                return [*trail, node, target]
+            if target not in state and (found := visit(target, [*trail, node])):
+                return found
+        state[node] = 2
+        return None
+
+    for node in sorted(graph):
+        if node not in state and (found := visit(node, [])):
+            return found
+    return None
+
+
+def test_the_import_graph_has_no_cycle():
+    graph = _graph()
+    assert len(graph) > 40  # the check sees the whole package
+    assert _cycle(graph) is None, " -> ".join(_cycle(graph))
+
+
+def test_a_cycle_would_be_found():
+    assert _cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
+
+
+def test_low_level_modules_import_nothing_above_them():
+    """The foundations (errors, files, names of files, metrics, config) know no model, no data
+    and no interface; the library never imports the CLI or the service."""
+    graph = _graph()
+    foundations = {"busdx.errors", "busdx.fileio", "busdx.layout", "busdx.metrics",
+                   "busdx.calibration", "busdx.config", "busdx.templating"}  # fmt: skip
+    allowed = {"busdx.errors", "busdx.fileio", "busdx.layout", "busdx.devices", "busdx.metrics",
+               "busdx.config"}  # fmt: skip
+    for module in foundations:
+        assert graph[module] <= allowed, (module, graph[module] - allowed)
+    for module, imported in graph.items():
+        if not module.startswith(("busdx.cli", "busdx.serving", "busdx.__main__")):
+            assert not {m for m in imported if m.startswith(("busdx.cli", "busdx.serving"))}, module
+
+
+@pytest.mark.parametrize("path", MODULES, ids=lambda p: _name(p))
+def test_no_module_or_function_is_too_long(path):
+    text = path.read_text(encoding="utf-8")
+    assert len(text.splitlines()) <= MAX_MODULE_LINES
+    long = [
+        f"{node.name}: {node.end_lineno - node.lineno + 1} lines"
+        for node in ast.walk(ast.parse(text))
+        if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef)
+        and node.end_lineno - node.lineno + 1 > MAX_FUNCTION_LINES
+    ]
+    assert not long, long
