@@ -73,8 +73,21 @@ def needs_shared(path: Path) -> pytest.MarkDecorator:
     return pytest.mark.skipif(not path.exists(), reason=f"{path} not available")
 
 
-# Small and fast: a 32x32 input gives VGG16 a 1x1x512 feature map.
-FAST = ["--image-size", "32", "--weights", "none", "--batch-size", "8", "--no-progress"]
+# Small and fast: a 32x32 input gives VGG16 a 1x1x512 feature map; 100 bootstrap resamples
+# (the least busdx accepts) instead of 1,000: the CIs of 6 test images mean nothing anyway.
+FAST = ["--image-size", "32", "--weights", "none", "--batch-size", "8", "--no-progress",
+        "--set", "evaluate.n_bootstrap=100"]  # fmt: skip
+
+
+@pytest.fixture(scope="session")
+def trained_run(synthetic_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One small trained run (FAST, 2 epochs) with its fp32 ONNX export, shared by every test
+    that only reads a run; a test that changes a run works on a copy (shutil.copytree)."""
+    from busdx.export import export_run
+
+    run = train_run(synthetic_data, tmp_path_factory.mktemp("shared-run") / "run", *FAST)
+    export_run(run)
+    return run
 
 
 def train_run(data: Path, out: Path, *options: str, epochs: int = 2) -> Path:

@@ -15,11 +15,6 @@ from busdx.synthetic import decompression_bomb_png
 from conftest import FAST, train_run
 
 
-@pytest.fixture(scope="module")
-def trained_run(synthetic_data, tmp_path_factory):
-    return train_run(synthetic_data, tmp_path_factory.mktemp("runs") / "run", *FAST)
-
-
 def test_train_writes_a_complete_run_directory(trained_run):
     expected = {
         "config.yaml",
@@ -156,10 +151,11 @@ def test_predict_json(trained_run, synthetic_data, tmp_path):
     assert len(rows) == 12 and all(r["error"] is None for r in rows)
 
 
-def test_resume_of_a_finished_run_only_re_evaluates(trained_run, capsys):
-    before = (trained_run / "history.csv").read_text()
-    assert main(["train", "--resume", str(trained_run), "--no-progress"]) == 0
-    assert (trained_run / "history.csv").read_text() == before
+def test_resume_of_a_finished_run_only_re_evaluates(trained_run, tmp_path, capsys):
+    run = shutil.copytree(trained_run, tmp_path / "finished")
+    before = (run / "history.csv").read_text()
+    assert main(["train", "--resume", str(run), "--no-progress"]) == 0
+    assert (run / "history.csv").read_text() == before
 
 
 def test_resume_refuses_settings_it_would_ignore_and_allows_more_epochs(
@@ -238,14 +234,15 @@ def test_version_and_help(capsys):
     assert "--resume" in capsys.readouterr().out
 
 
-def test_report_and_model_card(trained_run, capsys):
-    assert main(["report", str(trained_run)]) == 0
-    page = (trained_run / "report.html").read_text()
-    card = (trained_run / "MODEL_CARD.md").read_text()
+def test_report_and_model_card(trained_run, tmp_path, capsys):
+    run = shutil.copytree(trained_run, tmp_path / "run", ignore=shutil.ignore_patterns("eval"))
+    assert main(["report", str(run)]) == 0
+    page = (run / "report.html").read_text()
+    card = (run / "MODEL_CARD.md").read_text()
     assert "Research use only" in page and page.count("data:image/png;base64,") == 6
     assert "Grad-CAM" in page
     assert "Not a medical device" in card and "| sensitivity |" in card
-    metrics = json.loads((trained_run / "metrics.json").read_text())
+    metrics = json.loads((run / "metrics.json").read_text())
     auc = metrics["roc_auc"]
     assert f"{auc:.3f}" in card  # numbers come from metrics.json
     assert "Temperature scaling T =" in card
@@ -310,4 +307,4 @@ def test_uncalibrated_model_still_works_and_says_so(trained_run, tmp_path, capsy
     metrics = json.loads((legacy / "metrics.json").read_text())
     assert metrics["calibrated"] is False and list(metrics["operating_points"]) == ["fixed"]
     assert main(["report", str(legacy)]) == 0
-    assert "**Not calibrated**" in (legacy / "MODEL_CARD.md").read_text()
+    assert "NOT CALIBRATED" in (legacy / "MODEL_CARD.md").read_text()

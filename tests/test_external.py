@@ -17,10 +17,11 @@ from conftest import FAST, train_run
 
 
 @pytest.fixture(scope="module")
-def run_and_site(synthetic_data, tmp_path_factory):
-    """A small trained run, and a copy of the data as a 'site' with readers' BI-RADS."""
+def run_and_site(trained_run, synthetic_data, tmp_path_factory):
+    """The session's small trained run, and a copy of the data as a 'site' with readers'
+    BI-RADS."""
     root = tmp_path_factory.mktemp("external")
-    run = train_run(synthetic_data, root / "run", *FAST)
+    run = trained_run
     site = shutil.copytree(synthetic_data, root / "hospital")
     rows = ["image,class,birads,relative_path"]
     for index, path in enumerate(sorted(site.rglob("*.png"))):

@@ -13,8 +13,6 @@ from schemathesis import checks
 
 from busdx.serving import ServeSettings, create_app
 
-from conftest import FAST, train_run
-
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 from load_test import running_server  # noqa: E402
@@ -23,21 +21,16 @@ EXAMPLES = 40  # per operation: bounded so that CI stays within its budget
 
 
 @pytest.fixture(scope="module")
-def run(synthetic_data, tmp_path_factory):
-    return train_run(synthetic_data, tmp_path_factory.mktemp("fuzz") / "run", *FAST, epochs=1)
+def app(trained_run):
+    return create_app(trained_run, ServeSettings(max_upload_mb=1.0, max_pixels=4_000_000))
 
 
-@pytest.fixture(scope="module")
-def app(run):
-    return create_app(run, ServeSettings(max_upload_mb=1.0, max_pixels=4_000_000))
-
-
-def test_schemathesis_own_runner_with_every_check_finds_no_failure(run):
+def test_schemathesis_own_runner_with_every_check_finds_no_failure(trained_run):
     """``schemathesis run --checks all`` against a live ``busdx serve``, as a user would run
     it: the service does what its OpenAPI schema says (schemathesis.toml explains the one
     setting: a schema-valid upload need not be a decodable image)."""
     runner = Path(sys.executable).parent / "schemathesis"
-    with running_server(run) as server:
+    with running_server(trained_run) as server:
         result = subprocess.run(
             [str(runner), "run", f"{server.url}/openapi.json", "--checks", "all",
              "--max-examples", "30", "--seed", "0"],

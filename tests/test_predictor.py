@@ -10,7 +10,6 @@ from fastapi.testclient import TestClient
 
 from busdx.cli import main
 from busdx.explain import explain_image
-from busdx.export import export_run
 from busdx.imaging import load_image
 from busdx.inference import predict_files
 from busdx.inputs import iter_image_paths
@@ -18,14 +17,11 @@ from busdx.metrics import is_positive
 from busdx.predictor import load_model
 from busdx.serving import ServeSettings, create_app
 
-from conftest import FAST, train_run
-
 
 @pytest.fixture(scope="module")
-def run(synthetic_data, tmp_path_factory):
-    run = train_run(synthetic_data, tmp_path_factory.mktemp("one") / "run", *FAST, epochs=2)
-    export_run(run)
-    return run
+def run(trained_run):
+    """The session's small trained run, with its fp32 ONNX export (conftest)."""
+    return trained_run
 
 
 def _by_name(rows):

@@ -7,20 +7,18 @@ import pytest
 
 from busdx.cli import main
 from busdx.errors import ConfigError
-from busdx.export import export_run
 from busdx.inference import predict_files
 from busdx.inputs import iter_image_paths, parse_shard, take_shard
 from busdx.predictor import load_model
 from busdx.synthetic import make_lesion_image
 
-from conftest import FAST, assert_same_rows, train_run
+from conftest import assert_same_rows
 
 
 @pytest.fixture(scope="module")
-def run(synthetic_data, tmp_path_factory):
-    run = train_run(synthetic_data, tmp_path_factory.mktemp("scaling") / "run", *FAST, epochs=1)
-    export_run(run)  # fp32 ONNX: what --ray and --backend onnx run
-    return run
+def run(trained_run):
+    """The session's small trained run, with its fp32 ONNX export (conftest)."""
+    return trained_run
 
 
 @pytest.fixture(scope="module")

@@ -12,12 +12,11 @@ from busdx.errors import ConfigError
 from busdx.serving import ServeSettings, check_bind, create_app
 from busdx.synthetic import decompression_bomb_png
 
-from conftest import FAST, train_run
-
 
 @pytest.fixture(scope="module")
-def run(synthetic_data, tmp_path_factory):
-    return train_run(synthetic_data, tmp_path_factory.mktemp("serve") / "run", *FAST, epochs=1)
+def run(trained_run):
+    """The session's small trained run, with its fp32 ONNX export (conftest)."""
+    return trained_run
 
 
 @pytest.fixture(scope="module")
