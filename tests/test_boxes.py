@@ -20,8 +20,10 @@ from busdx.boxes import (
 from busdx.cli import main
 from busdx.data import attach_boxes, scan_dataset
 from busdx.errors import BoxError, DataError
-from busdx.imaging import ORIGIN_KEY
+from busdx.imaging import ORIGIN_KEY, ImageInput
+from busdx.inference import predict_files
 from busdx.loading import ImageDataset
+from busdx.predictor import load_model
 from busdx.serving import create_app
 from busdx.transforms import Preprocessing, build_decode_transform, load_region
 
@@ -137,7 +139,10 @@ def test_predict_with_an_roi_model_needs_boxes(roi_run, masked_data, tmp_path, c
     out = tmp_path / "one.csv"
     assert _predict(roi_run, image, extra=["--box", box, "--out", str(out)]) == 0
     (row,) = csv.DictReader(out.open())
-    assert row["box"] == box and 0 <= float(row["probability_malignant"]) <= 1
+    in_box = ImageInput(image, 0, parse_box(box))
+    (direct,) = predict_files(load_model(roi_run), [in_box], progress=False)
+    assert row["box"] == box
+    assert float(row["probability_malignant"]) == pytest.approx(direct.probability, abs=1e-5)
     assert _predict(roi_run, image, extra=["--box", "1,1,0,9"]) == 2
     assert "zero area" in capsys.readouterr().err
     table = tmp_path / "boxes.csv"
@@ -174,7 +179,10 @@ def test_api_box_field(roi_run, masked_data):
         answered = client.post("/predict", files=upload, data={"box": box})
         assert answered.status_code == 200, answered.text
         (row,) = answered.json()["predictions"]
-        assert row["box"] == box and 0 <= row["probability_malignant"] <= 1
+        in_box = ImageInput(image, 0, parse_box(box))
+        (direct,) = predict_files(load_model(roi_run), [in_box], progress=False)
+        assert row["box"] == box
+        assert row["probability_malignant"] == pytest.approx(direct.probability, abs=1e-5)
         outside = client.post("/predict", files=upload, data={"box": "200,200,100,100"})
         assert outside.status_code == 422 and "outside the image" in outside.json()["detail"]
         two = client.post("/predict", files=upload * 2, data={"box": box})

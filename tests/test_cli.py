@@ -10,6 +10,8 @@ import yaml
 from PIL import Image
 
 from busdx.cli import main
+from busdx.inference import predict_files
+from busdx.predictor import load_model
 from busdx.synthetic import decompression_bomb_png
 
 from conftest import FAST, train_run
@@ -125,8 +127,11 @@ def test_predict_files_and_folders_with_a_bad_file(trained_run, synthetic_data, 
     assert set(rows) == {"bomb.png", "broken.png", "good.png", single.name}
     assert rows["broken.png"]["error"] and not rows["broken.png"]["probability_malignant"]
     assert "900000000 pixels" in rows["bomb.png"]["error"]
-    assert 0 <= float(rows["good.png"]["probability_malignant"]) <= 1
-    assert rows["good.png"]["label"] in {"benign", "malignant"}
+    (direct,) = predict_files(load_model(trained_run), [folder / "good.png"], progress=False)
+    assert float(rows["good.png"]["probability_malignant"]) == pytest.approx(
+        direct.probability, abs=1e-5
+    )  # the row of the good file is its own prediction, whatever its neighbours
+    assert rows["good.png"]["label"] == direct.label
     stored = torch.load(trained_run / "model.pt", weights_only=True)["threshold"]
     assert float(rows["good.png"]["threshold"]) == pytest.approx(stored)
 
@@ -190,7 +195,7 @@ def test_a_moved_dataset_is_still_the_runs_own(synthetic_data, tmp_path):
     }
 
 
-def _error_case(tmp_path, synthetic_data, case):
+def _error_case(tmp_path, synthetic_data, case, trained_run=None):
     one_class = tmp_path / "one"
     shutil.copytree(synthetic_data / "benign", one_class / "benign")
     existing = tmp_path / "existing"
@@ -202,7 +207,7 @@ def _error_case(tmp_path, synthetic_data, case):
         "existing run dir": ["train", "--data", str(synthetic_data), "--out", str(existing), *FAST],
         "unknown key": ["train", "--data", str(synthetic_data), "--set", "train.epoch=3"],
         "not a run": ["evaluate", "--run", str(tmp_path)],
-        "missing image": ["predict", "--run", str(existing), str(tmp_path / "x.png")],
+        "missing image": ["predict", "--run", str(trained_run), str(tmp_path / "x.png")],
         "not a model": ["predict", "--run", str(existing / "file"), str(synthetic_data)],
     }[case]
 
@@ -219,10 +224,12 @@ def _error_case(tmp_path, synthetic_data, case):
         "not a model",
     ],
 )
-def test_user_errors_exit_2_with_one_line(tmp_path, synthetic_data, capsys, case):
-    assert main(_error_case(tmp_path, synthetic_data, case)) == 2
+def test_user_errors_exit_2_with_one_line(tmp_path, synthetic_data, trained_run, capsys, case):
+    assert main(_error_case(tmp_path, synthetic_data, case, trained_run)) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("busdx: error: ") and "Traceback" not in "\n".join(err)
+    if case == "missing image":  # the model loaded; the image is what is missing
+        assert err[-1] == f"busdx: error: {tmp_path / 'x.png'} does not exist"
 
 
 def test_version_and_help(capsys):

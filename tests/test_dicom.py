@@ -20,7 +20,9 @@ from pydicom.uid import JPEG2000Lossless, JPEGLSLossless, RLELossless
 from busdx.cli import main
 from busdx.dicom import ANY_MODALITY_ENV, count_frames
 from busdx.errors import ImageDecodeError
-from busdx.imaging import ORIGIN_KEY, SPACING_KEY, load_image
+from busdx.imaging import ORIGIN_KEY, SPACING_KEY, ImageInput, load_image
+from busdx.inference import predict_files
+from busdx.predictor import load_model
 from busdx.serving import create_app
 from busdx.synthetic import make_lesion_image, ultrasound_dicom, write_synthetic_dataset
 
@@ -191,7 +193,9 @@ def test_predict_a_dicom_and_every_frame_of_one(dicom_run, dicom_data, tmp_path,
     assert main([*args, str(scan_file), str(ct), "--frame", "all", "--out", str(every)]) == 0
     (single,) = csv.DictReader(one.open())
     rows = list(csv.DictReader(every.open()))
-    assert single["frame"] == "0" and 0 <= float(single["probability_malignant"]) <= 1
+    (direct,) = predict_files(load_model(dicom_run, backend="torch"), [scan_file], progress=False)
+    assert single["frame"] == "0"
+    assert float(single["probability_malignant"]) == pytest.approx(direct.probability, abs=1e-5)
     assert [row["frame"] for row in rows[:2]] == ["0", "1"]
     # one image alone and in a batch of three: equal up to float noise (kernels differ by CPU)
     first, alone = float(rows[0]["probability_malignant"]), float(single["probability_malignant"])
@@ -209,7 +213,10 @@ def test_serve_reads_dicom_uploads(dicom_run, dicom_data):
         answer = client.post("/predict", files=[("files", ("scan.dcm", scan_file.read_bytes()))],
                              data={"frame": "1"})  # fmt: skip
         assert answer.status_code == 200, answer.text
-        assert 0 <= answer.json()["predictions"][0]["probability_malignant"] <= 1
+        (frame_1,) = predict_files(load_model(dicom_run), [ImageInput(scan_file, 1, None)],
+                                   progress=False)  # fmt: skip
+        served = answer.json()["predictions"][0]["probability_malignant"]
+        assert served == pytest.approx(frame_1.probability, abs=1e-5)  # the frame asked for
         ct = (PYDICOM_FILES / "CT_small.dcm").read_bytes()
         refused = client.post("/predict", files=[("files", ("ct.dcm", ct))])
         assert refused.status_code == 400 and "not ultrasound" in refused.json()["detail"]

@@ -13,7 +13,6 @@ from busdx.explain import explain_image
 from busdx.imaging import load_image
 from busdx.inference import predict_files
 from busdx.inputs import iter_image_paths
-from busdx.metrics import is_positive
 from busdx.predictor import load_model
 from busdx.serving import ServeSettings, create_app
 
@@ -55,9 +54,8 @@ def test_every_path_gives_the_same_probability_and_label(run, synthetic_data, tm
         )
         assert served[name]["probability_malignant"] == pytest.approx(probability, abs=2e-6)
         assert row.label == evaluated[name]["predicted"] == served[name]["label"]
-        assert (
-            row.label == predictor.class_names[int(is_positive(probability, predictor.threshold))]
-        )
+        expected = "malignant" if probability >= predictor.threshold else "benign"
+        assert row.label == expected
     assert explained["probability_malignant"] == pytest.approx(direct[images[0].name].probability,
                                                                abs=2e-6)  # fmt: skip
     if backend == "torch":  # Grad-CAM's own forward pass decides the same way
@@ -76,3 +74,16 @@ def test_probabilities_are_float64_whatever_the_logits(run):
     np.testing.assert_allclose(probabilities, expected, rtol=1e-12)
     at = predictor.threshold
     assert predictor.decide(np.array([at, np.nextafter(at, 0)])).tolist() == [True, False]
+
+
+@pytest.mark.parametrize("backend", ["torch", "onnx"])
+def test_a_probability_equal_to_the_threshold_is_malignant(run, synthetic_data, backend):
+    """The decision rule at its edge: p >= threshold is positive, the next float above p is
+    not reached, on both backends (a ``>`` anywhere would flip the first case)."""
+    image = sorted(iter_image_paths([synthetic_data]))[0]
+    predictor = load_model(run, backend=backend)
+    (row,) = predict_files(predictor, [image], progress=False)
+    at = next(iter(predict_files(predictor, [image], threshold=row.probability, progress=False)))
+    above = np.nextafter(row.probability, 1.0)
+    past = next(iter(predict_files(predictor, [image], threshold=above, progress=False)))
+    assert (at.label, past.label) == ("malignant", "benign")

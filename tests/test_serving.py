@@ -69,7 +69,9 @@ def test_predict_one_and_several_with_a_bad_one(client):
     one = _post(client, [("scan.png", _png(_scan()), "image/png")])
     assert one.status_code == 200
     (row,) = one.json()["predictions"]
-    assert 0 <= row["probability_malignant"] <= 1 and row["label"] in {"benign", "malignant"}
+    (direct,) = client.app.state.service.predictor.decide_images([_scan()])
+    assert row["probability_malignant"] == pytest.approx(direct.probability, abs=1e-6)
+    assert row["label"] == direct.label
     assert one.json()["timing_ms"] > 0
     files = [("a.png", _png(_scan(1)), "image/png"), ("bad.png", b"not an image", "image/png"),
              ("c.jpg", _png(_scan(2), "JPEG"), "image/jpeg")]  # fmt: skip
@@ -86,7 +88,9 @@ def test_explain_returns_an_overlay_at_original_size(client):
     assert response.status_code == 200 and response.headers["content-type"] == "image/png"
     overlay = Image.open(io.BytesIO(response.content))
     assert overlay.size == (150, 120) and overlay.mode == "RGB"
-    assert 0 <= float(response.headers["X-Probability"]) <= 1
+    (direct,) = client.app.state.service.predictor.decide_images([image])
+    assert float(response.headers["X-Probability"]) == pytest.approx(direct.probability, abs=1e-6)
+    assert response.headers["X-Label"] == direct.label
     as_json = client.post(
         "/explain?format=json", files={"file": ("s.png", _png(image), "image/png")}
     ).json()
