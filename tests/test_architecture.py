@@ -68,6 +68,32 @@ def test_a_cycle_would_be_found():
     assert _cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
 
 
+# the layers of docs/architecture.md, bottom first: a module imports only from its own layer
+# or the layers below it
+LAYERS = {
+    "foundations": "config layout metrics calibration errors fileio imaging boxes dicom devices "
+    "distributed provenance synthetic templating",
+    "data and models": "data loading tables audit transforms models weights bundled runs "
+    "readers reporting",
+    "using a model": "inference inputs predictor explain scope features training checkpoints",
+    "workflows": "pipeline crossval crossfit demo adaptation evaluation comparison export "
+    "cluster model_card",
+    "interfaces": "cli serving __main__",
+}
+LEVEL = {name: level for level, names in enumerate(LAYERS.values()) for name in names.split()}
+
+
+def _level(module: str) -> int:
+    return LEVEL[module.split(".")[1]]
+
+
+def test_every_module_has_a_layer_and_imports_nothing_above_it():
+    graph = _graph()
+    assert {m.split(".")[1] for m in graph} == set(LEVEL)  # a new module needs a layer
+    upward = [(m, t) for m, targets in graph.items() for t in targets if _level(t) > _level(m)]
+    assert not upward, upward
+
+
 def test_low_level_modules_import_nothing_above_them():
     """The foundations (errors, files, names of files, metrics, config) know no model, no data
     and no interface; the library never imports the CLI or the service."""

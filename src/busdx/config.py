@@ -53,7 +53,7 @@ class ModelConfig(_Section):
     name: str = "vgg16"
     weights: str = Field("imagenet", description='"imagenet", "none" or a state_dict file')
     freeze_backbone: bool = True
-    trainable_blocks: int = Field(0, ge=0, description="frozen backbone: last blocks trained")
+    trainable_blocks: int = Field(0, description="frozen backbone: its last blocks trained")
     pooling: Literal[POOLINGS] = Field(  # type: ignore[valid-type]
         "flatten", description='"flatten" (the recipe), "avg"/"avgmax" (global), "multistage"'
     )

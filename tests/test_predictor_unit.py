@@ -1,0 +1,114 @@
+"""The Predictor on a tiny untrained model written to disk: no training, so every rule of
+loading and deciding is checked in seconds (and by mutation testing, docs/quality.md)."""
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from busdx.checkpoints import model_metadata, save_model_file
+from busdx.config import load_config
+from busdx.errors import CheckpointError, ConfigError
+from busdx.models import create_model
+from busdx.predictor import load_model
+from busdx.scope import SCOPE_KEY
+
+T, THRESHOLD = 2.0, 0.4
+
+
+@pytest.fixture(scope="module")
+def model_file(tmp_path_factory):
+    config = load_config()
+    config.model.weights, config.data.image_size = "none", 32
+    torch.manual_seed(0)
+    model, weights, prep = create_model(config.model, image_size=32)
+    metadata = model_metadata(config, weights, prep, ["benign", "malignant"])
+    path = tmp_path_factory.mktemp("tiny") / "model.pt"
+    payload = {**metadata, "threshold": THRESHOLD, "temperature": T}
+    save_model_file(path, {**payload, "state_dict": model.state_dict()})
+    return path
+
+
+def _scan(seed: int) -> Image.Image:
+    pixels = np.random.default_rng(seed).integers(0, 255, (48, 48), dtype=np.uint8)
+    return Image.fromarray(pixels).convert("RGB")
+
+
+def test_probabilities_are_the_sigmoid_of_logit_over_temperature(model_file):
+    predictor = load_model(model_file)
+    logits = np.array([-3.0, 0.0, 1.0, 4.0])
+    expected = 1 / (1 + np.exp(-logits / T))
+    assert predictor.probabilities(logits) == pytest.approx(expected, abs=1e-12)
+    assert predictor.probabilities(torch.tensor(logits)) == pytest.approx(expected, abs=1e-12)
+    assert (predictor.threshold, predictor.temperature) == (THRESHOLD, T)
+
+
+def test_decisions_at_and_around_the_threshold(model_file):
+    predictor = load_model(model_file)
+    edge = np.nextafter(THRESHOLD, 0.0)
+    assert predictor.decide(np.array([edge, THRESHOLD, 0.9])).tolist() == [False, True, True]
+    assert [predictor.label(p) for p in (0.1, THRESHOLD, 0.99)] == [
+        "benign", "malignant", "malignant",
+    ]  # fmt: skip
+    assert predictor.label(0.5, threshold=0.6) == "benign"
+    assert predictor.label(0.6, threshold=0.6) == "malignant"
+
+
+def test_decide_images_scores_each_region_with_the_network(model_file):
+    predictor = load_model(model_file)
+    images = [_scan(1), _scan(2)]
+    regions = [image.crop((8, 8, 40, 40)) for image in images]
+    decisions = predictor.decide_images(images, regions=regions)
+    inputs = torch.stack([predictor.transform(region) for region in regions])
+    with torch.inference_mode():
+        logits = predictor.model(inputs).double().numpy()
+    for decision, logit in zip(decisions, logits, strict=True):
+        assert decision.logit == pytest.approx(logit, abs=1e-5)
+        assert decision.probability == pytest.approx(1 / (1 + np.exp(-logit / T)), abs=1e-6)
+        assert decision.label == ("malignant" if decision.probability >= THRESHOLD else "benign")
+        assert decision.scope_distance is None
+    assert predictor.decide_images([]) == []
+    whole = predictor.decide_images(images)  # no regions: the whole image
+    assert whole[0].logit != pytest.approx(decisions[0].logit, abs=1e-6)
+
+
+def test_scope_flags_without_and_with_a_guard(model_file):
+    predictor = load_model(model_file)
+    assert predictor.out_of_scope([], None) is None  # no guard, pixels fine: unknown
+    assert predictor.scope_reason([], None) is None
+    assert predictor.out_of_scope(["colour image"], None) is True
+    assert predictor.scope_reason(["colour image", "too small"], None) == "colour image; too small"
+    predictor.metadata[SCOPE_KEY] = {"threshold": 5.0}
+    assert predictor.out_of_scope([], 5.0) is False  # at the threshold: still in scope
+    assert predictor.out_of_scope([], 5.5) is True
+    assert predictor.scope_reason([], 5.5) == "unlike the training images (distance 5.5 > 5.0)"
+    assert predictor.out_of_scope([], None) is None
+    assert predictor.scope_reason(["flat"], 6.0).startswith("flat; unlike")
+
+
+def test_what_load_model_refuses(model_file, tmp_path):
+    with pytest.raises(ConfigError, match="unknown backend 'gpu'"):
+        load_model(model_file, backend="gpu")
+    with pytest.raises(ConfigError, match="precision bf16 runs the torch model"):
+        load_model(model_file, backend="onnx", precision="bf16")
+    with pytest.raises(CheckpointError, match="no model file at"):
+        load_model(tmp_path / "nothing")
+    (tmp_path / "garbage.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(CheckpointError, match="not a loadable busdx model file"):
+        load_model(tmp_path / "garbage.pt")
+    torch.save({"format": "something else"}, tmp_path / "other.pt")
+    with pytest.raises(CheckpointError, match="is not a busdx model file"):
+        load_model(tmp_path / "other.pt")
+    payload = torch.load(model_file, weights_only=True)
+    payload["state_dict"] = {k: v[..., :1] for k, v in payload["state_dict"].items()}
+    torch.save(payload, tmp_path / "misfit.pt")
+    with pytest.raises(CheckpointError, match="weights do not fit"):
+        load_model(tmp_path / "misfit.pt")
+
+
+def test_a_run_directory_loads_its_model_file_and_auto_falls_back_to_torch(model_file):
+    predictor = load_model(model_file.parent, backend="auto")  # no export: the torch model
+    assert predictor.backend == "torch" and predictor.path == model_file
+    assert predictor.class_names == ["benign", "malignant"]
+    assert "state_dict" not in predictor.metadata and predictor.model is not None
+    assert not predictor.model.training  # ready for inference
