@@ -17,7 +17,7 @@ import numpy as np
 from busdx.config import EvaluateConfig
 from busdx.errors import DataError
 from busdx.fileio import write_json
-from busdx.layout import FOLDS_FILE, METRICS_FILE, PREDICTIONS_FILE
+from busdx.layout import FOLD_GLOB, FOLDS_FILE, METRICS_FILE, PREDICTIONS_FILE
 from busdx.metrics import binary_metrics, paired_bootstrap
 
 __all__ = ["compare_evaluations", "format_comparison"]
@@ -27,7 +27,7 @@ def _read_predictions(folder: Path) -> tuple[dict[str, Any], dict[str, tuple[str
     """An evaluation's metrics and ``{path: (label, probability, called positive)}``; for a
     ``busdx cv`` folder, every fold's test predictions (each at its fold's threshold)."""
     if (folder / FOLDS_FILE).is_file():
-        parts = [_read_predictions(fold) for fold in sorted(folder.glob("fold-*"))]
+        parts = [_read_predictions(fold) for fold in sorted(folder.glob(FOLD_GLOB))]
         if not parts:
             raise DataError(f"{folder} holds no finished fold (fold-*/): finish the CV first")
         rows = {path: row for _, fold_rows in parts for path, row in fold_rows.items()}

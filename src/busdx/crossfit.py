@@ -22,7 +22,7 @@ from busdx.calibration import apply_temperature, fit_operating_points
 from busdx.config import Config
 from busdx.data import LabelledDataset
 from busdx.fileio import atomic_path
-from busdx.layout import MODEL_FILE
+from busdx.layout import ENSEMBLE_DIR, MODEL_FILE, fold_dir
 from busdx.metrics import DECISION_METRICS, binary_metrics, bootstrap_ci, is_positive
 from busdx.runs import save_run
 from busdx.scope import SCOPE_KEY
@@ -79,10 +79,10 @@ def write_crossfit_ensemble(
     cases as the dataset holds, none scored by a model that trained on it. Its split marks every
     image ``train``: evaluate it on other data (``busdx evaluate --data SITE --split all``).
     """
-    run_dir = out_dir / "ensemble"
+    run_dir = out_dir / ENSEMBLE_DIR
     run_dir.mkdir(exist_ok=True)
     payloads = [
-        torch.load(out_dir / f"fold-{k}" / MODEL_FILE, map_location="cpu", weights_only=True)
+        torch.load(fold_dir(out_dir, k) / MODEL_FILE, map_location="cpu", weights_only=True)
         for k in range(n_folds)
     ]
     metadata = {k: v for k, v in payloads[0].items() if k in ENSEMBLE_METADATA}

@@ -33,6 +33,7 @@ from busdx.layout import (
     INFO_FILE,
     METRICS_FILE,
     PREDICTIONS_FILE,
+    fold_dir,
 )
 from busdx.metrics import (
     DECISION_METRICS,
@@ -192,9 +193,9 @@ def cross_validate(
     _write_folds(out_dir / FOLDS_FILE, dataset, folds)
     per_fold, y_true, y_prob, decisions, logits, fold_of, paths = [], [], [], [], [], [], []
     for fold in range(n_folds):
-        fold_dir = out_dir / f"fold-{fold}"
-        per_fold.append(_run_fold(config, dataset, folds, fold, fold_dir, progress=progress))
-        with (fold_dir / PREDICTIONS_FILE).open(newline="") as handle:
+        run_dir = fold_dir(out_dir, fold)
+        per_fold.append(_run_fold(config, dataset, folds, fold, run_dir, progress=progress))
+        with (run_dir / PREDICTIONS_FILE).open(newline="") as handle:
             rows = list(csv.DictReader(handle))
         y_true += [dataset.class_names.index(r["label"]) for r in rows]
         y_prob += [float(r["probability_malignant"]) for r in rows]

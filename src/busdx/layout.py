@@ -10,9 +10,14 @@ of a run is written down once::
       metrics.json  predictions.csv  *.png       the test split (evaluation files below)
       eval/<site>-<split>/                       busdx evaluate: the same evaluation files
       MODEL_CARD.md  report.html                 busdx report
+
+A cross-validation folder holds ``folds.csv``, ``cv_metrics.json``, ``cv_roc_curve.png``, one run
+directory per fold (``fold-<k>/``) and the cross-fitted ``ensemble/``.
 """
 
 from __future__ import annotations
+
+from pathlib import Path
 
 # a run directory
 CONFIG_FILE = "config.yaml"
@@ -38,10 +43,18 @@ CONFUSION_MATRIX = "confusion_matrix.png"
 SAMPLE_PREDICTIONS = "sample_predictions.png"
 GRADCAM_SAMPLES = "gradcam_samples.png"
 
-# a cross-validation folder (fold-<k>/ inside are run directories)
+# a cross-validation folder (fold-<k>/ inside are run directories, ensemble/ one more)
 FOLDS_FILE = "folds.csv"
 CV_METRICS_FILE = "cv_metrics.json"
 CV_ROC_CURVE = "cv_roc_curve.png"
+FOLD_GLOB = "fold-*"
+ENSEMBLE_DIR = "ensemble"
+
+
+def fold_dir(cv_dir: Path, fold: int) -> Path:
+    """The run directory of fold ``fold`` (0-based) of a cross-validation folder."""
+    return cv_dir / f"fold-{fold}"
+
 
 # a dataset folder: per-image labels, reader scores, patients, sites
 LABELS_TABLE = "labels.csv"
