@@ -2,6 +2,7 @@
 
 import csv
 import json
+import re
 
 import numpy as np
 import pytest
@@ -10,7 +11,9 @@ from fastapi.testclient import TestClient
 from PIL import Image
 
 from busdx.boxes import (
+    box_to_text,
     check_box,
+    crop_rectangle,
     crop_to_box,
     find_masks,
     mask_box,
@@ -210,3 +213,50 @@ def test_evaluate_with_other_boxes(roi_run, masked_data, tmp_path, capsys):
     capsys.readouterr()
     assert main([*args, "--boxes", str(table)]) == 2
     assert "24 image(s) have no lesion box" in capsys.readouterr().err
+
+
+def test_box_edges_are_inclusive_and_errors_name_the_image_and_its_size():
+    image = Image.new("RGB", (40, 30))
+    assert check_box((0, 0, 40, 30), image) == (0, 0, 40, 30)  # the whole image is a box
+    assert check_box((39, 29, 1, 1), image) == (39, 29, 40, 30)  # one pixel in the corner
+    assert parse_box("0,0,1,1") == (0, 0, 1, 1)
+    for box in ((0, 0, 41, 30), (0, 0, 40, 31), (1, 0, 40, 30), (0, 1, 40, 30)):
+        with pytest.raises(BoxError, match=re.escape(f"scan.png: box {box_to_text(box)} lies "
+                                                      "outside the image (40x30)")):  # fmt: skip
+            check_box(box, image, "scan.png")
+    for box in ((0, 0, 0, 5), (0, 0, 5, 0)):
+        with pytest.raises(BoxError, match=re.escape(f"scan.png: box {box_to_text(box)} has zero")):
+            check_box(box, image, "scan.png")
+    assert box_to_text((1, 2, 3, 4)) == "1,2,3,4" and box_to_text(None) is None
+    region = Image.new("RGB", (20, 10))
+    region.info[ORIGIN_KEY] = (5, 7)  # a DICOM's B-mode region inside its 25x17 frame
+    assert check_box((5, 7, 20, 10), region) == (0, 0, 20, 10)
+    with pytest.raises(BoxError, match=re.escape("(25x17, B-mode region from x=5, y=7)")):
+        check_box((4, 7, 20, 10), region)
+    with pytest.raises(BoxError, match=re.escape("(25x17, B-mode region from x=5, y=7)")):
+        check_box((5, 6, 20, 10), region)
+    only_y = Image.new("RGB", (20, 10))
+    only_y.info[ORIGIN_KEY] = (0, 3)
+    with pytest.raises(BoxError, match=re.escape("(20x13, B-mode region from x=0, y=3)")):
+        check_box((0, 0, 20, 10), only_y)
+
+
+def test_crop_rectangle_margin_jitter_and_the_smallest_crop():
+    image = Image.new("RGB", (100, 80))
+    assert crop_rectangle(image, (40, 30, 20, 10), margin=0.0) == (40, 30, 60, 40)
+    assert crop_rectangle(image, (40, 30, 20, 10), margin=0.5) == (30, 25, 70, 45)
+    assert crop_rectangle(image, (0, 0, 100, 80), margin=0.5) == (0, 0, 100, 80)  # clipped
+    assert crop_to_box(image, (40, 30, 20, 10), margin=0.5).size == (40, 20)
+    torch.manual_seed(0)
+    shifts = np.array([
+        np.subtract(crop_rectangle(image, (40, 30, 20, 10), margin=0.0, jitter=0.5),
+                    (40, 30, 60, 40))
+        for _ in range(200)
+    ])  # fmt: skip
+    assert np.abs(shifts[:, [0, 2]]).max() <= 10 and np.abs(shifts[:, [1, 3]]).max() <= 5
+    assert (shifts < 0).any(axis=0).all() and (shifts > 0).any(axis=0).all()  # both ways
+    assert abs(shifts.mean()) < 1.0  # centred on the box
+    tiny = crop_rectangle(image, (10, 10, 1, 1), margin=0.0, jitter=1.0)
+    assert tiny[2] - tiny[0] >= 1 and tiny[3] - tiny[1] >= 1  # never an empty crop
+    with pytest.raises(BoxError, match=re.escape("ct.png: box 90,70,20,20 lies outside")):
+        crop_to_box(image, (90, 70, 20, 20), margin=0.1, name="ct.png")

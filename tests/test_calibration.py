@@ -3,6 +3,7 @@ import pytest
 
 from busdx.calibration import apply_temperature, fit_operating_points, fit_temperature
 from busdx.config import EvaluateConfig
+from busdx.metrics import expected_calibration_error
 
 
 def _overconfident(n=4000, true_t=2.5, seed=0):
@@ -41,3 +42,34 @@ def test_threshold_policy_reaches_its_target_on_validation():
         logits, y, EvaluateConfig(calibrate=False, threshold_policy="fixed")
     )
     assert (fixed["threshold"], fixed["temperature"]) == (0.5, 1.0)
+
+
+def test_temperature_stays_within_its_bounds_at_both_extremes():
+    rng = np.random.default_rng(5)
+    logits = rng.normal(0, 3, 500)
+    noise = (rng.uniform(size=500) < 0.5).astype(int)  # labels unrelated to the logits
+    assert fit_temperature(logits, noise) == pytest.approx(20.0, rel=1e-3)  # flatten fully
+    separable = (logits > 0).astype(int)
+    assert fit_temperature(logits, separable) == pytest.approx(0.05, rel=1e-3)  # sharpen fully
+    assert fit_temperature(list(logits), [bool(v) for v in separable]) == pytest.approx(
+        0.05, rel=1e-3
+    )
+
+
+def test_the_fit_records_what_it_was_fitted_on_and_for():
+    logits, y = _overconfident(n=600)
+    settings = EvaluateConfig(target_sensitivity=0.9, threshold_confidence=0.5, fixed_threshold=0.3,
+                              threshold_policy="fixed")  # fmt: skip
+    fitted = fit_operating_points(logits, list(y), settings)
+    assert fitted["calibration_cases"] == {"n": 600, "n_positive": int(y.sum())}
+    assert (fitted["target_sensitivity"], fitted["threshold_confidence"]) == (0.9, 0.5)
+    assert fitted["threshold_policy"] == "fixed" and fitted["threshold"] == 0.3
+    assert fitted["operating_points"]["fixed"] == 0.3
+    raw = 1 / (1 + np.exp(-logits))
+    ece = fitted["validation_ece"]
+    assert ece["uncalibrated"] == pytest.approx(expected_calibration_error(y, raw))
+    calibrated = apply_temperature(logits, fitted["temperature"])
+    assert ece["calibrated"] == pytest.approx(expected_calibration_error(y, calibrated))
+    uncalibrated = fit_operating_points(logits, y, EvaluateConfig(calibrate=False))
+    assert uncalibrated["temperature"] == 1.0
+    assert uncalibrated["validation_ece"]["calibrated"] == pytest.approx(ece["uncalibrated"])

@@ -1,14 +1,18 @@
+import re
+
 import numpy as np
 import pytest
 from sklearn import metrics as skm
 
-from busdx.errors import SingleClassError
+from busdx.errors import DataError, SingleClassError
 from busdx.metrics import (
     binary_metrics,
     bootstrap_ci,
     expected_calibration_error,
     paired_bootstrap,
+    reliability_bins,
     roc_auc,
+    roc_band,
     roc_curve,
     sensitivity_lower_bound,
     threshold_for_sensitivity,
@@ -138,3 +142,85 @@ def test_clopper_pearson_bound_and_conservative_threshold():
     assert threshold_for_sensitivity(few_y, few_scores, 0.99, confidence=0.95) == (
         few_scores[few_y == 1].min()
     )
+
+
+@pytest.mark.parametrize(
+    ("y_true", "y_score", "error", "message"),
+    [
+        ([0, 1, 1], [0.1, 0.2], DataError, "labels and scores differ in length: 3 vs 2"),
+        ([0, 2], [0.1, 0.2], DataError, "labels must be 0 (negative) or 1 (positive)"),
+        ([1, 1, 1], [0.1, 0.2, 0.3], SingleClassError, "all 3 labels are 1: ROC AUC"),
+        ([], [], SingleClassError, "all 0 labels are absent: ROC AUC"),
+        ([0, 1], [0.1, np.nan], DataError, "scores contain NaN or infinity"),
+        ([0, 1], [0.1, np.inf], DataError, "scores contain NaN or infinity"),
+    ],
+)
+def test_bad_inputs_are_refused_with_the_reason(y_true, y_score, error, message):
+    with pytest.raises(error, match=re.escape(message)):
+        roc_auc(np.array(y_true), np.array(y_score))
+
+
+def test_labels_and_scores_of_any_numeric_type_are_read_alike():
+    """Float labels, integer scores and column vectors give the same metrics as ints/floats."""
+    y = np.array([0, 0, 1, 1, 1])
+    s = np.array([1, 3, 2, 4, 5])
+    assert roc_auc(y.astype(float).reshape(-1, 1), s.reshape(-1, 1)) == roc_auc(y, s / 1.0)
+    assert roc_auc(y, s) == pytest.approx(5 / 6)
+
+
+def test_reliability_bins_on_a_worked_example():
+    y = np.array([0, 1, 0, 1, 1])
+    p = np.array([0.05, 0.15, 0.55, 0.95, 1.0])  # 1.0 falls in the last bin, not an 11th
+    bins = reliability_bins(y, p, n_bins=10)
+    assert [(b["low"], b["high"], b["count"]) for b in bins] == [
+        (0.0, 0.1, 1), (0.1, 0.2, 1), (0.5, 0.6, 1), (0.9, 1.0, 2),
+    ]  # fmt: skip
+    assert bins[3]["mean_predicted"] == pytest.approx(0.975) and bins[3]["observed"] == 1.0
+    assert bins[2]["observed"] == 0.0 and bins[1]["mean_predicted"] == pytest.approx(0.15)
+    ece = expected_calibration_error(y, p, n_bins=10)
+    assert ece == pytest.approx((0.05 + 0.85 + 0.55 + 2 * 0.025) / 5)
+    assert len(reliability_bins(y, p, n_bins=2)) == 2
+
+
+def test_paired_bootstrap_reports_both_arms_and_a_shift_the_resamples_confirm():
+    rng = np.random.default_rng(3)
+    y = np.repeat([0, 1], 100)
+    better = y + rng.normal(0, 0.6, 200)
+    worse = y + rng.normal(0, 1.5, 200)
+    result = paired_bootstrap(y, better, worse, n_resamples=300, level=0.9, seed=1)
+    assert result["a"] == pytest.approx(roc_auc(y, better))
+    assert result["b"] == pytest.approx(roc_auc(y, worse))
+    assert result["delta"] == pytest.approx(result["a"] - result["b"])
+    assert 0 < result["low"] < result["delta"] < result["high"] < 0.5
+    assert result["p_value"] < 0.01 and result["level"] == 0.9
+    assert (result["n"], result["resamples"]) == (200, 300)
+    swapped = paired_bootstrap(y, worse, better, n_resamples=300, level=0.9, seed=1)
+    assert swapped["delta"] == pytest.approx(-result["delta"])
+    assert swapped["high"] == pytest.approx(-result["low"], abs=1e-12)
+    with pytest.raises(DataError, match="paired scores differ in length: 200 vs 3"):
+        paired_bootstrap(y, better, worse[:3])
+
+
+def test_roc_band_brackets_the_curve_and_narrows_with_more_cases():
+    rng = np.random.default_rng(4)
+
+    def band(n):
+        y = np.repeat([0, 1], n)
+        return band_of(y, y + rng.normal(0, 1.0, 2 * n))
+
+    def band_of(y, s):
+        return roc_band(y, s, n_resamples=200, level=0.9, seed=0, grid_points=51)
+
+    grid, low, high = band(40)
+    assert grid[0] == 0 and grid[-1] == 1 and len(grid) == len(low) == len(high) == 51
+    assert np.all(low <= high) and np.all((low >= 0) & (high <= 1))
+    assert high[-1] == low[-1] == 1.0  # every resampled curve ends at (1, 1)
+    y = np.repeat([0, 1], 40)
+    scores = y + rng.normal(0, 1.0, 80)
+    fpr, tpr, _ = roc_curve(y, scores)
+    _, low, high = band_of(y, scores)
+    inside = (np.interp(grid, fpr, tpr) >= low - 1e-9) & (np.interp(grid, fpr, tpr) <= high + 1e-9)
+    assert inside.mean() > 0.9  # the observed curve lies inside its own band
+    _, wide_low, wide_high = band(20)
+    _, tight_low, tight_high = band(400)
+    assert (tight_high - tight_low).mean() < (wide_high - wide_low).mean() / 2

@@ -1,16 +1,21 @@
 """The Predictor on a tiny untrained model written to disk: no training, so every rule of
 loading and deciding is checked in seconds (and by mutation testing, docs/quality.md)."""
 
+import logging
+import shutil
+
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-from busdx.checkpoints import model_metadata, save_model_file
+import busdx.predictor as predictor_module
+from busdx.checkpoints import model_metadata, save_model_file, update_model_metadata
 from busdx.config import load_config
 from busdx.errors import CheckpointError, ConfigError
+from busdx.layout import INT8_FILE, MODEL_FILE, ONNX_FILE
 from busdx.models import create_model
-from busdx.predictor import load_model
+from busdx.predictor import INT8_WEIGHT_BITS, load_model
 from busdx.scope import SCOPE_KEY
 
 T, THRESHOLD = 2.0, 0.4
@@ -107,8 +112,85 @@ def test_what_load_model_refuses(model_file, tmp_path):
 
 
 def test_a_run_directory_loads_its_model_file_and_auto_falls_back_to_torch(model_file):
-    predictor = load_model(model_file.parent, backend="auto")  # no export: the torch model
+    predictor = load_model(
+        model_file.parent, backend="auto", device="cpu"
+    )  # no export: the torch model
     assert predictor.backend == "torch" and predictor.path == model_file
     assert predictor.class_names == ["benign", "malignant"]
     assert "state_dict" not in predictor.metadata and predictor.model is not None
     assert not predictor.model.training  # ready for inference
+
+
+@pytest.fixture(scope="module")
+def exported(model_file, tmp_path_factory):
+    """A run folder with the tiny model.pt and its fp32 ONNX export, also copied as the
+    'int8' file (same network: what is checked here is which file is chosen, and when)."""
+    from busdx.export import export_onnx
+
+    folder = tmp_path_factory.mktemp("exported")
+    shutil.copyfile(model_file, folder / MODEL_FILE)
+    export_onnx(load_model(folder), folder / ONNX_FILE)
+    return folder
+
+
+def test_the_onnx_backend_answers_as_the_torch_model(exported):
+    torch_model, onnx_model = load_model(exported), load_model(exported, backend="onnx", threads=1)
+    assert onnx_model.backend == "onnx" and onnx_model.path.name == ONNX_FILE
+    assert onnx_model.session.get_session_options().intra_op_num_threads == 1
+    images = [_scan(5), _scan(6), _scan(7)]
+    for a, b in zip(torch_model.decide_images(images), onnx_model.decide_images(images),
+                    strict=True):  # fmt: skip
+        assert b.probability == pytest.approx(a.probability, abs=1e-5) and a.label == b.label
+    assert (onnx_model.threshold, onnx_model.temperature) == (THRESHOLD, T)
+
+
+def test_which_file_each_backend_loads(exported, tmp_path, monkeypatch, caplog):
+    folder = shutil.copytree(exported, tmp_path / "run")
+    assert load_model(folder, backend="auto", device="cpu").backend == "torch"  # no int8 file yet
+    shutil.copyfile(folder / ONNX_FILE, folder / INT8_FILE)
+    assert load_model(folder, backend="onnx").path.name == INT8_FILE  # int8 first
+    auto = load_model(folder, backend="auto", device="cpu")
+    assert (auto.backend, auto.path.name) == ("onnx", INT8_FILE)
+    assert load_model(folder, backend="auto", device="cpu").backend == "onnx"
+    assert (
+        load_model(folder / MODEL_FILE, backend="auto", device="cpu").backend == "onnx"
+    )  # beside model.pt
+    assert load_model(folder, backend="torch").backend == "torch"
+    assert load_model(folder, backend="auto", precision="bf16").backend == "torch"
+    monkeypatch.setattr(predictor_module, "cpu_has_vnni", lambda: False)
+    auto.metadata[INT8_WEIGHT_BITS] = 8  # stands for an export with 8-bit weights
+    monkeypatch.setattr(predictor_module, "_load_onnx", lambda path, threads=None: auto)
+    assert (
+        load_model(folder, backend="auto", device="cpu").backend == "torch"
+    )  # would saturate: not used
+    monkeypatch.setattr(predictor_module, "cpu_has_vnni", lambda: True)
+    assert load_model(folder, backend="auto", device="cpu").backend == "onnx"
+
+
+def test_a_stale_export_is_refused_or_passed_over(exported, tmp_path, caplog):
+    folder = shutil.copytree(exported, tmp_path / "run")
+    shutil.copyfile(folder / ONNX_FILE, folder / INT8_FILE)
+    update_model_metadata(folder / MODEL_FILE, {"threshold": 0.7})  # a recalibration
+    with pytest.raises(CheckpointError, match=f"{INT8_FILE} was not exported from the model.pt"):
+        load_model(folder, backend="onnx")
+    with pytest.raises(CheckpointError, match=r"export again: busdx export --run .* --int8$"):
+        load_model(folder / INT8_FILE)
+    with pytest.raises(CheckpointError, match=r"export again: busdx export --run \S+$"):
+        load_model(folder / ONNX_FILE)
+    with caplog.at_level(logging.WARNING):
+        assert load_model(folder, backend="auto", device="cpu").backend == "torch"
+    assert "using the torch model meanwhile" in caplog.text
+    alone = tmp_path / "deployment"
+    alone.mkdir()
+    shutil.copyfile(folder / ONNX_FILE, alone / ONNX_FILE)  # no model.pt to disagree with
+    assert load_model(alone, backend="onnx").backend == "onnx"
+
+
+def test_what_the_onnx_loader_refuses(tmp_path):
+    with pytest.raises(CheckpointError, match=f"no {ONNX_FILE} in .*; export one first"):
+        load_model(tmp_path, backend="onnx")
+    with pytest.raises(CheckpointError, match="no ONNX model at"):
+        load_model(tmp_path / "gone.onnx")
+    (tmp_path / "fake.onnx").write_bytes(b"not a model")
+    with pytest.raises(CheckpointError, match="is not an ONNX model exported by busdx"):
+        load_model(tmp_path / "fake.onnx")
