@@ -55,3 +55,31 @@ def test_unknown_recipe_lists_available():
     recipes = "efficientnet-lite0, vgg16-finetune, vgg16-frozen"
     with pytest.raises(ConfigError, match=f"available: {recipes}"):
         load_config(recipe="resnet-magic")
+
+
+def test_set_reaches_every_key_of_every_section():
+    """``--set section.key=value`` for each of the config's keys, with its default written as
+    text (as a shell passes it), gives back the same config; a changed value takes effect."""
+    import json
+
+    from busdx.config import KEYS
+
+    config = load_config()
+    defaults = config.to_dict()
+    assert set(KEYS) == {"model", "data", "augment", "train", "evaluate"}
+    for section, keys in KEYS.items():
+        assert set(keys) == set(defaults[section])  # KEYS lists them all
+        for key in keys:
+            text = json.dumps(defaults[section][key])
+            assert apply_overrides(config, [f"{section}.{key}={text}"]) == config, key
+    changed = apply_overrides(config, ["augment.gamma=0.3", "evaluate.ci_level=0.9"])
+    assert (changed.augment.gamma, changed.evaluate.ci_level) == (0.3, 0.9)
+    assert config.augment.gamma == 0.0  # the original is untouched
+
+
+def test_each_default_is_written_once():
+    """The classic recipe's file names itself and nothing else: its values are the models'."""
+    from importlib import resources
+
+    text = (resources.files("busdx") / "configs" / "vgg16-frozen.yaml").read_text("utf-8")
+    assert yaml.safe_load(text) == {"recipe": "vgg16-frozen"}
