@@ -2,6 +2,7 @@
 loading and deciding is checked in seconds (and by mutation testing, docs/quality.md)."""
 
 import logging
+import re
 import shutil
 
 import numpy as np
@@ -149,8 +150,11 @@ def test_which_file_each_backend_loads(exported, tmp_path, monkeypatch, caplog):
     assert load_model(folder, backend="auto", device="cpu").backend == "torch"  # no int8 file yet
     shutil.copyfile(folder / ONNX_FILE, folder / INT8_FILE)
     assert load_model(folder, backend="onnx").path.name == INT8_FILE  # int8 first
-    auto = load_model(folder, backend="auto", device="cpu")
+    with caplog.at_level(logging.INFO, logger="busdx"):
+        auto = load_model(folder, backend="auto", device="cpu", threads=1)
     assert (auto.backend, auto.path.name) == ("onnx", INT8_FILE)
+    assert f"using {INT8_FILE} (ONNX Runtime int8, the fastest on a CPU" in caplog.text
+    assert auto.session.get_session_options().intra_op_num_threads == 1  # threads reach it
     assert load_model(folder, backend="auto", device="cpu").backend == "onnx"
     assert (
         load_model(folder / MODEL_FILE, backend="auto", device="cpu").backend == "onnx"
@@ -160,9 +164,11 @@ def test_which_file_each_backend_loads(exported, tmp_path, monkeypatch, caplog):
     monkeypatch.setattr(predictor_module, "cpu_has_vnni", lambda: False)
     auto.metadata[INT8_WEIGHT_BITS] = 8  # stands for an export with 8-bit weights
     monkeypatch.setattr(predictor_module, "_load_onnx", lambda path, threads=None: auto)
-    assert (
-        load_model(folder, backend="auto", device="cpu").backend == "torch"
-    )  # would saturate: not used
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="busdx"):
+        assert load_model(folder, backend="auto", device="cpu").backend == "torch"
+    assert f"{INT8_FILE} has 8-bit weights, which this CPU (no VNNI or AMX) can saturate; " \
+        "using the torch model" in caplog.text  # fmt: skip
     monkeypatch.setattr(predictor_module, "cpu_has_vnni", lambda: True)
     assert load_model(folder, backend="auto", device="cpu").backend == "onnx"
 
@@ -175,11 +181,12 @@ def test_a_stale_export_is_refused_or_passed_over(exported, tmp_path, caplog):
         load_model(folder, backend="onnx")
     with pytest.raises(CheckpointError, match=r"export again: busdx export --run .* --int8$"):
         load_model(folder / INT8_FILE)
-    with pytest.raises(CheckpointError, match=r"export again: busdx export --run \S+$"):
+    with pytest.raises(CheckpointError, match=re.escape(f"busdx export --run {folder}") + "$"):
         load_model(folder / ONNX_FILE)
     with caplog.at_level(logging.WARNING):
         assert load_model(folder, backend="auto", device="cpu").backend == "torch"
-    assert "using the torch model meanwhile" in caplog.text
+    assert f"{INT8_FILE} was not exported from the {MODEL_FILE} beside it" in caplog.text
+    assert "; using the torch model meanwhile" in caplog.text
     alone = tmp_path / "deployment"
     alone.mkdir()
     shutil.copyfile(folder / ONNX_FILE, alone / ONNX_FILE)  # no model.pt to disagree with
@@ -194,3 +201,64 @@ def test_what_the_onnx_loader_refuses(tmp_path):
     (tmp_path / "fake.onnx").write_bytes(b"not a model")
     with pytest.raises(CheckpointError, match="is not an ONNX model exported by busdx"):
         load_model(tmp_path / "fake.onnx")
+
+
+def test_an_ensemble_file_averages_its_members_logits(model_file, tmp_path):
+    """A cross-fitted ensemble's model file: members' weights under ``members.<i>.``, one
+    metadata; the logit is the mean of the members'. Training state never reaches metadata."""
+    payload = torch.load(model_file, weights_only=True)
+    second = {key: value * 0.5 for key, value in payload["state_dict"].items()}
+    state = {f"members.0.{k}": v for k, v in payload["state_dict"].items()}
+    state |= {f"members.1.{k}": v for k, v in second.items()}
+    torch.save({**payload, "ensemble_size": 2, "state_dict": state, "optimizer": {}},
+               tmp_path / "model.pt")  # fmt: skip
+    ensemble, single = load_model(tmp_path / "model.pt"), load_model(model_file)
+    assert len(ensemble.model.members) == 2 and "optimizer" not in ensemble.metadata
+    halved = load_model(model_file)
+    halved.model.load_state_dict(second)
+    inputs = torch.stack([single.transform(_scan(8))])
+    with torch.inference_mode():
+        expected = (single.model(inputs) + halved.model(inputs)) / 2
+        assert ensemble.model(inputs).item() == pytest.approx(expected.item(), abs=1e-5)
+
+
+def test_a_guarded_model_measures_each_input_and_flags_it_at_its_threshold(model_file, tmp_path):
+    from busdx.scope import fit_scope
+
+    predictor = load_model(model_file)
+    images = [_scan(seed) for seed in range(10, 22)]
+    files = [tmp_path / f"scan{i}.png" for i in range(len(images))]
+    for image, file in zip(images, files, strict=True):
+        image.save(file)
+    scope = fit_scope(predictor.model, predictor.preprocessing, files[:8], files[8:],
+                      device=torch.device("cpu"))  # fmt: skip
+    payload = torch.load(model_file, weights_only=True)
+    torch.save({**payload, SCOPE_KEY: scope}, tmp_path / "model.pt")
+    guarded = load_model(tmp_path / "model.pt")
+    assert guarded.metadata[SCOPE_KEY]["precision"].dtype == torch.float32  # upcast once
+    assert guarded.metadata[SCOPE_KEY]["threshold"] == scope["threshold"]
+    big = [image.resize((200, 200)) for image in images[8:]]  # pass the pixel checks
+    flat = Image.new("RGB", (200, 200), (128, 128, 128))
+    decisions = guarded.decide_images([*big, flat], threshold=0.0)
+    assert all(d.label == "malignant" for d in decisions)  # the threshold given is used
+    for decision in decisions[:-1]:
+        assert decision.scope_distance is not None and decision.scope_distance > 0
+        far = decision.scope_distance > scope["threshold"]
+        assert decision.out_of_scope is far and (decision.scope_reason is not None) is far
+    assert decisions[-1].out_of_scope is True and "uniform" in decisions[-1].scope_reason
+    default = guarded.decide_images(big[:1])[0]
+    assert default.label == ("malignant" if default.probability >= THRESHOLD else "benign")
+    assert default.scope_distance == pytest.approx(decisions[0].scope_distance, rel=1e-4)
+
+
+def test_the_onnx_session_runs_on_the_given_threads_without_spinning(exported, caplog):
+    before = torch.get_num_threads()
+    try:
+        loaded = load_model(exported, backend="onnx", threads=2)
+        options = loaded.session.get_session_options()
+        assert (options.intra_op_num_threads, options.inter_op_num_threads) == (2, 1)
+        assert options.get_session_config_entry("session.intra_op.allow_spinning") == "0"
+        assert loaded.session.get_providers() == ["CPUExecutionProvider"]
+        assert torch.get_num_threads() == 1  # torch only preprocesses beside ONNX Runtime
+    finally:
+        torch.set_num_threads(before)
