@@ -16,6 +16,10 @@ BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 WEIGHTS_DIR = Path(os.environ.get("BUSDX_TEST_WEIGHTS_DIR", SHARED / "weights"))
 BUSI_DIR = SHARED / "data" / "busi"
 os.environ["BUSDX_WEIGHTS_DIR"] = str(WEIGHTS_DIR)  # also for module-scoped fixtures
+if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):  # pytest -n N: share the cores, not fight
+    torch.set_num_threads(
+        max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))
+    )
 
 
 @pytest.fixture(autouse=True)
