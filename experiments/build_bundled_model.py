@@ -180,7 +180,7 @@ def main() -> None:
                           {**fitted, "calibration_source": source, SCOPE_KEY: scope})  # fmt: skip
     try:  # 8-bit weights: a Lite model keeps its decisions far better (experiments/int8_lite.py)
         export = export_run(args.run, int8=True, weight_bits=8, calibration_size=200)
-        agreement = export["int8"]["vs_fp32"]["agreement"]
+        agreement = export.int8.vs_fp32.agreement
         if agreement < MIN_AGREEMENT:
             raise ExportError(f"int8 agrees with fp32 on {agreement:.3f} of the decisions")
     except ExportError as exc:

@@ -72,7 +72,7 @@ def test_a_cycle_would_be_found():
 # or the layers below it
 LAYERS = {
     "foundations": "config layout metrics calibration errors fileio imaging boxes dicom devices "
-    "distributed provenance synthetic templating",
+    "distributed provenance synthetic templating results",
     "data and models": "data loading tables audit transforms models weights bundled runs "
     "readers reporting",
     "using a model": "inference inputs predictor explain scope features training checkpoints",

@@ -15,6 +15,7 @@ from busdx.bundled import DEFAULT_MODEL, bundled_info, list_bundled, resolve_run
 from busdx.cli import main
 from busdx.errors import UnknownModelError
 from busdx.predictor import load_model
+from busdx.results import ExportReport
 from busdx.serving import create_app
 from busdx.synthetic import make_lesion_image
 
@@ -43,6 +44,8 @@ def test_the_default_model_ships_small_and_says_what_to_expect(capsys):
     assert info["trained_on"] == ["busi", "bus_bra", "breast"]
     assert set(info["held_out_sites"]) == {"busi", "bus_bra", "breast"}
     assert "leave-one-site-out" in info["calibration_source"]
+    export = ExportReport.read(resolve_run(None) / "export.json")  # the export's own schema
+    assert export.int8 is not None and export.int8.vs_fp32.agreement >= 0.95
     card = (resolve_run(None) / "MODEL_CARD.md").read_text()
     assert "CC BY 4.0" in card and "doi:10.1038/s41597-024-02984-z" in card
     run_info = json.loads((resolve_run(None) / "run.json").read_text())

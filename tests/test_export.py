@@ -19,6 +19,7 @@ from busdx.fileio import sha256_file
 from busdx.inference import file_logits, predict_files
 from busdx.inputs import iter_image_paths
 from busdx.predictor import load_model
+from busdx.results import ExportReport
 from busdx.serving import ServeSettings, create_app
 
 from conftest import FAST, train_run
@@ -54,9 +55,9 @@ def test_fp32_onnx_matches_torch_and_carries_the_metadata(run_copy, images, caps
     )
     for key in ("class_names", "threshold", "temperature", "preprocessing", "weights"):
         assert onnx_model.metadata[key] == torch_model.metadata[key]
-    report = json.loads((run_copy / "export.json").read_text())
-    assert report["onnx"]["vs_torch"]["max_abs_logit_difference"] < 1e-3
-    assert "int8" not in report and not (run_copy / "model.int8.onnx").exists()
+    report = ExportReport.read(run_copy / "export.json")
+    assert report.onnx.vs_torch.max_abs_logit_difference < 1e-3
+    assert report.int8 is None and not (run_copy / "model.int8.onnx").exists()
     graph_input = onnx.load(run_copy / "model.onnx").graph.input[0]
     assert graph_input.type.tensor_type.shape.dim[0].dim_param == "batch"  # dynamic batch
 
@@ -71,9 +72,10 @@ def test_fp32_onnx_matches_torch_and_carries_the_metadata(run_copy, images, caps
 
 def test_int8_export_agrees_with_fp32_and_onnx_backend_prefers_it(run_copy, images, caplog):
     report = export_run(run_copy, int8=True, calibration_size=12)
-    assert report["int8"]["calibration"]["images"] == 12
-    check = report["int8"]["vs_fp32"]
-    assert check["n"] == 6 and check["agreement"] >= 5 / 6
+    assert report.int8.calibration.images == 12
+    check = report.int8.vs_fp32
+    assert check.n == 6 and check.agreement >= 5 / 6
+    assert ExportReport.read(run_copy / "export.json") == report  # the file holds the result
     quantized = onnx.load(run_copy / "model.int8.onnx")
     assert any(node.op_type == "QuantizeLinear" for node in quantized.graph.node)
     size = {name: (run_copy / name).stat().st_size for name in ("model.onnx", "model.int8.onnx")}
@@ -141,8 +143,8 @@ def test_int8_guard_refuses_and_keeps_only_fp32(run_copy, capsys):
     assert main([*args, "--max-auc-drop", "-1"]) == 2
     assert capsys.readouterr().err.count("\n") == 1
     assert main([*args, "--max-auc-drop", "-1", "--allow-auc-drop"]) == 0
-    report = json.loads((run_copy / "export.json").read_text())
-    assert report["int8"]["accepted_auc_drop"] is True
+    report = ExportReport.read(run_copy / "export.json")
+    assert report.int8.accepted_auc_drop is True
 
 
 def test_calibration_folder_with_a_broken_file(run_copy, synthetic_data, tmp_path):
@@ -150,7 +152,7 @@ def test_calibration_folder_with_a_broken_file(run_copy, synthetic_data, tmp_pat
     shutil.copytree(synthetic_data / "benign", folder)
     (folder / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
     report = export_run(run_copy, int8=True, calibration_dir=folder, calibration_size=100)
-    assert report["int8"]["calibration"]["images"] == 13  # the broken file is skipped
+    assert report.int8.calibration.images == 13  # the broken file is skipped
     assert (run_copy / "model.int8.onnx").exists()
 
 
@@ -211,8 +213,8 @@ def test_train_export_then_predict_and_serve_use_the_int8_model_by_default(
 def test_8_bit_int8_weights_are_used_only_on_a_cpu_with_vnni(run_copy, monkeypatch, capsys):
     args = ["export", "--run", str(run_copy), "--int8", "--calibration-size", "8"]
     assert main([*args, "--int8-weight-bits", "8", "--allow-auc-drop"]) == 0
-    report = json.loads((run_copy / "export.json").read_text())
-    assert report["int8"]["weight_bits"] == 8
+    report = ExportReport.read(run_copy / "export.json")
+    assert report.int8.weight_bits == 8
     assert load_model(run_copy, backend="onnx").metadata["int8_weight_bits"] == 8
     monkeypatch.setattr("busdx.predictor.cpu_has_vnni", lambda: True)
     assert load_model(run_copy, device="cpu", backend="auto").path.name == "model.int8.onnx"

@@ -35,7 +35,7 @@ from onnxruntime.quantization.shape_inference import quant_pre_process
 
 from busdx import __version__
 from busdx.errors import BoxError, DataError, ExportError, ImageDecodeError, SingleClassError
-from busdx.fileio import atomic_path, json_safe, sha256_file, write_json
+from busdx.fileio import atomic_path, json_safe, sha256_file
 from busdx.imaging import InputLike, as_input
 from busdx.inference import file_logits
 from busdx.inputs import expand_paths
@@ -43,6 +43,13 @@ from busdx.layout import EXPORT_REPORT, INT8_FILE, ONNX_FILE
 from busdx.metrics import roc_auc
 from busdx.predictor import EXPORT_STAMP, INT8_WEIGHT_BITS, ONNX_METADATA_KEY, Predictor, load_model
 from busdx.provenance import environment
+from busdx.results import (
+    CalibrationImages,
+    ExportedFile,
+    ExportReport,
+    Int8Export,
+    LogitComparison,
+)
 from busdx.runs import load_run, samples_for_split
 from busdx.scope import SCOPE_KEY, ScopedClassifier, public_scope
 from busdx.transforms import build_eval_transform, load_region
@@ -158,7 +165,7 @@ def compare_logits(
     candidate: np.ndarray,
     labels: Sequence[int],
     predictor: Predictor,
-) -> dict[str, Any]:
+) -> LogitComparison:
     """Decision agreement (each decided by ``predictor``'s calibration and threshold), largest
     logit difference and ROC AUC of two models' logits for the same images."""
     ref_pos, cand_pos = (
@@ -169,14 +176,14 @@ def compare_logits(
         auc_ref, auc_cand = roc_auc(y, reference), roc_auc(y, candidate)
     except SingleClassError:
         auc_ref = auc_cand = None
-    return {
-        "n": len(y),
-        "agreement": float(np.mean(ref_pos == cand_pos)),
-        "max_abs_logit_difference": float(np.max(np.abs(reference - candidate))),
-        "roc_auc_reference": auc_ref,
-        "roc_auc_candidate": auc_cand,
-        "roc_auc_drop": None if auc_ref is None else auc_ref - auc_cand,
-    }
+    return LogitComparison(
+        n=len(y),
+        agreement=float(np.mean(ref_pos == cand_pos)),
+        max_abs_logit_difference=float(np.max(np.abs(reference - candidate))),
+        roc_auc_reference=auc_ref,
+        roc_auc_candidate=auc_cand,
+        roc_auc_drop=None if auc_ref is None else auc_ref - auc_cand,
+    )
 
 
 def _calibration_files(
@@ -203,7 +210,7 @@ def export_run(
     max_auc_drop: float = 0.01,
     force: bool = False,
     weight_bits: int = 7,
-) -> dict[str, Any]:
+) -> ExportReport:
     """Export a run's ``model.pt`` to ONNX (and int8); returns what ``export.json`` records."""
     run_dir = Path(run_dir)
     loaded = load_model(run_dir, device="cpu")
@@ -212,37 +219,31 @@ def export_run(
         (run_dir / INT8_FILE).unlink()  # made from an older model.pt: never let it answer
         logger.info("removed the older %s (export with --int8 to make a new one)", INT8_FILE)
     fp32_path = export_onnx(loaded, run_dir / ONNX_FILE)
-    report: dict[str, Any] = {
-        "busdx_version": __version__,
-        "environment": environment(),
-        "source": str(loaded.path),
-        "onnx": {"file": ONNX_FILE, "sha256": sha256_file(fp32_path), "opset": OPSET},
-    }
     val = samples_for_split(run_dir, config, info, data_root, "val").samples
     files, labels = [s.input for s in val], [s.label for s in val]
     torch_logits, fp32_logits = (
         file_logits(model, files, progress=False) for model in (loaded, load_model(fp32_path))
     )
-    report["onnx"]["vs_torch"] = compare_logits(torch_logits, fp32_logits, labels, loaded)
+    vs_torch = compare_logits(torch_logits, fp32_logits, labels, loaded)
+    onnx = ExportedFile(file=ONNX_FILE, sha256=sha256_file(fp32_path), opset=OPSET,
+                        vs_torch=vs_torch)  # fmt: skip
+    int8_export = None
     if int8:
         calibration = _calibration_files(run_dir, calibration_dir, data_root, calibration_size)
         check = _quantize_checked(
             fp32_path, run_dir / INT8_FILE, calibration, loaded, weight_bits,
             reference=(fp32_logits, files, labels), max_auc_drop=max_auc_drop, force=force,
         )  # fmt: skip
-        drop = check["roc_auc_drop"]
-        report["int8"] = {
-            "file": INT8_FILE,
-            "sha256": sha256_file(run_dir / INT8_FILE),
-            "weight_bits": weight_bits,
-            "calibration": {
-                "source": str(calibration_dir or "training split"),
-                "images": len(calibration),
-            },
-            "vs_fp32": check,
-            "accepted_auc_drop": bool(drop is not None and drop > max_auc_drop),
-        }
-    write_json(run_dir / EXPORT_REPORT, report)
+        source = str(calibration_dir or "training split")
+        int8_export = Int8Export(
+            file=INT8_FILE, sha256=sha256_file(run_dir / INT8_FILE), weight_bits=weight_bits,
+            calibration=CalibrationImages(source=source, images=len(calibration)),
+            vs_fp32=check,
+            accepted_auc_drop=check.roc_auc_drop is not None and check.roc_auc_drop > max_auc_drop,
+        )  # fmt: skip
+    report = ExportReport(busdx_version=__version__, environment=environment(),
+                          source=str(loaded.path), onnx=onnx, int8=int8_export)  # fmt: skip
+    report.write(run_dir / EXPORT_REPORT)
     return report
 
 
@@ -256,7 +257,7 @@ def _quantize_checked(
     reference: tuple[np.ndarray, list, list[int]],
     max_auc_drop: float,
     force: bool,
-) -> dict[str, Any]:
+) -> LogitComparison:
     """Quantize to a candidate file, compare it with the fp32 logits on the validation images
     (``reference``: logits, inputs, labels) and move it to ``target`` only if it keeps the AUC
     (or ``force``). Returns the comparison."""
@@ -266,7 +267,7 @@ def _quantize_checked(
         quantize_int8(fp32_path, candidate, calibration, loaded, weight_bits=weight_bits)
         int8_logits = file_logits(load_model(candidate), files, progress=False)
         check = compare_logits(fp32_logits, int8_logits, labels, loaded)
-        drop = check["roc_auc_drop"]
+        drop = check.roc_auc_drop
         if drop is not None and drop > max_auc_drop and not force:
             raise ExportError(
                 f"int8 lowers validation ROC AUC by {drop:.3f} (more than {max_auc_drop}); "
@@ -279,26 +280,26 @@ def _quantize_checked(
     return check
 
 
-def format_export(run_dir: str | Path, report: dict[str, Any]) -> str:
+def format_export(run_dir: str | Path, report: ExportReport) -> str:
     """Terminal summary of :func:`export_run`: each file written and how close it is to the
     model it replaces."""
     run_dir = Path(run_dir)
-    check = report["onnx"]["vs_torch"]
+    check = report.onnx.vs_torch
     lines = [
-        f"{run_dir / report['onnx']['file']}: fp32 ONNX; on {check['n']} validation images "
-        f"max |logit - torch| {check['max_abs_logit_difference']:.2e}, "
-        f"decision agreement {check['agreement']:.3f}"
+        f"{run_dir / report.onnx.file}: fp32 ONNX; on {check.n} validation images "
+        f"max |logit - torch| {check.max_abs_logit_difference:.2e}, "
+        f"decision agreement {check.agreement:.3f}"
     ]
-    if "int8" in report:
-        check = report["int8"]["vs_fp32"]
-        aucs = (check["roc_auc_reference"], check["roc_auc_candidate"], check["roc_auc_drop"])
+    if report.int8 is not None:
+        check = report.int8.vs_fp32
+        aucs = (check.roc_auc_reference, check.roc_auc_candidate, check.roc_auc_drop)
         auc_text = "ROC AUC fp32 {:.3f} -> int8 {:.3f} (drop {:+.3f})".format(*aucs)
         lines.append(
-            f"{run_dir / report['int8']['file']}: int8 (calibrated on "
-            f"{report['int8']['calibration']['images']} images); decision agreement with fp32 "
-            f"{check['agreement']:.3f}; " + (auc_text if aucs[0] is not None else "no AUC")
+            f"{run_dir / report.int8.file}: int8 (calibrated on "
+            f"{report.int8.calibration.images} images); decision agreement with fp32 "
+            f"{check.agreement:.3f}; " + (auc_text if aucs[0] is not None else "no AUC")
         )
-    kept = "int8" if "int8" in report else "torch"
+    kept = "int8" if report.int8 is not None else "torch"
     lines.append(
         f"report: {run_dir / EXPORT_REPORT}; busdx predict and serve use the {kept} model by "
         "default"
