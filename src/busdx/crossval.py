@@ -62,24 +62,22 @@ EACH_FOLD = "each fold at its own threshold"  # the decision table of the folds'
 
 
 def cv_config(
-    out: Path,
-    config_file: str | Path | None = None,
-    recipe: str | None = None,
-    overrides: Sequence[str] = (),
+    out: Path, asked: Config, overrides: Sequence[str] = (), recipe: str | None = None
 ) -> Config:
-    """The config of a CV in ``out``: the recipe (or file) with ``overrides`` for a new
-    folder; for a folder to resume, its saved config with ``overrides`` applied.
+    """The config of a CV in ``out``: ``asked`` (the recipe or file with ``overrides``) for a
+    new folder; for a folder to resume, its saved config with ``overrides`` applied.
 
     Resuming, only ``evaluate.*`` settings may change: they change only what is computed from
     the fold predictions (the summary's cross-fitted check and the ensemble's calibration); a
-    different training setting would mix two experiments in one folder and is refused.
+    different training setting, or another ``recipe`` named, would mix two experiments in one
+    folder and is refused.
     """
     if out.exists() and not (out / FOLDS_FILE).is_file() and any(out.iterdir()):
         raise RunDirError(
             f"{out} exists and is not a cross-validation folder; choose another --out"
         )
     if not (out / CONFIG_FILE).is_file():
-        return apply_overrides(load_config(config_file, recipe=recipe), list(overrides))
+        return asked
     saved = load_config(out / CONFIG_FILE)
     config = apply_overrides(saved, list(overrides))
     training = {k: v for k, v in config.to_dict().items() if k != "evaluate"}
@@ -106,11 +104,9 @@ def run_cv(
 ) -> tuple[dict[str, Any], Path]:
     """``busdx cv``: cross-validate a recipe on ``data`` into ``out`` (default
     ``runs/cv-<recipe>``); the same call again resumes the folds left unfinished."""
-    if out is None:
-        asked = apply_overrides(load_config(config_file, recipe=recipe), list(overrides))
-        out = Path("runs") / f"cv-{asked.recipe}"
-    out = Path(out)
-    config = cv_config(out, config_file, recipe, overrides)
+    asked = apply_overrides(load_config(config_file, recipe=recipe), list(overrides))
+    out = Path(out) if out else Path("runs") / f"cv-{asked.recipe}"
+    config = cv_config(out, asked, overrides, recipe)
     dataset = prepare_dataset(config, data, progress=progress)
     out.mkdir(parents=True, exist_ok=True)
     save_config(out, config)

@@ -32,8 +32,8 @@ class Result(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     def write(self, path: str | Path) -> None:
-        """Write as indented JSON, atomically (fields that are None and optional are kept)."""
-        write_json(path, self.model_dump(mode="json", exclude_unset=False))
+        """Write as indented JSON, atomically; every field is written, None as null."""
+        write_json(path, self.model_dump(mode="json"))
 
     @classmethod
     def read(cls, path: str | Path) -> Any:

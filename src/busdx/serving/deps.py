@@ -44,7 +44,7 @@ class ModelService:
         parsed = parse_box(box) if box else None
         return name, image, region_of(image, parsed, self.predictor.preprocessing, name=name)
 
-    def decide(self, images: list[Image.Image], regions: list[Image.Image]) -> list[dict]:
+    def decide(self, images: list[Image.Image], regions: list[Image.Image]) -> list[dict[str, Any]]:
         """The server's decisions: probability, label at its threshold, scope flag."""
         return [
             {"probability_malignant": round(decision.probability, 6), "label": decision.label,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from functools import cache
 from importlib import resources
 from typing import Any
 
@@ -14,9 +15,15 @@ from busdx.serving.schemas import Health
 router = APIRouter()
 
 
+@cache
+def _page() -> str:
+    """The web page, read from the package once."""
+    return (resources.files("busdx") / "static" / "index.html").read_text("utf-8")
+
+
 @router.get("/", response_class=HTMLResponse, include_in_schema=False)
 async def index() -> HTMLResponse:
-    return HTMLResponse((resources.files("busdx") / "static" / "index.html").read_text("utf-8"))
+    return HTMLResponse(_page())
 
 
 @router.get("/health")
