@@ -152,16 +152,17 @@ def main() -> None:
     settings = EvaluateConfig(n_bootstrap=args.n_bootstrap)
     for pair in args.compare:
         a, b = pair.split(":")
-        sites = {}
-        for fold in sorted(studies[a].glob("fold-*")):
-            result = compare_evaluations(fold, studies[b] / fold.name, settings)
-            sites[fold.name] = result
+        sites = {
+            fold.name: compare_evaluations(fold, studies[b] / fold.name, settings)
+            for fold in sorted(studies[a].glob("fold-*"))
+        }
+        dumped = {fold: result.model_dump(mode="json") for fold, result in sites.items()}
         target = args.out / f"compare-{a}-vs-{b}.json"
-        atomic_write_text(target, json.dumps(json_safe(sites), indent=2) + "\n")
+        atomic_write_text(target, json.dumps(json_safe(dumped), indent=2) + "\n")
         for fold, result in sites.items():
-            delta = result["roc_auc"]
-            print(f"{a} - {b}, {fold}: ΔAUC {delta['delta']:+.3f} "
-                  f"[{delta['low']:+.3f}, {delta['high']:+.3f}]")  # fmt: skip
+            delta = result.roc_auc
+            print(f"{a} - {b}, {fold}: ΔAUC {delta.delta:+.3f} "
+                  f"[{delta.low:+.3f}, {delta.high:+.3f}]")  # fmt: skip
     for item in args.baseline:
         where, csv_path = item.split("=", 1)
         name, site = where.split(":")

@@ -12,6 +12,7 @@ from sklearn.linear_model import LogisticRegression
 
 from busdx.adaptation import fit_anchored_layer
 from busdx.cli import main
+from busdx.results import Comparison, Evaluation
 
 from conftest import FAST, train_run
 
@@ -81,13 +82,12 @@ def test_compare_two_models_on_the_same_images(run_and_site, synthetic_data, tmp
     assert main(["compare", str(tmp_path / "a"), str(tmp_path / "b"), "--out", str(out),
                  "--n-bootstrap", "200"]) == 0  # fmt: skip
     assert "difference" in capsys.readouterr().out
-    result = json.loads(out.read_text())
-    a = json.loads((tmp_path / "a" / "metrics.json").read_text())
-    b = json.loads((tmp_path / "b" / "metrics.json").read_text())
-    assert result["n"] == 24
-    assert result["roc_auc"]["delta"] == pytest.approx(a["roc_auc"] - b["roc_auc"], abs=1e-6)
-    assert result["sensitivity"]["delta"] == pytest.approx(a["sensitivity"] - b["sensitivity"])
-    assert result["roc_auc"]["low"] <= result["roc_auc"]["delta"] <= result["roc_auc"]["high"]
+    result = Comparison.read(out)
+    a, b = (Evaluation.read(tmp_path / name / "metrics.json") for name in ("a", "b"))
+    assert result.n == 24 and result.a.folder == str(tmp_path / "a")
+    assert result.roc_auc.delta == pytest.approx(a.roc_auc - b.roc_auc, abs=1e-6)
+    assert result.sensitivity.delta == pytest.approx(a.sensitivity - b.sensitivity)
+    assert result.roc_auc.low <= result.roc_auc.delta <= result.roc_auc.high
     # a run's own test split and an external site are different images: refused
     assert main(["compare", str(run), str(tmp_path / "a")]) == 2
     assert "different images" in capsys.readouterr().err

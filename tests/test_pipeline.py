@@ -85,9 +85,9 @@ def test_cross_fitted_threshold_keeps_its_promise_on_exchangeable_data():
     rng.shuffle(folds)
     config = load_config()
     plain, called = leave_one_fold_out_threshold(config, labels, logits, folds)
-    assert plain["sensitivity"] == called[labels == 1].mean()
-    assert plain["sensitivity"] == pytest.approx(0.95, abs=0.015)
+    assert plain.sensitivity == called[labels == 1].mean()
+    assert plain.sensitivity == pytest.approx(0.95, abs=0.015)
     config = apply_overrides(config, ["evaluate.threshold_confidence=0.9"])
     careful, _ = leave_one_fold_out_threshold(config, labels, logits, folds)
-    assert careful["sensitivity"] > plain["sensitivity"]
-    assert careful["specificity"] < plain["specificity"]
+    assert careful.sensitivity > plain.sensitivity
+    assert careful.specificity < plain.specificity

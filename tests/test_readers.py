@@ -30,14 +30,14 @@ def test_reader_auc_and_operating_points_match_hand_counts():
     model = np.array([0.1, 0.2, 0.3, 0.4, 0.6, 0.7, 0.8, 0.9])  # separates the classes
     result = compare_with_readers(LABELS, model, READERS, n_resamples=300)
     # pairs (malignant, benign): 16; readers win 13, tie 2 (4a-4a, 4b-4b), lose 1 -> 14/16
-    assert result["readers_roc_auc"] == pytest.approx(14 / 16)
-    assert result["delta_roc_auc"]["delta"] == pytest.approx(1 - 14 / 16)
-    at_4a = result["operating_points"]["birads>=4a"]
-    assert at_4a["readers"]["sensitivity"] == 1.0 and at_4a["readers"]["specificity"] == 0.5
-    assert at_4a["model_specificity_at_readers_sensitivity"] == 1.0
-    assert at_4a["delta_specificity"]["delta"] == pytest.approx(0.5)
-    at_4b = result["operating_points"]["birads>=4b"]
-    assert at_4b["readers"]["sensitivity"] == 0.75 and at_4b["readers"]["specificity"] == 0.75
+    assert result.readers_roc_auc == pytest.approx(14 / 16)
+    assert result.delta_roc_auc.delta == pytest.approx(1 - 14 / 16)
+    at_4a = result.operating_points["birads>=4a"]
+    assert at_4a.readers["sensitivity"] == 1.0 and at_4a.readers["specificity"] == 0.5
+    assert at_4a.model_specificity_at_readers_sensitivity == 1.0
+    assert at_4a.delta_specificity.delta == pytest.approx(0.5)
+    at_4b = result.operating_points["birads>=4b"]
+    assert at_4b.readers["sensitivity"] == 0.75 and at_4b.readers["specificity"] == 0.75
 
 
 def test_model_worse_than_readers_has_a_negative_difference():
@@ -46,8 +46,8 @@ def test_model_worse_than_readers_has_a_negative_difference():
     readers = np.where(labels == 1, rng.integers(4, 7, 120), rng.integers(1, 4, 120))
     model = rng.random(120)  # chance
     result = compare_with_readers(labels, model, readers, n_resamples=300)
-    assert result["readers_roc_auc"] == pytest.approx(roc_auc_score(labels, readers))  # sklearn
-    assert result["delta_roc_auc"]["high"] < 0
+    assert result.readers_roc_auc == pytest.approx(roc_auc_score(labels, readers))  # sklearn
+    assert result.delta_roc_auc.high < 0
 
 
 def test_reader_scores_from_csv_match_by_path_or_name(tmp_path):

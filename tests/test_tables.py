@@ -159,15 +159,15 @@ def test_readers_who_do_not_subdivide_category_4_are_compared_at_4_and_5():
     y = np.array([0, 0, 0, 0, 1, 1, 1, 1])
     ranks = rank_categories(["2", "3", "4", "4", "4", "5", "5", "4"])
     result = compare_with_readers(y, np.linspace(0, 1, 8), ranks, n_resamples=50)
-    points = result["operating_points"]
+    points = result.operating_points
     assert set(points) == {"birads>=4", "birads>=5"}
-    assert points["birads>=4"]["readers"]["sensitivity"] == 1.0
-    assert points["birads>=4"]["readers"]["specificity"] == 0.5
-    assert points["birads>=5"]["readers"]["sensitivity"] == 0.5
+    assert points["birads>=4"].readers["sensitivity"] == 1.0
+    assert points["birads>=4"].readers["specificity"] == 0.5
+    assert points["birads>=5"].readers["sensitivity"] == 0.5
     subdivided = compare_with_readers(y, np.linspace(0, 1, 8),
                                       rank_categories(["2", "3", "4a", "4b", "4b", "5", "4c", "5"]),
                                       n_resamples=50)  # fmt: skip
-    assert set(subdivided["operating_points"]) == {"birads>=4a", "birads>=4b"}
+    assert set(subdivided.operating_points) == {"birads>=4a", "birads>=4b"}
     assert rank_categories(["2", None]) is None
 
 
@@ -208,7 +208,7 @@ def test_leave_one_site_out_reports_readers_and_scanners(bus_bra, synthetic_data
         "note": "one class only: no ROC AUC, sensitivity or specificity",
     }
     assert set(site["readers"]["operating_points"]) == {"birads>=4", "birads>=5"}
-    assert "readers" not in summary["per_site"]["busi"]  # no BI-RADS in class folders
+    assert summary["per_site"]["busi"]["readers"] is None  # no BI-RADS in class folders
     assert "cross-fitted threshold" in site
 
 

@@ -8,22 +8,20 @@ for both models, so the shared difficulty of the cases cancels out of the differ
 from __future__ import annotations
 
 import csv
-import json
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
 from busdx.config import EvaluateConfig
 from busdx.errors import DataError
-from busdx.fileio import write_json
 from busdx.layout import FOLD_GLOB, FOLDS_FILE, METRICS_FILE, PREDICTIONS_FILE
 from busdx.metrics import binary_metrics, paired_bootstrap
+from busdx.results import Compared, Comparison, Evaluation
 
 __all__ = ["compare_evaluations", "format_comparison"]
 
 
-def _read_predictions(folder: Path) -> tuple[dict[str, Any], dict[str, tuple[str, float, bool]]]:
+def _read_predictions(folder: Path) -> tuple[Evaluation, dict[str, tuple[str, float, bool]]]:
     """An evaluation's metrics and ``{path: (label, probability, called positive)}``; for a
     ``busdx cv`` folder, every fold's test predictions (each at its fold's threshold)."""
     if (folder / FOLDS_FILE).is_file():
@@ -31,20 +29,20 @@ def _read_predictions(folder: Path) -> tuple[dict[str, Any], dict[str, tuple[str
         if not parts:
             raise DataError(f"{folder} holds no finished fold (fold-*/): finish the CV first")
         rows = {path: row for _, fold_rows in parts for path, row in fold_rows.items()}
-        return {**parts[0][0], "split": "cv out-of-fold"}, rows
+        return parts[0][0].model_copy(update={"split": "cv out-of-fold"}), rows
     metrics_path, predictions_path = folder / METRICS_FILE, folder / PREDICTIONS_FILE
     if not metrics_path.is_file() or not predictions_path.is_file():
         raise DataError(
             f"{folder} holds no evaluation ({METRICS_FILE} + predictions.csv): give a run "
             "directory or an evaluation folder written by busdx evaluate"
         )
-    metrics = json.loads(metrics_path.read_text(encoding="utf-8"))
+    metrics = Evaluation.read(metrics_path)
     with predictions_path.open(newline="", encoding="utf-8") as handle:
         rows = {
             row["path"]: (
                 row["label"],
                 float(row["probability_malignant"]),
-                row["predicted"] == metrics["positive_class"],
+                row["predicted"] == metrics.positive_class,
             )
             for row in csv.DictReader(handle)
         }
@@ -53,7 +51,7 @@ def _read_predictions(folder: Path) -> tuple[dict[str, Any], dict[str, tuple[str
 
 def compare_evaluations(
     folder_a: Path, folder_b: Path, settings: EvaluateConfig, *, out: Path | None = None
-) -> dict[str, Any]:
+) -> Comparison:
     """Paired bootstrap of two models on the same images: ΔAUC and the difference in each
     decision metric at each model's own threshold (A - B).
 
@@ -74,45 +72,47 @@ def compare_evaluations(
     paths = sorted(rows_a)
     if any(rows_a[p][0] != rows_b[p][0] for p in paths):
         raise DataError(f"{folder_a} and {folder_b} label some images differently")
-    y_true = np.array([int(rows_a[p][0] == metrics_a["positive_class"]) for p in paths])
+    y_true = np.array([int(rows_a[p][0] == metrics_a.positive_class) for p in paths])
     columns = {
         name: np.array([[rows[p][1], rows[p][2]] for p in paths], dtype=float)
         for name, rows in (("a", rows_a), ("b", rows_b))
     }
     ci = dict(n_resamples=settings.n_bootstrap, level=settings.ci_level, seed=settings.seed)
-    result: dict[str, Any] = {
-        "a": {"folder": str(folder_a), "site": metrics_a.get("site"), "split": metrics_a["split"]},
-        "b": {"folder": str(folder_b), "site": metrics_b.get("site"), "split": metrics_b["split"]},
-        "n": len(paths),
-        "n_positive": int(y_true.sum()),
-        "ci_level": settings.ci_level,
-        "roc_auc": paired_bootstrap(y_true, columns["a"][:, 0], columns["b"][:, 0], **ci),
-    }
-    for key in ("sensitivity", "specificity"):
-        result[key] = paired_bootstrap(
+    deltas = {
+        key: paired_bootstrap(
             y_true,
             columns["a"][:, 1],
             columns["b"][:, 1],
             lambda y, s, k=key: binary_metrics(y, s, threshold=0.5)[k],
             **ci,
         )
+        for key in ("sensitivity", "specificity")
+    }
+    result = Comparison(
+        a=Compared(folder=str(folder_a), site=metrics_a.site, split=metrics_a.split),
+        b=Compared(folder=str(folder_b), site=metrics_b.site, split=metrics_b.split),
+        n=len(paths),
+        n_positive=int(y_true.sum()),
+        ci_level=settings.ci_level,
+        roc_auc=paired_bootstrap(y_true, columns["a"][:, 0], columns["b"][:, 0], **ci),
+        **deltas,
+    )
     if out is not None:
-        write_json(out, result)
+        result.write(out)
     return result
 
 
-def format_comparison(result: dict[str, Any]) -> str:
+def format_comparison(result: Comparison) -> str:
     """Terminal summary of :func:`compare_evaluations`."""
     lines = [
-        f"A: {result['a']['folder']}\nB: {result['b']['folder']}",
-        f"same {result['n']} images ({result['n_positive']} positive); A - B, "
-        f"{result['ci_level']:.0%} paired "
-        "bootstrap CI, two-sided bootstrap p",
+        f"A: {result.a.folder}\nB: {result.b.folder}",
+        f"same {result.n} images ({result.n_positive} positive); A - B, "
+        f"{result.ci_level:.0%} paired bootstrap CI, two-sided bootstrap p",
     ]
     for key in ("roc_auc", "sensitivity", "specificity"):
-        d = result[key]
+        d = getattr(result, key)
         lines.append(
-            f"  {key:<12} A {d['a']:.3f}  B {d['b']:.3f}  difference {d['delta']:+.3f} "
-            f"[{d['low']:+.3f}, {d['high']:+.3f}]  p={d['p_value']:.3f}"
+            f"  {key:<12} A {d.a:.3f}  B {d.b:.3f}  difference {d.delta:+.3f} "
+            f"[{d.low:+.3f}, {d.high:+.3f}]  p={d.p_value:.3f}"
         )
     return "\n".join(lines)

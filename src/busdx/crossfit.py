@@ -13,7 +13,6 @@ from __future__ import annotations
 import logging
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
@@ -24,6 +23,7 @@ from busdx.data import LabelledDataset
 from busdx.fileio import atomic_path
 from busdx.layout import ENSEMBLE_DIR, MODEL_FILE, fold_dir
 from busdx.metrics import DECISION_METRICS, binary_metrics, bootstrap_ci, is_positive
+from busdx.results import CrossFit
 from busdx.runs import save_run
 from busdx.scope import SCOPE_KEY
 
@@ -34,7 +34,7 @@ logger = logging.getLogger(__name__)
 
 def leave_one_fold_out_threshold(
     config: Config, y_true: np.ndarray, logits: np.ndarray, fold_of: np.ndarray
-) -> tuple[dict[str, Any], np.ndarray]:
+) -> tuple[CrossFit, np.ndarray]:
     """How the cross-fitted threshold keeps its promise, honestly: each fold is decided with the
     temperature and threshold fitted on the other folds' out-of-fold predictions.
 
@@ -52,7 +52,7 @@ def leave_one_fold_out_threshold(
     decided = binary_metrics(y_true, called)
     decided_ci = bootstrap_ci(y_true, called, threshold=0.5, n_resamples=settings.n_bootstrap,
                               level=settings.ci_level, seed=settings.seed)  # fmt: skip
-    summary = {
+    summary = CrossFit.model_validate({
         "policy": settings.threshold_policy,
         "target_sensitivity": settings.target_sensitivity,
         "threshold_confidence": settings.threshold_confidence,
@@ -60,7 +60,7 @@ def leave_one_fold_out_threshold(
         **{key: decided[key] for key in DECISION_METRICS},
         "ci": {key: decided_ci[key] for key in DECISION_METRICS},
         "confusion": decided["confusion"],
-    }
+    })  # fmt: skip
     return summary, called
 
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import logging
 from collections.abc import Sequence
 from dataclasses import replace
@@ -24,7 +23,7 @@ from busdx.config import Config, apply_overrides, load_config
 from busdx.crossfit import leave_one_fold_out_threshold, write_crossfit_ensemble
 from busdx.data import LabelledDataset, Sample, draw_split
 from busdx.errors import ConfigError, DataError, RunDirError
-from busdx.fileio import atomic_write_text, write_json
+from busdx.fileio import atomic_write_text
 from busdx.layout import (
     CONFIG_FILE,
     CV_METRICS_FILE,
@@ -45,10 +44,18 @@ from busdx.metrics import (
 from busdx.pipeline import train_and_evaluate
 from busdx.readers import compare_with_readers, rank_categories
 from busdx.reporting import plot_roc_curve
+from busdx.results import (
+    CROSS_FITTED,
+    EACH_FOLD,
+    CVSummary,
+    Evaluation,
+    Metrics,
+    OneClassGroup,
+    SiteSummary,
+)
 from busdx.runs import prepare_dataset, save_config, save_run
 
 __all__ = [
-    "EACH_FOLD",
     "assign_folds",
     "cross_validate",
     "cv_config",
@@ -57,8 +64,6 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
-
-EACH_FOLD = "each fold at its own threshold"  # the decision table of the folds' own thresholds
 
 
 def cv_config(
@@ -101,7 +106,7 @@ def run_cv(
     n_folds: int = 5,
     group_by: str = "duplicates",
     progress: bool = True,
-) -> tuple[dict[str, Any], Path]:
+) -> tuple[CVSummary, Path]:
     """``busdx cv``: cross-validate a recipe on ``data`` into ``out`` (default
     ``runs/cv-<recipe>``); the same call again resumes the folds left unfinished."""
     asked = apply_overrides(load_config(config_file, recipe=recipe), list(overrides))
@@ -175,7 +180,7 @@ def cross_validate(
     n_folds: int = 5,
     group_by: str = "duplicates",
     progress: bool = True,
-) -> dict[str, Any]:
+) -> CVSummary:
     """Grouped, stratified k-fold (or leave-one-site-out) cross-validation; per-fold, pooled
     and per-site metrics with CIs.
 
@@ -204,7 +209,7 @@ def cross_validate(
     crossfit = not np.isnan(logits_array).any()
     extra: dict[str, Any] = {"group_by": group_by}
     if crossfit:
-        extra["crossfit"], decided["cross-fitted threshold"] = leave_one_fold_out_threshold(
+        extra["crossfit"], decided[CROSS_FITTED] = leave_one_fold_out_threshold(
             config, y_true_array, logits_array, np.array(fold_of)
         )
     else:
@@ -239,10 +244,10 @@ def _run_fold(
     fold_dir: Path,
     *,
     progress: bool,
-) -> dict[str, Any]:
+) -> Evaluation:
     """Train and test one fold, or read its metrics if a previous call finished it."""
     if (fold_dir / METRICS_FILE).is_file():
-        return json.loads((fold_dir / METRICS_FILE).read_text(encoding="utf-8"))
+        return Evaluation.read(fold_dir / METRICS_FILE)
     fold_data = _fold_dataset(dataset, folds, fold, config)
     fold_dir.mkdir(exist_ok=True)
     if not (fold_dir / INFO_FILE).is_file():
@@ -272,7 +277,7 @@ def _per_site(
     y_true: np.ndarray,
     y_prob: np.ndarray,
     decided: dict[str, np.ndarray],
-) -> dict[str, Any]:
+) -> dict[str, SiteSummary | OneClassGroup]:
     """Each site's ranking (AUC with CI) and each decision rule's sensitivity and specificity;
     the same for each scanner of a site that names them, and the readers' BI-RADS beside the
     model where every image of the site has one."""
@@ -280,21 +285,27 @@ def _per_site(
     ci = dict(n_resamples=settings.n_bootstrap, level=settings.ci_level, seed=settings.seed)
     sites = np.array([s.site for s in tested])
     scanners = np.array([s.scanner for s in tested])
-    table = {}
+    table: dict[str, SiteSummary | OneClassGroup] = {}
     for site in sorted(set(sites)):
         mask = sites == site
         row = _subset_row(y_true, y_prob, decided, mask, ci)
         ranks = rank_categories([s.birads for s, m in zip(tested, mask, strict=True) if m])
-        if ranks is not None:
+        if ranks is not None and "note" not in row:
             row["readers"] = compare_with_readers(y_true[mask], y_prob[mask], ranks, **ci)
         site_scanners = sorted(set(scanners[mask]) - {""})
-        if site_scanners:
+        if site_scanners and "note" not in row:
             row["per_scanner"] = {
-                scanner: _subset_row(y_true, y_prob, decided, mask & (scanners == scanner), ci)
+                scanner: _row_model(
+                    _subset_row(y_true, y_prob, decided, mask & (scanners == scanner), ci)
+                )
                 for scanner in site_scanners
             }
-        table[site] = row
+        table[site] = _row_model(row)
     return table
+
+
+def _row_model(row: dict[str, Any]) -> SiteSummary | OneClassGroup:
+    return OneClassGroup.model_validate(row) if "note" in row else SiteSummary.model_validate(row)
 
 
 def _subset_row(
@@ -319,7 +330,7 @@ def _subset_row(
 FOLD_KEYS = SCORE_METRICS + DECISION_METRICS
 
 
-def _summarise(config, per_fold, y_true, y_prob, decided, out_dir, extra) -> dict[str, Any]:
+def _summarise(config, per_fold, y_true, y_prob, decided, out_dir, extra) -> CVSummary:
     decisions = decided[EACH_FOLD]
     settings = config.evaluate
     ci = dict(n_resamples=settings.n_bootstrap, level=settings.ci_level, seed=settings.seed)
@@ -331,8 +342,8 @@ def _summarise(config, per_fold, y_true, y_prob, decided, out_dir, extra) -> dic
     pooled |= {key: decided[key] for key in DECISION_METRICS}
     pooled_ci = {key: ranking_ci[key] for key in SCORE_METRICS}
     pooled_ci |= {key: decided_ci[key] for key in DECISION_METRICS}
-    table = {key: [fold[key] for fold in per_fold] for key in FOLD_KEYS}
-    summary = {
+    table = {key: [getattr(fold, key) for fold in per_fold] for key in FOLD_KEYS}
+    summary = CVSummary.model_validate({
         "folds": len(per_fold),
         "n": len(y_true),
         "n_positive": int(y_true.sum()),
@@ -345,69 +356,66 @@ def _summarise(config, per_fold, y_true, y_prob, decided, out_dir, extra) -> dic
         "mean": {k: float(np.nanmean(np.array(v, dtype=float))) for k, v in table.items()},
         "sd": {k: float(np.nanstd(np.array(v, dtype=float), ddof=1)) for k, v in table.items()},
         **extra,
-    }
-    write_json(out_dir / CV_METRICS_FILE, summary)
+    })  # fmt: skip
+    summary.write(out_dir / CV_METRICS_FILE)
+    point = Metrics.model_validate({**decided, "threshold": None})
     plot_roc_curve(
         y_true,
         y_prob,
-        {
-            **ranking,
-            "operating_points": {EACH_FOLD: {**decided, "threshold": None}},
-        },
+        {EACH_FOLD: point},
         out_dir / CV_ROC_CURVE,
+        title=f"ROC curve {len(per_fold)}-fold CV, out of fold",
         band=roc_band(y_true, y_prob, **ci),
         ci_level=settings.ci_level,
     )
     return summary
 
 
-def format_cv(summary: dict[str, Any]) -> str:
+def format_cv(summary: CVSummary) -> str:
     """Terminal table: pooled value with CI, and mean ± sd over folds."""
-    level = summary.get("ci_level", 0.95)  # cv_metrics.json before busdx 0.9 lack it
     lines = [
-        f"{summary['folds']}-fold grouped CV: n={summary['n']} ({summary['n_positive']} "
-        f"positive); pooled [{level:.0%} CI]  |  mean ± sd over folds"
+        f"{summary.folds}-fold grouped CV: n={summary.n} ({summary.n_positive} positive); "
+        f"pooled [{summary.ci_level:.0%} CI]  |  mean ± sd over folds"
     ]
-    for key, value in summary["pooled"].items():
-        ci = summary["pooled_ci"][key]
-        spread = (
-            f"{summary['mean'][key]:.3f} ± {summary['sd'][key]:.3f}"
-            if key in summary["mean"]
-            else ""
-        )
-        lines.append(f"  {key:<18} {value:.3f} [{ci['low']:.3f}, {ci['high']:.3f}]  |  {spread}")
-    if "crossfit" in summary:
-        fit = summary["crossfit"]
-        ci = fit["ci"]
+    for key, value in summary.pooled.items():
+        ci = summary.pooled_ci[key]
+        spread = f"{summary.mean[key]:.3f} ± {summary.sd[key]:.3f}" if key in summary.mean else ""
+        lines.append(f"  {key:<18} {value:.3f} [{ci.low:.3f}, {ci.high:.3f}]  |  {spread}")
+    if summary.crossfit is not None:
+        fit = summary.crossfit
         lines.append(
             f"cross-fitted threshold (each fold decided by the other folds' out-of-fold fit; "
-            f"target sensitivity {fit['target_sensitivity']:.2f}, confidence "
-            f"{fit['threshold_confidence']:.2f}):"
+            f"target sensitivity {fit.target_sensitivity:.2f}, confidence "
+            f"{fit.threshold_confidence:.2f}):"
         )
         for key in ("sensitivity", "specificity"):
-            lines.append(
-                f"  {key:<18} {fit[key]:.3f} [{ci[key]['low']:.3f}, {ci[key]['high']:.3f}]"
-            )
-    for site, row in summary.get("per_site", {}).items():
-        auc = row["ci"]["roc_auc"]
-        rules = "; ".join(
-            f"{rule}: sensitivity {row[rule]['sensitivity']:.3f}, specificity "
-            f"{row[rule]['specificity']:.3f}"
-            for rule in (EACH_FOLD, "cross-fitted threshold")
-            if rule in row
-        )
-        lines.append(
-            f"site {site} (n={row['n']}, {row['n_positive']} positive): ROC AUC "
-            f"{row['roc_auc']:.3f} [{auc['low']:.3f}, {auc['high']:.3f}]; {rules}"
-        )
-        if "readers" in row:
-            readers, delta = row["readers"], row["readers"]["delta_roc_auc"]
-            lines.append(
-                f"  readers' BI-RADS ROC AUC {readers['readers_roc_auc']:.3f}; model - readers "
-                f"{delta['delta']:+.3f} [{delta['low']:+.3f}, {delta['high']:+.3f}]"
-            )
-        for scanner, sub in row.get("per_scanner", {}).items():
-            value = f"ROC AUC {sub['roc_auc']:.3f}" if "roc_auc" in sub else sub["note"]
-            count = f"n={sub['n']}, {sub['n_positive']} positive"
-            lines.append(f"  scanner {scanner} ({count}): {value}")
+            ci = fit.ci[key]
+            lines.append(f"  {key:<18} {getattr(fit, key):.3f} [{ci.low:.3f}, {ci.high:.3f}]")
+    for site, row in (summary.per_site or {}).items():
+        lines += _format_site(site, row)
     return "\n".join(lines)
+
+
+def _format_site(site: str, row: SiteSummary | OneClassGroup) -> list[str]:
+    if isinstance(row, OneClassGroup):
+        return [f"site {site} (n={row.n}, {row.n_positive} positive): {row.note}"]
+    auc = row.ci["roc_auc"]
+    rules = "; ".join(
+        f"{rule}: sensitivity {point.sensitivity:.3f}, specificity {point.specificity:.3f}"
+        for rule, point in ((EACH_FOLD, row.each_fold), (CROSS_FITTED, row.cross_fitted))
+        if point is not None
+    )
+    lines = [
+        f"site {site} (n={row.n}, {row.n_positive} positive): ROC AUC "
+        f"{row.roc_auc:.3f} [{auc.low:.3f}, {auc.high:.3f}]; {rules}"
+    ]
+    if row.readers is not None:
+        delta = row.readers.delta_roc_auc
+        lines.append(
+            f"  readers' BI-RADS ROC AUC {row.readers.readers_roc_auc:.3f}; model - readers "
+            f"{delta.delta:+.3f} [{delta.low:+.3f}, {delta.high:+.3f}]"
+        )
+    for scanner, sub in (row.per_scanner or {}).items():
+        value = sub.note if isinstance(sub, OneClassGroup) else f"ROC AUC {sub.roc_auc:.3f}"
+        lines.append(f"  scanner {scanner} (n={sub.n}, {sub.n_positive} positive): {value}")
+    return lines

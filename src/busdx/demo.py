@@ -12,7 +12,6 @@ import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from busdx.bundled import DEFAULT_MODEL, list_bundled, resolve_run
 from busdx.config import apply_overrides, load_config
@@ -20,6 +19,7 @@ from busdx.errors import BusdxError
 from busdx.inference import Prediction, predict_files
 from busdx.pipeline import train_and_evaluate
 from busdx.predictor import load_model
+from busdx.results import Evaluation
 from busdx.runs import create_run_dir, prepare_dataset, save_run
 from busdx.synthetic import write_synthetic_dataset
 from busdx.weights import get_weight_spec, resolve_weights_file
@@ -34,7 +34,7 @@ class DemoResult:
     """What the demo produced: the run, its test metrics and predictions of four images."""
 
     run_dir: Path
-    metrics: dict[str, Any]
+    metrics: Evaluation
     predictions: list[Prediction]
     bundled_predictions: list[Prediction]  # empty when no bundled model is installed
     seconds: float

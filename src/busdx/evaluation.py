@@ -22,7 +22,7 @@ from busdx.config import EvaluateConfig
 from busdx.data import Sample
 from busdx.errors import ConfigError, DataError
 from busdx.explain import explain_image
-from busdx.fileio import atomic_write_text, write_json
+from busdx.fileio import atomic_write_text
 from busdx.inference import file_predictions
 from busdx.layout import (
     CONFUSION_MATRIX,
@@ -50,6 +50,7 @@ from busdx.reporting import (
     plot_roc_curve,
     plot_sample_predictions,
 )
+from busdx.results import Evaluation, Interval, Metrics, OneClassGroup, ReaderComparison
 from busdx.runs import load_run, samples_for_split
 from busdx.transforms import load_region
 
@@ -73,9 +74,8 @@ def _sample_indices(y_true: np.ndarray, called: np.ndarray, n: int = 12) -> list
     return sorted(picked, key=lambda i: (not wrong[i], i))
 
 
-def _metrics_with_ci(y_true, y_prob, threshold: float, settings: EvaluateConfig) -> dict[str, Any]:
-    metrics = binary_metrics(y_true, y_prob, threshold=threshold)
-    metrics["ci"] = bootstrap_ci(
+def _metrics_with_ci(y_true, y_prob, threshold: float, settings: EvaluateConfig) -> Metrics:
+    ci = bootstrap_ci(
         y_true,
         y_prob,
         threshold=threshold,
@@ -83,21 +83,21 @@ def _metrics_with_ci(y_true, y_prob, threshold: float, settings: EvaluateConfig)
         level=settings.ci_level,
         seed=settings.seed,
     )
-    return metrics
+    return Metrics.model_validate({**binary_metrics(y_true, y_prob, threshold=threshold), "ci": ci})
 
 
 def _per_group(
     groups: list[str], y_true: np.ndarray, y_prob: np.ndarray, threshold: float,
     settings: EvaluateConfig,
-) -> dict[str, Any]:  # fmt: skip
+) -> dict[str, Metrics | OneClassGroup]:  # fmt: skip
     """Metrics with CIs of each group (site, scanner); a group of one class has counts only."""
-    table: dict[str, Any] = {}
+    table: dict[str, Metrics | OneClassGroup] = {}
     names = np.array(groups)
     for name in sorted(set(groups)):
         mask = names == name
         if len(set(y_true[mask])) < 2:
-            table[name] = {"n": int(mask.sum()), "n_positive": int(y_true[mask].sum()),
-                           "note": "one class only: no ROC AUC"}  # fmt: skip
+            table[name] = OneClassGroup(n=int(mask.sum()), n_positive=int(y_true[mask].sum()),
+                                        note="one class only: no ROC AUC")  # fmt: skip
         else:
             table[name] = _metrics_with_ci(y_true[mask], y_prob[mask], threshold, settings)
     return table
@@ -114,11 +114,12 @@ def evaluate_samples(
     site: str | None = None,
     reader_ranks: np.ndarray | None = None,
     progress: bool = True,
-) -> dict[str, Any]:
+) -> Evaluation:
     """Evaluate ``samples``; write ``metrics.json``, ``predictions.csv`` and figures.
 
-    Returns the metrics dict: malignant is the positive class; the headline numbers are at the
-    model's own threshold, ``operating_points`` holds the same table at each candidate threshold.
+    Returns the :class:`~busdx.results.Evaluation` written to ``metrics.json``: malignant is
+    the positive class; the headline numbers are at the model's own threshold,
+    ``operating_points`` holds the same table at each candidate threshold.
     ``site`` names where the images come from (default: the data folder's name). With
     ``reader_ranks`` (the readers' BI-RADS rank of each sample) the model is compared with the
     readers (see :mod:`busdx.readers`) and the readers' ROC is drawn beside the model's.
@@ -126,14 +127,10 @@ def evaluate_samples(
     if not samples:
         raise DataError(f"the {split} split is empty: nothing to evaluate")
     scores = _score(loaded, samples, progress=progress)
-    result = {
-        "site": site or data_root.name,
-        "split": split,
-        "data": str(data_root),
-        **_metrics_tables(loaded, samples, scores, settings, reader_ranks),
-    }
+    place = {"site": site or data_root.name, "split": split, "data": str(data_root)}
+    result = _metrics_tables(loaded, samples, scores, settings, reader_ranks, place)
     out_dir.mkdir(parents=True, exist_ok=True)
-    write_json(out_dir / METRICS_FILE, result)
+    result.write(out_dir / METRICS_FILE)
     _write_predictions(out_dir / PREDICTIONS_FILE, samples, scores, loaded.class_names)
     _plot_evaluation(out_dir, loaded, samples, scores, result, settings, reader_ranks)
     return result
@@ -169,17 +166,19 @@ def _metrics_tables(
     scores: _Scores,
     settings: EvaluateConfig,
     reader_ranks: np.ndarray | None,
-) -> dict[str, Any]:
+    place: dict[str, str],
+) -> Evaluation:
     """Every metric with its CI: at the model's threshold, at each candidate operating point,
-    by site and scanner, and against the readers."""
+    by site and scanner, and against the readers; ``place`` names the site, split and data."""
     y_true, y_prob, threshold = scores.y_true, scores.y_prob, loaded.threshold
     points = dict(loaded.metadata.get("operating_points") or {"fixed": threshold})
     flags = scores.out_of_scope
     result: dict[str, Any] = {
+        **place,
         "positive_class": loaded.class_names[1],
         "threshold_policy": loaded.metadata.get("threshold_policy", "fixed"),
         "ci_level": settings.ci_level,
-        **_metrics_with_ci(y_true, y_prob, threshold, settings),
+        **_metrics_with_ci(y_true, y_prob, threshold, settings).model_dump(),
         "calibrated": "temperature" in loaded.metadata,
         "temperature": loaded.temperature,
         "reliability": reliability_bins(y_true, y_prob),
@@ -205,7 +204,7 @@ def _metrics_tables(
             y_true, y_prob, reader_ranks, n_resamples=settings.n_bootstrap,
             level=settings.ci_level, seed=settings.seed,
         )  # fmt: skip
-    return result
+    return Evaluation.model_validate(result)
 
 
 PREDICTION_COLUMNS = (
@@ -234,7 +233,7 @@ def _plot_evaluation(
     loaded: Predictor,
     samples: list[Sample],
     scores: _Scores,
-    result: dict[str, Any],
+    result: Evaluation,
     settings: EvaluateConfig,
     reader_ranks: np.ndarray | None,
 ) -> None:
@@ -243,11 +242,14 @@ def _plot_evaluation(
     y_true, y_prob, names = scores.y_true, scores.y_prob, loaded.class_names
     band = roc_band(y_true, y_prob, n_resamples=settings.n_bootstrap, level=settings.ci_level,
                     seed=settings.seed)  # fmt: skip
-    plot_confusion_matrix(result["confusion"], names, out_dir / CONFUSION_MATRIX)
-    readers = None if reader_ranks is None else (reader_ranks, result["readers"])
-    plot_roc_curve(y_true, y_prob, result, out_dir / ROC_CURVE, band=band, readers=readers,
+    plot_confusion_matrix(result.confusion, names, out_dir / CONFUSION_MATRIX)
+    readers = (
+        None if reader_ranks is None or result.readers is None else (reader_ranks, result.readers)
+    )
+    plot_roc_curve(y_true, y_prob, result.operating_points, out_dir / ROC_CURVE,
+                   title=f"ROC curve {result.site} {result.split}", band=band, readers=readers,
                    ci_level=settings.ci_level)  # fmt: skip
-    plot_reliability_diagram(result["reliability"], result["ece"], out_dir / RELIABILITY)
+    plot_reliability_diagram(result.reliability, result.ece, out_dir / RELIABILITY)
     picked = _sample_indices(y_true, scores.called)
     images = [load_region(samples[i].input, loaded.preprocessing) for i in picked]
     shown = {"true_labels": [names[y_true[i]] for i in picked],
@@ -281,7 +283,7 @@ def evaluate_run(
     backend: str = "torch",
     precision: str = "fp32",
     progress: bool = True,
-) -> tuple[dict[str, Any], Path]:
+) -> tuple[Evaluation, Path]:
     """``busdx evaluate``: a run's best model on a split of its own data or of ``data``.
 
     Writes into ``out`` (default ``RUNDIR/eval/<site>-<split>``) and returns the metrics and
@@ -307,69 +309,65 @@ def evaluate_run(
     return result, out
 
 
-def _with_ci(result: dict[str, Any], key: str) -> str:
-    value = result[key]
-    if value is None or (isinstance(value, float) and math.isnan(value)):
+def _with_ci(metrics: Metrics, key: str) -> str:
+    """``value [low, high]``, or n/a for an undefined metric."""
+    value = getattr(metrics, key)
+    if math.isnan(value):
         return "n/a"
-    ci = result.get("ci", {}).get(key)
-    return f"{value:.3f}" + (f" [{ci['low']:.3f}, {ci['high']:.3f}]" if ci else "")
+    ci: Interval | None = metrics.ci.get(key)
+    return f"{value:.3f}" + (f" [{ci.low:.3f}, {ci.high:.3f}]" if ci else "")
 
 
-def format_metrics(result: dict[str, Any]) -> str:
+def format_metrics(result: Evaluation) -> str:
     """A compact, aligned text table for the terminal, with the bootstrap CIs."""
-    level = result.get("ci_level", 0.95)  # metrics.json written before busdx 0.9 lack it
     lines = [
-        f"{result.get('site', '')} {result['split']} split: n={result['n']} "
-        f"({result['n_positive']} {result['positive_class']}); {level:.0%} bootstrap CIs "
-        "in brackets"
+        f"{result.site} {result.split} split: n={result.n} ({result.n_positive} "
+        f"{result.positive_class}); {result.ci_level:.0%} bootstrap CIs in brackets"
     ]
     for key in SCORE_METRICS:
         lines.append(f"  {key:<18} {_with_ci(result, key)}")
-    for name, point in result["operating_points"].items():
-        chosen = "  <- model's threshold" if point["threshold"] == result["threshold"] else ""
-        c = point["confusion"]
-        lines.append(f"  at {name} threshold {point['threshold']:.3f}{chosen}")
+    for name, point in result.operating_points.items():
+        chosen = "  <- model's threshold" if point.threshold == result.threshold else ""
+        c = point.confusion
+        lines.append(f"  at {name} threshold {point.threshold:.3f}{chosen}")
         for key in DECISION_METRICS:
             lines.append(f"    {key:<18} {_with_ci(point, key)}")
+        lines.append(f"    confusion          TP {c.tp}  FP {c.fp}  TN {c.tn}  FN {c.fn}")
+    if result.promised_sensitivity:
         lines.append(
-            f"    confusion          TP {c['tp']}  FP {c['fp']}  TN {c['tn']}  FN {c['fn']}"
-        )
-    if result.get("promised_sensitivity"):
-        lines.append(
-            f"  promised sensitivity {result['promised_sensitivity']:.2f}, achieved "
+            f"  promised sensitivity {result.promised_sensitivity:.2f}, achieved "
             f"{_with_ci(result, 'sensitivity')}"
         )
-    if result.get("out_of_scope_rate") is not None:
-        lines.append(f"  flagged out of scope {result['out_of_scope_rate']:.1%} of the images")
-    for kind in ("site", "scanner"):
-        for name, row in result.get(f"per_{kind}", {}).items():
-            if "note" in row:
-                lines.append(f"  {kind} {name} (n={row['n']}): {row['note']}")
+    if result.out_of_scope_rate is not None:
+        lines.append(f"  flagged out of scope {result.out_of_scope_rate:.1%} of the images")
+    for kind, table in (("site", result.per_site), ("scanner", result.per_scanner)):
+        for name, row in (table or {}).items():
+            if isinstance(row, OneClassGroup):
+                lines.append(f"  {kind} {name} (n={row.n}): {row.note}")
                 continue
             lines.append(
-                f"  {kind} {name} (n={row['n']}): ROC AUC {_with_ci(row, 'roc_auc')}; at the "
+                f"  {kind} {name} (n={row.n}): ROC AUC {_with_ci(row, 'roc_auc')}; at the "
                 f"model's threshold sensitivity {_with_ci(row, 'sensitivity')}, specificity "
                 f"{_with_ci(row, 'specificity')}"
             )
-    if "readers" in result:
-        lines += _format_readers(result["readers"])
+    if result.readers is not None:
+        lines += _format_readers(result.readers)
     return "\n".join(lines)
 
 
-def _format_readers(readers: dict[str, Any]) -> list[str]:
-    delta = readers["delta_roc_auc"]
-    auc_ci = readers["readers_roc_auc_ci"]
+def _format_readers(readers: ReaderComparison) -> list[str]:
+    delta, auc_ci = readers.delta_roc_auc, readers.readers_roc_auc_ci
     lines = [
-        f"  readers (BI-RADS) ROC AUC {readers['readers_roc_auc']:.3f} "
-        f"[{auc_ci['low']:.3f}, {auc_ci['high']:.3f}]; model - readers "
-        f"{delta['delta']:+.3f} [{delta['low']:+.3f}, {delta['high']:+.3f}] (paired bootstrap)"
+        f"  readers (BI-RADS) ROC AUC {readers.readers_roc_auc:.3f} "
+        f"[{auc_ci.low:.3f}, {auc_ci.high:.3f}]; model - readers "
+        f"{delta.delta:+.3f} [{delta.low:+.3f}, {delta.high:+.3f}] (paired bootstrap)"
     ]
-    for name, point in readers["operating_points"].items():
-        ours = point["delta_specificity"]
+    for name, point in readers.operating_points.items():
+        ours = point.delta_specificity
         lines.append(
-            f"  readers {name}: sensitivity {point['readers']['sensitivity']:.3f}, specificity "
-            f"{point['readers']['specificity']:.3f}; model at that sensitivity: specificity "
-            f"{point['model_specificity_at_readers_sensitivity']:.3f} "
-            f"(difference {ours['delta']:+.3f} [{ours['low']:+.3f}, {ours['high']:+.3f}])"
+            f"  readers {name}: sensitivity {point.readers['sensitivity']:.3f}, specificity "
+            f"{point.readers['specificity']:.3f}; model at that sensitivity: specificity "
+            f"{point.model_specificity_at_readers_sensitivity:.3f} "
+            f"(difference {ours.delta:+.3f} [{ours.low:+.3f}, {ours.high:+.3f}])"
         )
     return lines

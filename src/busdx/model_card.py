@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import base64
 import csv
-import json
 import math
 from collections import Counter
 from pathlib import Path
@@ -31,6 +30,7 @@ from busdx.layout import (
 )
 from busdx.metrics import DECISION_METRICS, SCORE_METRICS
 from busdx.predictor import load_model
+from busdx.results import Evaluation, Metrics
 from busdx.runs import load_run
 from busdx.templating import render
 
@@ -54,19 +54,19 @@ FIGURES = [
 ROWS = SCORE_METRICS[:2] + DECISION_METRICS + SCORE_METRICS[2:]
 
 
-def _value(metrics: dict[str, Any], key: str) -> str:
-    value = metrics.get(key)
-    if value is None or (isinstance(value, float) and math.isnan(value)):
+def _value(metrics: Metrics, key: str) -> str:
+    value = getattr(metrics, key)
+    if math.isnan(value):
         return "n/a"
-    ci = (metrics.get("ci") or {}).get(key)
-    interval = f" [{ci['low']:.3f}, {ci['high']:.3f}]" if ci and ci.get("low") is not None else ""
+    ci = metrics.ci.get(key)
+    interval = f" [{ci.low:.3f}, {ci.high:.3f}]" if ci and not math.isnan(ci.low) else ""
     return f"{value:.3f}{interval}"
 
 
 def _facts(run_dir: Path) -> dict[str, Any]:
     config, info = load_run(run_dir)
     paths = [run_dir / METRICS_FILE, *sorted(run_dir.glob(f"{EVAL_DIR}/*/{METRICS_FILE}"))]
-    evaluations = [json.loads(p.read_text(encoding="utf-8")) for p in paths if p.is_file()]
+    evaluations = [Evaluation.read(p) for p in paths if p.is_file()]
     if not evaluations:
         raise CheckpointError(
             f"{run_dir} has no metrics.json and no eval/*/metrics.json: finish training, or "
@@ -109,22 +109,22 @@ SITE_COLUMNS = (
 )  # fmt: skip
 
 
-def _site_table(evaluations: list[dict[str, Any]]) -> dict[str, Any]:
+def _site_table(evaluations: list[Evaluation]) -> dict[str, Any]:
     """One row per evaluation: the run's own test split, then each external site."""
     rows = []
     for result in evaluations:
-        readers = result.get("readers")
+        readers = result.readers
         reader_cells = ["—", "—"]
         if readers:
-            delta = readers["delta_roc_auc"]
+            delta = readers.delta_roc_auc
             reader_cells = [
-                f"{readers['readers_roc_auc']:.3f}",
-                f"{delta['delta']:+.3f} [{delta['low']:+.3f}, {delta['high']:+.3f}]",
+                f"{readers.readers_roc_auc:.3f}",
+                f"{delta.delta:+.3f} [{delta.low:+.3f}, {delta.high:+.3f}]",
             ]
-        promise = result.get("promised_sensitivity")
-        scope = result.get("out_of_scope_rate")
+        promise = result.promised_sensitivity
+        scope = result.out_of_scope_rate
         rows.append([
-            str(result.get("site", "")), result["split"], f"{result['n']} ({result['n_positive']})",
+            result.site, result.split, f"{result.n} ({result.n_positive})",
             _value(result, "roc_auc"),
             _value(result, "sensitivity") + (f" ({promise:.2f})" if promise else ""),
             _value(result, "specificity"), _value(result, "ece"),
@@ -166,14 +166,13 @@ def _model_lines(config: Any, model: dict[str, Any]) -> list[str]:
     ]
 
 
-def _performance_table(metrics: dict[str, Any]) -> dict[str, Any]:
-    points = metrics["operating_points"]
-    level = metrics.get("ci_level", 0.95)  # metrics.json written before busdx 0.9 lack it
+def _performance_table(metrics: Evaluation) -> dict[str, Any]:
+    points = metrics.operating_points
     return {
-        "heading": f"Performance on {metrics.get('site', 'the')} {metrics['split']} split "
-        f"(n = {metrics['n']}, {metrics['n_positive']} {metrics['positive_class']})",
-        "note": f"{level:.0%} percentile-bootstrap confidence intervals in brackets.",
-        "header": ["metric", *(f"{name} (t={p['threshold']:.3f})" for name, p in points.items())],
+        "heading": f"Performance on {metrics.site or 'the'} {metrics.split} split "
+        f"(n = {metrics.n}, {metrics.n_positive} {metrics.positive_class})",
+        "note": f"{metrics.ci_level:.0%} percentile-bootstrap confidence intervals in brackets.",
+        "header": ["metric", *(f"{name} (t={p.threshold:.3f})" for name, p in points.items())],
         "rows": [[key, *(_value(p, key) for p in points.values())] for key in ROWS],
     }
 

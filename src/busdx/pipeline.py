@@ -12,7 +12,6 @@ import time
 from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
 
 from busdx.adaptation import calibrate_model
 from busdx.checkpoints import update_model_metadata
@@ -26,6 +25,7 @@ from busdx.layout import MODEL_FILE, SPLIT_FILE, TRAINING_CURVES
 from busdx.predictor import load_model
 from busdx.readers import rank_categories
 from busdx.reporting import plot_training_curves
+from busdx.results import Evaluation
 from busdx.runs import (
     create_run_dir,
     load_run,
@@ -52,7 +52,7 @@ def train_run(
     recipe: str | None = None,
     overrides: Sequence[str] = (),
     progress: bool = True,
-) -> tuple[dict[str, Any] | None, Path]:
+) -> tuple[Evaluation | None, Path]:
     """``busdx train``: a new run in ``out`` (default ``runs/<recipe>-<time>``) on ``data``,
     or the interrupted run ``resume`` continued (its own data and split; ``overrides`` such as
     more epochs are recorded in its config).
@@ -88,7 +88,7 @@ def train_run(
 
 def train_and_evaluate(
     config: Config, dataset: LabelledDataset, run_dir: Path, *, progress: bool = True
-) -> dict[str, Any]:
+) -> Evaluation:
     """Train (or resume), plot the curves, calibrate on val, evaluate on test (val if none)."""
     logger.info(
         "data %s (%s): %s",

@@ -26,6 +26,7 @@ import numpy as np
 from busdx.errors import DataError
 from busdx.layout import LABELS_TABLE
 from busdx.metrics import binary_metrics, bootstrap_ci, paired_bootstrap, roc_auc
+from busdx.results import ReaderComparison
 
 __all__ = [
     "BIRADS_ORDER",
@@ -152,7 +153,7 @@ def compare_with_readers(
     n_resamples: int = 1000,
     level: float = 0.95,
     seed: int = 0,
-) -> dict[str, Any]:
+) -> ReaderComparison:
     """Readers' AUC and operating points beside the model's, with paired bootstrap CIs."""
     y_true = np.asarray(y_true, dtype=int)
     y_prob = np.asarray(y_prob, dtype=float)
@@ -187,4 +188,4 @@ def compare_with_readers(
             "model_specificity_at_readers_sensitivity": specificity,
             "delta_specificity": delta,
         }
-    return result
+    return ReaderComparison.model_validate(result)

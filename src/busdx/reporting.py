@@ -5,7 +5,7 @@ Every figure is written atomically as PNG with matplotlib's non-interactive Agg 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import matplotlib
@@ -17,7 +17,8 @@ from matplotlib.figure import Figure
 from PIL import Image
 
 from busdx.fileio import atomic_path
-from busdx.metrics import is_positive, roc_curve
+from busdx.metrics import is_positive, roc_auc, roc_curve
+from busdx.results import Confusion, Metrics, ReaderComparison, ReliabilityBin
 
 __all__ = [
     "plot_confusion_matrix",
@@ -50,15 +51,16 @@ def plot_training_curves(history: Sequence[dict], path: Path) -> None:
 def plot_roc_curve(
     y_true: np.ndarray,
     y_score: np.ndarray,
-    metrics: dict,
+    points: Mapping[str, Metrics],
     path: Path,
     *,
+    title: str = "ROC curve",
     band: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None,
-    readers: tuple[np.ndarray, dict] | None = None,
+    readers: tuple[np.ndarray, ReaderComparison] | None = None,
     ci_level: float = 0.95,
 ) -> None:
     """ROC curve, its ``ci_level`` bootstrap band, and the operating point of each candidate
-    threshold.
+    threshold (``points``, by name; a point without a threshold was decided elsewhere).
 
     ``readers`` (reader ranks, :func:`busdx.readers.compare_with_readers` result) adds the
     readers' ROC curve and their BI-RADS operating points.
@@ -68,28 +70,27 @@ def plot_roc_curve(
     if band is not None:
         grid, low, high = band
         axis.fill_between(grid, low, high, alpha=0.2, label=f"{ci_level:.0%} bootstrap band")
-    axis.plot(fpr, tpr, lw=2, label=f"ROC (AUC {metrics['roc_auc']:.3f}, n={metrics['n']})")
+    auc = roc_auc(y_true, y_score)
+    axis.plot(fpr, tpr, lw=2, label=f"ROC (AUC {auc:.3f}, n={len(y_true)})")
     axis.plot([0, 1], [0, 1], "--", color="grey", lw=1, label="chance")
-    points = metrics.get("operating_points") or {"threshold": metrics}
     for (name, point), marker in zip(points.items(), "osD^", strict=False):
-        threshold = point.get("threshold")
-        label = name if threshold is None else f"{name} (t={threshold:.2f})"
-        axis.plot(1 - point["specificity"], point["sensitivity"], marker, ms=8, label=label)
+        label = name if point.threshold is None else f"{name} (t={point.threshold:.2f})"
+        axis.plot(1 - point.specificity, point.sensitivity, marker, ms=8, label=label)
     if readers is not None:
         ranks, comparison = readers
         reader_fpr, reader_tpr, _ = roc_curve(y_true, ranks)
         axis.plot(reader_fpr, reader_tpr, "-", color="black", lw=1.5,
-                  label=f"readers' BI-RADS (AUC {comparison['readers_roc_auc']:.3f})")  # fmt: skip
-        for (name, point), marker in zip(
-            comparison["operating_points"].items(), "PX", strict=False
+                  label=f"readers' BI-RADS (AUC {comparison.readers_roc_auc:.3f})")  # fmt: skip
+        for (name, reader_point), marker in zip(
+            comparison.operating_points.items(), "PX", strict=False
         ):
-            reader = point["readers"]
+            reader = reader_point.readers
             axis.plot(1 - reader["specificity"], reader["sensitivity"], marker, color="black",
                       ms=9, label=f"readers {name.replace('birads', 'BI-RADS ')}")  # fmt: skip
     axis.set(
         xlabel="1 - specificity (false-positive rate)",
         ylabel="sensitivity",
-        title=" ".join(filter(None, ["ROC curve", metrics.get("site"), metrics.get("split")])),
+        title=title,
         xlim=(0, 1),
         ylim=(0, 1.02),
     )
@@ -98,13 +99,13 @@ def plot_roc_curve(
     _save(figure, path)
 
 
-def plot_reliability_diagram(bins: Sequence[dict], ece: float, path: Path) -> None:
+def plot_reliability_diagram(bins: Sequence[ReliabilityBin], ece: float, path: Path) -> None:
     """Observed frequency of malignancy against mean predicted probability, per bin."""
     figure, axis = plt.subplots(figsize=(5, 5))
     axis.plot([0, 1], [0, 1], "--", color="grey", lw=1, label="perfect calibration")
-    centers = [b["mean_predicted"] for b in bins]
-    observed = [b["observed"] for b in bins]
-    sizes = [20 + 200 * b["count"] / max(c["count"] for c in bins) for b in bins]
+    centers = [b.mean_predicted for b in bins]
+    observed = [b.observed for b in bins]
+    sizes = [20 + 200 * b.count / max(c.count for c in bins) for b in bins]
     axis.plot(centers, observed, "-", color="tab:blue", lw=1)
     axis.scatter(centers, observed, s=sizes, color="tab:blue", label="bins (area = count)")
     axis.set(
@@ -119,9 +120,9 @@ def plot_reliability_diagram(bins: Sequence[dict], ece: float, path: Path) -> No
     _save(figure, path)
 
 
-def plot_confusion_matrix(counts: dict[str, int], class_names: Sequence[str], path: Path) -> None:
+def plot_confusion_matrix(counts: Confusion, class_names: Sequence[str], path: Path) -> None:
     """2x2 confusion matrix, rows = true class, columns = predicted class."""
-    matrix = np.array([[counts["tn"], counts["fp"]], [counts["fn"], counts["tp"]]])
+    matrix = np.array([[counts.tn, counts.fp], [counts.fn, counts.tp]])
     figure, axis = plt.subplots(figsize=(4.5, 4))
     axis.imshow(matrix, cmap="Blues")
     for (row, col), value in np.ndenumerate(matrix):

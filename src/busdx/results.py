@@ -2,28 +2,45 @@
 
 Each result is a pydantic model: the function that computes it returns the model, the JSON file
 is written from it (:meth:`Result.write`) and read back into it (:meth:`Result.read`), so the
-file's schema is written down once, here. (Evaluation and cross-validation results are still
-plain dicts; they move here next.)
+file's schema is written down once, here: an evaluation (``metrics.json``), a cross-validation
+(``cv_metrics.json``) and an export (``export.json``). An undefined ratio (sensitivity with no
+positive case) is NaN in the model and null in the file.
 """
 
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
 
 from busdx.fileio import write_json
 
 __all__ = [
+    "CVSummary",
     "CalibrationImages",
+    "Compared",
+    "Comparison",
+    "Confusion",
+    "CrossFit",
+    "Evaluation",
     "ExportReport",
     "ExportedFile",
     "Int8Export",
+    "Interval",
     "LogitComparison",
+    "Metrics",
+    "OneClassGroup",
+    "PairedDelta",
+    "ReaderComparison",
     "Result",
+    "SiteSummary",
 ]
+
+EACH_FOLD = "each fold at its own threshold"  # CV decisions at each fold's validation threshold
+CROSS_FITTED = "cross-fitted threshold"  # CV decisions at the other folds' fitted threshold
 
 
 class Result(BaseModel):
@@ -33,7 +50,7 @@ class Result(BaseModel):
 
     def write(self, path: str | Path) -> None:
         """Write as indented JSON, atomically; every field is written, None as null."""
-        write_json(path, self.model_dump(mode="json"))
+        write_json(path, self.model_dump(mode="json", by_alias=True))
 
     @classmethod
     def read(cls, path: str | Path) -> Any:
@@ -87,3 +104,231 @@ class ExportReport(Result):
     source: str
     onnx: ExportedFile
     int8: Int8Export | None = None
+
+
+def _nan_for_null(value: Any) -> Any:
+    return math.nan if value is None else value
+
+
+Ratio = Annotated[float, BeforeValidator(_nan_for_null)]
+"""A metric that may be undefined: NaN here, null in JSON."""
+
+
+class Interval(Result):
+    """A confidence interval (NaN ends when no resample defined the metric)."""
+
+    low: Ratio
+    high: Ratio
+
+
+class Resamples(Result):
+    """How many bootstrap resamples an interval used (a resample of one class is skipped)."""
+
+    used: int
+    skipped: int
+    level: float
+
+
+class Confusion(Result):
+    tp: int
+    fp: int
+    tn: int
+    fn: int
+
+
+class Metrics(Result):
+    """:func:`busdx.metrics.binary_metrics` at one threshold, with bootstrap CIs per metric.
+
+    ``threshold`` is None for decisions made elsewhere (each CV fold at its own threshold).
+    """
+
+    n: int
+    n_positive: int
+    threshold: float | None
+    accuracy: Ratio
+    balanced_accuracy: Ratio
+    roc_auc: Ratio
+    sensitivity: Ratio
+    specificity: Ratio
+    ppv: Ratio
+    npv: Ratio
+    f1: Ratio
+    pr_auc: Ratio
+    brier: Ratio
+    ece: Ratio
+    confusion: Confusion
+    ci: dict[str, Interval] = {}
+    resamples: Resamples | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _resamples_out_of_ci(cls, data: Any) -> Any:
+        """:func:`busdx.metrics.bootstrap_ci` (and files before busdx 0.9) keep the resample
+        counts in ``ci["_resamples"]``."""
+        if isinstance(data, dict) and "_resamples" in data.get("ci", {}):
+            ci = dict(data["ci"])
+            data = {**data, "ci": ci, "resamples": ci.pop("_resamples")}
+        return data
+
+
+class OneClassGroup(Result):
+    """A site or scanner whose images are all of one class: counts, no ranking."""
+
+    n: int
+    n_positive: int
+    note: str
+
+
+class PairedDelta(Result):
+    """:func:`busdx.metrics.paired_bootstrap`: metric(A) - metric(B) on the same cases."""
+
+    a: Ratio
+    b: Ratio
+    delta: Ratio
+    low: Ratio
+    high: Ratio
+    p_value: Ratio
+    n: int
+    resamples: int
+    level: float
+
+
+class ReaderPoint(Result):
+    """The readers at one BI-RADS cut and the model at the readers' sensitivity."""
+
+    readers: dict[str, Ratio]
+    readers_ci: dict[str, Interval]
+    model_threshold: float
+    model_specificity_at_readers_sensitivity: Ratio
+    delta_specificity: PairedDelta
+
+
+class ReaderComparison(Result):
+    """:func:`busdx.readers.compare_with_readers`: the readers' BI-RADS beside the model."""
+
+    n: int
+    readers_roc_auc: Ratio
+    readers_roc_auc_ci: Interval
+    delta_roc_auc: PairedDelta
+    operating_points: dict[str, ReaderPoint]
+
+
+class ReliabilityBin(Result):
+    low: float
+    high: float
+    count: int
+    mean_predicted: float
+    observed: float
+
+
+class ModelFacts(Result):
+    busdx_version: str
+    weights: dict[str, Any]
+    epoch: int | None = None
+
+
+class Evaluation(Metrics):
+    """``metrics.json``: a model on a labelled set, at its threshold (the inherited fields),
+    at each candidate operating point, by site and scanner, and against the readers.
+
+    Defaults stand for fields that files written before busdx 0.9 lack.
+    """
+
+    site: str = ""
+    split: str
+    data: str
+    positive_class: str
+    threshold_policy: str
+    ci_level: float = 0.95
+    calibrated: bool
+    temperature: float | None
+    reliability: list[ReliabilityBin]
+    operating_points: dict[str, Metrics]
+    promised_sensitivity: float | None = None
+    out_of_scope_rate: float | None = None
+    model: ModelFacts
+    per_site: dict[str, Metrics | OneClassGroup] | None = None
+    per_scanner: dict[str, Metrics | OneClassGroup] | None = None
+    readers: ReaderComparison | None = None
+
+
+class SensitivitySpecificity(Result):
+    sensitivity: Ratio
+    specificity: Ratio
+
+
+class SiteSummary(Result):
+    """One site (or scanner) of a cross-validation: ranking with CIs, and each decision rule's
+    sensitivity and specificity."""
+
+    n: int
+    n_positive: int
+    roc_auc: Ratio
+    pr_auc: Ratio
+    brier: Ratio
+    ece: Ratio
+    ci: dict[str, Interval]
+    each_fold: SensitivitySpecificity = Field(alias=EACH_FOLD)
+    cross_fitted: SensitivitySpecificity | None = Field(None, alias=CROSS_FITTED)
+    readers: ReaderComparison | None = None
+    per_scanner: dict[str, SiteSummary | OneClassGroup] | None = None
+
+
+class CrossFit(Result):
+    """:func:`busdx.crossfit.leave_one_fold_out_threshold`: each fold decided at the threshold
+    fitted on the other folds' out-of-fold predictions."""
+
+    policy: str
+    target_sensitivity: float
+    threshold_confidence: float
+    thresholds: list[float]
+    sensitivity: Ratio
+    specificity: Ratio
+    ppv: Ratio
+    npv: Ratio
+    accuracy: Ratio
+    balanced_accuracy: Ratio
+    f1: Ratio
+    ci: dict[str, Interval]
+    confusion: Confusion
+
+
+class CVSummary(Result):
+    """``cv_metrics.json``: pooled out-of-fold metrics with CIs, each fold's, their mean and
+    sd, the cross-fitted threshold and each site's table."""
+
+    folds: int
+    n: int
+    n_positive: int
+    threshold_policy: str
+    ci_level: float = 0.95
+    group_by: str = "duplicates"
+    pooled: dict[str, Ratio]
+    pooled_ci: dict[str, Interval]
+    pooled_confusion: Confusion
+    per_fold: dict[str, list[Ratio]]
+    mean: dict[str, Ratio]
+    sd: dict[str, Ratio]
+    crossfit: CrossFit | None = None
+    per_site: dict[str, SiteSummary | OneClassGroup] | None = None
+
+
+class Compared(Result):
+    """One side of a comparison: its folder and what it evaluated."""
+
+    folder: str
+    site: str
+    split: str
+
+
+class Comparison(Result):
+    """``busdx compare``: two models on the same images, A - B with paired bootstrap CIs."""
+
+    a: Compared
+    b: Compared
+    n: int
+    n_positive: int
+    ci_level: float
+    roc_auc: PairedDelta
+    sensitivity: PairedDelta
+    specificity: PairedDelta
