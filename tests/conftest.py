@@ -59,6 +59,15 @@ def roi_run(masked_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path
 
 
 @pytest.fixture(scope="session")
+def mask_run(masked_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A model with a mask head (EfficientNet-Lite0, random initial weights, 64 px input),
+    trained for 2 epochs on the synthetic lesions and their masks."""
+    options = [arg for arg in FAST if arg not in {"--image-size", "32"}] + ["--image-size", "64"]
+    options += ["--recipe", "efficientnet-lite0", "--set", "model.mask_head=true"]
+    return train_run(masked_data, tmp_path_factory.mktemp("mask") / "run", *options)
+
+
+@pytest.fixture(scope="session")
 def backbone_weights(tmp_path_factory: pytest.TempPathFactory) -> str:
     """VGG16 backbone weights for tests that need *some* fixed pretrained weights (the feature
     cache, exports): ``imagenet`` where ../shared/weights has them, else a file of seeded random

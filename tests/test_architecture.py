@@ -72,12 +72,13 @@ def test_a_cycle_would_be_found():
 # or the layers below it
 LAYERS = {
     "foundations": "config layout metrics calibration errors fileio imaging boxes dicom devices "
-    "distributed provenance synthetic templating results",
-    "data and models": "data loading tables audit transforms models weights bundled runs "
+    "distributed provenance synthetic templating results lesion agreement likelihood",
+    "data and models": "data loading tables audit transforms models losses weights bundled runs "
     "readers reporting",
-    "using a model": "inference inputs predictor explain scope features training checkpoints",
+    "using a model": "inference inputs predictor explain scope features training checkpoints "
+    "outline",
     "workflows": "pipeline crossval crossfit demo adaptation evaluation comparison export "
-    "cluster model_card",
+    "segmentation cluster model_card",
     "interfaces": "cli serving __main__",
 }
 LEVEL = {name: level for level, names in enumerate(LAYERS.values()) for name in names.split()}

@@ -111,8 +111,8 @@ def test_training_crops_are_seeded_per_epoch_and_never_preloaded(masked_data):
     dataset = attach_boxes(scan_dataset(masked_data, ["benign", "malignant"]))
     prep = Preprocessing(32, (0.0,) * 3, (1.0,) * 3, region="box", box_margin=0.2)
 
-    def read(item):
-        return load_region(item, prep, jitter=0.2)
+    def read(sample):
+        return load_region(sample.input, prep, jitter=0.2)
 
     images = ImageDataset(dataset.samples[:4], build_decode_transform(prep), lambda x: x,
                           read=read, random_read=True)  # fmt: skip

@@ -240,7 +240,11 @@ def test_a_guarded_model_measures_each_input_and_flags_it_at_its_threshold(model
     big = [image.resize((200, 200)) for image in images[8:]]  # pass the pixel checks
     flat = Image.new("RGB", (200, 200), (128, 128, 128))
     decisions = guarded.decide_images([*big, flat], threshold=0.0)
-    assert all(d.label == "malignant" for d in decisions)  # the threshold given is used
+    # out of scope: the probability and the reason, no label; else the threshold given is used
+    assert [d.label for d in decisions] == [None if d.out_of_scope else "malignant"
+                                            for d in decisions]  # fmt: skip
+    labelled = guarded.decide_images([*big, flat], threshold=0.0, label_out_of_scope=True)
+    assert all(d.label == "malignant" for d in labelled)
     for decision in decisions[:-1]:
         assert decision.scope_distance is not None and decision.scope_distance > 0
         far = decision.scope_distance > scope["threshold"]

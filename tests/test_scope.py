@@ -1,6 +1,7 @@
 """The out-of-scope guard: in-scope scans pass, photos and odd files are flagged."""
 
 import csv
+import json
 
 import numpy as np
 import pytest
@@ -79,3 +80,12 @@ def test_predict_writes_the_out_of_scope_column(guarded_run, tmp_path):
     reasons = {r["path"].rsplit("/", 1)[-1]: r["scope_reason"] for r in rows}
     assert reasons["one-pixel.png"].startswith("too small for a scan (1x1 px)")
     assert reasons["strip.png"].startswith("too small for a scan (400x5 px)")
+    # out of scope: the probability and the reason, but no label ...
+    assert all(r["label"] == "" and float(r["probability_malignant"]) >= 0 for r in rows)
+    labelled = tmp_path / "labelled.json"  # ... unless asked for
+    assert main(["predict", "--run", str(guarded_run), *map(str, odd), "--out", str(labelled),
+                 "--label-out-of-scope", "--no-progress"]) == 0  # fmt: skip
+    threshold = load_model(guarded_run).threshold
+    for row in json.loads(labelled.read_text()):
+        assert row["label"] == ("malignant" if row["probability_malignant"] >= threshold
+                                else "benign")  # fmt: skip

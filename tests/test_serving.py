@@ -90,11 +90,12 @@ def test_explain_returns_an_overlay_at_original_size(client):
     assert overlay.size == (150, 120) and overlay.mode == "RGB"
     (direct,) = client.app.state.service.predictor.decide_images([image])
     assert float(response.headers["X-Probability"]) == pytest.approx(direct.probability, abs=1e-6)
-    assert response.headers["X-Label"] == direct.label
+    assert response.headers["X-Out-Of-Scope"] == str(direct.out_of_scope).lower()
+    assert response.headers.get("X-Label") == direct.label  # none when out of scope
     as_json = client.post(
         "/explain?format=json", files={"file": ("s.png", _png(image), "image/png")}
     ).json()
-    assert as_json["label"] == response.headers["X-Label"] and as_json["overlay_png_base64"]
+    assert as_json["label"] == direct.label and as_json["overlay_png_base64"]
 
 
 def _frames(fmt: str) -> bytes:

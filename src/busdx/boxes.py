@@ -38,6 +38,7 @@ __all__ = [
     "mask_box",
     "parse_box",
     "read_boxes_csv",
+    "read_mask",
     "sample_boxes",
 ]
 
@@ -111,9 +112,13 @@ def find_masks(image_path: Path, root: Path) -> list[Path]:
     """Lesion mask files of an image: ``<stem>_mask*.png`` beside it (BUSI), or
     ``<stem>_tumor.png`` / ``<stem>_mask*.png`` / ``<stem>.png`` in a ``masks/`` folder of its
     folder, of its parent, of the dataset ``root`` (BrEaST), or in ``root/masks/`` under the
-    image's own relative folder (``masks/benign/`` for ``benign/x.png``)."""
+    image's own relative folder (``masks/benign/`` for ``benign/x.png``), or the BUS-BRA
+    release's ``Masks/mask_<id>.png`` for ``Images/bus_<id>.png``."""
     stem = glob.escape(image_path.stem)
     found = sorted(image_path.parent.glob(f"{stem}_mask*.png"))
+    if image_path.stem.startswith("bus_"):
+        bus_bra = image_path.parent.parent / "Masks" / f"mask_{image_path.stem[4:]}.png"
+        found += [bus_bra] if bus_bra.is_file() else []
     mirrored = root / "masks" / image_path.parent.relative_to(root)
     for masks in dict.fromkeys(
         (image_path.parent / "masks", image_path.parent.parent / "masks", root / "masks", mirrored)
@@ -122,6 +127,19 @@ def find_masks(image_path: Path, root: Path) -> list[Path]:
             for pattern in (f"{stem}_tumor.png", f"{stem}_mask*.png", f"{stem}.png"):
                 found += sorted(masks.glob(pattern))
     return list(dict.fromkeys(found))
+
+
+def read_mask(masks: Sequence[Path], image_size: tuple[int, int]) -> Image.Image:
+    """The union of mask files as one 8-bit mask (255: lesion) of ``image_size`` (width,
+    height): a mask of another size is resized to it (nearest neighbour)."""
+    union = np.zeros(image_size[::-1], dtype=bool)
+    for path in masks:
+        with Image.open(path) as mask:
+            grey = mask.convert("L")
+            if grey.size != image_size:
+                grey = grey.resize(image_size, Image.Resampling.NEAREST)
+            union |= np.asarray(grey) > 127
+    return Image.fromarray(union.astype(np.uint8) * 255)
 
 
 def mask_box(masks: Sequence[Path], image_size: tuple[int, int] | None = None) -> Box | None:

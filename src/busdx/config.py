@@ -59,6 +59,9 @@ class ModelConfig(_Section):
     )
     hidden_units: int = Field(512, ge=0, description="0: a linear head")
     dropout: float = Field(0.5, ge=0, lt=1)
+    mask_head: bool = Field(
+        False, description="also outline the lesion: a mask head on the backbone (multi-task)"
+    )
 
 
 class DataConfig(_Section):
@@ -128,6 +131,7 @@ class TrainConfig(_Section):
     early_stopping_patience: int = Field(0, ge=0, description="0 disables early stopping")
     feature_cache: bool = Field(False, description="frozen backbone: train on cached features")
     cache_views: int = Field(5, ge=1, description="augmented views per image in the cache")
+    mask_weight: float = Field(1.0, ge=0, description="mask head: weight of its loss")
     seed: int = 42
     device: str = Field("auto", description='"auto", "cpu", "cuda", "cuda:1", ...')
     threads: int = Field(0, ge=0, description="CPU threads for torch; 0: torch's default")

@@ -32,7 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
-from busdx.boxes import box_to_text, sample_boxes
+from busdx.boxes import box_to_text, find_masks, sample_boxes
 from busdx.errors import DataError, ImageDecodeError
 from busdx.fileio import atomic_write_text, sha256_file
 from busdx.imaging import Box, ImageInput, is_image_file, load_image
@@ -44,6 +44,7 @@ __all__ = [
     "Sample",
     "apply_split_file",
     "attach_boxes",
+    "attach_masks",
     "draw_split",
     "merge_groups",
     "scan_dataset",
@@ -74,6 +75,7 @@ class Sample:
     patient: str | None = None  # images of one patient (or lesion) share every split and fold
     birads: str | None = None  # the readers' BI-RADS category, where the table gives it
     scanner: str = ""  # the device, where the table gives it: reported as a sub-site
+    masks: tuple[Path, ...] = ()  # lesion mask files, attached for a mask head (attach_masks)
 
     @property
     def input(self) -> ImageInput:
@@ -270,6 +272,18 @@ def attach_boxes(dataset: LabelledDataset, boxes_file: str | None = None) -> Lab
         boxes_file,
     )
     samples = [replace(s, box=box) for s, box in zip(dataset.samples, boxes, strict=True)]
+    return replace(dataset, samples=samples)
+
+
+def attach_masks(dataset: LabelledDataset) -> LabelledDataset:
+    """The dataset with each sample's lesion mask files (:func:`busdx.boxes.find_masks`); a
+    sample without one keeps ``()`` and trains the classifier only."""
+    samples = [replace(s, masks=tuple(find_masks(s.path, dataset.sites.get(s.site, dataset.root))))
+               for s in dataset.samples]  # fmt: skip
+    if not any(s.masks for s in samples):
+        raise DataError("no lesion mask found (<image>_mask.png, masks/<image>_tumor.png, "
+                        "Masks/mask_<id>.png); model.mask_head needs some")  # fmt: skip
+    logger.info("lesion masks: %d of %d images", sum(bool(s.masks) for s in samples), len(samples))
     return replace(dataset, samples=samples)
 
 

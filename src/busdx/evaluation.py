@@ -28,6 +28,7 @@ from busdx.layout import (
     CONFUSION_MATRIX,
     EVAL_DIR,
     GRADCAM_SAMPLES,
+    LESIONS_FILE,
     METRICS_FILE,
     PREDICTIONS_FILE,
     RELIABILITY,
@@ -52,6 +53,7 @@ from busdx.reporting import (
 )
 from busdx.results import Evaluation, Interval, Metrics, OneClassGroup, ReaderComparison
 from busdx.runs import load_run, samples_for_split
+from busdx.segmentation import score_lesions, summarise_lesions, write_lesions
 from busdx.transforms import load_region
 
 __all__ = ["evaluate_run", "evaluate_samples", "evaluation_name", "format_metrics"]
@@ -130,6 +132,12 @@ def evaluate_samples(
     place = {"site": site or data_root.name, "split": split, "data": str(data_root)}
     result = _metrics_tables(loaded, samples, scores, settings, reader_ranks, place)
     out_dir.mkdir(parents=True, exist_ok=True)
+    if loaded.outlines and any(s.masks for s in samples):  # the mask head against the readers
+        lesions = score_lesions(loaded, samples, progress=progress)
+        write_lesions(out_dir / LESIONS_FILE, lesions)
+        summary = summarise_lesions(lesions, n_resamples=settings.n_bootstrap,
+                                    level=settings.ci_level, seed=settings.seed)  # fmt: skip
+        result = result.model_copy(update={"segmentation": summary})
     result.write(out_dir / METRICS_FILE)
     _write_predictions(out_dir / PREDICTIONS_FILE, samples, scores, loaded.class_names)
     _plot_evaluation(out_dir, loaded, samples, scores, result, settings, reader_ranks)
@@ -352,6 +360,13 @@ def format_metrics(result: Evaluation) -> str:
             )
     if result.readers is not None:
         lines += _format_readers(result.readers)
+    if result.segmentation is not None:
+        seg = result.segmentation
+        lines.append(
+            f"  outlines vs the readers' masks (n={seg.n}): Dice {seg.dice:.3f} "
+            f"[{seg.dice_ci[0]:.3f}, {seg.dice_ci[1]:.3f}], IoU {seg.iou:.3f}; nothing outlined "
+            f"in {seg.n - seg.outlined}"
+        )
     return "\n".join(lines)
 
 

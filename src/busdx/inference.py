@@ -31,8 +31,10 @@ from busdx.explain import explain_image
 from busdx.fileio import atomic_path
 from busdx.imaging import Box, ImageInput, InputLike, as_input, load_image
 from busdx.inputs import InputSelection
+from busdx.lesion import LESION_FIELDS, Lesion, lesion_fields
 from busdx.loading import resolve_workers
-from busdx.predictor import Predictor, load_model
+from busdx.outline import RegionView, lesion_from_mask, region_view
+from busdx.predictor import Decision, Predictor, load_model
 from busdx.scope import image_checks
 from busdx.transforms import Preprocessing, load_region, region_of
 
@@ -57,8 +59,10 @@ PREDICTION_FIELDS = [
     "probability_malignant",
     "label",
     "threshold",
+    "likelihood_category",
     "out_of_scope",
     "scope_reason",
+    *LESION_FIELDS,
     "error",
 ]
 
@@ -78,21 +82,49 @@ class Prediction:
     scope_distance: float | None = None
     frame: int | None = None  # the DICOM frame (None: not a DICOM file)
     box: Box | None = None  # the lesion box the model looked at (ROI models)
+    likelihood_category: str | None = None  # see busdx.likelihood (calibrated models)
+    lesion: Lesion | None = None  # outline, size and descriptors (mask-head models)
 
-    def to_dict(self) -> dict[str, Any]:
-        """The row as written by ``busdx predict`` (keys: ``PREDICTION_FIELDS``)."""
+    def summary(self) -> str:
+        """One line for a terminal: the probability, the label (or why there is none), the
+        likelihood category and the lesion."""
+        if self.error is not None:
+            return f"error: {self.error}"
+        said = [
+            f"p(malignant)={self.probability:.3f}" + (f" -> {self.label}" if self.label else "")
+        ]
+        if self.likelihood_category:
+            said.append(f"likelihood category {self.likelihood_category}")
+        if self.out_of_scope:
+            said.append(
+                f"out of scope ({self.scope_reason})" + ("" if self.label else ": no label")
+            )
+        elif self.out_of_scope is False:
+            said.append("in scope")
+        if self.lesion is not None:
+            said.append(f"lesion {self.lesion.summary()}")
+        return "; ".join(said)
+
+    def to_dict(self, *, outline: bool = False) -> dict[str, Any]:
+        """The row as written by ``busdx predict`` (keys: ``PREDICTION_FIELDS``, and with
+        ``outline`` the lesion's outline as ``[[x, y], ...]`` in image pixels)."""
         prob = None if self.probability is None else round(self.probability, 6)
-        return {
+        row = {
             "path": self.path,
             "frame": self.frame,
             "box": box_to_text(self.box),
             "probability_malignant": prob,
             "label": self.label,
             "threshold": self.threshold,
+            "likelihood_category": self.likelihood_category,
             "out_of_scope": self.out_of_scope,
             "scope_reason": self.scope_reason,
+            **lesion_fields(self.lesion),
             "error": self.error,
         }
+        if outline:
+            row["lesion_outline"] = None if self.lesion is None else self.lesion.outline
+        return row
 
 
 def _batches(items: Iterable, size: int) -> Iterator[list]:
@@ -116,14 +148,15 @@ class _DecodedBatches(IterableDataset):
 
     def __init__(
         self, files: Iterable[InputLike], batch_size: int, transform: Callable,
-        prep: Preprocessing,
+        prep: Preprocessing, views: bool = False, spacing: tuple[float, float] | None = None,
     ) -> None:  # fmt: skip
         self.files = files
         self.batch_size = batch_size
         self.transform = transform
         self.prep = prep
+        self.views, self.spacing = views, spacing  # region views, to outline the lesions
 
-    def __iter__(self) -> Iterator[tuple[list[Any], list[str | None], torch.Tensor, list]]:
+    def __iter__(self) -> Iterator[tuple]:
         worker = get_worker_info()
         rank, workers = (worker.id, worker.num_workers) if worker else (0, 1)
         for number, batch in enumerate(_batches(self.files, self.batch_size)):
@@ -132,9 +165,9 @@ class _DecodedBatches(IterableDataset):
 
     def _prepare(
         self, batch: list[InputLike]
-    ) -> tuple[list[tuple], list[str | None], torch.Tensor, list]:
+    ) -> tuple[list[tuple], list[str | None], torch.Tensor, list, list[RegionView]]:
         errors: list[str | None] = []
-        inputs, checks, described = [], [], []
+        inputs, checks, described, views = [], [], [], []
         for item in map(as_input, batch):
             try:
                 image = load_image(item.path, frame=item.frame)
@@ -145,10 +178,12 @@ class _DecodedBatches(IterableDataset):
                 errors.append(None)
                 inputs.append(self.transform(region))
                 checks.append(image_checks(image))  # is the whole image a scan?
+                if self.views:
+                    views.append(region_view(image, item.box, self.prep, self.spacing))
             frame = item.frame if item.frame or is_dicom_file(item.path) else None
             described.append((str(item.path), frame, item.box))
         stacked = torch.stack(inputs) if inputs else torch.empty(0)
-        return described, errors, stacked, checks
+        return described, errors, stacked, checks, views
 
 
 def predict_files(
@@ -160,6 +195,8 @@ def predict_files(
     threshold: float | None = None,
     total: int | None = None,
     workers: int = 0,
+    label_out_of_scope: bool = False,
+    spacing: tuple[float, float] | None = None,
 ) -> Iterator[Prediction]:
     """Yield one :class:`Prediction` per file, in order, batch by batch.
 
@@ -167,36 +204,43 @@ def predict_files(
     :class:`~busdx.imaging.ImageInput` (a DICOM frame, a lesion box); ``workers`` loader
     processes (0: this one) decode and preprocess the next batches while the model scores the
     current one, and only those few batches are held in memory. ``total`` sizes the progress
-    bar when ``files`` has no length.
+    bar when ``files`` has no length. An out-of-scope input has no label unless
+    ``label_out_of_scope``. A model with a mask head also outlines and measures each lesion
+    (in mm with ``spacing``, the pixel size, unless the file carries its own).
     """
     threshold = loaded.threshold if threshold is None else threshold
     total = len(files) if total is None and isinstance(files, Sized) else total
     bar = tqdm(total=total, unit="img", desc="predict", disable=not progress, leave=False)
-    loader = DataLoader(
-        _DecodedBatches(files, batch_size, loaded.transform, loaded.preprocessing),
-        batch_size=None,
-        num_workers=workers,
-        prefetch_factor=2 if workers else None,
-        pin_memory=loaded.device.type == "cuda",
-    )
-    for described, errors, inputs, checks in loader:
-        decisions = iter(loaded.decide_inputs(inputs, checks, threshold) if len(inputs) else [])
+    batches = _DecodedBatches(files, batch_size, loaded.transform, loaded.preprocessing,
+                              views=loaded.outlines, spacing=spacing)  # fmt: skip
+    loader = DataLoader(batches, batch_size=None, num_workers=workers,
+                        prefetch_factor=2 if workers else None,
+                        pin_memory=loaded.device.type == "cuda")  # fmt: skip
+    for described, errors, inputs, checks, views in loader:
+        decided = (
+            loaded.decide_inputs(inputs, checks, threshold, label_out_of_scope=label_out_of_scope)
+            if len(inputs)
+            else []
+        )
+        decisions, regions = iter(decided), iter(views)
         for (path, frame, box), error in zip(described, errors, strict=True):
             row = Prediction(path, None, None, threshold, error=error, frame=frame, box=box)
             if error is None:
-                decision = next(decisions)
-                row.logit, row.probability, row.label = (
-                    decision.logit,
-                    decision.probability,
-                    decision.label,
-                )
-                row.scope_distance = decision.scope_distance
-                row.out_of_scope, row.scope_reason = decision.out_of_scope, decision.scope_reason
+                _fill(row, next(decisions), next(regions, None), loaded.preprocessing)
             else:
                 logger.warning("%s", error)
             bar.update()
             yield row
     bar.close()
+
+
+def _fill(row: Prediction, decision: Decision, view: RegionView | None, prep) -> None:
+    row.logit, row.probability, row.label = decision.logit, decision.probability, decision.label
+    row.likelihood_category = decision.likelihood_category
+    row.scope_distance = decision.scope_distance
+    row.out_of_scope, row.scope_reason = decision.out_of_scope, decision.scope_reason
+    if decision.mask is not None and view is not None:
+        row.lesion = lesion_from_mask(decision.mask, view, prep)
 
 
 def file_predictions(
@@ -233,7 +277,7 @@ def write_predictions(rows: Iterable[Prediction], out: str | Path | None) -> tup
         handle.write("[" if suffix == ".json" else "")
         count = failed = 0
         for row in rows:
-            record = row.to_dict()
+            record = row.to_dict(outline=suffix == ".json")
             if suffix == ".json":
                 handle.write(("," if count else "") + "\n  " + json.dumps(record))
             else:
@@ -288,13 +332,16 @@ def predict_images(
     workers: int = -1,
     explain: str | Path | None = None,
     progress: bool = True,
+    label_out_of_scope: bool = False,
+    pixel_size: float | None = None,
 ) -> PredictSummary:
     """``busdx predict``: the images under ``paths`` through the model of ``run``, written to
     ``out`` (.csv or .json; None: CSV on stdout), with Grad-CAM overlays in ``explain``.
 
     ``selection`` picks the images (shard), DICOM frames and lesion boxes; ``workers`` decode
     the next images while the model runs (-1: automatic). An unreadable file is an error row,
-    never the end of the batch.
+    never the end of the batch. See :func:`predict_files` for ``label_out_of_scope``;
+    ``pixel_size`` (mm) measures a mask-head model's lesions in mm.
     """
     started = time.perf_counter()
     loaded = load_model(run, device=device, backend=backend, threads=threads, precision=precision)
@@ -315,6 +362,8 @@ def predict_images(
         threshold=threshold,
         workers=resolve_workers(workers),
         progress=progress,
+        label_out_of_scope=label_out_of_scope,
+        spacing=None if pixel_size is None else (pixel_size, pixel_size),
     )
     if explain:
         explainer = loaded if loaded.model is not None else load_model(run, device=device)

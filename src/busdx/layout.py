@@ -37,6 +37,7 @@ REPORT_HTML = "report.html"
 # an evaluation (the run directory itself for its test split, or EVAL_DIR/<name>)
 METRICS_FILE = "metrics.json"
 PREDICTIONS_FILE = "predictions.csv"
+LESIONS_FILE = "lesions.csv"  # mask-head models: each image's outline against the reader's
 ROC_CURVE = "roc_curve.png"
 RELIABILITY = "reliability.png"
 CONFUSION_MATRIX = "confusion_matrix.png"

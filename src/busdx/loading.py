@@ -20,13 +20,15 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 from tqdm.auto import tqdm
 
 from busdx.data import Sample
-from busdx.imaging import ImageInput, load_image
+from busdx.imaging import load_image
+from busdx.transforms import Preprocessing, load_region, load_region_and_mask
 
 __all__ = [
     "EpochSampler",
     "ImageDataset",
     "item_seed",
     "make_loader",
+    "read_sample",
     "resolve_workers",
     "site_balanced_weights",
 ]
@@ -109,10 +111,16 @@ class ImageDataset(Dataset):
     an image is augmented the same way whatever the number of workers or processes, and a
     resumed run repeats the epochs it redoes exactly.
 
-    ``read`` turns a sample's :class:`~busdx.imaging.ImageInput` into a PIL image (default:
-    the whole image; :func:`busdx.transforms.load_region` crops to the lesion box in ROI
-    mode); ``random_read`` says it draws random numbers (a jittered box), so it is seeded with
-    the transform and its results are never preloaded.
+    ``read`` turns a :class:`~busdx.data.Sample` into a PIL image (default: the whole image;
+    :func:`busdx.transforms.load_region` crops to the lesion box in ROI mode); ``random_read``
+    says it draws random numbers (a jittered box), so it is seeded with the transform and its
+    results are never preloaded.
+
+    With ``masks`` (a mask head to train), ``read`` gives the lesion mask as the image's alpha
+    channel (:func:`busdx.transforms.load_region_and_mask`), ``transform`` returns
+    ``(image, mask)`` (:class:`busdx.transforms.SplitMask`), and an item is
+    ``(image, label, mask, has_mask)``: a sample without a mask file has ``has_mask`` 0, and
+    trains the classifier only.
 
     :meth:`preload` decodes every image once into one shared-memory tensor, read by all
     workers, instead of decoding each image every epoch.
@@ -120,8 +128,8 @@ class ImageDataset(Dataset):
 
     def __init__(
         self, samples: Sequence[Sample], decode: Callable, transform: Callable, *,
-        seed: int = 0, read: Callable[[ImageInput], Image.Image] | None = None,
-        random_read: bool = False,
+        seed: int = 0, read: Callable[[Sample], Image.Image] | None = None,
+        random_read: bool = False, masks: bool = False,
     ) -> None:  # fmt: skip
         self.samples = list(samples)
         self.decode = decode
@@ -129,6 +137,7 @@ class ImageDataset(Dataset):
         self.seed = seed
         self.read = read or _read_whole
         self.random_read = random_read
+        self.masks = masks
         self.decoded: torch.Tensor | None = None
 
     def __len__(self) -> int:
@@ -137,9 +146,9 @@ class ImageDataset(Dataset):
     def _decoded(self, index: int) -> torch.Tensor:
         if self.decoded is not None:
             return self.decoded[index]
-        return self.decode(self.read(self.samples[index].input))
+        return self.decode(self.read(self.samples[index]))
 
-    def __getitem__(self, key: int | tuple[int, int]) -> tuple[torch.Tensor, int]:
+    def __getitem__(self, key: int | tuple[int, int]) -> tuple:
         epoch, index = key if isinstance(key, tuple) else (None, key)
         if epoch is None:
             return self._item(index)
@@ -147,17 +156,22 @@ class ImageDataset(Dataset):
             torch.manual_seed(item_seed(self.seed, epoch, index))
             return self._item(index)
 
-    def _item(self, index: int) -> tuple[torch.Tensor, int]:
-        return self.transform(self._decoded(index)), self.samples[index].label
+    def _item(self, index: int) -> tuple:
+        sample = self.samples[index]
+        if not self.masks:
+            return self.transform(self._decoded(index)), sample.label
+        image, mask = self.transform(self._decoded(index))
+        return image, sample.label, mask, float(bool(sample.masks))
 
     def preload(self, *, image_size: int, limit_mb: int, workers: int = 0,
                 progress: bool = False) -> bool:  # fmt: skip
         """Decode every image once into shared memory, with ``workers`` processes; skipped
         (False) when the images would take more than ``limit_mb`` megabytes."""
-        size = len(self) * 3 * image_size**2
+        channels = 4 if self.masks else 3  # RGB (+ the lesion mask)
+        size = len(self) * channels * image_size**2
         if self.random_read or self.decoded is not None or not self or size > limit_mb * 2**20:
             return self.decoded is not None
-        decoded = torch.empty((len(self), 3, image_size, image_size), dtype=torch.uint8)
+        decoded = torch.empty((len(self), channels, image_size, image_size), dtype=torch.uint8)
         loader = make_loader(_Decoded(self), batch_size=32, workers=workers)
         for indices, images in tqdm(loader, desc="decode", unit="batch", disable=not progress,
                                     leave=False):  # fmt: skip
@@ -166,8 +180,8 @@ class ImageDataset(Dataset):
         return True
 
 
-def _read_whole(item: ImageInput) -> Image.Image:
-    return load_image(item.path, frame=item.frame)
+def _read_whole(sample: Sample) -> Image.Image:
+    return load_image(sample.path)
 
 
 class _Decoded(Dataset):
@@ -203,3 +217,12 @@ def make_loader(
         prefetch_factor=4 if workers else None,
         pin_memory=device is not None and device.type == "cuda",
     )
+
+
+def read_sample(
+    sample: Sample, prep: Preprocessing, jitter: float = 0.0, masks: bool = False
+) -> Image.Image:
+    """A sample's image as the model sees it (with its lesion mask as alpha for a mask head)."""
+    if masks:
+        return load_region_and_mask(sample.input, sample.masks, prep, jitter=jitter)
+    return load_region(sample.input, prep, jitter=jitter)

@@ -14,6 +14,7 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -29,6 +30,8 @@ from busdx.weights import get_weight_spec, load_state_dict, resolve_weights_file
 __all__ = [
     "BinaryClassifier",
     "Ensemble",
+    "MaskDecoder",
+    "Segmented",
     "WeightsInfo",
     "block_starts",
     "create_model",
@@ -72,6 +75,7 @@ def vgg16_features() -> nn.Module:
     """VGG16's 13 conv layers and 5 max-pools (torchvision key layout); output stride 32."""
     features = tv_vgg16(weights=None).features
     features.feature_taps = (16, 23)  # after pool3 and pool4, for multistage pooling
+    features.mask_taps = (9, 16, 23)  # after pool2, pool3 and pool4 (strides 4, 8, 16)
     return features
 
 
@@ -174,6 +178,7 @@ def efficientnet_lite_features(variant: int) -> nn.Sequential:
     backbone = nn.Sequential(*layers)
     backbone.block_starts = [0, 3, 4, 5, 7]
     backbone.feature_taps = (5, 6)  # stages 5 and 6 for multistage pooling
+    backbone.mask_taps = (2, 3, 5)  # stages 2, 3 and 5 (strides 4, 8, 16)
     return backbone
 
 
@@ -219,6 +224,37 @@ def _head(n_features: int, pooling: str, hidden_units: int, dropout: float) -> n
     )
 
 
+class Segmented(NamedTuple):
+    """What :meth:`BinaryClassifier.segment` returns for a batch."""
+
+    logits: torch.Tensor  # N: log-odds of the positive class
+    masks: torch.Tensor  # N x H x W: lesion-mask logits at the input's size
+    features: torch.Tensor  # N x C: the last feature maps, pooled (the scope guard's input)
+
+
+class MaskDecoder(nn.Module):
+    """Lesion-mask logits from backbone feature maps, finest first (a feature pyramid, as in
+    Lin et al. 2017): each map projected to ``width`` channels, the coarser ones upsampled and
+    added to the finer, then a 3x3 conv and a 1x1 conv to one logit per pixel, upsampled
+    bilinearly to the input's size."""
+
+    def __init__(self, channels: list[int], width: int = 64) -> None:
+        super().__init__()
+        self.lateral = nn.ModuleList(nn.Conv2d(c, width, 1) for c in channels)
+        self.fuse = nn.Sequential(
+            nn.Conv2d(width, width, 3, padding=1, bias=False),
+            nn.BatchNorm2d(width),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(width, 1, 1),
+        )
+
+    def forward(self, maps: list[torch.Tensor], size: tuple[int, int]) -> torch.Tensor:
+        x = self.lateral[-1](maps[-1])
+        for lateral, finer in zip(self.lateral[-2::-1], maps[-2::-1], strict=True):
+            x = F.interpolate(x, size=finer.shape[-2:], mode="bilinear") + lateral(finer)
+        return F.interpolate(self.fuse(x), size=size, mode="bilinear").squeeze(1)
+
+
 class BinaryClassifier(nn.Module):
     """``backbone`` -> pooling -> head -> one logit.
 
@@ -231,6 +267,9 @@ class BinaryClassifier(nn.Module):
     The backbone may be frozen up to a layer (``freeze_backbone``): its frozen layers are the
     *stem*, whose output (``stem``) does not change during training and can be cached, and
     ``from_stem`` runs the trainable layers and the head on it.
+
+    With ``mask_head`` a :class:`MaskDecoder` on the backbone's ``mask_taps`` and last map
+    also outlines the lesion (:meth:`segment`); ``forward`` still returns the logit alone.
     """
 
     def __init__(
@@ -241,6 +280,7 @@ class BinaryClassifier(nn.Module):
         hidden_units: int,
         dropout: float,
         pooling: str = "flatten",
+        mask_head: bool = False,
     ) -> None:
         super().__init__()
         if pooling not in POOLINGS:
@@ -262,6 +302,13 @@ class BinaryClassifier(nn.Module):
         }[pooling]
         self.head = _head(n_features, pooling, hidden_units, dropout)
         self.stem_layers = 0  # backbone layers frozen
+        self.mask_taps: tuple[int, ...] = ()
+        self.mask_decoder: MaskDecoder | None = None
+        if mask_head:
+            self.mask_taps = tuple(backbone.mask_taps)
+            with torch.no_grad():
+                _, fine = self.run_backbone(torch.zeros(1, 3, 64, 64), taps=self.mask_taps)
+            self.mask_decoder = MaskDecoder([m.shape[1] for m in fine] + [maps.shape[1]])
 
     @property
     def backbone_frozen(self) -> bool:
@@ -277,6 +324,10 @@ class BinaryClassifier(nn.Module):
                 f"backbone, got {trainable_blocks}"
             )
         stem_layers = starts[-trainable_blocks] if trainable_blocks else len(self.backbone)
+        if self.mask_decoder is not None:
+            raise ConfigError(
+                "model.mask_head learns with the backbone: set model.freeze_backbone false"
+            )
         if self.taps and min(self.taps) < stem_layers:
             raise ConfigError(
                 "model.pooling multistage pools layers inside the frozen part of the backbone; "
@@ -301,14 +352,16 @@ class BinaryClassifier(nn.Module):
             return self.backbone[: self.stem_layers](images)
 
     def run_backbone(
-        self, x: torch.Tensor, start: int = 0, stop: int | None = None
-    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        self, x: torch.Tensor, start: int = 0, stop: int | None = None,
+        taps: tuple[int, ...] | None = None,
+    ) -> tuple[torch.Tensor, list[torch.Tensor]]:  # fmt: skip
         """Backbone layers ``start`` to ``stop`` (default: the end) on ``x``: their output, and
-        the outputs of the tapped layers among them (multistage pooling)."""
+        the outputs of the tapped layers among them (default: those of multistage pooling)."""
+        taps = self.taps if taps is None else taps
         tapped = []
         for index in range(start, len(self.backbone) if stop is None else stop):
             x = self.backbone[index](x)
-            if index in self.taps:
+            if index in taps:
                 tapped.append(x)
         return x, tapped
 
@@ -328,6 +381,19 @@ class BinaryClassifier(nn.Module):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.from_stem(self.stem(images))
+
+    def segment(self, images: torch.Tensor) -> Segmented:
+        """The class logit, the lesion-mask logits (N x H x W, the input's size) and the pooled
+        features of each image, from one pass of the backbone (a model with ``mask_head``)."""
+        if self.mask_decoder is None:
+            raise ConfigError("this model has no mask head (model.mask_head: true trains one)")
+        taps = tuple(sorted({*self.taps, *self.mask_taps}))
+        maps, tapped = self.run_backbone(self.stem(images), taps=taps)
+        by_index = dict(zip(taps, tapped, strict=True))
+        logits = self.classify(maps, [by_index[i] for i in self.taps])
+        fine = [by_index[i] for i in self.mask_taps]
+        masks = self.mask_decoder([*fine, maps], images.shape[-2:])
+        return Segmented(logits, masks, maps.float().mean(dim=(2, 3)))
 
 
 class Ensemble(nn.Module):
@@ -400,6 +466,7 @@ def create_model(
         hidden_units=config.hidden_units,
         dropout=config.dropout,
         pooling=config.pooling,
+        mask_head=config.mask_head,
     )
     if config.freeze_backbone:
         model.freeze_backbone(config.trainable_blocks)

@@ -28,6 +28,7 @@ from busdx.devices import autocast, check_precision, cpu_has_vnni, resolve_devic
 from busdx.errors import CheckpointError, ConfigError
 from busdx.fileio import sha256_file
 from busdx.layout import INT8_FILE, MODEL_FILE, ONNX_FILE
+from busdx.likelihood import likelihood_category
 from busdx.metrics import is_positive
 from busdx.models import BinaryClassifier, Ensemble, create_model
 from busdx.scope import SCOPE_KEY, image_checks, logits_and_features, scope_distances
@@ -58,10 +59,12 @@ class Decision:
 
     logit: float  # raw log-odds, before temperature scaling
     probability: float  # calibrated probability of the positive class
-    label: str  # decided at the threshold
+    label: str | None  # decided at the threshold; None for an out-of-scope input (by default)
     scope_distance: float | None  # feature distance from the training images (None: no guard)
     out_of_scope: bool | None  # unlike the training images, or not a scan (None: unknown)
     scope_reason: str | None
+    mask: np.ndarray | None = None  # lesion-mask probability on the input (mask-head models)
+    likelihood_category: str | None = None  # BI-RADS range of a calibrated probability
 
 
 @dataclass
@@ -123,49 +126,78 @@ class Predictor:
         threshold: float | None = None,
         *,
         regions: Sequence[Image.Image] | None = None,
+        label_out_of_scope: bool = False,
     ) -> list[Decision]:
         """Preprocess, score and decide a batch of decoded RGB images (see :class:`Decision`);
         the one path from images to answers of ``busdx predict``, evaluate and the API.
         ``regions``: what the model looks at in each image when it is not the whole image
-        (an ROI model's lesion boxes, :func:`busdx.transforms.region_of`)."""
+        (an ROI model's lesion boxes, :func:`busdx.transforms.region_of`). An input flagged out
+        of scope gets its probability and the reason, but no label unless
+        ``label_out_of_scope``."""
         if not images:
             return []
         inputs = torch.stack([self.transform(region) for region in (regions or images)])
-        return self.decide_inputs(inputs, [image_checks(image) for image in images], threshold)
+        checks = [image_checks(image) for image in images]
+        return self.decide_inputs(inputs, checks, threshold, label_out_of_scope=label_out_of_scope)
 
     def decide_inputs(
-        self, inputs: torch.Tensor, checks: list[list[str]], threshold: float | None = None
-    ) -> list[Decision]:
+        self, inputs: torch.Tensor, checks: list[list[str]], threshold: float | None = None,
+        *, label_out_of_scope: bool = False,
+    ) -> list[Decision]:  # fmt: skip
         """:meth:`decide_images` from preprocessed images (a batch tensor) and their
         :func:`busdx.scope.image_checks` (both made in loader workers by ``busdx predict``)."""
-        logits, distances = self.predict(inputs)
+        logits, distances, masks = self.predict(inputs)
         distances = [None] * len(inputs) if distances is None else distances.tolist()
+        masks = [None] * len(inputs) if masks is None else list(masks)
         decisions = []
-        for image_checks_, logit, probability, distance in zip(
-            checks, logits.tolist(), self.probabilities(logits).tolist(), distances, strict=True
-        ):
+        for image_checks_, logit, probability, distance, mask in zip(
+            checks, logits.tolist(), self.probabilities(logits).tolist(), distances, masks,
+            strict=True,
+        ):  # fmt: skip
+            flagged = self.out_of_scope(image_checks_, distance)
+            label = (
+                None if flagged and not label_out_of_scope else self.label(probability, threshold)
+            )
             decisions.append(Decision(
-                logit, probability, self.label(probability, threshold), distance,
-                self.out_of_scope(image_checks_, distance),
-                self.scope_reason(image_checks_, distance),
+                logit, probability, label, distance, flagged,
+                self.scope_reason(image_checks_, distance), mask,
+                likelihood_category(probability) if self.calibrated else None,
             ))  # fmt: skip
         return decisions
 
+    @property
+    def calibrated(self) -> bool:
+        """Whether probabilities are calibrated (temperature scaling fitted after training)."""
+        return "temperature" in self.metadata
+
+    @property
+    def outlines(self) -> bool:
+        """Whether the model outlines lesions (a torch model with a mask head)."""
+        return getattr(self.model, "mask_decoder", None) is not None
+
     @torch.inference_mode()
-    def predict(self, images: torch.Tensor) -> tuple[torch.Tensor, np.ndarray | None]:
-        """Raw log-odds of the positive class for a batch of preprocessed images, and each
-        image's out-of-scope distance (see :mod:`busdx.scope`; None without a fitted guard, or
-        from an ONNX model exported without one). The backbone runs once for both."""
+    def predict(
+        self, images: torch.Tensor
+    ) -> tuple[torch.Tensor, np.ndarray | None, np.ndarray | None]:
+        """Raw log-odds of the positive class for a batch of preprocessed images, each image's
+        out-of-scope distance (see :mod:`busdx.scope`; None without a fitted guard, or from an
+        ONNX model exported without one) and, from a model with a mask head, each image's
+        lesion-mask probabilities (N x H x W; else None). The backbone runs once for all."""
         if self.session is not None:  # an export of a guarded model has the distance too
             logits, *distances = self.session.run(None, {"images": images.numpy()})
-            return torch.from_numpy(logits), (distances[0] if distances else None)
+            return torch.from_numpy(logits), (distances[0] if distances else None), None
         images = images.to(self.device, non_blocking=True)
         scope = self.metadata.get(SCOPE_KEY)
         with autocast(self.device, self.precision):
-            if scope is None:
-                return self.model(images).float().cpu(), None
-            logits, features = logits_and_features(self.model, images)
-        return logits.cpu(), scope_distances(scope, features)
+            if self.outlines:
+                logits, masks, features = self.model.segment(images)
+                masks = torch.sigmoid(masks.float()).cpu().numpy()
+            elif scope is None:
+                return self.model(images).float().cpu(), None, None
+            else:
+                (logits, features), masks = logits_and_features(self.model, images), None
+        distances = None if scope is None else scope_distances(scope, features.float())
+        return logits.float().cpu(), distances, masks
 
     def scope_reason(self, checks: list[str], distance: float | None) -> str | None:
         """Why an input is out of scope (None: it is not, or there is no way to tell).
@@ -204,8 +236,9 @@ def load_model(
     int8 model when there is one and it was exported from the run's current ``model.pt`` (about
     3x the torch backend's speed here, see docs/benchmarks.md), else the torch model; on a GPU
     the torch model. ``threads`` caps the CPU threads the model uses (default: all cores).
-    ``precision`` ``bf16`` or ``fp16`` runs the torch model under autocast (a GPU, or a CPU
-    with native bf16); it selects the torch backend.
+    A model with a mask head is run by torch under ``auto``: its ONNX exports classify but do
+    not outline. ``precision`` ``bf16`` or ``fp16`` runs the torch model under autocast (a
+    GPU, or a CPU with native bf16); it selects the torch backend.
     """
     path = Path(path)
     if backend not in BACKENDS:
@@ -270,6 +303,10 @@ def _exported_int8(path: Path, device: str, threads: int | None) -> Predictor | 
         loaded = _load_onnx(int8, threads)
     except CheckpointError as exc:
         logger.warning("%s; using the torch model meanwhile", exc)
+        return None
+    if loaded.metadata.get("model", {}).get("mask_head"):
+        logger.info("the model outlines lesions with its mask head, which %s lacks: using the "
+                    "torch model", INT8_FILE)  # fmt: skip
         return None
     if loaded.metadata.get(INT8_WEIGHT_BITS) == 8 and not cpu_has_vnni():
         logger.info("%s has 8-bit weights, which this CPU (no VNNI or AMX) can saturate; using "

@@ -36,6 +36,7 @@ __all__ = [
     "PairedDelta",
     "ReaderComparison",
     "Result",
+    "Segmentation",
     "SiteSummary",
 ]
 
@@ -227,6 +228,21 @@ class ModelFacts(Result):
     epoch: int | None = None
 
 
+class Segmentation(Result):
+    """How well a mask-head model outlines lesions against the readers' masks
+    (:func:`busdx.segmentation.summarise_lesions`)."""
+
+    n: int  # images with a reader's mask
+    dice: float
+    dice_ci: tuple[float, float]
+    dice_median: float
+    iou: float
+    iou_ci: tuple[float, float]
+    outlined: int  # images where the model outlined something
+    long_axis_error: float | None  # mean |model - reader| longest diameter, in ``unit``
+    unit: str | None
+
+
 class Evaluation(Metrics):
     """``metrics.json``: a model on a labelled set, at its threshold (the inherited fields),
     at each candidate operating point, by site and scanner, and against the readers.
@@ -250,6 +266,7 @@ class Evaluation(Metrics):
     per_site: dict[str, Metrics | OneClassGroup] | None = None
     per_scanner: dict[str, Metrics | OneClassGroup] | None = None
     readers: ReaderComparison | None = None
+    segmentation: Segmentation | None = None
 
 
 class SensitivitySpecificity(Result):

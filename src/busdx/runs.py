@@ -21,6 +21,7 @@ from busdx.data import (
     LabelledDataset,
     apply_split_file,
     attach_boxes,
+    attach_masks,
     draw_split,
     merge_groups,
     scan_sites,
@@ -103,6 +104,8 @@ def prepare_dataset(
 def _scan(config: Config, sources: str | Path | Sequence[str | Path]) -> LabelledDataset:
     sources = [sources] if isinstance(sources, str | Path) else list(sources)
     dataset = scan_sites(sources, config.data.classes, include_normal=config.data.include_normal)
+    if config.model.mask_head:
+        dataset = attach_masks(dataset)
     if config.data.region == "box":
         return attach_boxes(dataset, config.data.boxes)
     # a table's boxes are for ROI models only: a whole-image model takes none

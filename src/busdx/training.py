@@ -38,9 +38,11 @@ from busdx.loading import (
     EpochSampler,
     ImageDataset,
     make_loader,
+    read_sample,
     resolve_workers,
     site_balanced_weights,
 )
+from busdx.losses import LesionLoss, Outputs
 from busdx.metrics import is_positive
 from busdx.models import BinaryClassifier, WeightsInfo, create_model
 from busdx.transforms import (
@@ -48,7 +50,6 @@ from busdx.transforms import (
     build_augment_transform,
     build_decode_transform,
     build_normalize_transform,
-    load_region,
 )
 
 __all__ = [
@@ -84,14 +85,15 @@ def _epoch_seed(seed: int, epoch: int) -> int:
     return seed * 1_000 + epoch
 
 
-def _right(logits: torch.Tensor, labels: torch.Tensor) -> int:
+def _right(outputs: Outputs, labels: torch.Tensor) -> int:
     """How many decisions at probability 0.5 (:func:`busdx.metrics.is_positive`) are right."""
+    logits = outputs[0] if isinstance(outputs, tuple) else outputs
     called = is_positive(torch.sigmoid(logits.float()), 0.5)
     return int((called.float() == labels).sum().item())
 
 
 def train_one_epoch(
-    forward: Callable[[torch.Tensor], torch.Tensor],
+    forward: Callable[[torch.Tensor], Outputs],
     loader: Iterable,
     optimizer: torch.optim.Optimizer,
     criterion: nn.Module,
@@ -100,18 +102,20 @@ def train_one_epoch(
     precision: str = "fp32",
     scaler: torch.amp.GradScaler | None = None,
 ) -> tuple[float, int, int]:
-    """One pass of ``forward`` (images or features -> logits) over ``loader``.
+    """One pass of ``forward`` (images or features -> logits, or logits and mask logits) over
+    ``loader``, whose batches are ``(inputs, labels[, masks, has_mask])``.
 
     Returns the summed loss, the number right at probability 0.5 and the number seen (summed over
     processes by the caller). ``scaler`` scales fp16 losses. The caller sets train mode.
     """
     total_loss, correct, seen = 0.0, 0, 0
-    for inputs, labels in loader:
+    for inputs, labels, *masks in loader:
         inputs = inputs.to(device, non_blocking=True)
         labels = labels.to(device, non_blocking=True).float()
+        masks = [m.to(device, non_blocking=True).float() for m in masks]
         with autocast(device, precision):
             logits = forward(inputs)
-            loss = criterion(logits.float(), labels)
+            loss = criterion(logits, labels, *masks)
         optimizer.zero_grad(set_to_none=True)
         if scaler is not None:
             scaler.scale(loss).backward()
@@ -137,12 +141,13 @@ def evaluate(
 ) -> tuple[float, int, int]:
     """Summed loss, number right and number seen of ``forward`` over ``loader``."""
     total_loss, correct, seen = 0.0, 0, 0
-    for inputs, labels in loader:
+    for inputs, labels, *masks in loader:
         inputs = inputs.to(device, non_blocking=True)
         labels = labels.to(device, non_blocking=True).float()
+        masks = [m.to(device, non_blocking=True).float() for m in masks]
         with autocast(device, precision):
-            logits = forward(inputs).float()
-        total_loss += criterion(logits, labels).item() * len(labels)
+            logits = forward(inputs)
+        total_loss += criterion(logits, labels, *masks).item() * len(labels)
         correct += _right(logits, labels)
         seen += len(labels)
     return total_loss, correct, seen
@@ -170,8 +175,10 @@ class _Trainable(nn.Module):
         self.model = model
         self.on_stem_outputs = on_stem_outputs
 
-    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
-        return self.model.from_stem(inputs) if self.on_stem_outputs else self.model(inputs)
+    def forward(self, inputs: torch.Tensor) -> Outputs:
+        if self.on_stem_outputs:
+            return self.model.from_stem(inputs)
+        return self.model.segment(inputs) if self.model.mask_decoder else self.model(inputs)
 
 
 def _write_history(path: Path, history: list[EpochRecord]) -> None:
@@ -222,12 +229,14 @@ def _inputs(
         return CachedFeatures(train, cache, views), CachedFeatures(val_share, cache, [0]), True
     decode = build_decode_transform(prep)
     jitter = config.augment.box_jitter if prep.region == "box" else 0.0
-    train_read = functools.partial(load_region, prep=prep, jitter=jitter)
-    augment = build_augment_transform(prep, config.augment)
+    masks = config.model.mask_head
+    augment = build_augment_transform(prep, config.augment, with_mask=masks)
+    train_read = functools.partial(read_sample, prep=prep, jitter=jitter, masks=masks)
     train_set = ImageDataset(train, decode, augment, seed=config.train.seed, read=train_read,
-                             random_read=jitter > 0)  # fmt: skip
-    val_set = ImageDataset(val_share, decode, build_normalize_transform(prep),
-                           read=functools.partial(load_region, prep=prep))  # fmt: skip
+                             random_read=jitter > 0, masks=masks)  # fmt: skip
+    val_set = ImageDataset(val_share, decode, build_normalize_transform(prep, with_mask=masks),
+                           read=functools.partial(read_sample, prep=prep, masks=masks),
+                           masks=masks)  # fmt: skip
     budget = config.data.memory_cache_mb
     for images in (train_set, val_set) if not model.backbone_frozen else (train_set,):
         if images.preload(image_size=prep.image_size, limit_mb=budget, workers=workers,
@@ -352,7 +361,7 @@ def build_loaders(
     if world.distributed:
         ids = [device.index] if device.type == "cuda" else None  # this process's GPU
         step = DistributedDataParallel(step, device_ids=ids)
-    val_forward = model.from_stem if isinstance(val_set, TensorDataset | CachedFeatures) else model
+    val_forward = _Trainable(model, isinstance(val_set, TensorDataset | CachedFeatures))
     balanced = config.train.sampling == "balanced_sites"
     sample_weights = site_balanced_weights(train_set.samples) if balanced else None
     sampler = EpochSampler(train_set, seed=config.train.seed, rank=world.rank,
@@ -402,7 +411,7 @@ def fit(
     if _finished(config, state):
         return state.history
     loaders = build_loaders(config, dataset, model, prep, weights, device, progress)
-    criterion = nn.BCEWithLogitsLoss()
+    criterion = LesionLoss(config.train.mask_weight)
     epochs, precision = config.train.epochs, config.train.precision
     for epoch in range(state.next_epoch, epochs + 1):
         started = time.perf_counter()

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import hashlib
 import math
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -18,7 +20,7 @@ from PIL import Image
 from scipy import ndimage
 from torchvision.transforms import v2
 
-from busdx.boxes import crop_to_box
+from busdx.boxes import crop_to_box, read_mask
 from busdx.config import AugmentConfig
 from busdx.errors import BoxError
 from busdx.imaging import Box, ImageInput, load_image
@@ -28,6 +30,7 @@ __all__ = [
     "MaskAnnotations",
     "PadToSquare",
     "Preprocessing",
+    "SplitMask",
     "UltrasoundIntensity",
     "annotation_mask",
     "build_augment_transform",
@@ -37,6 +40,7 @@ __all__ = [
     "build_train_transform",
     "content_box",
     "load_region",
+    "load_region_and_mask",
     "mask_annotations",
     "region_of",
 ]
@@ -117,6 +121,17 @@ def load_region(item: ImageInput, prep: Preprocessing, *, jitter: float = 0.0) -
     return region_of(image, item.box, prep, jitter=jitter, name=item.name)
 
 
+def load_region_and_mask(
+    item: ImageInput, masks: Sequence[Path], prep: Preprocessing, *, jitter: float = 0.0
+) -> Image.Image:
+    """:func:`load_region` with the lesion mask (the union of ``masks``; empty when there is
+    none) as the alpha channel, so that every crop, pad, resize and random geometric step that
+    follows moves image and mask together (see :func:`build_augment_transform`)."""
+    image = load_image(item.path, frame=item.frame)
+    image.putalpha(read_mask(masks, image.size) if masks else 0)
+    return region_of(image, item.box, prep, jitter=jitter, name=item.name)
+
+
 def content_box(
     image: Image.Image, *, dark: int = 12, texture: float = 2.0, min_fill: float = 0.3,
     max_gap: float = 0.15,
@@ -185,7 +200,10 @@ def mask_annotations(image: Image.Image) -> Image.Image:
     grey = np.asarray(image.convert("L"))
     pixels = np.asarray(image.convert("RGB")).copy()
     pixels[marks] = ndimage.median_filter(grey, size=11)[marks][:, None]
-    return Image.fromarray(pixels)
+    painted = Image.fromarray(pixels)
+    if image.mode == "RGBA":  # a lesion mask riding along (see load_region_and_mask)
+        painted.putalpha(image.getchannel("A"))
+    return painted
 
 
 class MaskAnnotations(v2.Transform):
@@ -263,8 +281,13 @@ def build_decode_transform(prep: Preprocessing) -> v2.Compose:
     return v2.Compose([*_geometry(prep), v2.PILToTensor(), _resize(prep)])
 
 
-def build_normalize_transform(prep: Preprocessing) -> v2.Compose:
-    """uint8 tensor of :func:`build_decode_transform` -> normalized float tensor."""
+def build_normalize_transform(
+    prep: Preprocessing, *, with_mask: bool = False
+) -> v2.Compose | SplitMask:
+    """uint8 tensor of :func:`build_decode_transform` -> normalized float tensor (with the
+    lesion mask as a fourth channel: ``(image, mask)``, see :class:`SplitMask`)."""
+    if with_mask:
+        return SplitMask([], _to_normalized_tensor(prep))
     return v2.Compose(_to_normalized_tensor(prep))
 
 
@@ -329,17 +352,37 @@ class UltrasoundIntensity(v2.Transform):
         return (x.clamp(0, 1) * 255.0).to(torch.float32)
 
 
-def build_augment_transform(prep: Preprocessing, augment: AugmentConfig) -> v2.Compose:
+class SplitMask:
+    """Run ``geometry`` on an RGB + mask (alpha) uint8 tensor, so that image and mask move
+    together, then ``image_steps`` on the RGB channels alone: ``(image, mask)``, the mask as
+    0/1 floats (thresholded at half, after bilinear resampling)."""
+
+    def __init__(self, geometry: Sequence[Callable], image_steps: Sequence[Callable]) -> None:
+        self.geometry, self.image_steps = list(geometry), list(image_steps)
+
+    def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        for step in self.geometry:
+            x = step(x)
+        image = x[:3]
+        for step in self.image_steps:
+            image = step(image)
+        return image, (x[3] >= 128).float()
+
+
+def build_augment_transform(
+    prep: Preprocessing, augment: AugmentConfig, *, with_mask: bool = False
+) -> v2.Compose | SplitMask:
     """The random part of the training transform, on the uint8 tensor of
     :func:`build_decode_transform`: random rotation, shift, shear, zoom and horizontal flip, then
     ultrasound intensity changes when any is set (see :class:`UltrasoundIntensity`), then
-    normalization.
+    normalization. ``with_mask``: the tensor carries the lesion mask as a fourth channel, moved
+    by the geometric steps only (see :class:`SplitMask`).
 
     Mirrors Keras' ImageDataGenerator(rotation_range, width/height_shift_range, shear_range,
     zoom_range, horizontal_flip) except that zoom is isotropic and the border is filled with
     black (ultrasound frames are black outside the scan) instead of repeating edge pixels.
     """
-    steps: list[v2.Transform] = [
+    geometry: list[v2.Transform] = [
         v2.RandomAffine(
             degrees=augment.rotation_degrees,
             translate=(augment.width_shift, augment.height_shift),
@@ -349,11 +392,15 @@ def build_augment_transform(prep: Preprocessing, augment: AugmentConfig) -> v2.C
         )
     ]
     if augment.horizontal_flip:
-        steps.append(v2.RandomHorizontalFlip())
+        geometry.append(v2.RandomHorizontalFlip())
+    image_steps: list[v2.Transform] = []
     intensity = {name: getattr(augment, name) for name in INTENSITY_KEYS}
     if any(intensity.values()):
-        steps.append(UltrasoundIntensity(**intensity))
-    return v2.Compose(steps + _to_normalized_tensor(prep))
+        image_steps.append(UltrasoundIntensity(**intensity))
+    image_steps += _to_normalized_tensor(prep)
+    if with_mask:
+        return SplitMask(geometry, image_steps)
+    return v2.Compose(geometry + image_steps)
 
 
 def build_train_transform(prep: Preprocessing, augment: AugmentConfig) -> v2.Compose:

@@ -33,13 +33,11 @@ def run(args: argparse.Namespace) -> int:
                     progress=not args.no_progress)  # fmt: skip
     print(format_metrics(demo.metrics))
     for row in demo.predictions:
-        print(f"  predict {Path(row.path).name}: p(malignant)={row.probability:.3f} -> {row.label}")
+        print(f"  predict {Path(row.path).name}: {row.summary()}")
     if demo.bundled_predictions:
         print(f"the bundled model {DEFAULT_MODEL} (trained on real scans) on the same files:")
     for row in demo.bundled_predictions:
-        scope = f"out of scope ({row.scope_reason})" if row.out_of_scope else "in scope"
-        print(f"  predict {Path(row.path).name}: p(malignant)={row.probability:.3f} -> "
-              f"{row.label}; {scope}")  # fmt: skip
+        print(f"  predict {Path(row.path).name}: {row.summary()}")
     files = (TRAINING_CURVES, SAMPLE_PREDICTIONS, ROC_CURVE, METRICS_FILE, MODEL_FILE)
     print(f"demo finished in {demo.seconds:.0f} s; outputs in {demo.run_dir} ({', '.join(files)})")
     return 0

@@ -47,21 +47,17 @@ def register(commands: Subcommands) -> None:
         help="only every N-th image, starting at the I-th (I = 0..N-1): one job of an array",
     )  # fmt: skip
     add_precision(parser)
-    parser.add_argument(
-        "--ray", action="store_true",
-        help="run on Ray with the exported ONNX model; needs --out; resumable: re-run to "
-        "finish after a failure",
-    )  # fmt: skip
-    parser.add_argument(
-        "--ray-address", default="local", metavar="ADDRESS",
-        help="local (default: start Ray on this machine), auto, or ray://host:10001",
-    )  # fmt: skip
-    parser.add_argument(
-        "--ray-workers", type=int, default=2, help="Ray model actors (one CPU each)"
-    )
+    _add_ray_options(parser)
     parser.add_argument(
         "--explain", metavar="OUTDIR", help="also write Grad-CAM overlays (PNG) into OUTDIR"
     )
+    _add_input_options(parser)
+    _add_output_options(parser)
+    add_common(parser)
+    parser.set_defaults(func=run)
+
+
+def _add_input_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--frame", default="0", metavar="N|all",
         help="DICOM frame to classify (default 0, the first), or all: one row per frame",
@@ -74,8 +70,32 @@ def register(commands: Subcommands) -> None:
         "--boxes", metavar="FILE",
         help="CSV of lesion boxes: a path column and x, y, w, h (or box) columns",
     )  # fmt: skip
-    add_common(parser)
-    parser.set_defaults(func=run)
+
+
+def _add_ray_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--ray", action="store_true",
+        help="run on Ray with the exported ONNX model; needs --out; resumable: re-run to "
+        "finish after a failure",
+    )  # fmt: skip
+    parser.add_argument(
+        "--ray-address", default="local", metavar="ADDRESS",
+        help="local (default: start Ray on this machine), auto, or ray://host:10001",
+    )  # fmt: skip
+    parser.add_argument(
+        "--ray-workers", type=int, default=2, help="Ray model actors (one CPU each)"
+    )
+
+
+def _add_output_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--label-out-of-scope", action="store_true",
+        help="also label inputs flagged out of scope (default: probability and reason only)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--pixel-size", type=float, metavar="MM",
+        help="pixel size in mm, to measure lesions in mm (a DICOM's own spacing comes first)",
+    )  # fmt: skip
 
 
 def run(args: argparse.Namespace) -> int:
@@ -88,6 +108,7 @@ def run(args: argparse.Namespace) -> int:
         device=args.device, backend=args.backend, precision=args.precision,
         threads=args.threads, batch_size=args.batch_size, threshold=args.threshold,
         workers=args.workers, explain=args.explain, progress=not args.no_progress,
+        label_out_of_scope=args.label_out_of_scope, pixel_size=args.pixel_size,
     )  # fmt: skip
     count = summary.predicted + summary.failed
     logger.info(

@@ -13,15 +13,36 @@ from PIL import Image
 from busdx import __version__
 from busdx.boxes import parse_box
 from busdx.errors import BusdxError
-from busdx.imaging import decode_image
+from busdx.imaging import Box, decode_image
 from busdx.layout import MODEL_FILE
+from busdx.lesion import Lesion
+from busdx.outline import lesion_from_mask, region_view
 from busdx.predictor import Predictor, load_model
 from busdx.runs import load_run
 from busdx.serving.guard import Gate
 from busdx.serving.settings import ServeSettings
 from busdx.transforms import region_of
 
-__all__ = ["ModelService", "Service", "load_service"]
+__all__ = ["ModelService", "Service", "Upload", "lesion_body", "load_service"]
+
+
+@dataclass(frozen=True)
+class Upload:
+    """One uploaded image, decoded: its name, the image, the region the model looks at and
+    the lesion box that made it (ROI models)."""
+
+    name: str
+    image: Image.Image
+    region: Image.Image
+    box: Box | None
+
+
+def lesion_body(lesion: Lesion) -> dict[str, Any]:
+    """The API's ``lesion`` field (see :class:`busdx.serving.schemas.LesionBody`)."""
+    fields = ("unit", "long_axis", "short_axis", "width", "height", "shape", "orientation",
+              "margin", "posterior")  # fmt: skip
+    body = {name: getattr(lesion, name) for name in fields}
+    return body | {"outline": [list(point) for point in lesion.outline]}
 
 
 @dataclass
@@ -35,22 +56,43 @@ class ModelService:
     card: dict[str, Any]
     gate: Gate
 
-    async def read(self, upload: UploadFile, box: str | None, frame: int) -> tuple[str, Any, Any]:
-        """The upload's name, decoded image (its DICOM ``frame``) and the region the model
-        looks at (the lesion ``box`` of an ROI model); 4xx errors as exceptions."""
+    async def read(self, upload: UploadFile, box: str | None, frame: int) -> Upload:
+        """The upload decoded (its DICOM ``frame``), with the region the model looks at (the
+        lesion ``box`` of an ROI model); 4xx errors as exceptions."""
         name = upload.filename or "upload"
         data = await upload.read()
         image = decode_image(data, name, frame=frame, max_pixels=self.settings.max_pixels)
         parsed = parse_box(box) if box else None
-        return name, image, region_of(image, parsed, self.predictor.preprocessing, name=name)
+        region = region_of(image, parsed, self.predictor.preprocessing, name=name)
+        return Upload(name, image, region, parsed)
 
-    def decide(self, images: list[Image.Image], regions: list[Image.Image]) -> list[dict[str, Any]]:
-        """The server's decisions: probability, label at its threshold, scope flag."""
-        return [
-            {"probability_malignant": round(decision.probability, 6), "label": decision.label,
-             "out_of_scope": decision.out_of_scope, "scope_reason": decision.scope_reason}
-            for decision in self.predictor.decide_images(images, regions=regions)
-        ]  # fmt: skip
+    def decide(
+        self, uploads: list[Upload], *, label_out_of_scope: bool = False,
+        pixel_size: float | None = None,
+    ) -> list[dict[str, Any]]:  # fmt: skip
+        """The server's decisions: probability, label at its threshold (none for an input
+        out of scope unless ``label_out_of_scope``), scope flag, likelihood category and, from
+        a model with a mask head, the lesion (in mm with ``pixel_size`` or a DICOM's spacing)."""
+        predictor, prep = self.predictor, self.predictor.preprocessing
+        decisions = predictor.decide_images(
+            [u.image for u in uploads], regions=[u.region for u in uploads],
+            label_out_of_scope=label_out_of_scope,
+        )  # fmt: skip
+        spacing = None if pixel_size is None else (pixel_size, pixel_size)
+        answers = []
+        for upload, decision in zip(uploads, decisions, strict=True):
+            lesion = None
+            if decision.mask is not None:
+                view = region_view(upload.image, upload.box, prep, spacing)
+                lesion = lesion_from_mask(decision.mask, view, prep)
+            answers.append({
+                "probability_malignant": round(decision.probability, 6),
+                "label": decision.label, "out_of_scope": decision.out_of_scope,
+                "scope_reason": decision.scope_reason,
+                "likelihood_category": decision.likelihood_category,
+                "lesion": None if lesion is None else lesion_body(lesion),
+            })  # fmt: skip
+        return answers
 
 
 def load_service(run: str | Path, settings: ServeSettings) -> ModelService:

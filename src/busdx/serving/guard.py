@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import hmac
 from typing import Any
 
@@ -76,11 +77,12 @@ class Gate:
         self.limiter = anyio.CapacityLimiter(workers)
         self.queue_size, self.waiting = queue_size, 0
 
-    async def run(self, function: Any, *args: Any) -> Any:
+    async def run(self, function: Any, *args: Any, **kwargs: Any) -> Any:
         if self.waiting >= self.queue_size:
             raise ApiError(503, "busy", "too many requests are waiting; retry shortly")
         self.waiting += 1
+        call = functools.partial(function, *args, **kwargs)
         try:
-            return await anyio.to_thread.run_sync(function, *args, limiter=self.limiter)
+            return await anyio.to_thread.run_sync(call, limiter=self.limiter)
         finally:
             self.waiting -= 1

@@ -6,20 +6,47 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
+from busdx.likelihood import CATEGORY_LABEL
+
 __all__ = [
     "BOX_HELP",
     "ERRORS",
+    "LABEL_HELP",
+    "PIXEL_HELP",
     "ErrorBody",
     "ExplainResponse",
     "Health",
+    "LesionBody",
     "PredictResponse",
     "Prediction",
 ]
 
+LABEL_HELP = "also label an input flagged out of scope (default: probability and reason only)"
+PIXEL_HELP = "pixel size in mm, to measure lesions in mm (a DICOM's own spacing comes first)"
 BOX_HELP = (
     "lesion box x,y,w,h in the image's pixels: required by a model trained on boxes "
     "(preprocessing.region: box), refused by a whole-image model"
 )
+
+
+class LesionBody(BaseModel):
+    """The lesion outlined by the model's mask head, measured on the image (see
+    :mod:`busdx.lesion` for each descriptor's rule)."""
+
+    unit: Literal["mm", "px"] = Field(description="mm when the pixel size is known")
+    long_axis: float = Field(description="longest diameter")
+    short_axis: float = Field(description="longest diameter perpendicular to it")
+    width: float = Field(description="horizontal extent")
+    height: float = Field(description="vertical extent (depth)")
+    shape: Literal["oval", "round", "irregular"]
+    orientation: Literal["parallel", "not parallel"] = Field(
+        description='"not parallel": taller than wide'
+    )
+    margin: Literal["circumscribed", "not circumscribed"]
+    posterior: Literal["enhancement", "shadowing", "none"] | None = Field(
+        description="posterior features; null when the image leaves no room to measure"
+    )
+    outline: list[list[float]] = Field(description="closed polygon, [x, y] in image pixels")
 
 
 class Prediction(BaseModel):
@@ -27,12 +54,19 @@ class Prediction(BaseModel):
 
     filename: str
     probability_malignant: float | None
-    label: str | None = Field(description="the decision, made by the server at its threshold")
+    label: str | None = Field(
+        description="the decision, made by the server at its threshold; null for an input out "
+        "of scope (unless label_out_of_scope) or unreadable"
+    )
     threshold: float
     out_of_scope: bool | None = Field(description="far from the training images, or not a scan")
     scope_reason: str | None
     error: str | None
     box: str | None = Field(default=None, description="the lesion box used, x,y,w,h")
+    likelihood_category: Literal["3", "4a", "4b", "4c", "5"] | None = Field(
+        default=None, description=CATEGORY_LABEL + " of the calibrated probability"
+    )
+    lesion: LesionBody | None = Field(default=None, description="from a model with a mask head")
 
 
 class PredictResponse(BaseModel):

@@ -14,7 +14,7 @@ from busdx.explain import explain_image
 from busdx.layout import MODEL_FILE
 from busdx.serving.deps import Service
 from busdx.serving.errors import ApiError
-from busdx.serving.schemas import BOX_HELP, ERRORS, ExplainResponse
+from busdx.serving.schemas import BOX_HELP, ERRORS, LABEL_HELP, PIXEL_HELP, ExplainResponse
 
 router = APIRouter()
 
@@ -28,6 +28,8 @@ async def explain(
     format: Annotated[Literal["png", "json"], Query()] = "png",
     box: Annotated[str | None, Form(description=BOX_HELP)] = None,
     frame: Annotated[int, Form(ge=0, description="DICOM frame (0: the first)")] = 0,
+    label_out_of_scope: Annotated[bool, Form(description=LABEL_HELP)] = False,
+    pixel_size: Annotated[float | None, Form(gt=0, le=10, description=PIXEL_HELP)] = None,
 ) -> Response:
     """Grad-CAM overlay at the image's original size (field ``file``).
 
@@ -41,18 +43,24 @@ async def explain(
             501, "explain_unavailable",
             f"Grad-CAM needs the PyTorch model ({MODEL_FILE}); this server has only ONNX",
         )  # fmt: skip
-    name, image, region = await service.read(file, box, frame)
-    (decision,) = await service.gate.run(service.decide, [image], [region])
-    explanation = await service.gate.run(explain_image, service.explainer, region)
+    upload = await service.read(file, box, frame)
+    (decision,) = await service.gate.run(
+        service.decide, [upload], label_out_of_scope=label_out_of_scope, pixel_size=pixel_size
+    )
+    explanation = await service.gate.run(explain_image, service.explainer, upload.region)
     buffer = io.BytesIO()
     explanation.overlay.save(buffer, format="PNG")
     backend = service.predictor.backend
     if format == "png":
         headers = {"X-Probability": str(decision["probability_malignant"]),
-                   "X-Label": decision["label"], "X-Backend": backend}  # fmt: skip
+                   "X-Out-Of-Scope": str(decision["out_of_scope"]).lower(),
+                   "X-Backend": backend}  # fmt: skip
+        if decision["label"] is not None:  # none for an input out of scope
+            headers["X-Label"] = decision["label"]
         return Response(buffer.getvalue(), media_type="image/png", headers=headers)
     answer = ExplainResponse(
-        filename=name, threshold=service.predictor.threshold, error=None, box=box, **decision,
+        filename=upload.name, threshold=service.predictor.threshold, error=None, box=box,
+        **decision,
         overlay_png_base64=base64.b64encode(buffer.getvalue()).decode("ascii"),
         timing_ms=round((time.perf_counter() - started) * 1000, 1),
         backend=backend, overlay_backend="torch",

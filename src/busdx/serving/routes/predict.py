@@ -10,7 +10,7 @@ from fastapi import APIRouter, File, Form, UploadFile
 from busdx.errors import BoxError, ImageDecodeError
 from busdx.serving.deps import Service
 from busdx.serving.errors import ApiError
-from busdx.serving.schemas import BOX_HELP, ERRORS, PredictResponse
+from busdx.serving.schemas import BOX_HELP, ERRORS, LABEL_HELP, PIXEL_HELP, PredictResponse
 
 router = APIRouter()
 
@@ -21,6 +21,8 @@ async def predict(
     files: Annotated[list[UploadFile], File(min_length=1, description="one or several images")],
     box: Annotated[list[str] | None, Form(description=BOX_HELP)] = None,
     frame: Annotated[int, Form(ge=0, description="DICOM frame (0: the first)")] = 0,
+    label_out_of_scope: Annotated[bool, Form(description=LABEL_HELP)] = False,
+    pixel_size: Annotated[float | None, Form(gt=0, le=10, description=PIXEL_HELP)] = None,
 ) -> PredictResponse:
     """Probability of malignancy for each uploaded image (multipart field ``files``), with
     its lesion box (field ``box``, ``x,y,w,h``, one per file in order) for a model trained
@@ -44,16 +46,18 @@ async def predict(
                "probability_malignant": None, "label": None, "out_of_scope": None,
                "scope_reason": None, "error": None, "box": given}  # fmt: skip
         try:
-            readable.append((row, *(await service.read(upload, given, frame))[1:]))
+            readable.append((row, await service.read(upload, given, frame)))
         except (ImageDecodeError, BoxError) as exc:
             first_error = first_error or exc
             row["error"] = str(exc)
         rows.append(row)
     if not readable:
         raise first_error
-    images, regions = [item[1] for item in readable], [item[2] for item in readable]
-    results = await service.gate.run(service.decide, images, regions)
-    for (row, *_), result in zip(readable, results, strict=True):
+    results = await service.gate.run(
+        service.decide, [upload for _, upload in readable],
+        label_out_of_scope=label_out_of_scope, pixel_size=pixel_size,
+    )  # fmt: skip
+    for (row, _), result in zip(readable, results, strict=True):
         row.update(result)
     elapsed = (time.perf_counter() - started) * 1000
     return PredictResponse(

@@ -1,0 +1,184 @@
+"""The mask head: masks travel with their images, the loss, learning to outline, and the
+outline and measurements in ``busdx predict``, ``busdx evaluate`` and the API."""
+
+import csv
+import io
+import json
+
+import numpy as np
+import pytest
+import torch
+from fastapi.testclient import TestClient
+from PIL import Image
+
+from busdx.boxes import find_masks
+from busdx.cli import main
+from busdx.config import AugmentConfig, ModelConfig
+from busdx.data import attach_masks, scan_dataset
+from busdx.loading import ImageDataset, read_sample
+from busdx.losses import LesionLoss
+from busdx.models import create_model
+from busdx.outline import lesion_from_mask, region_view
+from busdx.serving import ServeSettings, create_app
+from busdx.transforms import (
+    Preprocessing,
+    build_augment_transform,
+    build_decode_transform,
+    build_normalize_transform,
+)
+
+
+def _prep(size=64, **kwargs):
+    return Preprocessing(size, (0.0,) * 3, (1.0,) * 3, **kwargs)
+
+
+def test_geometric_augmentation_moves_image_and_mask_together():
+    """The mask rides as the image's fourth channel: after a random affine and flip it still
+    covers exactly the bright square it was drawn on."""
+    pixels = np.zeros((4, 64, 64), dtype=np.uint8)
+    pixels[:, 10:30, 20:50] = 255  # bright square in RGB, and the same square as the mask
+    augment = AugmentConfig(rotation_degrees=30, width_shift=0.2, height_shift=0.2,
+                            shear_degrees=10, zoom=0.2, horizontal_flip=True)  # fmt: skip
+    transform = build_augment_transform(_prep(), augment, with_mask=True)
+    for seed in range(5):
+        torch.manual_seed(seed)
+        image, mask = transform(torch.from_numpy(pixels))
+        bright = image[0] > 127
+        assert mask.shape == (64, 64) and set(mask.unique().tolist()) <= {0.0, 1.0}
+        overlap = (bright & (mask > 0)).sum() / (bright | (mask > 0)).sum()
+        assert overlap > 0.9, (seed, float(overlap))
+
+
+def test_a_sample_without_a_mask_still_trains_the_classifier(masked_data, tmp_path):
+    dataset = attach_masks(scan_dataset(masked_data, ["benign", "malignant"]))
+    assert all(s.masks for s in dataset.samples)
+    samples = [dataset.samples[0], type(dataset.samples[1])(**{**dataset.samples[1].__dict__,
+                                                               "masks": ()})]  # fmt: skip
+    prep = _prep()
+    images = ImageDataset(samples, build_decode_transform(prep),
+                          build_normalize_transform(prep, with_mask=True),
+                          read=lambda s: read_sample(s, prep, masks=True), masks=True)  # fmt: skip
+    assert images.preload(image_size=64, limit_mb=10) and images.decoded.shape[1] == 4
+    image, label, mask, has_mask = images[0]
+    assert image.shape == (3, 64, 64) and mask.sum() > 0 and has_mask == 1.0
+    assert label == samples[0].label
+    _, _, empty, flag = images[1]
+    assert empty.sum() == 0 and flag == 0.0
+
+
+def test_the_bus_bra_release_masks_are_found(tmp_path):
+    (tmp_path / "Images").mkdir()
+    (tmp_path / "Masks").mkdir()
+    Image.new("L", (40, 30)).save(tmp_path / "Images" / "bus_0007-r.png")
+    Image.new("L", (40, 30)).save(tmp_path / "Masks" / "mask_0007-r.png")
+    found = find_masks(tmp_path / "Images" / "bus_0007-r.png", tmp_path)
+    assert found == [tmp_path / "Masks" / "mask_0007-r.png"]
+    assert find_masks(tmp_path / "Images" / "bus_0008-r.png", tmp_path) == []
+
+
+def test_the_loss_counts_masks_only_where_images_have_one():
+    logits, labels = torch.tensor([2.0, -1.0]), torch.tensor([1.0, 0.0])
+    masks = torch.zeros(2, 8, 8)
+    masks[:, 2:6, 2:6] = 1
+    classifier_only = torch.nn.functional.binary_cross_entropy_with_logits(logits, labels)
+    bad_outline = torch.full((2, 8, 8), 5.0)  # everything called lesion
+    loss = LesionLoss(mask_weight=1.0)
+    assert loss(logits, labels) == pytest.approx(classifier_only.item())
+    none = loss((logits, bad_outline), labels, masks, torch.zeros(2))
+    assert none.item() == pytest.approx(classifier_only.item())  # no mask: classifier alone
+    perfect = (masks * 20 - 10).clone()
+    good = loss((logits, perfect), labels, masks, torch.ones(2)).item()
+    bad = loss((logits, bad_outline), labels, masks, torch.ones(2)).item()
+    assert classifier_only.item() < good < classifier_only.item() + 0.01 < bad
+
+
+def test_the_mask_head_learns_to_outline_lesions(masked_data):
+    """A few dozen steps on 8 images: the outline overlaps the reader's mask (Dice > 0.8)."""
+    torch.manual_seed(0)
+    config = ModelConfig(name="efficientnet_lite0", weights="none", freeze_backbone=False,
+                         pooling="avg", hidden_units=0, mask_head=True)  # fmt: skip
+    model, _, _ = create_model(config, image_size=64)
+    dataset = attach_masks(scan_dataset(masked_data, ["benign", "malignant"]))
+    prep = _prep()
+    images = ImageDataset(dataset.samples[:8], build_decode_transform(prep),
+                          build_normalize_transform(prep, with_mask=True),
+                          read=lambda s: read_sample(s, prep, masks=True), masks=True)  # fmt: skip
+    items = [images[i] for i in range(8)]
+    inputs, labels, masks, has_mask = (torch.stack([torch.as_tensor(item[k]) for item in items])
+                                       for k in range(4))  # fmt: skip
+    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
+    loss = LesionLoss()
+    model.train()
+    for _ in range(60):
+        optimizer.zero_grad()
+        loss(model.segment(inputs / 128 - 1), labels.float(), masks, has_mask.float()).backward()
+        optimizer.step()
+    with torch.no_grad():  # batch statistics: from random weights, BatchNorm's running ones
+        # (momentum 0.01, as in the TF-trained Lite weights) need far more than 60 steps
+        predicted = torch.sigmoid(model.segment(inputs / 128 - 1).masks) > 0.5
+    overlap = 2 * (predicted & (masks > 0)).sum() / (predicted.sum() + (masks > 0).sum())
+    assert overlap > 0.8, float(overlap)
+
+
+def test_a_mask_head_on_a_frozen_backbone_is_a_one_line_error(masked_data, tmp_path, capsys):
+    code = main(["train", "--data", str(masked_data), "--out", str(tmp_path / "r"), "--set",
+                 "model.mask_head=true", "--weights", "none", "--no-progress"])  # fmt: skip
+    assert code == 2
+    assert "freeze_backbone false" in capsys.readouterr().err.strip().splitlines()[-1]
+
+
+def test_an_outline_is_placed_back_on_the_scan_through_padding():
+    """A 200 x 100 scan padded to 200 x 200 and resized to 64: the input's rows 24-40 and
+    columns 16-48 are the padded square's rows 75-125 and columns 50-150, so the scan's rows
+    25-75 (50 rows of padding above)."""
+    scan = Image.new("RGB", (200, 100), (90, 90, 90))
+    prep = _prep(resize="pad")
+    mask = np.zeros((64, 64), dtype=np.float32)
+    mask[24:40, 16:48] = 1.0
+    lesion = lesion_from_mask(mask, region_view(scan, None, prep, (0.2, 0.2)), prep)
+    outline = np.array(lesion.outline)
+    assert outline.min(axis=0) == pytest.approx([50, 25], abs=2)
+    assert outline.max(axis=0) == pytest.approx([150, 75], abs=2)
+    assert lesion.unit == "mm" and lesion.width == pytest.approx(20, abs=0.5)  # 100 px x 0.2
+
+
+def test_predict_and_evaluate_report_the_outline_and_its_agreement(mask_run, masked_data, tmp_path):
+    image = sorted((masked_data / "malignant").glob("* (1).png"))[0]
+    out = tmp_path / "p.json"
+    assert main(["predict", "--run", str(mask_run), str(image), "--out", str(out),
+                 "--pixel-size", "0.1", "--no-progress"]) == 0  # fmt: skip
+    (row,) = json.loads(out.read_text())
+    assert row["likelihood_category"] in {"3", "4a", "4b", "4c", "5"}
+    if row["lesion_outline"] is not None:  # a model this small may outline nothing
+        width, height = Image.open(image).size
+        points = np.array(row["lesion_outline"])
+        assert points.min() >= 0 and points[:, 0].max() <= width and points[:, 1].max() <= height
+        assert row["lesion_unit"] == "mm" and row["lesion_shape"] in {"oval", "round", "irregular"}
+    assert main(["evaluate", "--run", str(mask_run), "--out", str(tmp_path / "e"),
+                 "--no-progress"]) == 0  # fmt: skip
+    seg = json.loads((tmp_path / "e" / "metrics.json").read_text())["segmentation"]
+    rows = list(csv.DictReader((tmp_path / "e" / "lesions.csv").open()))
+    assert seg["n"] == len(rows) > 0
+    assert seg["dice"] == pytest.approx(np.mean([float(r["dice"]) for r in rows]), abs=1e-3)
+    assert seg["dice_ci"][0] <= seg["dice"] <= seg["dice_ci"][1]
+    assert all(r["reader_lesion_shape"] for r in rows)  # the reader's mask is described too
+
+
+def test_the_api_answers_the_lesion_and_withholds_the_label_out_of_scope(mask_run, masked_data):
+    settings = ServeSettings(workers=1)
+    image = sorted((masked_data / "benign").glob("* (2).png"))[0].read_bytes()
+    tiny = io.BytesIO()
+    Image.new("RGB", (1, 1), (200, 30, 30)).save(tiny, format="PNG")
+    with TestClient(create_app(mask_run, settings)) as client:
+        files = [("files", ("scan.png", image, "image/png")),
+                 ("files", ("tiny.png", tiny.getvalue(), "image/png"))]  # fmt: skip
+        body = client.post("/predict", files=files, data={"pixel_size": "0.1"}).json()
+        scan, one_pixel = body["predictions"]
+        assert one_pixel["out_of_scope"] is True and one_pixel["label"] is None
+        assert one_pixel["probability_malignant"] is not None and one_pixel["scope_reason"]
+        if scan["lesion"] is not None:
+            assert scan["lesion"]["unit"] == "mm" and len(scan["lesion"]["outline"]) >= 4
+        labelled = client.post("/predict", files=files[1:], data={"label_out_of_scope": "true"})
+        assert labelled.json()["predictions"][0]["label"] in {"benign", "malignant"}
+        refused = client.post("/predict", files=files[:1], data={"pixel_size": "-1"})
+        assert refused.status_code == 422
