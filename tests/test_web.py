@@ -8,6 +8,7 @@ and ``BUSDX_SCREENSHOT_DIR`` keeps the screenshot (docs/figures/web-app.png was 
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -132,4 +133,54 @@ def test_browser_box_drawing_sends_the_box_and_shows_the_result(
     assert abs(x - 60) <= 2 and abs(y - 70) <= 2 and abs(w - 120) <= 2 and abs(h - 90) <= 2
     assert shown == pytest.approx(api["predictions"][0]["probability_malignant"], abs=1e-3)
     assert screenshot.stat().st_size > 10_000
+    assert server.exit_code == 0
+
+
+def test_browser_outlines_the_lesion_and_labels_nothing_out_of_scope(
+    mask_run, masked_data, tmp_path, screenshot_dir
+):
+    """A mask-head model: the scan's row shows the outline over the image, the lesion's
+    descriptors and the likelihood category; a 1x1 PNG gets its probability and the reason it
+    is out of scope, but no label; the footer states the training counts as text."""
+    if CHROMIUM is None:
+        if os.environ.get("CI"):
+            pytest.fail("Chromium is missing: .ci/run installs it (apt-get install chromium)")
+        pytest.skip("Chromium not installed (apt-get install chromium)")
+    from PIL import Image
+    from playwright.sync_api import expect, sync_playwright
+
+    scan = masked_data / "malignant" / "malignant (2).png"
+    tiny = tmp_path / "tiny.png"
+    Image.new("RGB", (1, 1), (200, 30, 30)).save(tiny)
+    with running_server(mask_run) as server, sync_playwright() as playwright:
+        with scan.open("rb") as a, tiny.open("rb") as b:
+            api = httpx.post(
+                f"{server.url}/predict",
+                files=[("files", (scan.name, a)), ("files", (tiny.name, b))],
+            ).json()
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
+        page = browser.new_page(viewport={"width": 1100, "height": 900})
+        page.goto(server.url)
+        expect(page.locator("#status")).to_have_text("Ready.")
+        footer = page.locator("#model").inner_text()
+        page.set_input_files("#files", [str(scan), str(tiny)])
+        expect(page.locator("#status")).to_contain_text("Done: 2 image(s)", timeout=60_000)
+        rows = page.locator("tr.result")
+        scan_row, tiny_row = rows.nth(0), rows.nth(1)
+        tiny_label = tiny_row.locator("td").nth(3)
+        expect(tiny_label).to_contain_text("no label")
+        expect(tiny_label).to_contain_text("too small for a scan")
+        expect(tiny_label).not_to_contain_text("malignant")
+        expect(tiny_label).not_to_contain_text("benign")
+        expect(scan_row.locator(".category")).to_contain_text("not a BI-RADS assessment")
+        lesion = api["predictions"][0]["lesion"]
+        if lesion is not None:  # drawn where the API says, in the image's pixels
+            points = scan_row.locator("polygon").get_attribute("points").split()
+            drawn = [[float(v) for v in point.split(",")] for point in points]
+            assert drawn == lesion["outline"]
+            expect(scan_row.locator(".lesion")).to_contain_text(f"shape {lesion['shape']}")
+        page.screenshot(path=str(screenshot_dir / "web-outline.png"), full_page=True)
+        browser.close()
+    assert api["predictions"][1]["label"] is None and api["predictions"][1]["out_of_scope"]
+    assert "{" not in footer and re.search(r"images by split: .*train \d+ benign", footer)
     assert server.exit_code == 0
