@@ -161,16 +161,22 @@ def _ellipse(points: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return centre, semi, axes[:, ::-1]
 
 
-def _inside_ellipse(points: np.ndarray, centre, semi, axes) -> np.ndarray:
-    local = (points - centre) @ axes
-    return (local[:, 0] / semi[0]) ** 2 + (local[:, 1] / semi[1]) ** 2 <= 1
-
-
 def _ellipse_iou(region: np.ndarray, spacing, centre, semi, axes) -> float:
-    ys, xs = np.indices(region.shape)
-    grid = np.column_stack([(xs.ravel() + 0.5) * spacing[0], (ys.ravel() + 0.5) * spacing[1]])
-    ellipse = _inside_ellipse(grid, centre, semi, axes).reshape(region.shape)
-    return float((ellipse & region).sum() / max((ellipse | region).sum(), 1))
+    """Intersection over union of the region and the fitted ellipse, on a pixel grid spanning
+    both (the ellipse may reach past the region's bounding box)."""
+    half = np.sqrt((semi[0] * axes[:, 0]) ** 2 + (semi[1] * axes[:, 1]) ** 2)  # x and y extents
+    low = np.floor((centre - half) / spacing).astype(int) - 1
+    high = np.ceil((centre + half) / spacing).astype(int) + 1
+    x0, y0 = min(low[0], 0), min(low[1], 0)
+    x1, y1 = max(high[0], region.shape[1]), max(high[1], region.shape[0])
+    grid = np.zeros((y1 - y0, x1 - x0), dtype=bool)
+    grid[-y0 : -y0 + region.shape[0], -x0 : -x0 + region.shape[1]] = region
+    x = (np.arange(x0, x1) + 0.5) * spacing[0] - centre[0]
+    y = (np.arange(y0, y1) + 0.5) * spacing[1] - centre[1]
+    along = x[None, :] * axes[0, 0] + y[:, None] * axes[1, 0]
+    across = x[None, :] * axes[0, 1] + y[:, None] * axes[1, 1]
+    ellipse = (along / semi[0]) ** 2 + (across / semi[1]) ** 2 <= 1
+    return float((ellipse & grid).sum() / max((ellipse | grid).sum(), 1))
 
 
 def _outline(region: np.ndarray) -> np.ndarray:
@@ -191,13 +197,13 @@ def _irregularity(outline: np.ndarray, spacing, centre, semi, axes) -> float:
     return float(np.std(radius / ellipse - 1))
 
 
-def _posterior(image: np.ndarray, region: np.ndarray) -> float | None:
+def _posterior(image: np.ndarray, region: np.ndarray, top: int, left: int) -> float | None:
     """Mean brightness of the band below the lesion (as wide as the lesion, half as deep)
     over that of the bands beside it at the same depth, each half the lesion's width (None when
-    the image has no room for them)."""
+    the image has no room for them). ``region`` is the lesion's box, at ``top``, ``left``."""
     rows, cols = np.nonzero(region)
-    bottom, left, right = rows.max() + 1, cols.min(), cols.max() + 1
-    depth, side = max(2, (bottom - rows.min()) // 2), max(1, (right - left) // 2)
+    bottom, left, right = top + rows.max() + 1, left + cols.min(), left + cols.max() + 1
+    depth, side = max(2, (rows.max() + 1 - rows.min()) // 2), max(1, (right - left) // 2)
     if bottom + depth > image.shape[0] or left - side < 0 or right + side > image.shape[1]:
         return None
     band = image[bottom : bottom + depth]
@@ -206,31 +212,42 @@ def _posterior(image: np.ndarray, region: np.ndarray) -> float | None:
 
 
 def describe_lesion(
-    mask: np.ndarray, image: np.ndarray | None = None, spacing: tuple[float, float] | None = None
-) -> Lesion | None:
+    mask: np.ndarray, image: np.ndarray | None = None, spacing: tuple[float, float] | None = None,
+    origin: tuple[float, float] = (0, 0),
+) -> Lesion | None:  # fmt: skip
     """Describe the largest region of ``mask`` (2-D, True or > 0.5: lesion); None when empty.
 
     ``image``: the grey scan of the same size, for posterior features; ``spacing``: the
-    pixel size (x, y) in mm, when known.
+    pixel size (x, y) in mm, when known; ``origin``: where the mask's corner lies in the
+    image whose coordinates the outline should have.
     """
-    region = largest_region(np.asarray(mask) > 0.5)
+    binary = np.asarray(mask) > 0.5
+    rows, cols = np.flatnonzero(binary.any(axis=1)), np.flatnonzero(binary.any(axis=0))
+    if not len(rows):
+        return None
+    top, left = int(rows[0]), int(cols[0])  # work inside the lesion's bounding box
+    region = largest_region(binary[top : rows[-1] + 1, left : cols[-1] + 1])
     if region.sum() < 3:
         return None
     unit, step = ("mm", tuple(map(float, spacing))) if spacing else ("px", (1.0, 1.0))
     points = _points(region, step)
-    hull, hull_area = _hull(_corners(points, step))
+    boundary = region & ~ndimage.binary_erosion(region)  # the hull needs the border alone
+    hull, hull_area = _hull(_corners(_points(boundary, step), step))
     long_axis, short_axis = _diameters(hull)
     centre, semi, axes = _ellipse(points)
-    rows, cols = np.nonzero(region)
-    width, height = (np.ptp(cols) + 1) * step[0], (np.ptp(rows) + 1) * step[1]
+    width = (np.ptp(np.flatnonzero(region.any(axis=0))) + 1) * step[0]
+    height = (np.ptp(np.flatnonzero(region.any(axis=1))) + 1) * step[1]
     area = float(region.sum() * step[0] * step[1])
     solidity = area / hull_area if hull_area else 1.0
-    iou = _ellipse_iou(region, step, centre, semi, axes)
+    iou = _ellipse_iou(region, np.array(step), centre, semi, axes)
     ratio = float(semi[1] / semi[0])
     outline = _outline(region)
     irregularity = _irregularity(outline, step, centre, semi, axes)
+    outline += [left + origin[0], top + origin[1]]
     regular = iou >= ELLIPSE_IOU_REGULAR and solidity >= SOLIDITY_REGULAR
-    posterior_ratio = None if image is None else _posterior(np.asarray(image, float), region)
+    posterior_ratio = None
+    if image is not None:
+        posterior_ratio = _posterior(np.asarray(image, float), region, top, left)
     return Lesion(
         unit=unit, long_axis=long_axis, short_axis=short_axis, width=width, height=height,
         area=area,
@@ -239,7 +256,7 @@ def describe_lesion(
         margin="not circumscribed" if irregularity > MARGIN_IRREGULARITY else "circumscribed",
         posterior=_posterior_label(posterior_ratio), ellipse_iou=iou, solidity=solidity,
         axis_ratio=ratio, margin_irregularity=irregularity, posterior_ratio=posterior_ratio,
-        outline=[(round(float(x), 1), round(float(y), 1)) for x, y in outline],
+        outline=list(map(tuple, np.round(outline, 1).tolist())),
     )  # fmt: skip
 
 

@@ -10,7 +10,7 @@ the padding and the resizing and place the outline on the scan.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image
@@ -93,8 +93,5 @@ def lesion_from_mask(
 ) -> Lesion | None:
     """The lesion a mask (probabilities on the model's input) outlines, measured on the scan;
     None when no pixel reaches ``threshold``."""
-    lesion = describe_lesion(region_mask(mask, view, prep, threshold), view.grey, view.spacing)
-    if lesion is None:
-        return None
-    outline = [(x + view.left, y + view.top) for x, y in lesion.outline]
-    return replace(lesion, outline=outline)
+    region = region_mask(mask, view, prep, threshold)
+    return describe_lesion(region, view.grey, view.spacing, origin=(view.left, view.top))
