@@ -162,6 +162,9 @@ def test_predict_and_evaluate_report_the_outline_and_its_agreement(mask_run, mas
     assert seg["dice"] == pytest.approx(np.mean([float(r["dice"]) for r in rows]), abs=1e-3)
     assert seg["dice_ci"][0] <= seg["dice"] <= seg["dice_ci"][1]
     assert all(r["reader_lesion_shape"] for r in rows)  # the reader's mask is described too
+    assert main(["report", str(mask_run)]) == 0  # the model card shows the outlines' Dice
+    card = (mask_run / "MODEL_CARD.md").read_text()
+    assert "outline Dice" in card and f"{seg['dice']:.3f} [" in card
 
 
 def test_the_api_answers_the_lesion_and_withholds_the_label_out_of_scope(mask_run, masked_data):

@@ -99,14 +99,14 @@ def _head_text(model: Any) -> str:
 
 SITE_COLUMNS = (
     "site", "split", "n (malignant)", "ROC AUC", "sensitivity (promised)", "specificity", "ECE",
-    "out of scope", "readers' AUC", "model - readers AUC",
+    "out of scope", "readers' AUC", "model - readers AUC", "outline Dice",
 )  # fmt: skip
 
 
-SITE_COLUMNS = (
-    "site", "split", "n (malignant)", "ROC AUC", "sensitivity (promised)", "specificity", "ECE",
-    "out of scope", "readers' AUC", "model - readers AUC",
-)  # fmt: skip
+def _dice(result: Evaluation) -> str:
+    """The mask head's outlines against the readers' masks (— for a model without one)."""
+    seg = result.segmentation
+    return "—" if seg is None else f"{seg.dice:.3f} [{seg.dice_ci[0]:.3f}, {seg.dice_ci[1]:.3f}]"
 
 
 def _site_table(evaluations: list[Evaluation]) -> dict[str, Any]:
@@ -128,7 +128,7 @@ def _site_table(evaluations: list[Evaluation]) -> dict[str, Any]:
             _value(result, "roc_auc"),
             _value(result, "sensitivity") + (f" ({promise:.2f})" if promise else ""),
             _value(result, "specificity"), _value(result, "ece"),
-            "—" if scope is None else f"{scope:.1%}", *reader_cells,
+            "—" if scope is None else f"{scope:.1%}", *reader_cells, _dice(result),
         ])  # fmt: skip
     return {
         "heading": "Every evaluation, site by site",
@@ -136,7 +136,7 @@ def _site_table(evaluations: list[Evaluation]) -> dict[str, Any]:
         "with busdx evaluate (eval/*/metrics.json); sensitivity at the model's threshold, with "
         "the sensitivity that threshold was chosen to deliver in parentheses. Readers: the "
         "radiologists' BI-RADS on the same images, where the site records it (paired bootstrap "
-        "CI).",
+        "CI). Outline Dice: a mask-head model's outlines against the readers' masks.",
         "header": SITE_COLUMNS,
         "rows": rows,
     }
