@@ -185,3 +185,17 @@ def test_the_api_answers_the_lesion_and_withholds_the_label_out_of_scope(mask_ru
         assert labelled.json()["predictions"][0]["label"] in {"benign", "malignant"}
         refused = client.post("/predict", files=files[:1], data={"pixel_size": "-1"})
         assert refused.status_code == 422
+
+
+def test_an_roi_models_outline_is_placed_inside_its_lesion_box():
+    """Box-prompted: the input is the box (margin 0.5 on each side, squashed to 64 px), so the
+    input's central half is the box itself, at (50, 20) in the scan."""
+    scan = Image.new("RGB", (200, 100), (90, 90, 90))
+    prep = _prep(region="box", box_margin=0.5)
+    mask = np.zeros((64, 64), dtype=np.float32)
+    mask[16:48, 16:48] = 1.0  # the central half of the input: the box without its margin
+    lesion = lesion_from_mask(mask, region_view(scan, (50, 20, 60, 40), prep), prep)
+    outline = np.array(lesion.outline)
+    assert outline.min(axis=0) == pytest.approx([50, 20], abs=2)
+    assert outline.max(axis=0) == pytest.approx([110, 60], abs=2)
+    assert lesion.unit == "px" and lesion.width == pytest.approx(60, abs=2)
