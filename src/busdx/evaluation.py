@@ -187,7 +187,7 @@ def _metrics_tables(
         "threshold_policy": loaded.metadata.get("threshold_policy", "fixed"),
         "ci_level": settings.ci_level,
         **_metrics_with_ci(y_true, y_prob, threshold, settings).model_dump(),
-        "calibrated": "temperature" in loaded.metadata,
+        "calibrated": loaded.calibrated,
         "temperature": loaded.temperature,
         "reliability": reliability_bins(y_true, y_prob),
         "operating_points": {

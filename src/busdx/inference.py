@@ -234,7 +234,9 @@ def predict_files(
     bar.close()
 
 
-def _fill(row: Prediction, decision: Decision, view: RegionView | None, prep) -> None:
+def _fill(
+    row: Prediction, decision: Decision, view: RegionView | None, prep: Preprocessing
+) -> None:
     row.logit, row.probability, row.label = decision.logit, decision.probability, decision.label
     row.likelihood_category = decision.likelihood_category
     row.scope_distance = decision.scope_distance

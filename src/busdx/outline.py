@@ -44,7 +44,7 @@ def region_view(
     left, top, right, bottom = 0, 0, *image.size
     if prep.region == "box" and box is not None:
         left, top, right, bottom = crop_rectangle(image, box, margin=prep.box_margin)
-    grey = image.convert("L").crop((left, top, right, bottom))
+    grey = image.crop((left, top, right, bottom)).convert("L")  # crop first: less to convert
     if prep.crop == "content":
         field = content_box(grey)
         left, top, grey = left + field[0], top + field[1], grey.crop(field)

@@ -178,7 +178,9 @@ class _Trainable(nn.Module):
     def forward(self, inputs: torch.Tensor) -> Outputs:
         if self.on_stem_outputs:
             return self.model.from_stem(inputs)
-        return self.model.segment(inputs) if self.model.mask_decoder else self.model(inputs)
+        if self.model.mask_decoder is not None:
+            return self.model.segment(inputs)
+        return self.model(inputs)
 
 
 def _write_history(path: Path, history: list[EpochRecord]) -> None:
