@@ -139,8 +139,11 @@ Research use only. busdx is not a medical device and must not be used for diagno
   predictions of the leave-one-site-out study below (each image scored by a model of the same
   recipe that never saw its hospital): the sensitivity to expect at a hospital this model never
   saw, not at the ones it trained on.
-- **Out-of-scope guard**: a Mahalanobis distance on the backbone's features, fitted on the
-  training images; inputs far from them are flagged `out_of_scope`.
+- **Not a scan**: pixel rules (colour, noise, too few grey levels, mostly white, too smooth,
+  uniform, tiny) flag inputs that are not B-mode scans as `out_of_scope`; they get no label. None
+  of the 2,292 development scans is flagged (docs/scope.md). The Mahalanobis distance of the
+  backbone's features from the training images is reported as `scope_distance` but no longer
+  withholds a label: at hospitals the model never saw it flagged ordinary scans.
 
 ## What to expect at a hospital it never saw
 
@@ -151,8 +154,25 @@ has no unseen site of its own left to test on; these rows are the honest estimat
 {HEADER}
 {rows}
 
-Check it on your own labelled cases before relying on it: `busdx evaluate --run {name} --data
-YOURS/ --split all`, and `busdx calibrate` to refit the threshold on them.
+## Check it on your own cases
+
+Before relying on it, check it on labelled cases of your hospital (`LOCAL/`: one folder per
+class, `benign/` and `malignant/`, or a labels table); nothing is written inside the installed
+package, everything goes under `busdx-output/` in the working directory:
+
+```bash
+busdx evaluate --run {name} --data LOCAL/
+busdx report busdx-output/{name}/eval/LOCAL-all
+busdx calibrate --run {name} --data LOCAL/
+```
+
+The first prints the local figures beside the range above and says whether they fall inside
+it; the second writes a page to file (ROC with the operating point, the confusion at the
+threshold, calibration, flagged inputs, per-scanner figures). The third refits temperature and
+threshold on your cases so that sensitivity 0.95 holds with 90% confidence, says what that costs
+in specificity and how many more malignant cases would tighten it (45 malignant cases, all
+found, show 0.95 at 90% confidence), and never goes above this model's own threshold where your
+cases cannot show it. Evaluate the calibrated copy on other cases than those it was fitted on.
 
 ## Data sources and licences
 

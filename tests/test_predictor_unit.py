@@ -17,7 +17,8 @@ from busdx.errors import CheckpointError, ConfigError
 from busdx.layout import INT8_FILE, MODEL_FILE, ONNX_FILE
 from busdx.models import create_model
 from busdx.predictor import INT8_WEIGHT_BITS, load_model
-from busdx.scope import SCOPE_KEY
+from busdx.scope import SCOPE_KEY, logits_and_features
+from busdx.synthetic import make_lesion_image
 
 T, THRESHOLD = 2.0, 0.4
 
@@ -36,8 +37,7 @@ def model_file(tmp_path_factory):
 
 
 def _scan(seed: int) -> Image.Image:
-    pixels = np.random.default_rng(seed).integers(0, 255, (48, 48), dtype=np.uint8)
-    return Image.fromarray(pixels).convert("RGB")
+    return make_lesion_image(bool(seed % 2), size=128, seed=seed)[0].convert("RGB")
 
 
 def test_probabilities_are_the_sigmoid_of_logit_over_temperature(model_file):
@@ -78,18 +78,20 @@ def test_decide_images_scores_each_region_with_the_network(model_file):
     assert whole[0].logit != pytest.approx(decisions[0].logit, abs=1e-6)
 
 
-def test_scope_flags_without_and_with_a_guard(model_file):
+def test_only_the_pixel_rules_withhold_a_label_the_distance_does_not(model_file):
     predictor = load_model(model_file)
-    assert predictor.out_of_scope([], None) is None  # no guard, pixels fine: unknown
-    assert predictor.scope_reason([], None) is None
-    assert predictor.out_of_scope(["colour image"], None) is True
-    assert predictor.scope_reason(["colour image", "too small"], None) == "colour image; too small"
-    predictor.metadata[SCOPE_KEY] = {"threshold": 5.0}
-    assert predictor.out_of_scope([], 5.0) is False  # at the threshold: still in scope
-    assert predictor.out_of_scope([], 5.5) is True
-    assert predictor.scope_reason([], 5.5) == "unlike the training images (distance 5.5 > 5.0)"
-    assert predictor.out_of_scope([], None) is None
-    assert predictor.scope_reason(["flat"], 6.0).startswith("flat; unlike")
+    assert predictor.scope_reason([]) is None
+    assert predictor.scope_reason(["colour image", "too small"]) == "colour image; too small"
+    far = torch.zeros(1, 3, 32, 32)
+    width = logits_and_features(predictor.model, far)[1].shape[1]
+    predictor.metadata[SCOPE_KEY] = {"mean": torch.ones(width), "threshold": 5.0,
+                                     "precision": torch.eye(width) * 1e6}  # fmt: skip
+    decided = predictor.decide_inputs(far, [[]])[0]
+    assert decided.scope_distance > 5.0  # far from the training images, yet labelled
+    assert decided.out_of_scope is False and decided.label is not None
+    flagged = predictor.decide_inputs(far, [["a colour image"]])[0]
+    assert flagged.out_of_scope is True and flagged.label is None
+    assert flagged.scope_reason == "a colour image"
 
 
 def test_what_load_model_refuses(model_file, tmp_path):
@@ -222,7 +224,7 @@ def test_an_ensemble_file_averages_its_members_logits(model_file, tmp_path):
         assert ensemble.model(inputs).item() == pytest.approx(expected.item(), abs=1e-5)
 
 
-def test_a_guarded_model_measures_each_input_and_flags_it_at_its_threshold(model_file, tmp_path):
+def test_a_guarded_model_measures_each_input_and_flags_what_is_not_a_scan(model_file, tmp_path):
     from busdx.scope import fit_scope
 
     predictor = load_model(model_file)
@@ -245,10 +247,9 @@ def test_a_guarded_model_measures_each_input_and_flags_it_at_its_threshold(model
                                             for d in decisions]  # fmt: skip
     labelled = guarded.decide_images([*big, flat], threshold=0.0, label_out_of_scope=True)
     assert all(d.label == "malignant" for d in labelled)
-    for decision in decisions[:-1]:
+    for decision in decisions[:-1]:  # measured and reported; a scan is never flagged for it
         assert decision.scope_distance is not None and decision.scope_distance > 0
-        far = decision.scope_distance > scope["threshold"]
-        assert decision.out_of_scope is far and (decision.scope_reason is not None) is far
+        assert decision.out_of_scope is False and decision.scope_reason is None
     assert decisions[-1].out_of_scope is True and "uniform" in decisions[-1].scope_reason
     default = guarded.decide_images(big[:1])[0]
     assert default.label == ("malignant" if default.probability >= THRESHOLD else "benign")

@@ -9,10 +9,11 @@ import torch
 from PIL import Image
 
 from busdx.cli import main
+from busdx.imaging import to_rgb
 from busdx.inference import predict_files
 from busdx.predictor import load_model
 from busdx.scope import image_checks, scope_distances
-from busdx.synthetic import write_synthetic_dataset
+from busdx.synthetic import make_lesion_image, not_a_scan_images, write_synthetic_dataset
 
 from conftest import train_run
 
@@ -25,15 +26,26 @@ def test_distance_is_the_mahalanobis_distance():
 
 def test_pixel_checks_name_what_no_scan_looks_like():
     rng = np.random.default_rng(0)
-    scan = Image.fromarray(rng.integers(0, 200, (200, 300), dtype=np.uint8)).convert("RGB")
+    scan = make_lesion_image(True, seed=3)[0].resize((300, 200)).convert("RGB")
     assert image_checks(scan) == []
     assert image_checks(Image.new("RGB", (1, 1))) == ["too small for a scan (1x1 px)"]
     assert image_checks(Image.new("L", (400, 40), 90)) == [
         "extreme aspect ratio (400x40 px)",
         "a nearly uniform image",
     ]
-    photo = Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8))
-    assert image_checks(photo) == ["a colour image (B-mode ultrasound is greyscale)"]
+    noise = Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8))
+    assert image_checks(noise) == [
+        "a colour image (B-mode ultrasound is greyscale)",
+        "no spatial structure (noise or a fine texture, not speckle)",
+    ]
+    page = Image.new("L", (300, 200), 250)
+    page.paste(0, (20, 20, 280, 24))
+    assert image_checks(page)[0] == "too few grey levels (a bilevel image, drawing or phantom)"
+    assert "mostly white (a page or a screenshot)" in image_checks(page)
+    smooth = Image.fromarray(np.tile(np.linspace(0, 255, 300).astype(np.uint8), (200, 1)))
+    assert image_checks(smooth) == [
+        "too smooth for ultrasound speckle (a radiograph, mammogram or gradient)"
+    ]
 
 
 def _out_of_scope_images(folder):
@@ -89,3 +101,10 @@ def test_predict_writes_the_out_of_scope_column(guarded_run, tmp_path):
     labels = [row.label for row in direct]
     assert [row["label"] for row in json.loads(labelled.read_text())] == labels
     assert set(labels) <= {"benign", "malignant"}
+
+
+def test_every_synthetic_image_that_is_not_a_scan_is_called_so():
+    images = not_a_scan_images(3)
+    assert not [name for name, image in images.items() if not image_checks(to_rgb(image))]
+    scans = [make_lesion_image(bool(i % 2), seed=200 + i)[0] for i in range(12)]
+    assert not [image_checks(to_rgb(scan)) for scan in scans if image_checks(to_rgb(scan))]

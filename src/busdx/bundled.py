@@ -6,6 +6,10 @@ A bundled model is a trimmed run directory in the package (``busdx/bundled_model
 its data and their licences), and ``bundled.json`` (a summary, listed by ``busdx models``).
 :func:`resolve_run` turns what a user passed as ``--run`` (nothing, a bundled model's name, or
 a run directory) into a folder to load.
+
+A bundled model lives inside the installed package, which may be read-only and is never
+written to: whatever a command writes about it (evaluations, reports, a calibrated copy, an
+export) goes under ``./busdx-output/NAME/`` in the working directory (:func:`output_home`).
 """
 
 from __future__ import annotations
@@ -17,11 +21,21 @@ from typing import Any
 
 from busdx.errors import UnknownModelError
 
-__all__ = ["BUNDLED_DIR", "DEFAULT_MODEL", "bundled_info", "list_bundled", "resolve_run"]
+__all__ = [
+    "BUNDLED_DIR",
+    "DEFAULT_MODEL",
+    "OUTPUT_ROOT",
+    "bundled_info",
+    "is_bundled",
+    "list_bundled",
+    "output_home",
+    "resolve_run",
+]
 
 BUNDLED_DIR = Path(__file__).parent / "bundled_models"
 DEFAULT_MODEL = "lite0-3sites"
 SUMMARY_FILE = "bundled.json"
+OUTPUT_ROOT = Path("busdx-output")  # under the working directory: outputs about bundled models
 
 
 def list_bundled() -> list[str]:
@@ -60,3 +74,18 @@ def resolve_run(run: str | Path | None) -> Path:
     if path.exists() or "/" in str(run) or path.suffix:
         return path
     return _bundled_dir(str(run))
+
+
+def is_bundled(run_dir: str | Path) -> bool:
+    """Whether ``run_dir`` is a model shipped inside the package (never written to)."""
+    try:
+        return Path(run_dir).resolve().parent == BUNDLED_DIR.resolve()
+    except OSError:
+        return False
+
+
+def output_home(run_dir: str | Path) -> Path:
+    """Where outputs about a run go by default: the run directory itself, or for a bundled
+    model ``./busdx-output/NAME`` (the package is never written to)."""
+    run_dir = Path(run_dir)
+    return OUTPUT_ROOT / run_dir.name if is_bundled(run_dir) else run_dir

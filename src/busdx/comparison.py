@@ -12,9 +12,10 @@ from pathlib import Path
 
 import numpy as np
 
+from busdx.bundled import output_home, resolve_run
 from busdx.config import EvaluateConfig
 from busdx.errors import DataError
-from busdx.layout import FOLD_GLOB, FOLDS_FILE, METRICS_FILE, PREDICTIONS_FILE
+from busdx.layout import EVAL_DIR, FOLD_GLOB, FOLDS_FILE, METRICS_FILE, PREDICTIONS_FILE
 from busdx.metrics import binary_metrics, paired_bootstrap
 from busdx.results import Compared, Comparison, Evaluation
 
@@ -49,6 +50,24 @@ def _read_predictions(folder: Path) -> tuple[Evaluation, dict[str, tuple[str, fl
     return metrics, rows
 
 
+def _evaluation_folder(given: str | Path) -> Path:
+    """A folder as given, or a bundled model's name: its one evaluation under
+    ``busdx-output/NAME/eval`` (the package holds none)."""
+    path = Path(given)
+    if path.exists():
+        return path
+    run_dir = resolve_run(given)
+    found = sorted(p.parent for p in (output_home(run_dir) / EVAL_DIR).glob(f"*/{METRICS_FILE}"))
+    if len(found) != 1:
+        where = output_home(run_dir) / EVAL_DIR
+        raise DataError(
+            f"{given} is a bundled model with {len(found)} evaluations under {where}: "
+            + ("name one of them: " + ", ".join(map(str, found)) if found else
+               f"evaluate it first (busdx evaluate --run {given} --data DIR)")
+        )  # fmt: skip
+    return found[0]
+
+
 def compare_evaluations(
     folder_a: Path, folder_b: Path, settings: EvaluateConfig, *, out: Path | None = None
 ) -> Comparison:
@@ -56,13 +75,15 @@ def compare_evaluations(
     decision metric at each model's own threshold (A - B).
 
     Each folder is an evaluation written by ``busdx evaluate``, a run directory (whose test
-    evaluation is at its top) or a ``busdx cv`` folder (its pooled out-of-fold predictions:
+    evaluation is at its top), a bundled model's name (its one evaluation) or a ``busdx cv``
+    folder (its pooled out-of-fold predictions:
     two CVs on the same folds compare paired); images are matched by path, and both must have
     scored the same set. Resamples are drawn per case, the same for both models, so the shared
     difficulty of the cases cancels out of the difference.
     """
-    metrics_a, rows_a = _read_predictions(Path(folder_a))
-    metrics_b, rows_b = _read_predictions(Path(folder_b))
+    folder_a, folder_b = _evaluation_folder(folder_a), _evaluation_folder(folder_b)
+    metrics_a, rows_a = _read_predictions(folder_a)
+    metrics_b, rows_b = _read_predictions(folder_b)
     if set(rows_a) != set(rows_b):
         only = sorted(set(rows_a) ^ set(rows_b))
         raise DataError(

@@ -4,8 +4,7 @@ Three layouts are detected automatically:
 
 * pre-split (the Kaggle layout): ``DIR/train/<class>``, ``DIR/validation/<class>`` (or ``val``),
   optionally ``DIR/test/<class>``;
-* class folders (the BUSI layout): ``DIR/<class>``; the split is drawn here, stratified by class
-  with a fixed seed;
+* class folders (the BUSI layout): ``DIR/<class>``; the split is drawn here, seeded, by class;
 * a table (:mod:`busdx.tables`): a labels CSV, or a dataset release that lists its images in one
   (BUS-BRA); its patient, site, box, BI-RADS and scanner columns travel with each sample, and a
   ``split`` column makes it pre-split.
@@ -93,6 +92,7 @@ class LabelledDataset:
     samples: list[Sample]
     skipped: list[str]  # "path: reason" for files that could not be decoded
     sites: dict[str, Path] = field(default_factory=dict)  # site name -> its data folder
+    split: str | None = None  # the split the samples were taken from ("all": every image)
 
     @property
     def site(self) -> str:
@@ -275,12 +275,12 @@ def attach_boxes(dataset: LabelledDataset, boxes_file: str | None = None) -> Lab
     return replace(dataset, samples=samples)
 
 
-def attach_masks(dataset: LabelledDataset) -> LabelledDataset:
-    """The dataset with each sample's lesion mask files (:func:`busdx.boxes.find_masks`); a
-    sample without one keeps ``()`` and trains the classifier only."""
-    samples = [replace(s, masks=tuple(find_masks(s.path, dataset.sites.get(s.site, dataset.root))))
+def attach_masks(dataset: LabelledDataset, *, required: bool = True) -> LabelledDataset:
+    """Each sample's lesion masks (``find_masks``; ``()``: none); training ``required`` some."""
+    root = dataset.root
+    samples = [replace(s, masks=tuple(find_masks(s.path, dataset.sites.get(s.site, root))))
                for s in dataset.samples]  # fmt: skip
-    if not any(s.masks for s in samples):
+    if required and not any(s.masks for s in samples):
         raise DataError("no lesion mask found (<image>_mask.png, masks/<image>_tumor.png, "
                         "Masks/mask_<id>.png); model.mask_head needs some")  # fmt: skip
     logger.info("lesion masks: %d of %d images", sum(bool(s.masks) for s in samples), len(samples))

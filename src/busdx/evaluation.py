@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from busdx.bundled import output_home, resolve_run
 from busdx.config import EvaluateConfig
 from busdx.data import Sample
 from busdx.errors import ConfigError, DataError
@@ -55,6 +56,7 @@ from busdx.results import Evaluation, Interval, Metrics, OneClassGroup, ReaderCo
 from busdx.runs import load_run, samples_for_split
 from busdx.segmentation import score_lesions, summarise_lesions, write_lesions
 from busdx.transforms import load_region
+from busdx.validation import check_expectation, expectation, format_check
 
 __all__ = ["evaluate_run", "evaluate_samples", "evaluation_name", "format_metrics"]
 
@@ -116,6 +118,7 @@ def evaluate_samples(
     site: str | None = None,
     reader_ranks: np.ndarray | None = None,
     progress: bool = True,
+    expected: dict[str, dict[str, Any]] | None = None,
 ) -> Evaluation:
     """Evaluate ``samples``; write ``metrics.json``, ``predictions.csv`` and figures.
 
@@ -125,6 +128,8 @@ def evaluate_samples(
     ``site`` names where the images come from (default: the data folder's name). With
     ``reader_ranks`` (the readers' BI-RADS rank of each sample) the model is compared with the
     readers (see :mod:`busdx.readers`) and the readers' ROC is drawn beside the model's.
+    ``expected``: the held-out hospitals of the model's leave-one-site-out study, beside which
+    the result is set (:func:`busdx.validation.check_expectation`).
     """
     if not samples:
         raise DataError(f"the {split} split is empty: nothing to evaluate")
@@ -138,6 +143,8 @@ def evaluate_samples(
         summary = summarise_lesions(lesions, n_resamples=settings.n_bootstrap,
                                     level=settings.ci_level, seed=settings.seed)  # fmt: skip
         result = result.model_copy(update={"segmentation": summary})
+    if expected:
+        result = result.model_copy(update={"expected": check_expectation(result, expected)})
     result.write(out_dir / METRICS_FILE)
     _write_predictions(out_dir / PREDICTIONS_FILE, samples, scores, loaded.class_names)
     _plot_evaluation(out_dir, loaded, samples, scores, result, settings, reader_ranks)
@@ -280,7 +287,7 @@ def evaluation_name(site: str, split: str, backend: str = "torch", precision: st
 def evaluate_run(
     run_dir: str | Path,
     data: Sequence[str] | None = None,
-    split: str = "test",
+    split: str | None = None,
     *,
     site: str | None = None,
     out: str | Path | None = None,
@@ -294,25 +301,29 @@ def evaluate_run(
 ) -> tuple[Evaluation, Path]:
     """``busdx evaluate``: a run's best model on a split of its own data or of ``data``.
 
-    Writes into ``out`` (default ``RUNDIR/eval/<site>-<split>``) and returns the metrics and
-    that folder. ``readers`` is a CSV of the readers' BI-RADS per image (default: the labels
-    table, see :func:`busdx.readers.reader_ranks`); ``boxes`` a lesion-box CSV for an ROI model.
+    ``run_dir`` may be a bundled model's name. ``split=None``: the test split of the run's
+    own data, all of data it never saw. Writes into ``out`` (default
+    ``RUNDIR/eval/<site>-<split>``; ``busdx-output/NAME/eval/...`` for a bundled model, whose
+    package is never written to) and returns the metrics and that folder. ``readers`` is a
+    CSV of the readers' BI-RADS per image (default: the labels table, see
+    :func:`busdx.readers.reader_ranks`); ``boxes`` a lesion-box CSV for an ROI model.
     """
-    run_dir = Path(run_dir)
+    run_dir = resolve_run(run_dir)
     config, info = load_run(run_dir)
     if boxes:
         if config.data.region != "box":
             raise ConfigError("--boxes is for a model trained on lesion boxes (data.region: box)")
         config.data.boxes = boxes
     dataset = samples_for_split(run_dir, config, info, data, split)
-    site = site or dataset.site
+    site, split = site or dataset.site, dataset.split
     name = evaluation_name(site, split, backend, precision)
-    out = Path(out) if out else run_dir / EVAL_DIR / name
+    out = Path(out) if out else output_home(run_dir) / EVAL_DIR / name
     loaded = load_model(run_dir, device=device, backend=backend, precision=precision)
     ranks = reader_ranks(dataset.samples, dataset.root, readers, reader_column)
     result = evaluate_samples(
         loaded, dataset.samples, out, split=split, data_root=dataset.root,
         settings=config.evaluate, site=site, reader_ranks=ranks, progress=progress,
+        expected=expectation(run_dir),
     )  # fmt: skip
     return result, out
 
@@ -360,6 +371,8 @@ def format_metrics(result: Evaluation) -> str:
             )
     if result.readers is not None:
         lines += _format_readers(result.readers)
+    if result.expected is not None:
+        lines += format_check(result.expected)
     if result.segmentation is not None:
         seg = result.segmentation
         lines.append(

@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import logging
 import random
+import shutil
 import tempfile
 import warnings
 from collections.abc import Iterator, Sequence
@@ -34,12 +35,21 @@ from onnxruntime.quantization import (
 from onnxruntime.quantization.shape_inference import quant_pre_process
 
 from busdx import __version__
+from busdx.bundled import is_bundled, output_home, resolve_run
 from busdx.errors import BoxError, DataError, ExportError, ImageDecodeError, SingleClassError
 from busdx.fileio import atomic_path, json_safe, sha256_file
 from busdx.imaging import InputLike, as_input
 from busdx.inference import file_logits
 from busdx.inputs import expand_paths
-from busdx.layout import EXPORT_REPORT, INT8_FILE, ONNX_FILE
+from busdx.layout import (
+    CONFIG_FILE,
+    EXPORT_REPORT,
+    INFO_FILE,
+    INT8_FILE,
+    MODEL_FILE,
+    ONNX_FILE,
+    SPLIT_FILE,
+)
 from busdx.metrics import roc_auc
 from busdx.predictor import EXPORT_STAMP, INT8_WEIGHT_BITS, ONNX_METADATA_KEY, Predictor, load_model
 from busdx.provenance import environment
@@ -186,6 +196,25 @@ def compare_logits(
     )
 
 
+def _writable(run_dir: Path) -> Path:
+    """The run directory to export into: the run itself, or for a bundled model a copy of its
+    model and config under ``busdx-output/NAME``."""
+    if not is_bundled(run_dir):
+        return run_dir
+    home = output_home(run_dir)
+    home.mkdir(parents=True, exist_ok=True)
+    for name in (CONFIG_FILE, INFO_FILE, MODEL_FILE):
+        shutil.copyfile(run_dir / name, home / name)
+    logger.info("exporting a copy of the bundled model %s in %s", run_dir.name, home)
+    return home
+
+
+def _split(run_dir: Path, split: str) -> str:
+    """``split`` of the run's own data; all of the given data for a run without a split (a
+    bundled model, checked on the images given with ``--data``)."""
+    return split if (run_dir / SPLIT_FILE).is_file() else "all"
+
+
 def _calibration_files(
     run_dir: Path, calibration_dir: str | Path | None, data_root: str | Path | None, count: int
 ) -> list[InputLike]:
@@ -193,7 +222,8 @@ def _calibration_files(
         files = expand_paths([calibration_dir])
     else:
         config, info = load_run(run_dir)
-        train = samples_for_split(run_dir, config, info, data_root, "train").samples
+        train = samples_for_split(run_dir, config, info, data_root, _split(run_dir, "train"))
+        train = train.samples
         files = [sample.input for sample in train]
     if not files:
         raise DataError(f"no calibration images found in {calibration_dir}")
@@ -211,15 +241,18 @@ def export_run(
     force: bool = False,
     weight_bits: int = 7,
 ) -> ExportReport:
-    """Export a run's ``model.pt`` to ONNX (and int8); returns what ``export.json`` records."""
-    run_dir = Path(run_dir)
+    """Export a run's ``model.pt`` to ONNX (and int8); returns what ``export.json`` records.
+
+    A bundled model (``run_dir`` its name) is exported into a copy under
+    ``busdx-output/NAME`` (the package is never written to), checked on ``data_root``."""
+    run_dir = _writable(resolve_run(run_dir))
     loaded = load_model(run_dir, device="cpu")
     config, info = load_run(run_dir)
     if not int8 and (run_dir / INT8_FILE).is_file():
         (run_dir / INT8_FILE).unlink()  # made from an older model.pt: never let it answer
         logger.info("removed the older %s (export with --int8 to make a new one)", INT8_FILE)
     fp32_path = export_onnx(loaded, run_dir / ONNX_FILE)
-    val = samples_for_split(run_dir, config, info, data_root, "val").samples
+    val = samples_for_split(run_dir, config, info, data_root, _split(run_dir, "val")).samples
     files, labels = [s.input for s in val], [s.label for s in val]
     torch_logits, fp32_logits = (
         file_logits(model, files, progress=False) for model in (loaded, load_model(fp32_path))

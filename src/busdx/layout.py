@@ -43,6 +43,7 @@ RELIABILITY = "reliability.png"
 CONFUSION_MATRIX = "confusion_matrix.png"
 SAMPLE_PREDICTIONS = "sample_predictions.png"
 GRADCAM_SAMPLES = "gradcam_samples.png"
+VALIDATION_HTML = "validation.html"  # busdx report EVAL_DIR: the local validation page
 
 # a cross-validation folder (fold-<k>/ inside are run directories, ensemble/ one more)
 FOLDS_FILE = "folds.csv"

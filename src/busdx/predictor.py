@@ -61,7 +61,7 @@ class Decision:
     probability: float  # calibrated probability of the positive class
     label: str | None  # decided at the threshold; None for an out-of-scope input (by default)
     scope_distance: float | None  # feature distance from the training images (None: no guard)
-    out_of_scope: bool | None  # unlike the training images, or not a scan (None: unknown)
+    out_of_scope: bool | None  # not a B-mode scan (the pixel rules of busdx.scope.image_checks)
     scope_reason: str | None
     mask: np.ndarray | None = None  # lesion-mask probability on the input (mask-head models)
     likelihood_category: str | None = None  # BI-RADS range of a calibrated probability
@@ -154,13 +154,12 @@ class Predictor:
             checks, logits.tolist(), self.probabilities(logits).tolist(), distances, masks,
             strict=True,
         ):  # fmt: skip
-            flagged = self.out_of_scope(image_checks_, distance)
+            reason = self.scope_reason(image_checks_)
             label = (
-                None if flagged and not label_out_of_scope else self.label(probability, threshold)
+                None if reason and not label_out_of_scope else self.label(probability, threshold)
             )
             decisions.append(Decision(
-                logit, probability, label, distance, flagged,
-                self.scope_reason(image_checks_, distance), mask,
+                logit, probability, label, distance, reason is not None, reason, mask,
                 likelihood_category(probability) if self.calibrated else None,
             ))  # fmt: skip
         return decisions
@@ -199,26 +198,13 @@ class Predictor:
         distances = None if scope is None else scope_distances(scope, features.float())
         return logits.float().cpu(), distances, masks
 
-    def scope_reason(self, checks: list[str], distance: float | None) -> str | None:
-        """Why an input is out of scope (None: it is not, or there is no way to tell).
-
-        ``checks`` are :func:`busdx.scope.image_checks` of the image; ``distance`` its feature
-        distance, compared with the guard's threshold when the model has one.
-        """
-        scope = self.metadata.get(SCOPE_KEY)
-        reasons = list(checks)
-        if distance is not None and scope is not None and distance > scope["threshold"]:
-            reasons.append(
-                f"unlike the training images (distance {distance:.1f} > {scope['threshold']:.1f})"
-            )
-        return "; ".join(reasons) or None
-
-    def out_of_scope(self, checks: list[str], distance: float | None) -> bool | None:
-        """Whether an input is out of scope; None when the model has no guard and the image
-        passes the pixel checks (nothing is known either way)."""
-        if self.scope_reason(checks, distance):
-            return True
-        return None if distance is None or SCOPE_KEY not in self.metadata else False
+    @staticmethod
+    def scope_reason(checks: list[str]) -> str | None:
+        """Why an input is not a B-mode scan (None: it passes every pixel rule of
+        :func:`busdx.scope.image_checks`). The feature distance is reported beside the answer
+        but no longer decides it: at hospitals the model never saw it flagged ordinary scans
+        while noise passed (docs/scope.md)."""
+        return "; ".join(checks) or None
 
 
 def load_model(

@@ -26,10 +26,12 @@ __all__ = [
     "Confusion",
     "CrossFit",
     "Evaluation",
+    "ExpectedRange",
     "ExportReport",
     "ExportedFile",
     "Int8Export",
     "Interval",
+    "LocalCheck",
     "LogitComparison",
     "Metrics",
     "OneClassGroup",
@@ -37,6 +39,7 @@ __all__ = [
     "ReaderComparison",
     "Result",
     "Segmentation",
+    "SensitivityPromise",
     "SiteSummary",
 ]
 
@@ -243,6 +246,26 @@ class Segmentation(Result):
     unit: str | None
 
 
+class ExpectedRange(Result):
+    """One metric of a local evaluation beside the range the model card expects."""
+
+    metric: str
+    local: Ratio
+    local_ci: Interval | None
+    low: float  # the lowest held-out hospital's value in the model card's study
+    high: float  # the highest
+    verdict: str  # "inside", "below" or "above" (the local CI clears the range)
+
+
+class LocalCheck(Result):
+    """A local evaluation against what the model card expects at a hospital the model never
+    saw (:func:`busdx.validation.check_expectation`)."""
+
+    source: str
+    sites: list[str]
+    rows: list[ExpectedRange]
+
+
 class Evaluation(Metrics):
     """``metrics.json``: a model on a labelled set, at its threshold (the inherited fields),
     at each candidate operating point, by site and scanner, and against the readers.
@@ -267,6 +290,27 @@ class Evaluation(Metrics):
     per_scanner: dict[str, Metrics | OneClassGroup] | None = None
     readers: ReaderComparison | None = None
     segmentation: Segmentation | None = None
+    expected: LocalCheck | None = None
+
+
+class SensitivityPromise(Result):
+    """What a threshold promises on new cases like the labelled ones it was fitted on
+    (:func:`busdx.calibration.sensitivity_promise`)."""
+
+    target: float  # the sensitivity asked for
+    confidence: float  # the confidence asked for
+    positives: int  # malignant cases the promise rests on
+    detected: int  # of them called malignant at the threshold
+    guaranteed: float  # sensitivity's one-sided lower bound at `confidence`
+    confidence_of_target: float  # probability that sensitivity reaches `target`
+    positives_needed: int | None  # malignant cases (all detected) for `target` at `confidence`
+    more_positives_needed: int | None  # None: a target of 1, which no finite number shows
+    specificity: Ratio  # on the same cases: what the promise costs
+
+    @property
+    def kept(self) -> bool:
+        """Whether these cases support the target at the asked confidence."""
+        return self.confidence_of_target >= self.confidence
 
 
 class SensitivitySpecificity(Result):

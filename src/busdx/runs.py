@@ -68,7 +68,7 @@ def prepare_dataset(
     a given split (folders or split file) is checked for duplicates across splits: a warning. The
     images of one patient (a table's patient column) are always kept together.
     """
-    dataset = _scan(config, sources)
+    dataset = _scan(config, sources, training=True)
     if config.data.split_file:
         dataset = apply_split_file(dataset, config.data.split_file)
     groups = None
@@ -101,11 +101,15 @@ def prepare_dataset(
     return dataset
 
 
-def _scan(config: Config, sources: str | Path | Sequence[str | Path]) -> LabelledDataset:
+def _scan(
+    config: Config, sources: str | Path | Sequence[str | Path], *, training: bool = False
+) -> LabelledDataset:
+    """The images of ``sources`` with what the model needs beside them: lesion masks for a
+    mask head (required for training, optional for an evaluation), boxes for an ROI model."""
     sources = [sources] if isinstance(sources, str | Path) else list(sources)
     dataset = scan_sites(sources, config.data.classes, include_normal=config.data.include_normal)
     if config.model.mask_head:
-        dataset = attach_masks(dataset)
+        dataset = attach_masks(dataset, required=training)
     if config.data.region == "box":
         return attach_boxes(dataset, config.data.boxes)
     # a table's boxes are for ROI models only: a whole-image model takes none
@@ -205,7 +209,9 @@ def _holds_the_run_images(dataset: LabelledDataset, split_file: Path, info: dict
     """Whether ``dataset`` is the data the run was split on: every image of its ``split.csv`` is
     there, at the same relative path with the same sha256, wherever the folder now lives (a
     moved or copied dataset is still the run's own). Split files without checksums fall back to
-    comparing the folder paths."""
+    comparing the folder paths. A run without ``split.csv`` (a bundled model) has no own data."""
+    if not split_file.is_file():
+        return False
     with split_file.open(newline="", encoding="utf-8") as handle:
         rows = list(csv.DictReader(handle))
     if not rows or not rows[0].get("sha256"):
@@ -220,20 +226,29 @@ def samples_for_split(
     config: Config,
     info: dict[str, Any],
     data: str | Path | Sequence[str | Path] | None,
-    split: str,
+    split: str | None,
 ) -> LabelledDataset:
     """The dataset to evaluate (``data``: one folder or several sites; default the run's own),
     split as the run split it when it is the run's own data.
 
     For other data: a pre-split dataset keeps its folders; a class-folder dataset has no split,
-    so it must be evaluated whole with ``split='all'``.
+    so it must be evaluated whole with ``split='all'``. ``split=None`` picks for the user: the
+    test split of the run's own data, every image of data the run never saw. The returned
+    dataset's ``split`` says which.
     """
+    if data is None and not (run_dir / SPLIT_FILE).is_file():
+        raise DataError(
+            f"{run_dir.name} carries no data of its own (a bundled model): give the labelled "
+            "cases to use with --data DIR"
+        )
     dataset = _scan(config, data or run_sources(info))
     root = dataset.root
-    if _holds_the_run_images(dataset, run_dir / SPLIT_FILE, info):
+    own = _holds_the_run_images(dataset, run_dir / SPLIT_FILE, info)
+    if own:
         dataset = apply_split_file(dataset, run_dir / SPLIT_FILE)
+    split = split or ("test" if own else "all")
     if split == "all":
-        return dataset
+        return replace(dataset, split=split)
     chosen = dataset.subset(split)
     if not chosen:
         available = sorted({s.split for s in dataset.samples if s.split})
@@ -241,5 +256,4 @@ def samples_for_split(
             f"no {split!r} images in {root} (splits found: {', '.join(available) or 'none'}); "
             "evaluate another split, or --split all for a dataset the run never saw"
         )
-    dataset.samples = chosen
-    return dataset
+    return replace(dataset, samples=chosen, split=split)

@@ -19,6 +19,7 @@ from PIL import Image
 __all__ = [
     "decompression_bomb_png",
     "make_lesion_image",
+    "not_a_scan_images",
     "ultrasound_dicom",
     "write_synthetic_dataset",
 ]
@@ -32,6 +33,14 @@ def _speckle_background(rng: np.random.Generator, size: int) -> np.ndarray:
     texture = np.asarray(coarse.resize((size, size), Image.Resampling.BICUBIC), dtype=float) / 255
     tissue = layers + 0.35 * (texture - 0.5) + 0.06 * rng.standard_normal((size, size))
     return np.clip(tissue, 0.05, 1.0)
+
+
+def _speckle(rng: np.random.Generator, size: int) -> np.ndarray:
+    """Multiplicative speckle, spatially correlated over a few pixels as a scanner's is
+    (Rayleigh noise drawn at a third of the size and smoothly enlarged)."""
+    grains = rng.rayleigh(0.8, (size // 3 + 1,) * 2).astype(np.float32)
+    return np.asarray(Image.fromarray(grains, mode="F").resize((size, size),
+                                                               Image.Resampling.BICUBIC))
 
 
 def make_lesion_image(
@@ -61,7 +70,7 @@ def make_lesion_image(
     shadow = (yy > cy) & (np.abs(xx - cx) < base * size * 0.8)
     image[shadow] *= 1 - 0.45 * irregularity  # posterior acoustic shadowing
     image[lesion] = 0.08 + 0.05 * rng.random(lesion.sum())
-    image *= rng.rayleigh(0.8, (size, size))  # multiplicative speckle
+    image *= _speckle(rng, size)
     pixels = np.clip(image / max(image.max(), 1e-6) * 255, 0, 255).astype(np.uint8)
     return Image.fromarray(pixels, mode="L"), (cy, cx), Image.fromarray(lesion)
 
@@ -83,6 +92,73 @@ def write_synthetic_dataset(
             if masks:
                 mask.save(folder / f"{name} ({i + 1})_mask.png")
     return root
+
+
+def _doppler_overlay(rng: np.random.Generator) -> Image.Image:
+    """A synthetic scan with a colour-flow box over it (red and blue flow)."""
+    scan = np.asarray(make_lesion_image(False, seed=int(rng.integers(1 << 30)))[0].convert("RGB"))
+    scan = scan.copy()
+    y, x = np.ogrid[:256, :256]
+    flow = np.hypot(y - 120, x - 128) < 40
+    scan[flow & (x < 128)] = (200, 30, 30)
+    scan[flow & (x >= 128)] = (30, 60, 210)
+    return Image.fromarray(scan)
+
+
+def _text_screenshot(rng: np.random.Generator) -> Image.Image:
+    """Black text on a white page, as a screenshot or a scanned form."""
+    from PIL import ImageDraw
+
+    page = Image.new("L", (400, 300), 255)
+    draw = ImageDraw.Draw(page)
+    for row in range(12):
+        words = " ".join("".join(rng.choice(list("abcdefghij"), 5)) for _ in range(6))
+        draw.text((10, 10 + 24 * row), words, fill=0)
+    return page
+
+
+def _smooth_radiograph(rng: np.random.Generator, *, mammogram: bool) -> Image.Image:
+    """A smooth bright body on a dark background, like a radiograph or a mammogram."""
+    y, x = np.mgrid[:320, :256] / 256.0
+    if mammogram:  # a half-disc of breast tissue against the image edge
+        body = np.clip(1 - np.hypot(x / 0.8, (y - 0.62) / 0.7), 0, 1) ** 0.3
+    else:  # a chest: two lung fields darker than the mediastinum
+        body = 0.8 - 0.5 * np.exp(-((x - 0.3) ** 2 + (y - 0.6) ** 2) / 0.02)
+        body -= 0.5 * np.exp(-((x - 0.7) ** 2 + (y - 0.6) ** 2) / 0.02)
+    coarse = Image.fromarray((rng.random((8, 8)) * 255).astype(np.uint8))
+    texture = np.asarray(coarse.resize((256, 320), Image.Resampling.BICUBIC), dtype=float) / 255
+    return Image.fromarray(np.clip((body * (0.85 + 0.3 * texture)) * 230, 0, 255).astype(np.uint8))
+
+
+def not_a_scan_images(seed: int = 0) -> dict[str, Image.Image]:
+    """Synthetic images that are not B-mode breast ultrasound scans, in the modes files come
+    in: noise (grey, RGB, palette, CMYK, 32-bit float, 16-bit), uniform and near-uniform
+    images, bilevel images, gradients, a text page, colour-flow Doppler over a scan, and smooth
+    radiograph- and mammogram-like images. Each should be called not a scan."""
+    rng = np.random.default_rng(seed)
+    noise = (rng.random((256, 256)) * 255).astype(np.uint8)
+    rgb_noise = Image.fromarray((rng.random((256, 256, 3)) * 255).astype(np.uint8))
+    near_white = (65535 - rng.random((256, 256)) * 2000).astype(np.uint16)
+    gradient = np.tile(np.linspace(0, 255, 256, dtype=np.uint8), (256, 1))
+    return {
+        "noise-grey": Image.fromarray(noise),
+        "noise-rgb": rgb_noise,
+        "noise-palette": rgb_noise.convert("P"),
+        "noise-cmyk": rgb_noise.convert("CMYK"),
+        "noise-float": Image.fromarray(rng.random((256, 256)).astype(np.float32), mode="F"),
+        "noise-gaussian": Image.fromarray(np.clip(rng.normal(90, 50, (256, 256)), 0, 255)
+                                          .astype(np.uint8)),
+        "near-white-16bit": Image.fromarray(near_white),
+        "bilevel": Image.fromarray(rng.random((256, 256)) > 0.5).convert("1"),
+        "black": Image.new("L", (256, 256), 0),
+        "white": Image.new("RGB", (256, 256), (255, 255, 255)),
+        "grey": Image.new("L", (256, 256), 128),
+        "gradient": Image.fromarray(gradient),
+        "text-page": _text_screenshot(rng),
+        "doppler": _doppler_overlay(rng),
+        "radiograph-like": _smooth_radiograph(rng, mammogram=False),
+        "mammogram-like": _smooth_radiograph(rng, mammogram=True),
+    }
 
 
 def decompression_bomb_png(side: int = 30_000) -> bytes:

@@ -17,14 +17,21 @@ def register(commands: Subcommands) -> None:
         help="metrics of a trained model on a split",
         description="Evaluate a run's best model on labelled data.",
     )
-    parser.add_argument("--run", required=True, metavar="RUNDIR")
+    parser.add_argument("--run", required=True, metavar="RUNDIR|MODEL",
+                        help="a run directory or a bundled model's name (busdx models)")
     parser.add_argument(
         "--data", action="append",
         help="dataset folder (default: the run's own data); repeat it for several sites, "
         "scored site by site",
     )  # fmt: skip
-    parser.add_argument("--split", default="test", choices=SPLITS)
-    parser.add_argument("--out", help="output folder (default RUNDIR/eval/<site>-<split>)")
+    parser.add_argument(
+        "--split", choices=SPLITS,
+        help="default: test for the run's own data, all for data it never saw",
+    )  # fmt: skip
+    parser.add_argument(
+        "--out", help="output folder (default RUNDIR/eval/<site>-<split>; for a bundled "
+        "model busdx-output/MODEL/eval/<site>-<split>)",
+    )  # fmt: skip
     parser.add_argument("--site", help="name of the images' site (default: the data folder's)")
     parser.add_argument(
         "--readers", metavar="CSV",
@@ -51,5 +58,5 @@ def run(args: argparse.Namespace) -> int:
         backend=args.backend, precision=args.precision, progress=not args.no_progress,
     )  # fmt: skip
     print(format_metrics(result))
-    print(f"written to {out}")
+    print(f"written to {out}; a page to file: busdx report {out}")
     return 0

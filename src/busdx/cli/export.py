@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from busdx.cli.options import Subcommands
 from busdx.export import export_run, format_export
@@ -15,7 +16,9 @@ def register(commands: Subcommands) -> None:
         description="Export RUNDIR/model.pt to RUNDIR/model.onnx and, with --int8, a "
         "statically quantized RUNDIR/model.int8.onnx checked against fp32 on validation images.",
     )
-    parser.add_argument("--run", required=True, metavar="RUNDIR")
+    parser.add_argument("--run", required=True, metavar="RUNDIR|MODEL",
+                        help="a run directory, or a bundled model's name (exported into a copy "
+                        "under busdx-output/MODEL, checked on --data)")  # fmt: skip
     parser.add_argument("--format", choices=["onnx"], default="onnx")
     parser.add_argument("--int8", action="store_true", help="also write an int8 model")
     parser.add_argument(
@@ -27,7 +30,10 @@ def register(commands: Subcommands) -> None:
         help="7 (default) runs on any x86-64 CPU; 8 keeps compact models such as "
         "EfficientNet-Lite closer to fp32, and is used only on CPUs with VNNI or AMX",
     )  # fmt: skip
-    parser.add_argument("--data", help="the run's dataset folder, if it has moved")
+    parser.add_argument(
+        "--data", help="the run's dataset folder, if it has moved; labelled images to check a "
+        "bundled model's export on",
+    )  # fmt: skip
     parser.add_argument(
         "--max-auc-drop", type=float, default=0.01,
         help="refuse an int8 model whose validation AUC drops more (default 0.01)",
@@ -49,5 +55,5 @@ def run(args: argparse.Namespace) -> int:
         force=args.allow_auc_drop,
         weight_bits=args.int8_weight_bits,
     )
-    print(format_export(args.run, report))
+    print(format_export(Path(report.source).parent, report))
     return 0

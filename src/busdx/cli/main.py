@@ -10,6 +10,7 @@ from collections.abc import Sequence
 
 from busdx import __version__
 from busdx.cli import (
+    adapt,
     audit,
     calibrate,
     compare,
@@ -28,8 +29,8 @@ from busdx.errors import BusdxError
 
 __all__ = ["build_parser", "main"]
 
-COMMANDS = (train, evaluate, calibrate, compare, predict, serve, export, cv, report, models,
-            audit, demo)  # fmt: skip
+COMMANDS = (train, evaluate, calibrate, adapt, compare, predict, serve, export, cv, report,
+            models, audit, demo)  # fmt: skip
 
 EXAMPLES = """examples:
   busdx predict scan.png                       (the bundled model: no training needed)

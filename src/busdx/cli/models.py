@@ -6,6 +6,7 @@ import argparse
 
 from busdx.bundled import DEFAULT_MODEL, bundled_info, list_bundled
 from busdx.cli.options import Subcommands
+from busdx.validation import describe_threshold
 
 
 def register(commands: Subcommands) -> None:
@@ -35,5 +36,9 @@ def run(args: argparse.Namespace) -> int:
                 f"ROC AUC {row['roc_auc']:.3f}; sensitivity {row['sensitivity']:.3f}, "
                 f"specificity {row['specificity']:.3f} at its threshold"
             )
+        print(f"  threshold {info['threshold']:.3f}: "
+              f"{describe_threshold(info, info.get('held_out_sites'))}")  # fmt: skip
+        print(f"  check it on your labelled cases: busdx evaluate --run {name} --data DIR; "
+              f"busdx calibrate --run {name} --data DIR")  # fmt: skip
     print("use one with: busdx predict [--run NAME] scan.png; busdx serve [--run NAME]")
     return 0

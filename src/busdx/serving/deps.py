@@ -22,6 +22,7 @@ from busdx.runs import load_run
 from busdx.serving.guard import Gate
 from busdx.serving.settings import ServeSettings
 from busdx.transforms import region_of
+from busdx.validation import describe_threshold, expectation
 
 __all__ = ["ModelService", "Service", "Upload", "lesion_body", "load_service"]
 
@@ -121,6 +122,7 @@ def _model_card(loaded: Predictor, run_dir: Path) -> dict[str, Any]:
         "positive_class": metadata.get("positive_class"),
         "threshold": loaded.threshold,
         "threshold_policy": metadata.get("threshold_policy"),
+        "threshold_basis": describe_threshold(metadata, expectation(run_dir)),
         "temperature": loaded.temperature,
         "preprocessing": metadata["preprocessing"],
         "weights": metadata.get("weights"),

@@ -1,0 +1,97 @@
+"""Is this a breast B-mode ultrasound image at all? The pixel rules of busdx.scope, measured.
+
+Two sets: every image of the three development sites (real B-mode scans, each site
+separately: none should be flagged) and a labelled "not a scan" set: the synthetic images of
+:func:`busdx.synthetic.not_a_scan_images` and the sample images that scikit-image,
+scikit-learn and matplotlib ship (photos, micrographs, text, a CT phantom, an MRI slice). Each
+image is read as busdx reads a file (:func:`busdx.imaging.to_rgb`) and checked with
+:func:`busdx.scope.image_checks`. Writes the per-image verdicts and a summary.
+
+Usage:
+    python experiments/not_a_scan.py --out docs/scope
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import gzip
+import json
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from busdx.data import scan_sites
+from busdx.imaging import load_image, to_rgb
+from busdx.scope import image_checks
+from busdx.synthetic import not_a_scan_images
+
+SITES = ("busi=../shared/data/busi", "bus_bra=../shared/data/bus_bra",
+         "breast=../shared/data/breast_lesions_usg/labels.csv")  # fmt: skip
+SKIMAGE = ("astronaut", "brick", "camera", "cat", "cell", "checkerboard", "clock", "coffee",
+           "coins", "colorwheel", "grass", "gravel", "horse", "hubble_deep_field",
+           "immunohistochemistry", "logo", "microaneurysms", "moon", "page", "retina",
+           "rocket", "shepp_logan_phantom", "text")  # fmt: skip
+
+
+def package_images() -> dict[str, Image.Image]:
+    """Sample images shipped by scikit-image, scikit-learn and matplotlib."""
+    import matplotlib
+    import skimage.data
+    from sklearn.datasets import load_sample_images
+
+    images = {}
+    for name in SKIMAGE:
+        array = np.asarray(getattr(skimage.data, name)())
+        if array.dtype != np.uint8:
+            array = (array / max(float(array.max()), 1e-9) * 255).astype(np.uint8)
+        images[f"skimage-{name}"] = Image.fromarray(array)
+    for path in load_sample_images().filenames:
+        images[f"sklearn-{Path(path).stem}"] = Image.open(path)
+    sample = Path(matplotlib.get_data_path()) / "sample_data"
+    images["matplotlib-grace_hopper"] = Image.open(sample / "grace_hopper.jpg")
+    raw = np.frombuffer(gzip.decompress((sample / "s1045.ima.gz").read_bytes()), np.uint16)
+    images["matplotlib-mri-slice"] = Image.fromarray(raw.reshape(256, 256))
+    return images
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", required=True, help="folder for scans.csv, not-scans.csv, "
+                        "not-a-scan.json")  # fmt: skip
+    args = parser.parse_args()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    summary: dict = {"command": "python experiments/not_a_scan.py --out " + args.out,
+                     "real_scans": {}, "not_scans": {}}  # fmt: skip
+    rows = []
+    dataset = scan_sites(list(SITES), ["benign", "malignant"])
+    for site in dataset.sites:
+        mine = [s for s in dataset.samples if s.site == site]
+        flagged = 0
+        for sample in mine:
+            reasons = image_checks(load_image(sample.path))
+            flagged += bool(reasons)
+            rows.append([site, sample.relpath, "; ".join(reasons)])
+        summary["real_scans"][site] = {"n": len(mine), "flagged": flagged,
+                                       "flagged_rate": flagged / len(mine)}  # fmt: skip
+    with (out / "scans-flagged.csv").open("w", newline="") as handle:
+        csv.writer(handle).writerows([["site", "path", "reasons"]] + [r for r in rows if r[2]])
+    candidates = {**{f"synthetic-{k}": v for k, v in not_a_scan_images(0).items()},
+                  **package_images()}  # fmt: skip
+    verdicts = []
+    for name, image in candidates.items():
+        reasons = image_checks(to_rgb(image))
+        verdicts.append([name, image.mode, "; ".join(reasons)])
+    with (out / "not-scans.csv").open("w", newline="") as handle:
+        csv.writer(handle).writerows([["image", "mode", "reasons"], *verdicts])
+    missed = [name for name, _, reasons in verdicts if not reasons]
+    summary["not_scans"] = {"n": len(verdicts), "flagged": len(verdicts) - len(missed),
+                            "missed": missed}  # fmt: skip
+    (out / "not-a-scan.json").write_text(json.dumps(summary, indent=2) + "\n")
+    print(json.dumps(summary, indent=2))
+
+
+if __name__ == "__main__":
+    main()

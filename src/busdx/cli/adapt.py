@@ -1,0 +1,42 @@
+"""``busdx adapt``: a copy of a run adapted to a site from its unlabelled images."""
+
+from __future__ import annotations
+
+import argparse
+
+from busdx.cli.options import Subcommands, add_common
+from busdx.unlabelled import adapt_run
+
+
+def register(commands: Subcommands) -> None:
+    parser = commands.add_parser(
+        "adapt",
+        help="re-estimate BatchNorm statistics on a site's unlabelled images",
+        description="Copy a run (or a bundled model) into a new run directory whose BatchNorm "
+        "statistics are re-estimated on a site's unlabelled images (AdaBN). Opt-in: measured "
+        "at three held-out hospitals, it helped at some and hurt at others (docs/adaptation.md)."
+        " Evaluate the copy on labelled cases of the site before using it.",
+    )
+    parser.add_argument("--run", required=True, metavar="RUNDIR|MODEL")
+    parser.add_argument("--data", required=True, help="the site's unlabelled images")
+    parser.add_argument(
+        "--out", help="new run directory (default RUNDIR-adapted; busdx-output/MODEL-adapted)"
+    )
+    parser.add_argument(
+        "--blend", type=float, default=1.0,
+        help="share of the site's statistics in the new ones (1: the site's alone)",
+    )  # fmt: skip
+    parser.add_argument("--device", default="auto")
+    add_common(parser)
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    adapted = adapt_run(args.run, args.data, out=args.out, blend=args.blend, device=args.device,
+                        progress=not args.no_progress)  # fmt: skip
+    print(
+        f"adapted {adapted.layers} BatchNorm layers on {adapted.images} images (blend "
+        f"{args.blend:g})\nnew run: {adapted.run_dir} (the original is unchanged); temperature "
+        "and threshold are as trained: evaluate it on labelled cases before use"
+    )
+    return 0
