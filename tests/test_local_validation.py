@@ -146,3 +146,20 @@ def test_the_threshold_is_described_with_how_often_it_kept_its_promise():
     assert "out-of-site predictions" in text and "kept 0.95 at 1 of 2" in text
     assert "chosen on the validation split" in describe_threshold({"threshold_policy": "youden"},
                                                                   None)  # fmt: skip
+
+
+def test_a_bundled_model_exports_and_compares_into_the_working_directory(tmp_path, monkeypatch):
+    from busdx.bundled import resolve_run
+    from busdx.cli import main
+
+    bundled = resolve_run(None)
+    before = _tree(bundled)
+    monkeypatch.chdir(tmp_path)
+    write_synthetic_dataset(tmp_path / "LOCAL", n_per_class=6, seed=8)
+    assert main(["export", "--run", "lite0-3sites", "--data", "LOCAL"]) == 0
+    copy = tmp_path / "busdx-output" / "lite0-3sites"
+    assert (copy / "model.onnx").is_file() and (copy / "export.json").is_file()
+    assert main(["evaluate", "--run", "lite0-3sites", "--data", "LOCAL", "--no-progress"]) == 0
+    assert main(["compare", "lite0-3sites", str(copy / "eval" / "LOCAL-all"),
+                 "--n-bootstrap", "100"]) == 0  # fmt: skip
+    assert _tree(bundled) == before

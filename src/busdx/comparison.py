@@ -18,6 +18,7 @@ from busdx.errors import DataError
 from busdx.layout import EVAL_DIR, FOLD_GLOB, FOLDS_FILE, METRICS_FILE, PREDICTIONS_FILE
 from busdx.metrics import binary_metrics, paired_bootstrap
 from busdx.results import Compared, Comparison, Evaluation
+from busdx.validation import local_evaluations
 
 __all__ = ["compare_evaluations", "format_comparison"]
 
@@ -57,7 +58,7 @@ def _evaluation_folder(given: str | Path) -> Path:
     if path.exists():
         return path
     run_dir = resolve_run(given)
-    found = sorted(p.parent for p in (output_home(run_dir) / EVAL_DIR).glob(f"*/{METRICS_FILE}"))
+    found = local_evaluations(run_dir)
     if len(found) != 1:
         where = output_home(run_dir) / EVAL_DIR
         raise DataError(

@@ -358,7 +358,7 @@ def format_metrics(result: Evaluation) -> str:
             f"{_with_ci(result, 'sensitivity')}"
         )
     if result.out_of_scope_rate is not None:
-        lines.append(f"  flagged out of scope {result.out_of_scope_rate:.1%} of the images")
+        lines.append(f"  not a scan (no label): {result.out_of_scope_rate:.1%} of the images")
     for kind, table in (("site", result.per_site), ("scanner", result.per_scanner)):
         for name, row in (table or {}).items():
             if isinstance(row, OneClassGroup):

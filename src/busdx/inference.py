@@ -77,7 +77,7 @@ class Prediction:
     threshold: float
     error: str | None = None
     logit: float | None = None  # before temperature scaling
-    out_of_scope: bool | None = None  # unlike the training images (None: no guard)
+    out_of_scope: bool | None = None  # not a B-mode scan (busdx.scope.image_checks)
     scope_reason: str | None = None
     scope_distance: float | None = None
     frame: int | None = None  # the DICOM frame (None: not a DICOM file)

@@ -53,7 +53,8 @@ def adapt_batchnorm(
     layers = _batchnorms(loaded.model)
     if not layers:
         raise DataError("the model has no BatchNorm layer to adapt")
-    trained = [(layer.running_mean.clone(), layer.running_var.clone()) for layer in layers]
+    trained = [(layer.running_mean.clone(), layer.running_var.clone(), layer.momentum)
+               for layer in layers]  # fmt: skip
     for layer in layers:
         layer.reset_running_stats()
         layer.momentum = None  # a cumulative average over every batch
@@ -63,10 +64,10 @@ def adapt_batchnorm(
         images = [load_region(as_input(p), loaded.preprocessing)
                   for p in files[start : start + batch_size]]  # fmt: skip
         loaded.model(torch.stack([loaded.transform(image) for image in images]).to(loaded.device))
-    for layer, (mean, var) in zip(layers, trained, strict=True):
+    for layer, (mean, var, momentum) in zip(layers, trained, strict=True):
         layer.running_mean.mul_(blend).add_((1 - blend) * mean)
         layer.running_var.mul_(blend).add_((1 - blend) * var)
-        layer.momentum = 0.1
+        layer.momentum = momentum
     loaded.model.eval()
     return len(layers)
 
@@ -98,12 +99,14 @@ def adapt_run(
         raise DataError(f"adapting needs at least 2 images; found {len(files)} in {data}")
     home = output_home(run_dir)
     out = Path(out) if out else home.with_name(f"{home.name}-adapted")
-    create_run_dir(out, "adapted")  # refuses an existing run directory
+    if out.exists() and any(out.iterdir()):
+        create_run_dir(out, "adapted")  # refuses it, saying what to do
+    loaded = load_model(run_dir, device=device)
+    layers = adapt_batchnorm(loaded, files, blend=blend, progress=progress)  # nothing written yet
+    create_run_dir(out, "adapted")
     for name in (CONFIG_FILE, INFO_FILE, SPLIT_FILE, MODEL_FILE):
         if (run_dir / name).is_file():
             shutil.copyfile(run_dir / name, out / name)
-    loaded = load_model(out, device=device)
-    layers = adapt_batchnorm(loaded, files, blend=blend, progress=progress)
     state = {key: value.cpu() for key, value in loaded.model.state_dict().items()}
     record = {"method": "batchnorm statistics (AdaBN)", "blend": blend, "images": len(files),
               "from_run": str(run_dir.resolve()), "data": str(data)}  # fmt: skip

@@ -18,11 +18,12 @@ import math
 from pathlib import Path
 from typing import Any
 
-from busdx.bundled import SUMMARY_FILE
+from busdx.bundled import SUMMARY_FILE, output_home
 from busdx.errors import DataError
 from busdx.fileio import atomic_write_text
 from busdx.layout import (
     CONFUSION_MATRIX,
+    EVAL_DIR,
     METRICS_FILE,
     PREDICTIONS_FILE,
     RELIABILITY,
@@ -38,10 +39,18 @@ __all__ = [
     "describe_threshold",
     "expectation",
     "format_check",
+    "local_evaluations",
     "write_validation_page",
 ]
 
 EXPECTED_METRICS = ("roc_auc", "sensitivity", "specificity")
+
+
+def local_evaluations(run_dir: Path) -> list[Path]:
+    """The evaluation folders written for a run by ``busdx evaluate`` (for a bundled model,
+    under ``busdx-output/NAME/eval``)."""
+    found = (output_home(run_dir) / EVAL_DIR).glob(f"*/{METRICS_FILE}")
+    return sorted(path.parent for path in found)
 
 
 def expectation(run_dir: Path) -> dict[str, dict[str, Any]] | None:
@@ -112,17 +121,11 @@ def _cell(metrics: Metrics, key: str) -> str:
 
 
 def _flagged(folder: Path) -> list[dict[str, str]]:
-    """The images flagged as not a scan or uncertain (``predictions.csv``)."""
-    path = folder / PREDICTIONS_FILE
-    with path.open(newline="", encoding="utf-8") as handle:
+    """The images flagged as not a scan (``predictions.csv``)."""
+    with (folder / PREDICTIONS_FILE).open(newline="", encoding="utf-8") as handle:
         rows = list(csv.DictReader(handle))
-    return [
-        {"path": r["path"], "label": r["label"],
-         "flag": "; ".join(k.replace("_", " ") for k in ("not_a_scan", "uncertain",
-                                                         "out_of_scope") if r.get(k) == "True")}
-        for r in rows
-        if any(r.get(k) == "True" for k in ("not_a_scan", "uncertain", "out_of_scope"))
-    ]  # fmt: skip
+    return [{"path": r["path"], "label": r["label"], "flag": "not a scan"}
+            for r in rows if r.get("out_of_scope") == "True"]  # fmt: skip
 
 
 def write_validation_page(folder: str | Path, out: str | Path | None = None) -> Path:

@@ -10,7 +10,7 @@ from busdx.cli.options import Subcommands
 from busdx.errors import DataError
 from busdx.layout import CONFIG_FILE, EVAL_DIR, METRICS_FILE
 from busdx.model_card import write_report
-from busdx.validation import write_validation_page
+from busdx.validation import local_evaluations, write_validation_page
 
 
 def register(commands: Subcommands) -> None:
@@ -36,8 +36,7 @@ def run(args: argparse.Namespace) -> int:
         report, card = write_report(run_dir)
         print(f"report: {report}\nmodel card: {card}")
         return 0
-    found = (output_home(run_dir) / EVAL_DIR).glob(f"*/{METRICS_FILE}")
-    evaluations = sorted(path.parent for path in found)
+    evaluations = local_evaluations(run_dir)
     if not evaluations:
         raise DataError(
             f"no evaluation of {run_dir.name} under {output_home(run_dir) / EVAL_DIR}: evaluate "
