@@ -34,7 +34,7 @@ from scipy.special import logit
 from busdx.calibration import fit_operating_points
 from busdx.config import load_config
 from busdx.imaging import as_input
-from busdx.layout import FOLDS_FILE, fold_dir
+from busdx.layout import FOLDS_FILE, METRICS_FILE, fold_dir
 from busdx.metrics import paired_bootstrap, roc_auc
 from busdx.predictor import load_model
 from busdx.transforms import load_region
@@ -67,8 +67,11 @@ def score(args):
         if target.is_file():
             print(f"{target} exists: skipped")
             continue
-        files = [Path(args.data_root) / r["path"] for r in mine]
         run = fold_dir(Path(args.cv), fold)
+        if not (run / METRICS_FILE).is_file():
+            print(f"{run} has not finished: skipped (run the same command again later)")
+            continue
+        files = [Path(args.data_root) / r["path"] for r in mine]
         loaded = load_model(run, device="cpu")
         base, distance = _logits_and_distances(loaded, files)
         flipped, _ = _logits_and_distances(loaded, files, flip=True)

@@ -163,3 +163,4 @@ def test_a_bundled_model_exports_and_compares_into_the_working_directory(tmp_pat
     assert main(["compare", "lite0-3sites", str(copy / "eval" / "LOCAL-all"),
                  "--n-bootstrap", "100"]) == 0  # fmt: skip
     assert _tree(bundled) == before
+

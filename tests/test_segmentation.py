@@ -15,6 +15,7 @@ from busdx.boxes import find_masks
 from busdx.cli import main
 from busdx.config import AugmentConfig, ModelConfig
 from busdx.data import attach_masks, scan_dataset
+from busdx.evaluation import evaluate_run
 from busdx.loading import ImageDataset, read_sample
 from busdx.losses import LesionLoss
 from busdx.models import create_model
@@ -199,3 +200,12 @@ def test_an_roi_models_outline_is_placed_inside_its_lesion_box():
     assert outline.min(axis=0) == pytest.approx([50, 20], abs=2)
     assert outline.max(axis=0) == pytest.approx([110, 60], abs=2)
     assert lesion.unit == "px" and lesion.width == pytest.approx(60, abs=2)
+
+
+def test_a_mask_head_model_is_evaluated_on_labels_alone_where_there_are_no_masks(
+    mask_run, synthetic_data, tmp_path
+):
+    result, out = evaluate_run(mask_run, [str(synthetic_data)], "all", out=tmp_path / "eval",
+                               progress=False)  # fmt: skip
+    assert result.n == 24 and result.segmentation is None  # no reader's mask: no Dice
+    assert (out / "metrics.json").is_file()
