@@ -25,6 +25,9 @@ __all__ = [
 ]
 
 
+SPECKLE_SIGMA = 0.8  # pixels: the point-spread function that makes speckle grains
+
+
 def _speckle_background(rng: np.random.Generator, size: int) -> np.ndarray:
     """Layered tissue with a random smooth texture: every image has its own anatomy."""
     y = np.linspace(0, 1, size)[:, None]
@@ -35,12 +38,12 @@ def _speckle_background(rng: np.random.Generator, size: int) -> np.ndarray:
     return np.clip(tissue, 0.05, 1.0)
 
 
-def _speckle(rng: np.random.Generator, size: int) -> np.ndarray:
-    """Multiplicative speckle, spatially correlated over a few pixels as a scanner's is
-    (Rayleigh noise drawn at a third of the size and smoothly enlarged)."""
-    grains = rng.rayleigh(0.8, (size // 3 + 1,) * 2).astype(np.float32)
-    return np.asarray(Image.fromarray(grains, mode="F").resize((size, size),
-                                                               Image.Resampling.BICUBIC))
+def _point_spread(image: np.ndarray) -> np.ndarray:
+    """The scanner's point-spread function: a Gaussian blur that makes speckle grains of a few
+    pixels, spatially correlated as real speckle is."""
+    from scipy.ndimage import gaussian_filter  # imported here: scipy.ndimage is slow to import
+
+    return gaussian_filter(image, SPECKLE_SIGMA)
 
 
 def make_lesion_image(
@@ -70,7 +73,7 @@ def make_lesion_image(
     shadow = (yy > cy) & (np.abs(xx - cx) < base * size * 0.8)
     image[shadow] *= 1 - 0.45 * irregularity  # posterior acoustic shadowing
     image[lesion] = 0.08 + 0.05 * rng.random(lesion.sum())
-    image *= _speckle(rng, size)
+    image = _point_spread(image * rng.rayleigh(0.8, (size, size)))  # multiplicative speckle
     pixels = np.clip(image / max(image.max(), 1e-6) * 255, 0, 255).astype(np.uint8)
     return Image.fromarray(pixels, mode="L"), (cy, cx), Image.fromarray(lesion)
 
