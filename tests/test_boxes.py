@@ -19,6 +19,7 @@ from busdx.boxes import (
     mask_box,
     parse_box,
     read_boxes_csv,
+    read_mask,
 )
 from busdx.cli import main
 from busdx.data import attach_boxes, scan_dataset
@@ -260,3 +261,19 @@ def test_crop_rectangle_margin_jitter_and_the_smallest_crop():
     assert tiny[2] - tiny[0] >= 1 and tiny[3] - tiny[1] >= 1  # never an empty crop
     with pytest.raises(BoxError, match=re.escape("ct.png: box 90,70,20,20 lies outside")):
         crop_to_box(image, (90, 70, 20, 20), margin=0.1, name="ct.png")
+
+
+def test_colour_masks_read_by_their_brightest_channel(tmp_path):
+    """BUS-UCLM stores masks in colour (green benign, red malignant): pure red is 76 in
+    luminance, below the 127 cut, and was read as an empty mask."""
+    from PIL import Image
+
+    lesion = np.zeros((40, 60, 3), dtype=np.uint8)
+    lesion[10:20, 5:25] = (255, 0, 0)  # red: a malignant lesion
+    lesion[25:35, 40:55] = (0, 255, 0)  # green: a benign one
+    Image.fromarray(lesion).save(tmp_path / "colour_mask.png")
+    Image.fromarray(lesion.max(axis=2)).convert("L").save(tmp_path / "grey_mask.png")
+    for name in ("colour_mask.png", "grey_mask.png"):
+        read = np.asarray(read_mask([tmp_path / name], (60, 40))) > 0
+        assert read.sum() == 10 * 20 + 10 * 15
+        assert read[15, 10] and read[30, 45] and not read[0, 0]

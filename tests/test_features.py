@@ -80,7 +80,7 @@ def test_training_on_cached_features_learns_and_resumes(
     monkeypatch.setenv("BUSDX_CACHE_DIR", str(tmp_path / "cache"))
     config = apply_overrides(load_config(), [
         f"model.weights={backbone_weights}", "data.image_size=64", "train.feature_cache=true",
-        "train.cache_views=2", "train.epochs=4", "train.batch_size=8", "data.val_fraction=0.25",
+        "train.cache_views=2", "train.epochs=8", "train.batch_size=8", "data.val_fraction=0.25",
         "data.test_fraction=0.25"])  # fmt: skip
     dataset = prepare_dataset(config, synthetic_data)
     history = fit(config, dataset, tmp_path / "run", progress=False)

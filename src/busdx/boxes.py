@@ -135,11 +135,20 @@ def read_mask(masks: Sequence[Path], image_size: tuple[int, int]) -> Image.Image
     union = np.zeros(image_size[::-1], dtype=bool)
     for path in masks:
         with Image.open(path) as mask:
-            grey = mask.convert("L")
-            if grey.size != image_size:
-                grey = grey.resize(image_size, Image.Resampling.NEAREST)
-            union |= np.asarray(grey) > 127
+            level = _mask_level(mask)
+            if level.size != image_size:
+                level = level.resize(image_size, Image.Resampling.NEAREST)
+            union |= np.asarray(level) > 127
     return Image.fromarray(union.astype(np.uint8) * 255)
+
+
+def _mask_level(mask: Image.Image) -> Image.Image:
+    """A mask file as 8-bit levels: a colour mask by its brightest channel (BUS-UCLM draws
+    benign lesions green and malignant ones red; pure red is 76 in luminance), any other by
+    its grey level."""
+    if mask.mode in {"RGB", "RGBA", "P", "PA", "CMYK", "YCbCr", "HSV"}:
+        return Image.fromarray(np.asarray(mask.convert("RGB")).max(axis=2))
+    return mask.convert("L")
 
 
 def mask_box(masks: Sequence[Path], image_size: tuple[int, int] | None = None) -> Box | None:
