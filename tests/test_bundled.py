@@ -100,6 +100,9 @@ def test_serve_with_no_run_answers_with_the_bundled_model(scans):
     with TestClient(create_app(resolve_run(None))) as client:
         card = client.get("/model").json()
         assert card["threshold"] == pytest.approx(bundled_info(DEFAULT_MODEL)["threshold"])
+        held_out = bundled_info(DEFAULT_MODEL)["held_out_sites"]
+        kept = sum(row["sensitivity"] >= 0.95 for row in held_out.values())
+        assert f"kept 0.95 at {kept} of {len(held_out)}" in card["threshold_basis"]
         answer = client.post("/predict", files=[("files", ("s.png", scans[0].read_bytes()))])
         assert answer.status_code == 200
         assert 0 < answer.json()["predictions"][0]["probability_malignant"] < 1

@@ -59,7 +59,7 @@ class Prediction(BaseModel):
         "of scope (unless label_out_of_scope) or unreadable"
     )
     threshold: float
-    out_of_scope: bool | None = Field(description="far from the training images, or not a scan")
+    out_of_scope: bool | None = Field(description="not a B-mode scan (pixel rules): no label")
     scope_reason: str | None
     error: str | None
     box: str | None = Field(default=None, description="the lesion box used, x,y,w,h")
