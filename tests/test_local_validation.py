@@ -144,6 +144,12 @@ def test_the_threshold_is_described_with_how_often_it_kept_its_promise():
     held_out = {"a": {"sensitivity": 0.97}, "b": {"sensitivity": 0.87}}
     text = describe_threshold(metadata, held_out)
     assert "out-of-site predictions" in text and "kept 0.95 at 1 of 2" in text
+    promise = {"guaranteed": 0.858, "confidence": 0.9}
+    local = describe_threshold({**metadata, "sensitivity_promise": promise}, None)
+    assert "sensitivity >= 0.858 with 90% confidence" in local
+    observed = describe_threshold({**metadata, "sensitivity_promise": {**promise,
+                                                                       "confidence": 0.0}}, None)
+    assert "confidence" not in observed
     assert "chosen on the validation split" in describe_threshold({"threshold_policy": "youden"},
                                                                   None)  # fmt: skip
 

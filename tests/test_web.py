@@ -163,6 +163,9 @@ def test_browser_outlines_the_lesion_and_labels_nothing_out_of_scope(
         page.goto(server.url)
         expect(page.locator("#status")).to_have_text("Ready.")
         footer = page.locator("#model").inner_text()
+        basis = page.locator("#basis").inner_text()  # how the threshold was chosen, as served
+        assert basis == httpx.get(f"{server.url}/model").json()["threshold_basis"]
+        assert basis == "chosen for sensitivity 0.95 on validation split"
         page.set_input_files("#files", [str(scan), str(tiny)])
         expect(page.locator("#status")).to_contain_text("Done: 2 image(s)", timeout=60_000)
         rows = page.locator("tr.result")

@@ -173,7 +173,7 @@ def describe_threshold(metadata: dict[str, Any], held_out: dict[str, dict[str, A
     target = metadata.get("target_sensitivity", 0.95)
     text = f"chosen for sensitivity {target:.2f} on {source}"
     promise = metadata.get("sensitivity_promise")
-    if promise:
+    if promise and promise["confidence"] > 0:  # at 0 it is the observed sensitivity alone
         text += (f"; these cases show sensitivity >= {promise['guaranteed']:.3f} with "
                  f"{promise['confidence']:.0%} confidence")  # fmt: skip
     if held_out:
