@@ -24,7 +24,7 @@ from PIL import Image
 
 from busdx.data import scan_sites
 from busdx.imaging import load_image, to_rgb
-from busdx.scope import image_checks
+from busdx.scope import coloured_share, image_checks, texture_statistics
 from busdx.synthetic import not_a_scan_images
 
 SITES = ("busi=../shared/data/busi", "bus_bra=../shared/data/bus_bra",
@@ -56,6 +56,15 @@ def package_images() -> dict[str, Image.Image]:
     return images
 
 
+def _statistics(image: Image.Image) -> dict[str, float]:
+    """What the rules look at: size, aspect ratio, coloured share and the texture statistics."""
+    width, height = image.size
+    return {"smallest_side": float(min(width, height)),
+            "aspect_ratio": max(width, height) / min(width, height),
+            "coloured_share": coloured_share(image),
+            **texture_statistics(image.convert("L"))}  # fmt: skip
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", required=True, help="folder for scans.csv, not-scans.csv, "
@@ -69,13 +78,19 @@ def main() -> None:
     dataset = scan_sites(list(SITES), ["benign", "malignant"])
     for site in dataset.sites:
         mine = [s for s in dataset.samples if s.site == site]
-        flagged = 0
+        flagged, measured = 0, []
         for sample in mine:
-            reasons = image_checks(load_image(sample.path))
+            image = load_image(sample.path)
+            reasons = image_checks(image)
             flagged += bool(reasons)
             rows.append([site, sample.relpath, "; ".join(reasons)])
-        summary["real_scans"][site] = {"n": len(mine), "flagged": flagged,
-                                       "flagged_rate": flagged / len(mine)}  # fmt: skip
+            measured.append(_statistics(image))
+        summary["real_scans"][site] = {
+            "n": len(mine), "flagged": flagged, "flagged_rate": flagged / len(mine),
+            "ranges": {key: [float(np.nanmin([m[key] for m in measured])),
+                             float(np.nanmax([m[key] for m in measured]))]
+                       for key in measured[0]},
+        }  # fmt: skip
     with (out / "scans-flagged.csv").open("w", newline="") as handle:
         csv.writer(handle).writerows([["site", "path", "reasons"]] + [r for r in rows if r[2]])
     candidates = {**{f"synthetic-{k}": v for k, v in not_a_scan_images(0).items()},

@@ -11,7 +11,7 @@ trust its label", not that the image is abnormal.
 Feature distances do not tell a scan from what is not one: at hospitals the model never saw
 they flagged ordinary scans, and noise and near-white images landed inside. Whether an input is
 a B-mode scan at all is therefore decided on its pixels by :func:`image_checks`: rules with
-wide margins around what all 2,405 images of the three development sites show (256x256 grey:
+wide margins around what all 2,292 images of the three development sites show (256x256 grey:
 neighbour correlation at least 0.897, at least 122 grey levels, at most 27% near-white pixels,
 at most 0.9% coloured pixels, high-frequency share at least 0.101; docs/scope.md), measured on
 a set of images that are not scans (noise in every mode, uniform, bilevel, text, Doppler,
@@ -21,6 +21,7 @@ distance is still computed and reported (``scope_distance``); it no longer withh
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -36,6 +37,7 @@ from busdx.transforms import Preprocessing, build_eval_transform, load_region
 __all__ = [
     "SCOPE_KEY",
     "ScopedClassifier",
+    "coloured_share",
     "fit_scope",
     "image_checks",
     "logits_and_features",
@@ -43,6 +45,7 @@ __all__ = [
     "pooled_features",
     "public_scope",
     "scope_distances",
+    "texture_statistics",
 ]
 
 SCOPE_KEY = "scope"
@@ -59,6 +62,13 @@ MAX_NEAR_WHITE = 0.5  # share of pixels above 225: pages, screenshots
 MIN_DETAIL = 0.06  # share of the grey-level spread in detail finer than a 2-px blur
 
 
+def coloured_share(image: Image.Image) -> float:
+    """Share of pixels whose colour channels differ by more than 40 grey levels."""
+    red, green, blue = np.moveaxis(np.asarray(image.convert("RGB")), 2, 0)  # uint8 planes
+    spread = np.maximum(np.maximum(red, green), blue) - np.minimum(np.minimum(red, green), blue)
+    return np.count_nonzero(spread > 40) / spread.size
+
+
 def image_checks(image: Image.Image) -> list[str]:
     """Reasons why an image cannot be a B-mode ultrasound scan (empty when none applies)."""
     width, height = image.size
@@ -67,36 +77,51 @@ def image_checks(image: Image.Image) -> list[str]:
     reasons = []
     if max(width, height) / min(width, height) > MAX_ASPECT:
         reasons.append(f"extreme aspect ratio ({width}x{height} px)")
-    red, green, blue = np.moveaxis(np.asarray(image.convert("RGB")), 2, 0)  # uint8 planes
-    spread = np.maximum(np.maximum(red, green), blue) - np.minimum(np.minimum(red, green), blue)
-    if np.count_nonzero(spread > 40) / spread.size > MAX_COLOURED:
+    if coloured_share(image) > MAX_COLOURED:
         reasons.append("a colour image (B-mode ultrasound is greyscale)")
     grey = image.convert("L")
     if ImageStat.Stat(grey).stddev[0] < MIN_GREY_STD:  # 10x numpy's speed
         return [*reasons, "a nearly uniform image"]
-    return reasons + _texture_checks(grey)
+    return reasons + _texture_checks(texture_statistics(grey))
 
 
-def _texture_checks(grey: Image.Image) -> list[str]:
-    """The rules on the image's grey levels and texture, at :data:`CHECK_SIZE` (smaller images
-    as they are)."""
+def texture_statistics(grey: Image.Image) -> dict[str, float]:
+    """What the texture rules look at, on a grey image at :data:`CHECK_SIZE` (smaller images
+    as they are): grey levels used, share of near-white pixels, grey-level spread, neighbour
+    correlation and the share of the spread in fine detail (the last two NaN for an image too
+    uniform to have them)."""
     small = grey  # never enlarged: interpolation would make noise look correlated
     if min(grey.size) > CHECK_SIZE:
         small = grey.resize((CHECK_SIZE, CHECK_SIZE), Image.Resampling.BILINEAR)
     pixels = np.asarray(small, dtype=np.float32)
+    spread = float(pixels.std())
+    statistics = {
+        "grey_levels": float(len(np.unique(np.asarray(grey)))),
+        "near_white": float(np.mean(pixels > 225)),
+        "spread": spread,
+        "neighbour_correlation": math.nan,
+        "detail": math.nan,
+    }
+    if spread >= MIN_GREY_STD:
+        left, right = pixels[:, :-1].ravel(), pixels[:, 1:].ravel()
+        blurred = np.asarray(small.filter(ImageFilter.GaussianBlur(2)), dtype=np.float32)
+        statistics["neighbour_correlation"] = float(np.corrcoef(left, right)[0, 1])
+        statistics["detail"] = float((pixels - blurred).std() / spread)
+    return statistics
+
+
+def _texture_checks(statistics: dict[str, float]) -> list[str]:
+    """The texture rules on :func:`texture_statistics`."""
     reasons = []
-    if len(np.unique(np.asarray(grey))) < MIN_GREY_LEVELS:
+    if statistics["grey_levels"] < MIN_GREY_LEVELS:
         reasons.append("too few grey levels (a bilevel image, drawing or phantom)")
-    if np.mean(pixels > 225) > MAX_NEAR_WHITE:
+    if statistics["near_white"] > MAX_NEAR_WHITE:
         reasons.append("mostly white (a page or a screenshot)")
-    spread = pixels.std()
-    if spread < MIN_GREY_STD:
+    if statistics["spread"] < MIN_GREY_STD:
         return [*reasons, "a nearly uniform image"]
-    left, right = pixels[:, :-1].ravel(), pixels[:, 1:].ravel()
-    if np.corrcoef(left, right)[0, 1] < MIN_NEIGHBOUR_CORRELATION:
+    if statistics["neighbour_correlation"] < MIN_NEIGHBOUR_CORRELATION:
         reasons.append("no spatial structure (noise or a fine texture, not speckle)")
-    blurred = np.asarray(small.filter(ImageFilter.GaussianBlur(2)), dtype=np.float32)
-    if (pixels - blurred).std() / spread < MIN_DETAIL:
+    if statistics["detail"] < MIN_DETAIL:
         reasons.append("too smooth for ultrasound speckle (a radiograph, mammogram or gradient)")
     return reasons
 
