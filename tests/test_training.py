@@ -1,3 +1,5 @@
+import math
+
 import pytest
 import torch
 
@@ -22,8 +24,9 @@ def _setup(synthetic_data, *extra):
     return config, prepare_dataset(config, synthetic_data)
 
 
-def test_resume_after_interruption_continues_exactly(synthetic_data, tmp_path):
-    config, dataset = _setup(synthetic_data)
+@pytest.mark.parametrize("extra", [[], ["train.ema_epochs=1"]], ids=["plain", "ema"])
+def test_resume_after_interruption_continues_exactly(synthetic_data, tmp_path, extra):
+    config, dataset = _setup(synthetic_data, *extra)
     straight = fit(config, dataset, tmp_path / "straight", progress=False)
 
     short = apply_overrides(config, ["train.epochs=1"])
@@ -39,6 +42,21 @@ def test_resume_after_interruption_continues_exactly(synthetic_data, tmp_path):
     ]
     for key in final[0]:
         assert torch.equal(final[0][key], final[1][key])
+
+
+def test_the_weights_average_is_validated_and_saved_as_the_model(synthetic_data, tmp_path):
+    config, dataset = _setup(synthetic_data, "train.ema_epochs=1", "train.epochs=1")
+    (record,) = fit(config, dataset, tmp_path, progress=False)
+    last = torch.load(tmp_path / LAST_FILE, weights_only=True)
+    saved = torch.load(tmp_path / MODEL_FILE, weights_only=True)
+    steps = math.ceil(len(dataset.subset("train")) / config.train.batch_size)
+    assert int(last["ema"]["n_averaged"]) == steps > 1
+    average = {k.removeprefix("module."): v for k, v in last["ema"].items() if k != "n_averaged"}
+    assert average.keys() == saved["state_dict"].keys()
+    assert all(torch.equal(saved["state_dict"][k], v) for k, v in average.items())
+    assert saved["val_loss"] == record.val_loss  # the average was validated
+    raw = last["state_dict"]  # the last step's weights, which training resumes from
+    assert any(not torch.equal(raw[k], v) for k, v in average.items() if v.is_floating_point())
 
 
 def test_model_file_carries_its_metadata(synthetic_data, tmp_path):

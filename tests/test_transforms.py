@@ -97,7 +97,17 @@ def test_ultrasound_intensity_varies_the_scan_but_not_the_black_outside_it():
     assert torch.equal(augment(image), outputs[0])  # seeded: reproducible
 
 
-@pytest.mark.parametrize("name", ["gain", "speckle", "blur", "attenuation"])
+def test_an_acoustic_shadow_darkens_a_band_below_a_depth_and_nothing_above():
+    image = torch.full((3, 64, 64), 200, dtype=torch.uint8)
+    torch.manual_seed(1)
+    out = UltrasoundIntensity(shadow=0.9)(image)[0]
+    darkened = out < 199
+    assert darkened.any() and not darkened[:12].any()  # starts at 20% of the depth or deeper
+    assert 0 < darkened[-1].sum() < 64  # a band, not the whole width
+    assert torch.equal(darkened[-1], darkened[-8])  # the same columns all the way down
+
+
+@pytest.mark.parametrize("name", ["gain", "speckle", "blur", "attenuation", "shadow"])
 def test_each_intensity_option_switches_the_step_on(name):
     prep = Preprocessing(32, (0.0, 0.0, 0.0), (1.0, 1.0, 1.0))
     steps = build_train_transform(prep, AugmentConfig(**{name: 0.2})).transforms

@@ -35,6 +35,7 @@ __all__ = [
 
 
 POOLINGS = ("flatten", "avg", "avgmax", "multistage")  # model.pooling
+MASK_DECODERS = ("fpn", "unet")  # model.mask_decoder
 CROPS = ("none", "content")  # data.crop
 RESIZES = ("squash", "pad")  # data.resize
 ANNOTATIONS = ("keep", "mask")  # data.annotations
@@ -61,6 +62,9 @@ class ModelConfig(_Section):
     dropout: float = Field(0.5, ge=0, lt=1)
     mask_head: bool = Field(
         False, description="also outline the lesion: a mask head on the backbone (multi-task)"
+    )
+    mask_decoder: Literal[MASK_DECODERS] = Field(  # type: ignore[valid-type]
+        "fpn", description='mask head: "fpn" (feature pyramid, stride 4) or "unet" (stride 2)'
     )
 
 
@@ -117,6 +121,7 @@ class AugmentConfig(_Section):
     speckle: float = 0.0
     blur: float = 0.0
     attenuation: float = 0.0
+    shadow: float = 0.0
     box_jitter: float = Field(0.1, ge=0, lt=1, description="ROI: box edges move by this much")
 
 
@@ -132,6 +137,10 @@ class TrainConfig(_Section):
     feature_cache: bool = Field(False, description="frozen backbone: train on cached features")
     cache_views: int = Field(5, ge=1, description="augmented views per image in the cache")
     mask_weight: float = Field(1.0, ge=0, description="mask head: weight of its loss")
+    ema_epochs: float = Field(
+        0.0, ge=0, description="weights averaged over about this many epochs (EMA) are "
+        "validated and saved; 0: off",
+    )  # fmt: skip
     seed: int = 42
     device: str = Field("auto", description='"auto", "cpu", "cuda", "cuda:1", ...')
     threads: int = Field(0, ge=0, description="CPU threads for torch; 0: torch's default")

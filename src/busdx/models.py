@@ -32,6 +32,7 @@ __all__ = [
     "Ensemble",
     "MaskDecoder",
     "Segmented",
+    "UNetDecoder",
     "WeightsInfo",
     "block_starts",
     "create_model",
@@ -76,6 +77,7 @@ def vgg16_features() -> nn.Module:
     features = tv_vgg16(weights=None).features
     features.feature_taps = (16, 23)  # after pool3 and pool4, for multistage pooling
     features.mask_taps = (9, 16, 23)  # after pool2, pool3 and pool4 (strides 4, 8, 16)
+    features.stride2_tap = 4  # after pool1: the U-Net decoder's finest skip
     return features
 
 
@@ -179,6 +181,7 @@ def efficientnet_lite_features(variant: int) -> nn.Sequential:
     backbone.block_starts = [0, 3, 4, 5, 7]
     backbone.feature_taps = (5, 6)  # stages 5 and 6 for multistage pooling
     backbone.mask_taps = (2, 3, 5)  # stages 2, 3 and 5 (strides 4, 8, 16)
+    backbone.stride2_tap = 1  # stage 1: the U-Net decoder's finest skip
     return backbone
 
 
@@ -255,6 +258,40 @@ class MaskDecoder(nn.Module):
         return F.interpolate(self.fuse(x), size=size, mode="bilinear").squeeze(1)
 
 
+def _conv_bn_relu(cin: int, cout: int) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout),
+                         nn.ReLU(inplace=True))  # fmt: skip
+
+
+class UNetDecoder(nn.Module):
+    """Lesion-mask logits from backbone feature maps at strides 2 to 32, finest first, in the
+    manner of U-Net's expanding path (Ronneberger et al. 2015): the coarsest map reduced to
+    ``widths[0]`` channels, then at each finer stride upsampled, concatenated with that
+    stride's map and refined by two 3x3 conv-BN-ReLU, down to stride 2; a 1x1 conv gives one
+    logit per pixel, upsampled bilinearly to the input's size (``model.mask_decoder: unet``).
+    Finer than :class:`MaskDecoder` (stride 2, not 4) and with convolutions at every scale."""
+
+    def __init__(self, channels: list[int], widths: tuple[int, ...] = (96, 64, 32, 16)) -> None:
+        super().__init__()
+        if len(widths) != len(channels) - 1:
+            raise ValueError(f"{len(channels)} maps need {len(channels) - 1} widths")
+        self.reduce = nn.Conv2d(channels[-1], widths[0], 1)
+        blocks, cin = [], widths[0]
+        for skip, width in zip(channels[-2::-1], widths, strict=True):
+            blocks.append(nn.Sequential(_conv_bn_relu(cin + skip, width),
+                                        _conv_bn_relu(width, width)))  # fmt: skip
+            cin = width
+        self.blocks = nn.ModuleList(blocks)
+        self.logit = nn.Conv2d(cin, 1, 1)
+
+    def forward(self, maps: list[torch.Tensor], size: tuple[int, int]) -> torch.Tensor:
+        x = self.reduce(maps[-1])
+        for block, skip in zip(self.blocks, maps[-2::-1], strict=True):
+            x = F.interpolate(x, size=skip.shape[-2:], mode="bilinear")
+            x = block(torch.cat([x, skip], dim=1))
+        return F.interpolate(self.logit(x), size=size, mode="bilinear").squeeze(1)
+
+
 class BinaryClassifier(nn.Module):
     """``backbone`` -> pooling -> head -> one logit.
 
@@ -268,8 +305,9 @@ class BinaryClassifier(nn.Module):
     *stem*, whose output (``stem``) does not change during training and can be cached, and
     ``from_stem`` runs the trainable layers and the head on it.
 
-    With ``mask_head`` a :class:`MaskDecoder` on the backbone's ``mask_taps`` and last map
-    also outlines the lesion (:meth:`segment`); ``forward`` still returns the logit alone.
+    With ``mask_head`` a decoder (:class:`MaskDecoder`, or :class:`UNetDecoder` with
+    ``mask_decoder="unet"``) on the backbone's ``mask_taps`` and last map also outlines the
+    lesion (:meth:`segment`); ``forward`` still returns the logit alone.
     """
 
     def __init__(
@@ -281,6 +319,7 @@ class BinaryClassifier(nn.Module):
         dropout: float,
         pooling: str = "flatten",
         mask_head: bool = False,
+        mask_decoder: str = "fpn",
     ) -> None:
         super().__init__()
         if pooling not in POOLINGS:
@@ -303,12 +342,14 @@ class BinaryClassifier(nn.Module):
         self.head = _head(n_features, pooling, hidden_units, dropout)
         self.stem_layers = 0  # backbone layers frozen
         self.mask_taps: tuple[int, ...] = ()
-        self.mask_decoder: MaskDecoder | None = None
+        self.mask_decoder: MaskDecoder | UNetDecoder | None = None
         if mask_head:
-            self.mask_taps = tuple(backbone.mask_taps)
+            unet = mask_decoder == "unet"
+            self.mask_taps = (backbone.stride2_tap,) * unet + tuple(backbone.mask_taps)
             with torch.no_grad():
                 _, fine = self.run_backbone(torch.zeros(1, 3, 64, 64), taps=self.mask_taps)
-            self.mask_decoder = MaskDecoder([m.shape[1] for m in fine] + [maps.shape[1]])
+            channels = [m.shape[1] for m in fine] + [maps.shape[1]]
+            self.mask_decoder = UNetDecoder(channels) if unet else MaskDecoder(channels)
 
     @property
     def backbone_frozen(self) -> bool:
@@ -467,6 +508,7 @@ def create_model(
         dropout=config.dropout,
         pooling=config.pooling,
         mask_head=config.mask_head,
+        mask_decoder=config.mask_decoder,
     )
     if config.freeze_backbone:
         model.freeze_backbone(config.trainable_blocks)

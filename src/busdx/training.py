@@ -13,6 +13,7 @@ import csv
 import functools
 import io
 import logging
+import math
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field, replace
@@ -22,6 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torch.utils.data import Dataset, TensorDataset
 from tqdm.auto import tqdm
 
@@ -56,6 +58,7 @@ __all__ = [
     "EpochRecord",
     "Optimization",
     "TrainingState",
+    "average_weights",
     "build_loaders",
     "build_model",
     "build_optimizer",
@@ -287,15 +290,18 @@ class TrainingState:
 
 @dataclass
 class Optimization:
-    """Optimizer, learning-rate schedule and (fp16 only) loss scaler of one run."""
+    """Optimizer, learning-rate schedule, (fp16 only) loss scaler and (``train.ema_epochs``)
+    the exponential moving average of the weights, of one run."""
 
     optimizer: torch.optim.Optimizer
     schedule: torch.optim.lr_scheduler.LRScheduler
     scaler: torch.amp.GradScaler | None
+    ema: AveragedModel | None = None
 
     def state_dict(self) -> dict[str, Any]:
         state = {"optimizer": self.optimizer.state_dict(), "schedule": self.schedule.state_dict()}
-        return state | ({"scaler": self.scaler.state_dict()} if self.scaler is not None else {})
+        state |= {"scaler": self.scaler.state_dict()} if self.scaler is not None else {}
+        return state | ({"ema": self.ema.state_dict()} if self.ema is not None else {})
 
 
 def build_optimizer(config: Config, model: nn.Module, device: torch.device) -> Optimization:
@@ -314,6 +320,21 @@ def build_optimizer(config: Config, model: nn.Module, device: torch.device) -> O
     return Optimization(optimizer, schedule, scaler)
 
 
+def average_weights(
+    model: nn.Module, optimization: Optimization, epochs: float, steps_per_epoch: int
+) -> AveragedModel:
+    """An exponential moving average of ``model``'s weights and BatchNorm statistics, updated
+    after every optimizer step with decay ``1 - 1 / (epochs * steps_per_epoch)`` (so it
+    averages over about ``epochs`` epochs; as timm's ModelEma). Validation and ``model.pt``
+    then use the average, which is smoother than the last step's weights."""
+    decay = 1 - 1 / max(1.0, epochs * steps_per_epoch)
+    ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
+    ema.eval()
+    optimization.optimizer.register_step_post_hook(lambda *_: ema.update_parameters(model))
+    optimization.ema = ema
+    return ema
+
+
 def restore(path: Path, model: nn.Module, optimization: Optimization) -> TrainingState:
     """Load ``last.pt`` into the model and optimizer; a fresh state when there is none."""
     if not path.is_file():
@@ -325,6 +346,8 @@ def restore(path: Path, model: nn.Module, optimization: Optimization) -> Trainin
         optimization.schedule.load_state_dict(saved["schedule"])
     if optimization.scaler is not None and "scaler" in saved:
         optimization.scaler.load_state_dict(saved["scaler"])
+    if optimization.ema is not None and "ema" in saved:
+        optimization.ema.load_state_dict(saved["ema"])
     logger.info("resuming %s after epoch %d", path.parent, saved["epoch"])
     history = [EpochRecord(**row) for row in saved["history"]]
     return TrainingState(history, saved["best_val_loss"], saved["stale_epochs"])
@@ -340,6 +363,7 @@ class Loaders:
     step: nn.Module
     val: Iterable
     val_forward: Callable[[torch.Tensor], torch.Tensor]
+    on_stem_outputs: bool  # the validation batches are stem outputs, not images
 
 
 def build_loaders(
@@ -363,7 +387,8 @@ def build_loaders(
     if world.distributed:
         ids = [device.index] if device.type == "cuda" else None  # this process's GPU
         step = DistributedDataParallel(step, device_ids=ids)
-    val_forward = _Trainable(model, isinstance(val_set, TensorDataset | CachedFeatures))
+    val_on_stem = isinstance(val_set, TensorDataset | CachedFeatures)
+    val_forward = _Trainable(model, val_on_stem)
     balanced = config.train.sampling == "balanced_sites"
     sample_weights = site_balanced_weights(train_set.samples) if balanced else None
     sampler = EpochSampler(train_set, seed=config.train.seed, rank=world.rank,
@@ -375,7 +400,7 @@ def build_loaders(
     if world.is_main:
         logger.info("training on %s (%s), %d process(es), %d loader worker(s) each",
                     device, config.train.precision, world.size, workers)  # fmt: skip
-    return Loaders(train, sampler, step, val, val_forward)
+    return Loaders(train, sampler, step, val, val_forward, val_on_stem)
 
 
 def build_model(
@@ -409,10 +434,15 @@ def fit(
     model, weights, prep = build_model(config, device)
     metadata = model_metadata(config, weights, prep, dataset.class_names)
     optimization = build_optimizer(config, model, device)
+    if config.train.ema_epochs:
+        steps = math.ceil(len(dataset.subset("train")) / config.train.batch_size)
+        average_weights(model, optimization, config.train.ema_epochs, steps)
     state = restore(run_dir / LAST_FILE, model, optimization)
     if _finished(config, state):
         return state.history
     loaders = build_loaders(config, dataset, model, prep, weights, device, progress)
+    if optimization.ema is not None:  # the average is validated (and saved) in the model's place
+        loaders.val_forward = _Trainable(optimization.ema.module, loaders.on_stem_outputs)
     criterion = LesionLoss(config.train.mask_weight)
     epochs, precision = config.train.epochs, config.train.precision
     for epoch in range(state.next_epoch, epochs + 1):
@@ -471,13 +501,15 @@ def save_checkpoint(
     improved: bool,
     optimization: Optimization,
 ) -> None:
-    """Checkpoint the last epoch: ``model.pt`` when it is the best so far, ``last.pt`` (the
-    state to resume from) and ``history.csv`` always."""
+    """Checkpoint the last epoch: ``model.pt`` when it is the best so far (the weights'
+    average, with ``train.ema_epochs``), ``last.pt`` (the state to resume from) and
+    ``history.csv`` always."""
     last = state.history[-1]
     weights = {**metadata, "state_dict": model.state_dict(), "epoch": last.epoch,
                "val_loss": last.val_loss}  # fmt: skip
     if improved:
-        save_model_file(run_dir / MODEL_FILE, weights)
+        best = model if optimization.ema is None else optimization.ema.module
+        save_model_file(run_dir / MODEL_FILE, {**weights, "state_dict": best.state_dict()})
     resume = {"history": [asdict(r) for r in state.history], "best_val_loss": state.best_val_loss,
               "stale_epochs": state.stale_epochs, **optimization.state_dict()}  # fmt: skip
     save_model_file(run_dir / LAST_FILE, {**weights, **resume})

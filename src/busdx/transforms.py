@@ -45,7 +45,7 @@ __all__ = [
     "region_of",
 ]
 
-INTENSITY_KEYS = ("gain", "contrast", "gamma", "speckle", "blur", "attenuation")
+INTENSITY_KEYS = ("gain", "contrast", "gamma", "speckle", "blur", "attenuation", "shadow")
 
 
 @dataclass(frozen=True)
@@ -304,8 +304,10 @@ class UltrasoundIntensity(v2.Transform):
     multiplicative speckle (``speckle``: unit-mean gamma noise whose standard deviation is
     drawn up to this value), a blur / resolution loss (``blur``: Gaussian sigma drawn up to
     this, in pixels) and depth-dependent attenuation (``attenuation``: brightness falling
-    linearly by up to this fraction from top to bottom). A value of 0 turns a step off. The
-    output is float32 in 0..255.
+    linearly by up to this fraction from top to bottom) and an acoustic shadow (``shadow``: a
+    vertical band of Gaussian profile, 5-20% of the width, darkening everything below a random
+    depth by up to this fraction, as behind a calcification or rib; usaugment's
+    GaussianShadow). A value of 0 turns a step off. The output is float32 in 0..255.
     """
 
     def __init__(
@@ -317,10 +319,12 @@ class UltrasoundIntensity(v2.Transform):
         speckle: float = 0.0,
         blur: float = 0.0,
         attenuation: float = 0.0,
+        shadow: float = 0.0,
     ) -> None:
         super().__init__()
         self.gain, self.contrast, self.gamma = gain, contrast, gamma
         self.speckle, self.blur, self.attenuation = speckle, blur, attenuation
+        self.shadow = shadow
 
     @staticmethod
     def _uniform(low: float, high: float) -> float:
@@ -341,6 +345,8 @@ class UltrasoundIntensity(v2.Transform):
         if self.attenuation:
             depth = torch.linspace(0, 1, x.shape[1])[:, None]
             x = x * (1 - self._uniform(0.0, self.attenuation) * depth)
+        if self.shadow:
+            x = x * (1 - self._uniform(0.0, self.shadow) * self._shadow_profile(*x.shape[1:]))
         if self.gamma:
             x = x.clamp(0, 1) ** self._uniform(1 - self.gamma, 1 + self.gamma)
         if self.contrast:
@@ -350,6 +356,15 @@ class UltrasoundIntensity(v2.Transform):
             x = x * self._uniform(1 - self.gain, 1 + self.gain)
         x = torch.where(image == 0, 0.0, x)  # the black outside the scan stays black
         return (x.clamp(0, 1) * 255.0).to(torch.float32)
+
+
+    def _shadow_profile(self, height: int, width: int) -> torch.Tensor:
+        """Height x width in 0..1: a vertical band below a random depth, Gaussian across."""
+        centre, spread = self._uniform(0, width), self._uniform(0.05, 0.2) * width / 2
+        top = self._uniform(0.2, 0.8) * height
+        across = torch.exp(-0.5 * ((torch.arange(width) - centre) / spread) ** 2)
+        below = torch.sigmoid((torch.arange(height) - top) / (0.02 * height))
+        return below[:, None] * across[None, :]
 
 
 class SplitMask:
