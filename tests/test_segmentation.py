@@ -4,6 +4,7 @@ outline and measurements in ``busdx predict``, ``busdx evaluate`` and the API.""
 import csv
 import io
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -16,10 +17,12 @@ from busdx.cli import main
 from busdx.config import AugmentConfig, ModelConfig
 from busdx.data import attach_masks, scan_dataset
 from busdx.evaluation import evaluate_run
+from busdx.imaging import load_image
 from busdx.loading import ImageDataset, read_sample
 from busdx.losses import LesionLoss
 from busdx.models import create_model
 from busdx.outline import lesion_from_mask, region_view
+from busdx.predictor import load_model
 from busdx.serving import ServeSettings, create_app
 from busdx.transforms import (
     Preprocessing,
@@ -93,11 +96,12 @@ def test_the_loss_counts_masks_only_where_images_have_one():
     assert classifier_only.item() < good < classifier_only.item() + 0.01 < bad
 
 
-def test_the_mask_head_learns_to_outline_lesions(masked_data):
+@pytest.mark.parametrize("decoder", ["fpn", "unet"])
+def test_the_mask_head_learns_to_outline_lesions(masked_data, decoder):
     """A few dozen steps on 8 images: the outline overlaps the reader's mask (Dice > 0.8)."""
     torch.manual_seed(0)
     config = ModelConfig(name="efficientnet_lite0", weights="none", freeze_backbone=False,
-                         pooling="avg", hidden_units=0, mask_head=True)  # fmt: skip
+                         pooling="avg", hidden_units=0, mask_head=True, mask_decoder=decoder)
     model, _, _ = create_model(config, image_size=64)
     dataset = attach_masks(scan_dataset(masked_data, ["benign", "malignant"]))
     prep = _prep()
@@ -209,3 +213,30 @@ def test_a_mask_head_model_is_evaluated_on_labels_alone_where_there_are_no_masks
                                progress=False)  # fmt: skip
     assert result.n == 24 and result.segmentation is None  # no reader's mask: no Dice
     assert (out / "metrics.json").is_file()
+
+
+def test_the_onnx_exports_outline_as_the_torch_model_does(mask_run, masked_data, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(mask_run, run)
+    assert main(["export", "--run", str(run), "--int8", "--allow-auc-drop"]) == 0
+    images = sorted((masked_data / "malignant").glob("*.png"))[:6]
+    torch_model = load_model(run, backend="torch")
+    batch = torch.stack([torch_model.transform(load_image(path)) for path in images])
+    _, _, reference = torch_model.predict(batch)
+    for name in ("model.onnx", "model.int8.onnx"):
+        exported = load_model(run / name)
+        assert exported.outlines and "lesion_mask" in exported.output_names
+        _, distances, masks = exported.predict(batch)
+        assert masks.shape == reference.shape == (6, 64, 64) and distances.shape == (6,)
+        if name == "model.onnx":
+            assert np.abs(masks - reference).max() < 1e-4
+        else:  # int8: the same lesion, not the same pixels
+            overlap = ((masks >= 0.5) & (reference >= 0.5)).sum()
+            assert 2 * overlap / max(1, (masks >= 0.5).sum() + (reference >= 0.5).sum()) > 0.8
+    rows = {}
+    for model in ("model.pt", "model.onnx"):
+        out = tmp_path / f"{model}.json"
+        assert main(["predict", "--run", str(run / model), str(images[0]), "--out", str(out),
+                     "--no-progress"]) == 0  # fmt: skip
+        rows[model] = json.loads(out.read_text())[0]
+    assert rows["model.onnx"]["lesion_outline"] == rows["model.pt"]["lesion_outline"]

@@ -33,6 +33,7 @@ from onnxruntime.quantization import (
     quantize_static,
 )
 from onnxruntime.quantization.shape_inference import quant_pre_process
+from torch import nn
 
 from busdx import __version__
 from busdx.bundled import is_bundled, output_home, resolve_run
@@ -51,7 +52,15 @@ from busdx.layout import (
     SPLIT_FILE,
 )
 from busdx.metrics import roc_auc
-from busdx.predictor import EXPORT_STAMP, INT8_WEIGHT_BITS, ONNX_METADATA_KEY, Predictor, load_model
+from busdx.predictor import (
+    EXPORT_STAMP,
+    INT8_WEIGHT_BITS,
+    LESION_MASK_OUTPUT,
+    ONNX_METADATA_KEY,
+    SCOPE_DISTANCE_OUTPUT,
+    Predictor,
+    load_model,
+)
 from busdx.provenance import environment
 from busdx.results import (
     CalibrationImages,
@@ -61,7 +70,7 @@ from busdx.results import (
     LogitComparison,
 )
 from busdx.runs import load_run, samples_for_split
-from busdx.scope import SCOPE_KEY, ScopedClassifier, public_scope
+from busdx.scope import SCOPE_KEY, Guard, logits_and_features, public_scope
 from busdx.transforms import build_eval_transform, load_region
 
 __all__ = ["compare_logits", "export_onnx", "export_run", "format_export", "quantize_int8"]
@@ -87,19 +96,45 @@ def _add_metadata(path: Path, loaded: Predictor, extra: dict[str, Any] | None = 
     onnx.save(model, str(path))
 
 
+class ExportGraph(nn.Module):
+    """What an exported model computes from ``images``: ``logits``; then, for a model with an
+    out-of-scope guard, ``scope_distance``; then, for a model with a mask head,
+    ``lesion_mask`` (N x H x W lesion probabilities at the input's size). One backbone pass
+    gives them all."""
+
+    def __init__(self, model: nn.Module, scope: dict[str, Any] | None) -> None:
+        super().__init__()
+        self.model = model
+        self.guard = None if scope is None else Guard(scope["mean"], scope["precision"])
+        self.outlines = getattr(model, "mask_decoder", None) is not None
+
+    @property
+    def output_names(self) -> list[str]:
+        guard = [] if self.guard is None else [SCOPE_DISTANCE_OUTPUT]
+        return ["logits", *guard, *([LESION_MASK_OUTPUT] if self.outlines else [])]
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        if self.outlines:
+            logits, masks, features = self.model.segment(images)
+            masks = (torch.sigmoid(masks),)
+        elif self.guard is not None:
+            (logits, features), masks = logits_and_features(self.model, images), ()
+        else:
+            return (self.model(images),)
+        guard = () if self.guard is None else (self.guard(features),)
+        return (logits, *guard, *masks)
+
+
 def export_onnx(loaded: Predictor, path: Path) -> Path:
-    """Write the torch model as fp32 ONNX: input ``images`` (N, 3, H, W), output ``logits`` (N)
-    and, for a model with an out-of-scope guard, ``scope_distance`` (N)."""
+    """Write the torch model as fp32 ONNX: input ``images`` (N, 3, H, W), the outputs of
+    :class:`ExportGraph`."""
     size = loaded.preprocessing.image_size
-    model = loaded.model.to("cpu").eval()
-    outputs = ["logits"]
-    if SCOPE_KEY in loaded.metadata:
-        model = ScopedClassifier(model, loaded.metadata[SCOPE_KEY]).eval()
-        outputs.append("scope_distance")
+    graph = ExportGraph(loaded.model.to("cpu").eval(), loaded.metadata.get(SCOPE_KEY)).eval()
+    outputs = graph.output_names
     with atomic_path(path) as tmp, warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation notice
         torch.onnx.export(
-            model,
+            graph,
             (torch.zeros(1, 3, size, size),),
             str(tmp),
             input_names=["images"],
@@ -154,7 +189,7 @@ def quantize_int8(
         prepared = Path(folder) / "prepared.onnx"
         quant_pre_process(str(fp32_path), str(prepared), skip_symbolic_shape=True)
         guard = [node.name for node in onnx.load(str(prepared)).graph.node
-                 if node.name.startswith(ScopedClassifier.GUARD_PREFIX)]  # fmt: skip
+                 if node.name.startswith(Guard.ONNX_PREFIX)]  # fmt: skip
         quantize_static(
             str(prepared),
             str(tmp),

@@ -38,7 +38,9 @@ __all__ = [
     "BACKENDS",
     "EXPORT_STAMP",
     "INT8_WEIGHT_BITS",
+    "LESION_MASK_OUTPUT",
     "ONNX_METADATA_KEY",
+    "SCOPE_DISTANCE_OUTPUT",
     "Decision",
     "Predictor",
     "load_model",
@@ -51,6 +53,8 @@ INT8_FILE = INT8_FILE
 EXPORT_STAMP = "exported_from"  # ONNX metadata: {"file", "sha256"} of the model.pt exported
 INT8_WEIGHT_BITS = "int8_weight_bits"  # ONNX metadata: 8 needs a CPU with VNNI or AMX
 ONNX_METADATA_KEY = "busdx"
+SCOPE_DISTANCE_OUTPUT = "scope_distance"  # ONNX outputs beside "logits"
+LESION_MASK_OUTPUT = "lesion_mask"  # N x H x W lesion probabilities (mask-head models)
 
 
 @dataclass
@@ -171,8 +175,15 @@ class Predictor:
 
     @property
     def outlines(self) -> bool:
-        """Whether the model outlines lesions (a torch model with a mask head)."""
+        """Whether the model outlines lesions (a mask head, or its export's ``lesion_mask``)."""
+        if self.session is not None:
+            return LESION_MASK_OUTPUT in self.output_names
         return getattr(self.model, "mask_decoder", None) is not None
+
+    @functools.cached_property
+    def output_names(self) -> list[str]:
+        """The ONNX model's outputs (empty for the torch backend)."""
+        return [] if self.session is None else [o.name for o in self.session.get_outputs()]
 
     @torch.inference_mode()
     def predict(
@@ -182,9 +193,11 @@ class Predictor:
         out-of-scope distance (see :mod:`busdx.scope`; None without a fitted guard, or from an
         ONNX model exported without one) and, from a model with a mask head, each image's
         lesion-mask probabilities (N x H x W; else None). The backbone runs once for all."""
-        if self.session is not None:  # an export of a guarded model has the distance too
-            logits, *distances = self.session.run(None, {"images": images.numpy()})
-            return torch.from_numpy(logits), (distances[0] if distances else None), None
+        if self.session is not None:  # an export may have the distance and the mask too
+            answers = self.session.run(None, {"images": images.numpy()})
+            outputs = dict(zip(self.output_names, answers, strict=True))
+            return (torch.from_numpy(outputs["logits"]), outputs.get(SCOPE_DISTANCE_OUTPUT),
+                    outputs.get(LESION_MASK_OUTPUT))  # fmt: skip
         images = images.to(self.device, non_blocking=True)
         scope = self.metadata.get(SCOPE_KEY)
         with autocast(self.device, self.precision):
@@ -222,8 +235,9 @@ def load_model(
     int8 model when there is one and it was exported from the run's current ``model.pt`` (about
     3x the torch backend's speed here, see docs/benchmarks.md), else the torch model; on a GPU
     the torch model. ``threads`` caps the CPU threads the model uses (default: all cores).
-    A model with a mask head is run by torch under ``auto``: its ONNX exports classify but do
-    not outline. ``precision`` ``bf16`` or ``fp16`` runs the torch model under autocast (a
+    A model with a mask head outlines on every backend: its ONNX exports carry the mask as a
+    second (or third) output; an older export without it is passed over for the torch model
+    under ``auto``. ``precision`` ``bf16`` or ``fp16`` runs the torch model under autocast (a
     GPU, or a CPU with native bf16); it selects the torch backend.
     """
     path = Path(path)
@@ -290,9 +304,9 @@ def _exported_int8(path: Path, device: str, threads: int | None) -> Predictor | 
     except CheckpointError as exc:
         logger.warning("%s; using the torch model meanwhile", exc)
         return None
-    if loaded.metadata.get("model", {}).get("mask_head"):
-        logger.info("the model outlines lesions with its mask head, which %s lacks: using the "
-                    "torch model", INT8_FILE)  # fmt: skip
+    if loaded.metadata.get("model", {}).get("mask_head") and not loaded.outlines:
+        logger.info("the model outlines lesions with its mask head, which %s (an older export) "
+                    "lacks: using the torch model", INT8_FILE)  # fmt: skip
         return None
     if loaded.metadata.get(INT8_WEIGHT_BITS) == 8 and not cpu_has_vnni():
         logger.info("%s has 8-bit weights, which this CPU (no VNNI or AMX) can saturate; using "

@@ -36,7 +36,7 @@ from busdx.transforms import Preprocessing, build_eval_transform, load_region
 
 __all__ = [
     "SCOPE_KEY",
-    "ScopedClassifier",
+    "Guard",
     "coloured_share",
     "fit_scope",
     "image_checks",
@@ -172,8 +172,10 @@ def fit_scope(
     estimator = LedoitWolf().fit(train)
     mean = torch.from_numpy(estimator.location_.astype(np.float32))
     # float16: half the size in the model file (1280 x 1280 for EfficientNet-Lite, 3.3 MB
-    # saved); distances are computed in float32 and move by about 1e-3 relative
-    precision = torch.from_numpy(estimator.precision_.astype(np.float16))
+    # saved); distances are computed in float32 and move by about 1e-3 relative. Features with
+    # almost no spread (an untrained model) give entries beyond float16's range: float32 then
+    fits = np.abs(estimator.precision_).max() < np.finfo(np.float16).max
+    precision = torch.from_numpy(estimator.precision_.astype(np.float16 if fits else np.float32))
     held_out = _distances(_file_features(model, prep, held_out_files, device), mean, precision)
     return {
         "mean": mean,
@@ -211,8 +213,11 @@ def logits_and_features(
     return logits.float().mean(dim=0), maps.float().mean(dim=(2, 3))
 
 
-class _Guard(nn.Module):
-    """The guard's distance as a module (its ONNX nodes are named ``/guard/...``)."""
+class Guard(nn.Module):
+    """The guard's distance as a module: pooled features -> Mahalanobis distance (exported
+    inside ONNX models, where its nodes are named ``/guard/...`` and kept in float)."""
+
+    ONNX_PREFIX = "/guard/"
 
     def __init__(self, mean: torch.Tensor, precision: torch.Tensor) -> None:
         super().__init__()
@@ -221,22 +226,6 @@ class _Guard(nn.Module):
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         return mahalanobis(features, self.mean, self.precision)
-
-
-class ScopedClassifier(nn.Module):
-    """A classifier with its out-of-scope guard: images -> (logits, guard distances), so that
-    an exported ONNX model flags out-of-scope inputs as the torch model does."""
-
-    GUARD_PREFIX = "/guard/"  # ONNX node names of the distance, kept in float by int8 export
-
-    def __init__(self, model: BinaryClassifier | Ensemble, scope: dict[str, Any]) -> None:
-        super().__init__()
-        self.model = model
-        self.guard = _Guard(scope["mean"], scope["precision"])
-
-    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        logits, features = logits_and_features(self.model, images)
-        return logits, self.guard(features)
 
 
 def public_scope(scope: dict[str, Any]) -> dict[str, Any]:
