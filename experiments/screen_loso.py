@@ -45,6 +45,7 @@ BASE = ["--recipe", "efficientnet-lite0", "--set", "train.epochs=8",
 # arm -> the overrides it adds to the baseline recipe
 ARMS: dict[str, list[str]] = {
     "baseline": [],
+    "last": ["train.keep=last"],
     "mask": ["model.mask_head=true"],
     "unet": ["model.mask_head=true", "model.mask_decoder=unet"],
     "pad": ["data.resize=pad"],
@@ -106,8 +107,12 @@ def seed_mean_auc(logits: np.ndarray):
     return metric
 
 
-def summarise(arms: list[str], seeds: list[int], held_out: str, runs: Path) -> dict:
-    """Per arm: AUC per seed, seed-mean and ensemble, each paired against the baseline."""
+def summarise(
+    arms: list[str], seeds: list[int], held_out: str, runs: Path, ensembles: list[str]
+) -> dict:
+    """Per arm: AUC per seed, seed-mean and ensemble, each paired against the baseline; per
+    ensemble of arms (``a+b``): the AUC of all their runs' mean logit, against the baseline's
+    seed ensemble."""
     table: dict[str, dict] = {}
     paths = labels = None
     logits: dict[str, np.ndarray] = {}
@@ -125,7 +130,8 @@ def summarise(arms: list[str], seeds: list[int], held_out: str, runs: Path) -> d
             outline = metrics.get("segmentation") or {}
             per_seed[seed] = {"auc": metrics["roc_auc"], "auc_ci": metrics["ci"]["roc_auc"],
                               "dice": outline.get("dice"),
-                              "epoch_seconds": cost["epoch_seconds_sum"]}  # fmt: skip
+                              "epoch_seconds": cost["epoch_seconds_sum"],
+                              "train_cpu_s": cost.get("train_cpu_s_this_process")}  # fmt: skip
             columns.append(logit)
         logits[arm] = np.stack(columns, axis=1)
         table[arm] = {"overrides": ARMS[arm], "seeds": per_seed}
@@ -143,30 +149,44 @@ def summarise(arms: list[str], seeds: list[int], held_out: str, runs: Path) -> d
         table[arm]["delta_ensemble"] = paired_bootstrap(
             labels, stacked.mean(axis=1), base.mean(axis=1), n_resamples=N_RESAMPLES
         )
+    for combination in ensembles:
+        members = np.concatenate([logits[arm] for arm in combination.split("+")], axis=1)
+        table[combination] = {
+            "models": members.shape[1], "ensemble_auc": roc_auc(labels, members.mean(axis=1)),
+            "delta_ensemble": paired_bootstrap(labels, members.mean(axis=1), base.mean(axis=1),
+                                               n_resamples=N_RESAMPLES),
+        }  # fmt: skip
     return {"held_out": held_out, "n": len(labels), "malignant": int(labels.sum()),
             "seeds": seeds, "base_command": BASE, "arms": table}  # fmt: skip
 
 
+def _delta(result: dict | None) -> str:
+    if result is None:
+        return "—"
+    return f"{result['delta']:+.3f} [{result['low']:+.3f}, {result['high']:+.3f}]"
+
+
 def markdown(summary: dict) -> str:
-    """The lever table: arm, AUC per seed, seed mean and its paired delta, ensemble, cost."""
+    """The lever table: arm, AUC per seed, seed mean and its paired delta, ensemble, Dice, the
+    training's CPU minutes (user + system, 2 cores: about twice the wall time)."""
     lines = ["| arm | AUC per seed | seed mean | Δ seed mean vs baseline [95% CI] | seeds' "
-             "ensemble | Δ ensemble | Dice | CPU min per run |",
+             "ensemble | Δ ensemble vs baseline's | Dice (mean of seeds) | CPU min per run |",
              "|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for arm, row in summary["arms"].items():
-        per_seed = ", ".join(f"{v['auc']:.3f}" for v in row["seeds"].values())
-        dice = [v["dice"] for v in row["seeds"].values() if v["dice"] is not None]
-        minutes = np.mean([v["epoch_seconds"] for v in row["seeds"].values()]) / 60
-
-        def delta(key: str, row: dict = row) -> str:
-            d = row.get(key)
-            return "—" if d is None else f"{d['delta']:+.3f} [{d['low']:+.3f}, {d['high']:+.3f}]"
-
+        if "seeds" not in row:  # an ensemble of arms
+            lines.append(f"| {arm} ({row['models']} models) | | | | {row['ensemble_auc']:.3f} | "
+                         f"{_delta(row['delta_ensemble'])} | | |")  # fmt: skip
+            continue
+        runs = list(row["seeds"].values())
+        dice = [v["dice"] for v in runs if v["dice"] is not None]
+        cpu = [v["train_cpu_s"] for v in runs if v["train_cpu_s"] is not None]
+        aucs = ", ".join(f"{v['auc']:.3f}" for v in runs)
         lines.append(
-            f"| {arm} | {per_seed} | {row['seed_mean_auc']:.3f} | {delta('delta_seed_mean')} | "
-            f"{row['ensemble_auc']:.3f} | {delta('delta_ensemble')} | "
-            f"{np.mean(dice):.3f} | {minutes:.1f} |" if dice else
-            f"| {arm} | {per_seed} | {row['seed_mean_auc']:.3f} | {delta('delta_seed_mean')} | "
-            f"{row['ensemble_auc']:.3f} | {delta('delta_ensemble')} | — | {minutes:.1f} |"
+            f"| {arm} | {aucs} | "
+            f"{row['seed_mean_auc']:.3f} | {_delta(row.get('delta_seed_mean'))} | "
+            f"{row['ensemble_auc']:.3f} | {_delta(row.get('delta_ensemble'))} | "
+            f"{f'{np.mean(dice):.3f}' if dice else '—'} | "
+            f"{f'{np.mean(cpu) / 60:.0f}' if cpu else '—'} |"
         )
     return "\n".join(lines) + "\n"
 
@@ -178,6 +198,8 @@ def main() -> int:
     parser.add_argument("--arms", nargs="+", choices=sorted(ARMS), default=["baseline"])
     parser.add_argument("--runs", type=Path, default=Path("runs/screen"))
     parser.add_argument("--out", type=Path, required=True, help="summary JSON (and .md beside)")
+    parser.add_argument("--ensembles", nargs="*", default=[], metavar="ARM+ARM",
+                        help="also score these arms' runs averaged (mean logit)")
     parser.add_argument("--report-only", action="store_true", help="train nothing; summarise")
     args = parser.parse_args()
     arms = ["baseline", *[arm for arm in args.arms if arm != "baseline"]]
@@ -187,7 +209,8 @@ def main() -> int:
                 run_arm(arm, seed, args.held_out, args.runs)
     done = [a for a in arms if all((args.runs / args.held_out / f"{a}-s{s}" / "screen-cost.json")
                                    .is_file() for s in args.seeds)]  # fmt: skip
-    summary = summarise(done, args.seeds, args.held_out, args.runs)
+    ensembles = [e for e in args.ensembles if all(arm in done for arm in e.split("+"))]
+    summary = summarise(done, args.seeds, args.held_out, args.runs, ensembles)
     atomic_write_text(args.out, json.dumps(json_safe(summary), indent=2))
     atomic_write_text(args.out.with_suffix(".md"), markdown(summary))
     print(markdown(summary))

@@ -130,3 +130,12 @@ def test_fp16_on_a_cpu_is_refused_with_advice(synthetic_data, tmp_path):
     config, dataset = _setup(synthetic_data, "train.precision=fp16", "train.device=cpu")
     with pytest.raises(ConfigError, match="fp16 needs a CUDA device; use bf16"):
         fit(config, dataset, tmp_path, progress=False)
+
+
+def test_keep_last_saves_the_last_epoch_whatever_its_validation_loss(synthetic_data, tmp_path):
+    config, dataset = _setup(synthetic_data, "train.epochs=4", "train.keep=last")
+    history = fit(config, dataset, tmp_path, progress=False)
+    saved = torch.load(tmp_path / MODEL_FILE, weights_only=True)
+    last = torch.load(tmp_path / LAST_FILE, weights_only=True)
+    assert saved["epoch"] == history[-1].epoch == 4
+    assert all(torch.equal(saved["state_dict"][k], v) for k, v in last["state_dict"].items())

@@ -460,8 +460,9 @@ def fit(
                              precision=precision)  # fmt: skip
         record = _record(epoch, all_sum([*trained, *validated], device), started)
         improved = state.update(record)
+        keep = improved or config.train.keep == "last"
         if world.is_main:
-            save_checkpoint(run_dir, metadata, model, state, improved, optimization)
+            save_checkpoint(run_dir, metadata, model, state, keep, optimization)
         _log_epoch(record, epochs, improved)
         if _finished(config, state):
             break
@@ -498,16 +499,16 @@ def save_checkpoint(
     metadata: dict[str, Any],
     model: BinaryClassifier,
     state: TrainingState,
-    improved: bool,
+    keep: bool,
     optimization: Optimization,
 ) -> None:
-    """Checkpoint the last epoch: ``model.pt`` when it is the best so far (the weights'
-    average, with ``train.ema_epochs``), ``last.pt`` (the state to resume from) and
-    ``history.csv`` always."""
+    """Checkpoint the last epoch: ``model.pt`` when it is to be kept (the best so far, or every
+    epoch with ``train.keep: last``; the weights' average with ``train.ema_epochs``),
+    ``last.pt`` (the state to resume from) and ``history.csv`` always."""
     last = state.history[-1]
     weights = {**metadata, "state_dict": model.state_dict(), "epoch": last.epoch,
                "val_loss": last.val_loss}  # fmt: skip
-    if improved:
+    if keep:
         best = model if optimization.ema is None else optimization.ema.module
         save_model_file(run_dir / MODEL_FILE, {**weights, "state_dict": best.state_dict()})
     resume = {"history": [asdict(r) for r in state.history], "best_val_loss": state.best_val_loss,
