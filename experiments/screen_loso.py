@@ -7,11 +7,14 @@ scored once on all of the held-out site's images with ``busdx evaluate``; the he
 enters training, checkpoint choice or calibration. A killed screen resumes: finished runs are
 skipped and an interrupted training continues from its ``last.pt``.
 
+Every run is scored twice: with the weights it kept (lowest validation loss) and with its last
+epoch's (the arm ``ARM@last``, what ``train.keep: last`` keeps; no retraining needed).
 Reported per arm: each seed's AUC with its bootstrap CI, the seed-mean AUC and its paired
-difference to the baseline's seed-mean (cases resampled once for all seeds of both arms), the
-AUC of the seeds' mean logit (an ensemble) and its paired difference to the baseline's ensemble,
-Dice where the arm outlines, and the training CPU time. A lever counts as a gain only when the
-seed-mean difference's CI clears zero.
+difference to the baseline's seed-mean (kept the same way; cases resampled once for all seeds
+of both arms), the AUC of the seeds' mean logit (an ensemble) and its paired difference to the
+baseline's ensemble, Dice where the arm outlines, and the training CPU time. The bootstrap
+resamples cases, not trainings: a lever counts as a gain only when the seed-mean difference's
+CI clears zero and every seed moves the same way.
 
 Usage::
 
@@ -26,12 +29,15 @@ import argparse
 import csv
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
+import torch
 
+from busdx.checkpoints import save_model_file
 from busdx.fileio import atomic_write_text, json_safe
 from busdx.metrics import paired_bootstrap, roc_auc
 
@@ -45,7 +51,6 @@ BASE = ["--recipe", "efficientnet-lite0", "--set", "train.epochs=8",
 # arm -> the overrides it adds to the baseline recipe
 ARMS: dict[str, list[str]] = {
     "baseline": [],
-    "last": ["train.keep=last"],
     "mask": ["model.mask_head=true"],
     "unet": ["model.mask_head=true", "model.mask_decoder=unet"],
     "pad": ["data.resize=pad"],
@@ -57,36 +62,61 @@ ARMS: dict[str, list[str]] = {
     "shadow": ["augment.shadow=0.5"],
 }
 N_RESAMPLES = 2000
+COST_FILE = "screen-cost.json"
 
 
-def run_arm(arm: str, seed: int, held_out: str, runs: Path) -> Path:
-    """Train and evaluate one (arm, seed) unless done; returns its run directory."""
+def run_arm(arm: str, seed: int, held_out: str, runs: Path) -> None:
+    """Train one (arm, seed) unless done, then score on the held-out site both the weights the
+    run kept (lowest validation loss) and its last epoch's (the arm ``ARM@last``)."""
     run_dir = runs / held_out / f"{arm}-s{seed}"
-    evaluation = run_dir / f"eval-{held_out}"
-    if (evaluation / "predictions.csv").is_file():
-        return run_dir
-    started = os.times()
-    if (run_dir / "last.pt").is_file():
-        train = ["busdx", "train", "--resume", str(run_dir)]
-    else:
-        data = [f"--data={site}={path}" for site, path in SITES.items() if site != held_out]
-        sets = [item for override in ARMS[arm] for item in ("--set", override)]
-        train = ["busdx", "train", *BASE, *sets, *data, "--seed", str(seed), "--out",
-                 str(run_dir)]
-    print("$", " ".join(train), flush=True)
-    subprocess.run(train, check=True)
-    ended = os.times()
-    cpu = sum(ended[:4]) - sum(started[:4])  # user + system, this process and its children
-    evaluate = ["busdx", "evaluate", "--run", str(run_dir), "--split", "all",
-                f"--data={held_out}={SITES[held_out]}", "--out", str(evaluation)]  # fmt: skip
-    print("$", " ".join(evaluate), flush=True)
-    subprocess.run(evaluate, check=True)
-    history = list(csv.DictReader((run_dir / "history.csv").open()))
-    cost = {"train_cpu_s_this_process": round(cpu, 1),  # a resumed run: its last part only
-            "train_wall_s_this_process": round(ended.elapsed - started.elapsed, 1),
-            "epoch_seconds_sum": round(sum(float(r["seconds"]) for r in history), 1)}  # fmt: skip
-    atomic_write_text(run_dir / "screen-cost.json", json.dumps(cost, indent=2))
-    return run_dir
+    if not (run_dir / COST_FILE).is_file():
+        started = os.times()
+        if (run_dir / "last.pt").is_file():
+            train = ["busdx", "train", "--resume", str(run_dir)]
+        else:
+            data = [f"--data={site}={path}" for site, path in SITES.items() if site != held_out]
+            sets = [item for override in ARMS[arm] for item in ("--set", override)]
+            train = ["busdx", "train", *BASE, *sets, *data, "--seed", str(seed), "--out",
+                     str(run_dir)]  # fmt: skip
+        print("$", " ".join(train), flush=True)
+        subprocess.run(train, check=True)
+        ended = os.times()
+        history = list(csv.DictReader((run_dir / "history.csv").open()))
+        cost = {"train_cpu_s_this_process": round(sum(ended[:4]) - sum(started[:4]), 1),
+                "train_wall_s_this_process": round(ended.elapsed - started.elapsed, 1),
+                "epoch_seconds_sum": round(sum(float(r["seconds"]) for r in history), 1),
+                "note": "CPU: user + system of the training process; a resumed run counts "
+                        "its last part only"}  # fmt: skip
+        atomic_write_text(run_dir / COST_FILE, json.dumps(cost, indent=2))
+    evaluate(run_dir, held_out)
+    evaluate(last_epoch_run(run_dir, runs / held_out / f"{arm}@last-s{seed}"), held_out)
+
+
+def last_epoch_run(run_dir: Path, target: Path) -> Path:
+    """A copy of ``run_dir`` whose model is its last epoch's weights (the weights' average for
+    an EMA run), uncalibrated: what ``train.keep: last`` would have kept."""
+    if (target / "model.pt").is_file():
+        return target
+    target.mkdir(parents=True, exist_ok=True)
+    for name in ("config.yaml", "run.json", "split.csv", COST_FILE):
+        shutil.copy2(run_dir / name, target / name)
+    last = torch.load(run_dir / "last.pt", map_location="cpu", weights_only=True)
+    if "ema" in last:
+        last["state_dict"] = {k.removeprefix("module."): v for k, v in last["ema"].items()
+                              if k != "n_averaged"}  # fmt: skip
+    resume = {"history", "best_val_loss", "stale_epochs", "optimizer", "schedule", "ema"}
+    save_model_file(target / "model.pt", {k: v for k, v in last.items() if k not in resume})
+    return target
+
+
+def evaluate(run_dir: Path, held_out: str) -> None:
+    """``busdx evaluate`` on every image of the held-out site, unless done."""
+    if (run_dir / f"eval-{held_out}" / "predictions.csv").is_file():
+        return
+    command = ["busdx", "evaluate", "--run", str(run_dir), "--split", "all", "--no-progress",
+               f"--data={held_out}={SITES[held_out]}", "--out", str(run_dir / f"eval-{held_out}")]
+    print("$", " ".join(command), flush=True)
+    subprocess.run(command, check=True)
 
 
 def scores(run_dir: Path, held_out: str) -> tuple[list[str], np.ndarray, np.ndarray]:
@@ -95,6 +125,16 @@ def scores(run_dir: Path, held_out: str) -> tuple[list[str], np.ndarray, np.ndar
     rows.sort(key=lambda row: row["path"])
     labels = np.array([row["label"] == "malignant" for row in rows], dtype=int)
     return [row["path"] for row in rows], labels, np.array([float(r["logit"]) for r in rows])
+
+
+def reference_arm(arm: str) -> str | None:
+    """What an arm is paired against: the baseline kept the same way (``baseline@last`` for
+    ``ARM@last``); ``baseline@last`` against the baseline (the choice of epoch itself)."""
+    if arm == "baseline":
+        return None
+    if arm == "baseline@last":
+        return "baseline"
+    return "baseline@last" if arm.endswith("@last") else "baseline"
 
 
 def seed_mean_auc(logits: np.ndarray):
@@ -112,7 +152,7 @@ def summarise(
 ) -> dict:
     """Per arm: AUC per seed, seed-mean and ensemble, each paired against the baseline; per
     ensemble of arms (``a+b``): the AUC of all their runs' mean logit, against the baseline's
-    seed ensemble."""
+    seed ensemble (kept the same way)."""
     table: dict[str, dict] = {}
     paths = labels = None
     logits: dict[str, np.ndarray] = {}
@@ -126,7 +166,7 @@ def summarise(
             elif run_paths != paths:
                 raise SystemExit(f"{run_dir}: its held-out images differ from the first run's")
             metrics = json.loads((run_dir / f"eval-{held_out}" / "metrics.json").read_text())
-            cost = json.loads((run_dir / "screen-cost.json").read_text())
+            cost = json.loads((run_dir / COST_FILE).read_text())
             outline = metrics.get("segmentation") or {}
             per_seed[seed] = {"auc": metrics["roc_auc"], "auc_ci": metrics["ci"]["roc_auc"],
                               "dice": outline.get("dice"),
@@ -134,15 +174,19 @@ def summarise(
                               "train_cpu_s": cost.get("train_cpu_s_this_process")}  # fmt: skip
             columns.append(logit)
         logits[arm] = np.stack(columns, axis=1)
-        table[arm] = {"overrides": ARMS[arm], "seeds": per_seed}
+        table[arm] = {"overrides": ARMS[arm.removesuffix("@last")], "seeds": per_seed,
+                      "kept": "last epoch" if arm.endswith("@last") else "lowest val loss"}
     index = np.arange(len(labels), dtype=float)
     base = logits["baseline"]
     for arm in arms:
         stacked = logits[arm]
         table[arm]["seed_mean_auc"] = seed_mean_auc(stacked)(labels, index)
         table[arm]["ensemble_auc"] = roc_auc(labels, stacked.mean(axis=1))
-        if arm == "baseline":
+        reference = reference_arm(arm)
+        if reference is None:
             continue
+        table[arm]["against"] = reference
+        base = logits[reference]
         table[arm]["delta_seed_mean"] = paired_bootstrap(
             labels, index, index, seed_mean_auc(stacked), metric_b=seed_mean_auc(base),
             n_resamples=N_RESAMPLES)  # fmt: skip
@@ -150,10 +194,14 @@ def summarise(
             labels, stacked.mean(axis=1), base.mean(axis=1), n_resamples=N_RESAMPLES
         )
     for combination in ensembles:
-        members = np.concatenate([logits[arm] for arm in combination.split("+")], axis=1)
+        arms_in = combination.split("+")
+        reference = "baseline@last" if all(a.endswith("@last") for a in arms_in) else "baseline"
+        members = np.concatenate([logits[arm] for arm in arms_in], axis=1)
         table[combination] = {
-            "models": members.shape[1], "ensemble_auc": roc_auc(labels, members.mean(axis=1)),
-            "delta_ensemble": paired_bootstrap(labels, members.mean(axis=1), base.mean(axis=1),
+            "models": members.shape[1], "against": reference,
+            "ensemble_auc": roc_auc(labels, members.mean(axis=1)),
+            "delta_ensemble": paired_bootstrap(labels, members.mean(axis=1),
+                                               logits[reference].mean(axis=1),
                                                n_resamples=N_RESAMPLES),
         }  # fmt: skip
     return {"held_out": held_out, "n": len(labels), "malignant": int(labels.sum()),
@@ -169,21 +217,22 @@ def _delta(result: dict | None) -> str:
 def markdown(summary: dict) -> str:
     """The lever table: arm, AUC per seed, seed mean and its paired delta, ensemble, Dice, the
     training's CPU minutes (user + system, 2 cores: about twice the wall time)."""
-    lines = ["| arm | AUC per seed | seed mean | Δ seed mean vs baseline [95% CI] | seeds' "
-             "ensemble | Δ ensemble vs baseline's | Dice (mean of seeds) | CPU min per run |",
-             "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    lines = ["| arm | kept | AUC per seed | seed mean | paired against | Δ seed mean [95% CI] | "
+             "seeds' ensemble | Δ ensemble | Dice (mean of seeds) | CPU min per run |",
+             "|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for arm, row in summary["arms"].items():
         if "seeds" not in row:  # an ensemble of arms
-            lines.append(f"| {arm} ({row['models']} models) | | | | {row['ensemble_auc']:.3f} | "
-                         f"{_delta(row['delta_ensemble'])} | | |")  # fmt: skip
+            ensemble = f"{row['ensemble_auc']:.3f} | {_delta(row['delta_ensemble'])}"
+            lines.append(f"| {arm} ({row['models']} models) | | | | {row['against']} | | "
+                         f"{ensemble} | | |")  # fmt: skip
             continue
         runs = list(row["seeds"].values())
         dice = [v["dice"] for v in runs if v["dice"] is not None]
         cpu = [v["train_cpu_s"] for v in runs if v["train_cpu_s"] is not None]
         aucs = ", ".join(f"{v['auc']:.3f}" for v in runs)
         lines.append(
-            f"| {arm} | {aucs} | "
-            f"{row['seed_mean_auc']:.3f} | {_delta(row.get('delta_seed_mean'))} | "
+            f"| {arm} | {row['kept']} | {aucs} | {row['seed_mean_auc']:.3f} | "
+            f"{row.get('against', '—')} | {_delta(row.get('delta_seed_mean'))} | "
             f"{row['ensemble_auc']:.3f} | {_delta(row.get('delta_ensemble'))} | "
             f"{f'{np.mean(dice):.3f}' if dice else '—'} | "
             f"{f'{np.mean(cpu) / 60:.0f}' if cpu else '—'} |"
@@ -202,13 +251,16 @@ def main() -> int:
                         help="also score these arms' runs averaged (mean logit)")
     parser.add_argument("--report-only", action="store_true", help="train nothing; summarise")
     args = parser.parse_args()
-    arms = ["baseline", *[arm for arm in args.arms if arm != "baseline"]]
+    trained = ["baseline", *[arm for arm in args.arms if arm != "baseline"]]
     if not args.report_only:
-        for arm in arms:
+        for arm in trained:
             for seed in args.seeds:
                 run_arm(arm, seed, args.held_out, args.runs)
-    done = [a for a in arms if all((args.runs / args.held_out / f"{a}-s{s}" / "screen-cost.json")
-                                   .is_file() for s in args.seeds)]  # fmt: skip
+    arms = [name for arm in trained for name in (arm, f"{arm}@last")]
+    folder = args.runs / args.held_out
+    done = [arm for arm in arms if all(
+        (folder / f"{arm}-s{seed}" / f"eval-{args.held_out}" / "metrics.json").is_file()
+        for seed in args.seeds)]  # fmt: skip
     ensembles = [e for e in args.ensembles if all(arm in done for arm in e.split("+"))]
     summary = summarise(done, args.seeds, args.held_out, args.runs, ensembles)
     atomic_write_text(args.out, json.dumps(json_safe(summary), indent=2))
