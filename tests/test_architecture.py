@@ -73,10 +73,11 @@ def test_a_cycle_would_be_found():
 LAYERS = {
     "foundations": "config layout metrics calibration errors fileio imaging boxes dicom devices "
     "distributed provenance synthetic templating results lesion agreement likelihood",
-    "data and models": "data loading tables audit transforms models losses weights bundled runs "
+    "data and models": "data loading tables audit transforms models decoders losses weights "
+    "bundled runs "
     "readers reporting validation",
-    "using a model": "inference inputs predictor explain scope features training checkpoints "
-    "outline",
+    "using a model": "inference inputs predictor explain scope features training optimization "
+    "checkpoints outline",
     "workflows": "pipeline crossval crossfit demo adaptation unlabelled evaluation comparison "
     "export segmentation cluster model_card",
     "interfaces": "cli serving __main__",

@@ -23,7 +23,6 @@ from typing import Any
 import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
-from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torch.utils.data import Dataset, TensorDataset
 from tqdm.auto import tqdm
 
@@ -47,6 +46,7 @@ from busdx.loading import (
 from busdx.losses import LesionLoss, Outputs
 from busdx.metrics import is_positive
 from busdx.models import BinaryClassifier, WeightsInfo, create_model
+from busdx.optimization import Optimization, average_weights, build_optimizer
 from busdx.transforms import (
     Preprocessing,
     build_augment_transform,
@@ -56,7 +56,6 @@ from busdx.transforms import (
 
 __all__ = [
     "EpochRecord",
-    "Optimization",
     "TrainingState",
     "average_weights",
     "build_loaders",
@@ -286,53 +285,6 @@ class TrainingState:
         else:
             self.stale_epochs += 1
         return improved
-
-
-@dataclass
-class Optimization:
-    """Optimizer, learning-rate schedule, (fp16 only) loss scaler and (``train.ema_epochs``)
-    the exponential moving average of the weights, of one run."""
-
-    optimizer: torch.optim.Optimizer
-    schedule: torch.optim.lr_scheduler.LRScheduler
-    scaler: torch.amp.GradScaler | None
-    ema: AveragedModel | None = None
-
-    def state_dict(self) -> dict[str, Any]:
-        state = {"optimizer": self.optimizer.state_dict(), "schedule": self.schedule.state_dict()}
-        state |= {"scaler": self.scaler.state_dict()} if self.scaler is not None else {}
-        return state | ({"ema": self.ema.state_dict()} if self.ema is not None else {})
-
-
-def build_optimizer(config: Config, model: nn.Module, device: torch.device) -> Optimization:
-    """Adam over the trainable parameters, a constant or cosine schedule, and a loss scaler
-    for fp16."""
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.Adam(
-        trainable, lr=config.train.lr, weight_decay=config.train.weight_decay
-    )
-    schedule = (
-        torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=config.train.epochs)
-        if config.train.schedule == "cosine"
-        else torch.optim.lr_scheduler.LambdaLR(optimizer, lambda epoch: 1.0)
-    )
-    scaler = torch.amp.GradScaler(device.type) if config.train.precision == "fp16" else None
-    return Optimization(optimizer, schedule, scaler)
-
-
-def average_weights(
-    model: nn.Module, optimization: Optimization, epochs: float, steps_per_epoch: int
-) -> AveragedModel:
-    """An exponential moving average of ``model``'s weights and BatchNorm statistics, updated
-    after every optimizer step with decay ``1 - 1 / (epochs * steps_per_epoch)`` (so it
-    averages over about ``epochs`` epochs; as timm's ModelEma). Validation and ``model.pt``
-    then use the average, which is smoother than the last step's weights."""
-    decay = 1 - 1 / max(1.0, epochs * steps_per_epoch)
-    ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
-    ema.eval()
-    optimization.optimizer.register_step_post_hook(lambda *_: ema.update_parameters(model))
-    optimization.ema = ema
-    return ema
 
 
 def restore(path: Path, model: nn.Module, optimization: Optimization) -> TrainingState:
