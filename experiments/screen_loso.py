@@ -177,7 +177,6 @@ def summarise(
         table[arm] = {"overrides": ARMS[arm.removesuffix("@last")], "seeds": per_seed,
                       "kept": "last epoch" if arm.endswith("@last") else "lowest val loss"}
     index = np.arange(len(labels), dtype=float)
-    base = logits["baseline"]
     for arm in arms:
         stacked = logits[arm]
         table[arm]["seed_mean_auc"] = seed_mean_auc(stacked)(labels, index)

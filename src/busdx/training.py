@@ -315,7 +315,6 @@ class Loaders:
     step: nn.Module
     val: Iterable
     val_forward: Callable[[torch.Tensor], torch.Tensor]
-    on_stem_outputs: bool  # the validation batches are stem outputs, not images
 
 
 def build_loaders(
@@ -326,9 +325,11 @@ def build_loaders(
     weights: WeightsInfo,
     device: torch.device,
     progress: bool,
+    validated: BinaryClassifier | None = None,
 ) -> Loaders:
     """The training and validation loaders of this process (see :func:`_inputs` for what they
-    hold: images, augmented images, or cached stem outputs)."""
+    hold: images, augmented images, or cached stem outputs); ``validated`` is the model that
+    validation runs (default ``model``; the weights' average with ``train.ema_epochs``)."""
     world = current_world()
     batch = _process_batch_size(config.train.batch_size, world)
     workers = resolve_workers(config.data.num_workers, processes=world.local_size)
@@ -340,7 +341,7 @@ def build_loaders(
         ids = [device.index] if device.type == "cuda" else None  # this process's GPU
         step = DistributedDataParallel(step, device_ids=ids)
     val_on_stem = isinstance(val_set, TensorDataset | CachedFeatures)
-    val_forward = _Trainable(model, val_on_stem)
+    val_forward = _Trainable(validated or model, val_on_stem)
     balanced = config.train.sampling == "balanced_sites"
     sample_weights = site_balanced_weights(train_set.samples) if balanced else None
     sampler = EpochSampler(train_set, seed=config.train.seed, rank=world.rank,
@@ -352,7 +353,7 @@ def build_loaders(
     if world.is_main:
         logger.info("training on %s (%s), %d process(es), %d loader worker(s) each",
                     device, config.train.precision, world.size, workers)  # fmt: skip
-    return Loaders(train, sampler, step, val, val_forward, val_on_stem)
+    return Loaders(train, sampler, step, val, val_forward)
 
 
 def build_model(
@@ -392,9 +393,9 @@ def fit(
     state = restore(run_dir / LAST_FILE, model, optimization)
     if _finished(config, state):
         return state.history
-    loaders = build_loaders(config, dataset, model, prep, weights, device, progress)
-    if optimization.ema is not None:  # the average is validated (and saved) in the model's place
-        loaders.val_forward = _Trainable(optimization.ema.module, loaders.on_stem_outputs)
+    average = None if optimization.ema is None else optimization.ema.module
+    loaders = build_loaders(config, dataset, model, prep, weights, device, progress,
+                            validated=average)  # validated and saved in the model's place
     criterion = LesionLoss(config.train.mask_weight)
     epochs, precision = config.train.epochs, config.train.precision
     for epoch in range(state.next_epoch, epochs + 1):
