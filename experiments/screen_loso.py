@@ -8,7 +8,9 @@ enters training, checkpoint choice or calibration. A killed screen resumes: fini
 skipped and an interrupted training continues from its ``last.pt``.
 
 Every run is scored twice: with the weights it kept (lowest validation loss) and with its last
-epoch's (the arm ``ARM@last``, what ``train.keep: last`` keeps; no retraining needed).
+epoch's (the arm ``ARM@last``, what ``train.keep: last`` keeps; no retraining needed). With
+``--flip`` each is also scored with flip test-time augmentation (``ARM:flip``, paired against
+the same weights without it).
 Reported per arm: each seed's AUC with its bootstrap CI, the seed-mean AUC and its paired
 difference to the baseline's seed-mean (kept the same way; cases resampled once for all seeds
 of both arms), the AUC of the seeds' mean logit (an ensemble) and its paired difference to the
@@ -63,11 +65,13 @@ ARMS: dict[str, list[str]] = {
 }
 N_RESAMPLES = 2000
 COST_FILE = "screen-cost.json"
+FLIP = "-flip"  # suffix of an evaluation folder scored with flip test-time augmentation
 
 
-def run_arm(arm: str, seed: int, held_out: str, runs: Path) -> None:
+def run_arm(arm: str, seed: int, held_out: str, runs: Path, flip: bool = False) -> None:
     """Train one (arm, seed) unless done, then score on the held-out site both the weights the
-    run kept (lowest validation loss) and its last epoch's (the arm ``ARM@last``)."""
+    run kept (lowest validation loss) and its last epoch's (the arm ``ARM@last``), and with
+    ``flip`` each of them with flip test-time augmentation too."""
     run_dir = runs / held_out / f"{arm}-s{seed}"
     if not (run_dir / COST_FILE).is_file():
         started = os.times()
@@ -88,8 +92,9 @@ def run_arm(arm: str, seed: int, held_out: str, runs: Path) -> None:
                 "note": "CPU: user + system of the training process; a resumed run counts "
                         "its last part only"}  # fmt: skip
         atomic_write_text(run_dir / COST_FILE, json.dumps(cost, indent=2))
-    evaluate(run_dir, held_out)
-    evaluate(last_epoch_run(run_dir, runs / held_out / f"{arm}@last-s{seed}"), held_out)
+    for weights in (run_dir, last_epoch_run(run_dir, runs / held_out / f"{arm}@last-s{seed}")):
+        for flipped in (False, True) if flip else (False,):
+            evaluate(weights, held_out, flipped)
 
 
 def last_epoch_run(run_dir: Path, target: Path) -> Path:
@@ -109,19 +114,27 @@ def last_epoch_run(run_dir: Path, target: Path) -> Path:
     return target
 
 
-def evaluate(run_dir: Path, held_out: str) -> None:
+def evaluate(run_dir: Path, held_out: str, flip: bool = False) -> None:
     """``busdx evaluate`` on every image of the held-out site, unless done."""
-    if (run_dir / f"eval-{held_out}" / "predictions.csv").is_file():
+    out = run_dir / f"eval-{held_out}{FLIP if flip else ''}"
+    if (out / "predictions.csv").is_file():
         return
     command = ["busdx", "evaluate", "--run", str(run_dir), "--split", "all", "--no-progress",
-               f"--data={held_out}={SITES[held_out]}", "--out", str(run_dir / f"eval-{held_out}")]
-    print("$", " ".join(command), flush=True)
-    subprocess.run(command, check=True)
+               f"--data={held_out}={SITES[held_out]}", "--out", str(out)]  # fmt: skip
+    print("$", " ".join(command + ["--flip"] * flip), flush=True)
+    subprocess.run(command + ["--flip"] * flip, check=True)
 
 
-def scores(run_dir: Path, held_out: str) -> tuple[list[str], np.ndarray, np.ndarray]:
+def evaluation_dir(arm: str, seed: int, held_out: str, runs: Path) -> Path:
+    """Where one (arm, seed)'s held-out evaluation is: ``ARM:flip`` is ``ARM``'s run scored
+    with flip test-time augmentation."""
+    run_name = f"{arm.removesuffix(':flip')}-s{seed}"
+    return runs / held_out / run_name / f"eval-{held_out}{FLIP if arm.endswith(':flip') else ''}"
+
+
+def scores(evaluation: Path) -> tuple[list[str], np.ndarray, np.ndarray]:
     """Paths (sorted), 0/1 labels and raw logits of one run's held-out predictions."""
-    rows = list(csv.DictReader((run_dir / f"eval-{held_out}" / "predictions.csv").open()))
+    rows = list(csv.DictReader((evaluation / "predictions.csv").open()))
     rows.sort(key=lambda row: row["path"])
     labels = np.array([row["label"] == "malignant" for row in rows], dtype=int)
     return [row["path"] for row in rows], labels, np.array([float(r["logit"]) for r in rows])
@@ -129,7 +142,10 @@ def scores(run_dir: Path, held_out: str) -> tuple[list[str], np.ndarray, np.ndar
 
 def reference_arm(arm: str) -> str | None:
     """What an arm is paired against: the baseline kept the same way (``baseline@last`` for
-    ``ARM@last``); ``baseline@last`` against the baseline (the choice of epoch itself)."""
+    ``ARM@last``); ``baseline@last`` against the baseline (the choice of epoch itself);
+    ``ARM:flip`` against ``ARM`` (what flipping adds to the same weights)."""
+    if arm.endswith(":flip"):
+        return arm.removesuffix(":flip")
     if arm == "baseline":
         return None
     if arm == "baseline@last":
@@ -159,14 +175,14 @@ def summarise(
     for arm in arms:
         columns, per_seed = [], {}
         for seed in seeds:
-            run_dir = runs / held_out / f"{arm}-s{seed}"
-            run_paths, y, logit = scores(run_dir, held_out)
+            evaluation = evaluation_dir(arm, seed, held_out, runs)
+            run_paths, y, logit = scores(evaluation)
             if paths is None:
                 paths, labels = run_paths, y
             elif run_paths != paths:
-                raise SystemExit(f"{run_dir}: its held-out images differ from the first run's")
-            metrics = json.loads((run_dir / f"eval-{held_out}" / "metrics.json").read_text())
-            cost = json.loads((run_dir / COST_FILE).read_text())
+                raise SystemExit(f"{evaluation}: its held-out images differ from the first run's")
+            metrics = json.loads((evaluation / "metrics.json").read_text())
+            cost = json.loads((evaluation.parent / COST_FILE).read_text())
             outline = metrics.get("segmentation") or {}
             per_seed[seed] = {"auc": metrics["roc_auc"], "auc_ci": metrics["ci"]["roc_auc"],
                               "dice": outline.get("dice"),
@@ -174,8 +190,10 @@ def summarise(
                               "train_cpu_s": cost.get("train_cpu_s_this_process")}  # fmt: skip
             columns.append(logit)
         logits[arm] = np.stack(columns, axis=1)
-        table[arm] = {"overrides": ARMS[arm.removesuffix("@last")], "seeds": per_seed,
-                      "kept": "last epoch" if arm.endswith("@last") else "lowest val loss"}
+        weights = arm.removesuffix(":flip")
+        table[arm] = {"overrides": ARMS[weights.removesuffix("@last")], "seeds": per_seed,
+                      "kept": "last epoch" if weights.endswith("@last") else "lowest val loss",
+                      "flip": arm.endswith(":flip")}  # fmt: skip
     index = np.arange(len(labels), dtype=float)
     for arm in arms:
         stacked = logits[arm]
@@ -194,7 +212,7 @@ def summarise(
         )
     for combination in ensembles:
         arms_in = combination.split("+")
-        reference = "baseline@last" if all(a.endswith("@last") for a in arms_in) else "baseline"
+        reference = "baseline@last" if all("@last" in a for a in arms_in) else "baseline"
         members = np.concatenate([logits[arm] for arm in arms_in], axis=1)
         table[combination] = {
             "models": members.shape[1], "against": reference,
@@ -248,17 +266,19 @@ def main() -> int:
     parser.add_argument("--out", type=Path, required=True, help="summary JSON (and .md beside)")
     parser.add_argument("--ensembles", nargs="*", default=[], metavar="ARM+ARM",
                         help="also score these arms' runs averaged (mean logit)")
+    parser.add_argument("--flip", action="store_true",
+                        help="also score every run with flip test-time augmentation (ARM:flip)")
     parser.add_argument("--report-only", action="store_true", help="train nothing; summarise")
     args = parser.parse_args()
     trained = ["baseline", *[arm for arm in args.arms if arm != "baseline"]]
     if not args.report_only:
         for arm in trained:
             for seed in args.seeds:
-                run_arm(arm, seed, args.held_out, args.runs)
+                run_arm(arm, seed, args.held_out, args.runs, args.flip)
     arms = [name for arm in trained for name in (arm, f"{arm}@last")]
-    folder = args.runs / args.held_out
+    arms += [f"{arm}:flip" for arm in arms] if args.flip else []
     done = [arm for arm in arms if all(
-        (folder / f"{arm}-s{seed}" / f"eval-{args.held_out}" / "metrics.json").is_file()
+        (evaluation_dir(arm, seed, args.held_out, args.runs) / "metrics.json").is_file()
         for seed in args.seeds)]  # fmt: skip
     ensembles = [e for e in args.ensembles if all(arm in done for arm in e.split("+"))]
     summary = summarise(done, args.seeds, args.held_out, args.runs, ensembles)

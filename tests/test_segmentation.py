@@ -240,3 +240,23 @@ def test_the_onnx_exports_outline_as_the_torch_model_does(mask_run, masked_data,
                      "--no-progress"]) == 0  # fmt: skip
         rows[model] = json.loads(out.read_text())[0]
     assert rows["model.onnx"]["lesion_outline"] == rows["model.pt"]["lesion_outline"]
+
+
+def test_flip_averages_the_answers_to_an_image_and_its_mirror(mask_run, masked_data, tmp_path):
+    """Flip test-time augmentation: the logit is the mean of the image's and the mirror's, the
+    mask the mean of both masks in the image's own orientation, so an image and its mirror get
+    the same logit and mirrored masks; ``busdx evaluate --flip`` writes beside the plain run."""
+    images = sorted((masked_data / "malignant").glob("*.png"))[:4]
+    plain, flipped = load_model(mask_run), load_model(mask_run, flip=True)
+    batch = torch.stack([plain.transform(load_image(path)) for path in images])
+    logits, _, masks = plain.predict(batch)
+    mirror_logits, _, mirror_masks = plain.predict(batch.flip(-1))
+    tta_logits, _, tta_masks = flipped.predict(batch)
+    assert not np.allclose(masks, mirror_masks[..., ::-1], atol=1e-3)  # not a symmetric model
+    assert torch.allclose(tta_logits, (logits + mirror_logits) / 2, atol=1e-5)
+    assert np.allclose(tta_masks, (masks + mirror_masks[..., ::-1]) / 2, atol=1e-5)
+    mirrored_logits, _, mirrored_masks = flipped.predict(batch.flip(-1))
+    assert torch.allclose(mirrored_logits, tta_logits, atol=1e-5)
+    assert np.allclose(mirrored_masks[..., ::-1], tta_masks, atol=1e-5)
+    result, out = evaluate_run(mask_run, [str(masked_data)], "all", flip=True, progress=False)
+    assert out.name == f"{masked_data.name}-all-flip" and result.n > 0

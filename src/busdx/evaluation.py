@@ -277,11 +277,14 @@ def _plot_evaluation(
                                 title="Grad-CAM: where the model found its evidence")  # fmt: skip
 
 
-def evaluation_name(site: str, split: str, backend: str = "torch", precision: str = "fp32") -> str:
+def evaluation_name(
+    site: str, split: str, backend: str = "torch", precision: str = "fp32", flip: bool = False
+) -> str:
     """The folder name of an evaluation under ``RUNDIR/eval/``: ``<site>-<split>``, with
-    ``-onnx`` or ``-<precision>`` when not the fp32 torch model."""
+    ``-onnx`` or ``-<precision>`` when not the fp32 torch model and ``-flip`` with flip
+    test-time augmentation."""
     variant = "-onnx" if backend == "onnx" else "" if precision == "fp32" else f"-{precision}"
-    return f"{site}-{split}{variant}"
+    return f"{site}-{split}{variant}{'-flip' if flip else ''}"
 
 
 def evaluate_run(
@@ -297,6 +300,7 @@ def evaluate_run(
     device: str = "auto",
     backend: str = "torch",
     precision: str = "fp32",
+    flip: bool = False,
     progress: bool = True,
 ) -> tuple[Evaluation, Path]:
     """``busdx evaluate``: a run's best model on a split of its own data or of ``data``.
@@ -306,7 +310,8 @@ def evaluate_run(
     ``RUNDIR/eval/<site>-<split>``; ``busdx-output/NAME/eval/...`` for a bundled model, whose
     package is never written to) and returns the metrics and that folder. ``readers`` is a
     CSV of the readers' BI-RADS per image (default: the labels table, see
-    :func:`busdx.readers.reader_ranks`); ``boxes`` a lesion-box CSV for an ROI model.
+    :func:`busdx.readers.reader_ranks`); ``boxes`` a lesion-box CSV for an ROI model;
+    ``flip`` averages each answer with the mirrored image's (test-time augmentation).
     """
     run_dir = resolve_run(run_dir)
     config, info = load_run(run_dir)
@@ -316,9 +321,9 @@ def evaluate_run(
         config.data.boxes = boxes
     dataset = samples_for_split(run_dir, config, info, data, split)
     site, split = site or dataset.site, dataset.split
-    name = evaluation_name(site, split, backend, precision)
+    name = evaluation_name(site, split, backend, precision, flip)
     out = Path(out) if out else output_home(run_dir) / EVAL_DIR / name
-    loaded = load_model(run_dir, device=device, backend=backend, precision=precision)
+    loaded = load_model(run_dir, device=device, backend=backend, precision=precision, flip=flip)
     ranks = reader_ranks(dataset.samples, dataset.root, readers, reader_column)
     result = evaluate_samples(
         loaded, dataset.samples, out, split=split, data_root=dataset.root,

@@ -86,6 +86,7 @@ class Predictor:
     session: Any = None  # onnxruntime.InferenceSession
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     precision: str = "fp32"  # torch backend: "bf16" / "fp16" run under autocast
+    flip: bool = False  # test-time augmentation: average with the mirrored image's answer
 
     @property
     def backend(self) -> str:
@@ -192,7 +193,23 @@ class Predictor:
         """Raw log-odds of the positive class for a batch of preprocessed images, each image's
         out-of-scope distance (see :mod:`busdx.scope`; None without a fitted guard, or from an
         ONNX model exported without one) and, from a model with a mask head, each image's
-        lesion-mask probabilities (N x H x W; else None). The backbone runs once for all."""
+        lesion-mask probabilities (N x H x W; else None). The backbone runs once for all.
+
+        With ``flip`` the model also sees each image mirrored left to right: the logits are
+        the mean of the two answers' log-odds and the mask the mean of the two masks (the
+        mirrored one mirrored back); the distance is the unmirrored image's, as the guard was
+        fitted on unmirrored features."""
+        logits, distances, masks = self._forward(images)
+        if not self.flip:
+            return logits, distances, masks
+        mirrored_logits, _, mirrored_masks = self._forward(images.flip(-1))
+        if masks is not None:
+            masks = (masks + mirrored_masks[..., ::-1]) / 2
+        return (logits + mirrored_logits) / 2, distances, masks
+
+    def _forward(
+        self, images: torch.Tensor
+    ) -> tuple[torch.Tensor, np.ndarray | None, np.ndarray | None]:
         if self.session is not None:  # an export may have the distance and the mask too
             answers = self.session.run(None, {"images": images.numpy()})
             outputs = dict(zip(self.output_names, answers, strict=True))
@@ -227,6 +244,7 @@ def load_model(
     backend: str = "torch",
     threads: int | None = None,
     precision: str = "fp32",
+    flip: bool = False,
 ) -> Predictor:
     """Load a trained model safely: a run directory, ``model.pt`` or an ``.onnx`` file.
 
@@ -238,8 +256,16 @@ def load_model(
     A model with a mask head outlines on every backend: its ONNX exports carry the mask as a
     second (or third) output; an older export without it is passed over for the torch model
     under ``auto``. ``precision`` ``bf16`` or ``fp16`` runs the torch model under autocast (a
-    GPU, or a CPU with native bf16); it selects the torch backend.
+    GPU, or a CPU with native bf16); it selects the torch backend. ``flip`` averages each
+    answer with that of the image mirrored left to right (twice the work).
     """
+    loaded = _load(path, device=device, backend=backend, threads=threads, precision=precision)
+    loaded.flip = flip
+    return loaded
+
+
+def _load(path: str | Path, *, device: str, backend: str, threads: int | None,
+          precision: str) -> Predictor:  # fmt: skip
     path = Path(path)
     if backend not in BACKENDS:
         raise ConfigError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")

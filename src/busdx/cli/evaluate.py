@@ -46,6 +46,10 @@ def register(commands: Subcommands) -> None:
     parser.add_argument(
         "--backend", choices=BACKENDS, default="torch", help="onnx: the exported (int8) model"
     )
+    parser.add_argument(
+        "--flip", action="store_true",
+        help="test-time augmentation: average each answer with the mirrored image's",
+    )  # fmt: skip
     add_precision(parser)
     add_common(parser)
     parser.set_defaults(func=run)
@@ -55,7 +59,8 @@ def run(args: argparse.Namespace) -> int:
     result, out = evaluate_run(
         args.run, args.data, args.split, site=args.site, out=args.out, readers=args.readers,
         reader_column=args.reader_column, boxes=args.boxes, device=args.device,
-        backend=args.backend, precision=args.precision, progress=not args.no_progress,
+        backend=args.backend, precision=args.precision, flip=args.flip,
+        progress=not args.no_progress,
     )  # fmt: skip
     print(format_metrics(result))
     print(f"written to {out}; a page to file: busdx report {out}")
