@@ -30,11 +30,14 @@ def run(args: argparse.Namespace) -> int:
         print(f"{name}{default}: {info['description']}")
         sites = ", ".join(info["trained_on"])
         print(f"  trained on: {sites}; {info['size_mb']} MB at {info['path']}")
+        if info.get("outlines"):
+            print("  outlines the lesion (lesion_outline, size, shape and margin in busdx predict)")
         for site, row in info.get("held_out_sites", {}).items():
             print(
                 f"  expected at an unseen hospital, as measured when {site} was held out: "
                 f"ROC AUC {row['roc_auc']:.3f}; sensitivity {row['sensitivity']:.3f}, "
                 f"specificity {row['specificity']:.3f} at its threshold"
+                + (f"; outline Dice {row['dice']:.3f}" if "dice" in row else "")
             )
         print(f"  threshold {info['threshold']:.3f}: "
               f"{describe_threshold(info, info.get('held_out_sites'))}")  # fmt: skip
