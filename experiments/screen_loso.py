@@ -55,6 +55,7 @@ ARMS: dict[str, list[str]] = {
     "baseline": [],
     "mask": ["model.mask_head=true"],
     "unet": ["model.mask_head=true", "model.mask_decoder=unet"],
+    "mask-lr10": ["model.mask_head=true", "train.decoder_lr_scale=10"],
     "pad": ["data.resize=pad"],
     "lite1": ["model.name=efficientnet_lite1", "data.image_size=240"],
     "lite2": ["model.name=efficientnet_lite2", "data.image_size=260"],

@@ -260,3 +260,22 @@ def test_flip_averages_the_answers_to_an_image_and_its_mirror(mask_run, masked_d
     assert np.allclose(mirrored_masks[..., ::-1], tta_masks, atol=1e-5)
     result, out = evaluate_run(mask_run, [str(masked_data)], "all", flip=True, progress=False)
     assert out.name == f"{masked_data.name}-all-flip" and result.n > 0
+
+
+def test_the_mask_decoder_can_learn_faster_than_the_pretrained_backbone():
+    """``train.decoder_lr_scale``: the decoder, trained from scratch, gets its own learning
+    rate; at 1.0 there is one parameter group, so that older runs resume as they were saved."""
+    from busdx.config import apply_overrides, load_config
+    from busdx.optimization import build_optimizer
+
+    base = ["model.weights=none", "model.mask_head=true", "train.lr=0.001"]
+    config = apply_overrides(load_config(recipe="efficientnet-lite0"), base)
+    model, _, _ = create_model(config.model, image_size=64)
+    (group,) = build_optimizer(config, model, torch.device("cpu")).optimizer.param_groups
+    assert group["lr"] == pytest.approx(1e-3)
+    faster = apply_overrides(config, ["train.decoder_lr_scale=10"])
+    groups = build_optimizer(faster, model, torch.device("cpu")).optimizer.param_groups
+    decoder = {id(p) for p in model.mask_decoder.parameters()}
+    assert [g["lr"] for g in groups] == pytest.approx([1e-3, 1e-2])
+    assert {id(p) for p in groups[1]["params"]} == decoder
+    assert not decoder & {id(p) for p in groups[0]["params"]}

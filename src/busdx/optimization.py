@@ -32,12 +32,17 @@ class Optimization:
 
 
 def build_optimizer(config: Config, model: nn.Module, device: torch.device) -> Optimization:
-    """Adam over the trainable parameters, a constant or cosine schedule, and a loss scaler
-    for fp16."""
+    """Adam over the trainable parameters (a mask decoder's at ``train.decoder_lr_scale``
+    times the learning rate), a constant or cosine schedule, and a loss scaler for fp16."""
+    decoder = getattr(getattr(model, "module", model), "mask_decoder", None)
+    scaled = decoder is not None and config.train.decoder_lr_scale != 1.0
+    own = {id(p) for p in decoder.parameters()} if scaled else set()  # one group otherwise
     trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.Adam(
-        trainable, lr=config.train.lr, weight_decay=config.train.weight_decay
-    )
+    groups = [{"params": [p for p in trainable if id(p) not in own]}]
+    if own:
+        lr = config.train.lr * config.train.decoder_lr_scale
+        groups.append({"params": [p for p in trainable if id(p) in own], "lr": lr})
+    optimizer = torch.optim.Adam(groups, lr=config.train.lr, weight_decay=config.train.weight_decay)
     schedule = (
         torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=config.train.epochs)
         if config.train.schedule == "cosine"
