@@ -92,7 +92,7 @@ def held_out_table(loso: Path) -> dict[str, dict[str, Any]]:
             "roc_auc_ci": [row["ci"]["roc_auc"]["low"], row["ci"]["roc_auc"]["high"]],
             **row["cross-fitted threshold"],
         }
-        if "readers" in row:
+        if row.get("readers"):
             delta = row["readers"]["delta_roc_auc"]
             entry["readers_roc_auc"] = row["readers"]["readers_roc_auc"]
             entry["delta_roc_auc_vs_readers"] = [delta["delta"], delta["low"], delta["high"]]
@@ -137,8 +137,9 @@ def model_card(name: str, info: dict[str, Any], held_out: dict, fitted: dict) ->
         f"{split} {sum(row.values())}" for split, row in sorted(info["counts"].items())
     )
     outline = (
-        ", and an outline of the lesion from a mask head trained on the readers' masks (its "
-        "size, shape and margin are measured from that outline)" if info["outlines"] else ""
+        ", and an outline of the lesion from a mask head (a feature-pyramid decoder trained with "
+        f"the classifier on the readers' masks, at {info['decoder_lr_scale']:g}x the learning "
+        "rate; size, shape and margin are read from the outline)" if info["outlines"] else ""
     )
     return f"""# busdx bundled model `{name}`
 
@@ -253,7 +254,8 @@ def main() -> None:
     }
     atomic_write_text(target / SUMMARY_FILE, json.dumps(json_safe(summary), indent=2) + "\n")
     card_info = {**public_info, "recipe": config.recipe, "epochs": config.train.epochs,
-                 "outlines": outlines}  # fmt: skip
+                 "outlines": outlines,
+                 "decoder_lr_scale": config.train.decoder_lr_scale}  # fmt: skip
     atomic_write_text(target / "MODEL_CARD.md", model_card(args.name, card_info, held_out, fitted))
     print(f"bundled model written to {target}")
 
