@@ -57,8 +57,10 @@ ARMS: dict[str, list[str]] = {
     "unet": ["model.mask_head=true", "model.mask_decoder=unet"],
     "mask-lr10": ["model.mask_head=true", "train.decoder_lr_scale=10"],
     "pad": ["data.resize=pad"],
-    "lite1": ["model.name=efficientnet_lite1", "data.image_size=240"],
-    "lite2": ["model.name=efficientnet_lite2", "data.image_size=260"],
+    # the backbone alone, at the baseline's 224 px (input sizes are multiples of 32; the Lite
+    # models' native 240 and 260 are not): resolution is its own arm
+    "lite1": ["model.name=efficientnet_lite1"],
+    "lite2": ["model.name=efficientnet_lite2"],
     "res288": ["data.image_size=288"],
     "epochs30": ["train.epochs=30"],
     "ema": ["train.ema_epochs=1"],
