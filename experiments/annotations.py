@@ -36,8 +36,9 @@ from busdx.imaging import load_image
 from busdx.inference import file_logits
 from busdx.metrics import bootstrap_ci, paired_bootstrap, roc_auc
 from busdx.predictor import load_model
+from busdx.preprocess import annotation_mask
 from busdx.synthetic import make_lesion_image
-from busdx.transforms import MaskAnnotations, annotation_mask
+from busdx.transforms import MaskAnnotations
 
 
 def marked_shares(samples: list[Sample]) -> np.ndarray:

@@ -37,7 +37,7 @@ from busdx.imaging import as_input
 from busdx.layout import FOLDS_FILE, METRICS_FILE, fold_dir
 from busdx.metrics import paired_bootstrap, roc_auc
 from busdx.predictor import load_model
-from busdx.transforms import load_region
+from busdx.preprocess import load_region
 from busdx.unlabelled import adapt_batchnorm
 
 

@@ -28,8 +28,9 @@ from busdx.imaging import ORIGIN_KEY, ImageInput
 from busdx.inference import predict_files
 from busdx.loading import ImageDataset
 from busdx.predictor import load_model
+from busdx.preprocess import Preprocessing, load_region
 from busdx.serving import create_app
-from busdx.transforms import Preprocessing, build_decode_transform, load_region
+from busdx.transforms import build_decode_transform
 
 from conftest import FAST, assert_same_rows, train_run
 

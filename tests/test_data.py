@@ -141,7 +141,8 @@ def test_auto_workers_take_half_of_each_process_share_and_none_on_small_machines
 
 def test_each_epoch_draws_new_augmentations_reproducibly(synthetic_data):
     from busdx.config import AugmentConfig
-    from busdx.transforms import Preprocessing, build_augment_transform, build_decode_transform
+    from busdx.preprocess import Preprocessing
+    from busdx.transforms import build_augment_transform, build_decode_transform
 
     prep = Preprocessing(32, (0.0,) * 3, (1.0,) * 3)
     samples = scan_dataset(synthetic_data, CLASSES).samples[:3]

@@ -23,9 +23,9 @@ from busdx.losses import LesionLoss
 from busdx.models import create_model
 from busdx.outline import lesion_from_mask, region_view
 from busdx.predictor import load_model
+from busdx.preprocess import Preprocessing
 from busdx.serving import ServeSettings, create_app
 from busdx.transforms import (
-    Preprocessing,
     build_augment_transform,
     build_decode_transform,
     build_normalize_transform,
@@ -100,8 +100,15 @@ def test_the_loss_counts_masks_only_where_images_have_one():
 def test_the_mask_head_learns_to_outline_lesions(masked_data, decoder):
     """A few dozen steps on 8 images: the outline overlaps the reader's mask (Dice > 0.8)."""
     torch.manual_seed(0)
-    config = ModelConfig(name="efficientnet_lite0", weights="none", freeze_backbone=False,
-                         pooling="avg", hidden_units=0, mask_head=True, mask_decoder=decoder)
+    config = ModelConfig(
+        name="efficientnet_lite0",
+        weights="none",
+        freeze_backbone=False,
+        pooling="avg",
+        hidden_units=0,
+        mask_head=True,
+        mask_decoder=decoder,
+    )
     model, _, _ = create_model(config, image_size=64)
     dataset = attach_masks(scan_dataset(masked_data, ["benign", "malignant"]))
     prep = _prep()

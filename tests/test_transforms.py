@@ -8,16 +8,18 @@ from PIL import Image, ImageDraw
 from scipy import ndimage
 
 from busdx.config import AugmentConfig
-from busdx.transforms import (
-    MaskAnnotations,
-    PadToSquare,
+from busdx.preprocess import (
     Preprocessing,
-    UltrasoundIntensity,
     annotation_mask,
-    build_eval_transform,
-    build_train_transform,
     content_box,
     mask_annotations,
+    pad_to_square,
+)
+from busdx.transforms import (
+    MaskAnnotations,
+    UltrasoundIntensity,
+    build_eval_transform,
+    build_train_transform,
 )
 
 
@@ -66,7 +68,7 @@ def test_content_box_keeps_an_image_with_nothing_to_crop():
 
 
 def test_pad_keeps_the_aspect_ratio_and_eval_transform_applies_geometry():
-    padded = PadToSquare()(Image.new("RGB", (300, 100), "white"))
+    padded = pad_to_square(Image.new("RGB", (300, 100), "white"))
     assert padded.size == (300, 300)
     column = np.asarray(padded)[:, 150, 0]
     assert column[:100].max() == 0 and column[100:200].min() == 255

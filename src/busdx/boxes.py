@@ -22,7 +22,6 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
-import torch
 from PIL import Image
 
 from busdx.errors import BoxError, DataError
@@ -92,7 +91,9 @@ def crop_rectangle(
     width, height = right - left, bottom - top
     edges = np.array([left - margin * width, top - margin * height,
                       right + margin * width, bottom + margin * height])  # fmt: skip
-    if jitter:
+    if jitter:  # training only: inference never imports torch
+        import torch
+
         shift = (torch.rand(4).numpy() * 2 - 1) * jitter
         edges += shift * np.array([width, height, width, height])
     left_, top_ = max(0, round(edges[0])), max(0, round(edges[1]))

@@ -17,8 +17,8 @@ from busdx import __version__
 from busdx.config import Config
 from busdx.fileio import atomic_path
 from busdx.models import WeightsInfo
+from busdx.preprocess import Preprocessing
 from busdx.provenance import environment
-from busdx.transforms import Preprocessing
 
 __all__ = ["model_metadata", "save_model_file", "update_model_metadata"]
 

@@ -45,6 +45,7 @@ from busdx.metrics import (
     roc_band,
 )
 from busdx.predictor import Predictor, load_model
+from busdx.preprocess import load_region
 from busdx.readers import compare_with_readers, reader_ranks
 from busdx.reporting import (
     plot_confusion_matrix,
@@ -55,7 +56,6 @@ from busdx.reporting import (
 from busdx.results import Evaluation, Interval, Metrics, OneClassGroup, ReaderComparison
 from busdx.runs import load_run, samples_for_split
 from busdx.segmentation import score_lesions, summarise_lesions, write_lesions
-from busdx.transforms import load_region
 from busdx.validation import check_expectation, expectation, format_check
 
 __all__ = ["evaluate_run", "evaluate_samples", "evaluation_name", "format_metrics"]

@@ -61,6 +61,7 @@ from busdx.predictor import (
     Predictor,
     load_model,
 )
+from busdx.preprocess import load_region
 from busdx.provenance import environment
 from busdx.results import (
     CalibrationImages,
@@ -71,7 +72,7 @@ from busdx.results import (
 )
 from busdx.runs import load_run, samples_for_split
 from busdx.scope import SCOPE_KEY, Guard, logits_and_features, public_scope
-from busdx.transforms import build_eval_transform, load_region
+from busdx.transforms import build_eval_transform
 
 __all__ = ["compare_logits", "export_onnx", "export_run", "format_export", "quantize_int8"]
 

@@ -35,7 +35,8 @@ from busdx.fileio import atomic_path
 from busdx.imaging import load_image
 from busdx.loading import make_loader
 from busdx.models import BinaryClassifier, WeightsInfo
-from busdx.transforms import Preprocessing, build_eval_transform, build_train_transform
+from busdx.preprocess import Preprocessing
+from busdx.transforms import build_eval_transform, build_train_transform
 
 __all__ = ["CACHE_ENV_VAR", "CachedFeatures", "FeatureCache", "default_cache_dir"]
 

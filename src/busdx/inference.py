@@ -35,8 +35,8 @@ from busdx.lesion import LESION_FIELDS, Lesion, lesion_fields
 from busdx.loading import resolve_workers
 from busdx.outline import RegionView, lesion_from_mask, region_view
 from busdx.predictor import Decision, Predictor, load_model
+from busdx.preprocess import Preprocessing, load_region, region_of
 from busdx.scope import image_checks
-from busdx.transforms import Preprocessing, load_region, region_of
 
 __all__ = [
     "PredictSummary",

@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 
 from busdx.data import Sample
 from busdx.imaging import load_image
-from busdx.transforms import Preprocessing, load_region, load_region_and_mask
+from busdx.preprocess import Preprocessing, load_region, load_region_and_mask
 
 __all__ = [
     "EpochSampler",
@@ -112,12 +112,12 @@ class ImageDataset(Dataset):
     resumed run repeats the epochs it redoes exactly.
 
     ``read`` turns a :class:`~busdx.data.Sample` into a PIL image (default: the whole image;
-    :func:`busdx.transforms.load_region` crops to the lesion box in ROI mode); ``random_read``
+    :func:`busdx.preprocess.load_region` crops to the lesion box in ROI mode); ``random_read``
     says it draws random numbers (a jittered box), so it is seeded with the transform and its
     results are never preloaded.
 
     With ``masks`` (a mask head to train), ``read`` gives the lesion mask as the image's alpha
-    channel (:func:`busdx.transforms.load_region_and_mask`), ``transform`` returns
+    channel (:func:`busdx.preprocess.load_region_and_mask`), ``transform`` returns
     ``(image, mask)`` (:class:`busdx.transforms.SplitMask`), and an item is
     ``(image, label, mask, has_mask)``: a sample without a mask file has ``has_mask`` 0, and
     trains the classifier only.

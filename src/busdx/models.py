@@ -25,7 +25,7 @@ from busdx.config import POOLINGS, ModelConfig
 from busdx.decoders import MaskDecoder, UNetDecoder, build_decoder
 from busdx.errors import ConfigError, UnknownModelError, WeightsError
 from busdx.fileio import sha256_file
-from busdx.transforms import Preprocessing
+from busdx.preprocess import Preprocessing
 from busdx.weights import get_weight_spec, load_state_dict, resolve_weights_file
 
 __all__ = [

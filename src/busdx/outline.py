@@ -18,7 +18,7 @@ from PIL import Image
 from busdx.boxes import crop_rectangle
 from busdx.imaging import SPACING_KEY, Box
 from busdx.lesion import Lesion, describe_lesion
-from busdx.transforms import Preprocessing, content_box
+from busdx.preprocess import Preprocessing, content_box
 
 __all__ = ["RegionView", "image_mask", "lesion_from_mask", "region_mask", "region_view"]
 
@@ -39,7 +39,7 @@ def region_view(
     spacing: tuple[float, float] | None = None,
 ) -> RegionView:  # fmt: skip
     """Where in ``image`` the model's input comes from (see
-    :func:`busdx.transforms.region_of`; the B-mode field for ``crop: content``); ``spacing``
+    :func:`busdx.preprocess.region_of`; the B-mode field for ``crop: content``); ``spacing``
     when the file does not carry it (a DICOM's region spacing comes first)."""
     left, top, right, bottom = 0, 0, *image.size
     if prep.region == "box" and box is not None:

@@ -31,8 +31,9 @@ from busdx.layout import INT8_FILE, MODEL_FILE, ONNX_FILE
 from busdx.likelihood import likelihood_category
 from busdx.metrics import is_positive
 from busdx.models import BinaryClassifier, Ensemble, create_model
+from busdx.preprocess import Preprocessing
 from busdx.scope import SCOPE_KEY, image_checks, logits_and_features, scope_distances
-from busdx.transforms import Preprocessing, build_eval_transform
+from busdx.transforms import build_eval_transform
 
 __all__ = [
     "BACKENDS",
@@ -136,7 +137,7 @@ class Predictor:
         """Preprocess, score and decide a batch of decoded RGB images (see :class:`Decision`);
         the one path from images to answers of ``busdx predict``, evaluate and the API.
         ``regions``: what the model looks at in each image when it is not the whole image
-        (an ROI model's lesion boxes, :func:`busdx.transforms.region_of`). An input flagged out
+        (an ROI model's lesion boxes, :func:`busdx.preprocess.region_of`). An input flagged out
         of scope gets its probability and the reason, but no label unless
         ``label_out_of_scope``."""
         if not images:

@@ -32,7 +32,8 @@ from torch import nn
 
 from busdx.imaging import InputLike, as_input
 from busdx.models import BinaryClassifier, Ensemble
-from busdx.transforms import Preprocessing, build_eval_transform, load_region
+from busdx.preprocess import Preprocessing, load_region
+from busdx.transforms import build_eval_transform
 
 __all__ = [
     "SCOPE_KEY",

@@ -27,8 +27,8 @@ from busdx.imaging import load_image
 from busdx.lesion import LESION_FIELDS, Lesion, describe_lesion, lesion_fields
 from busdx.outline import image_mask, lesion_from_mask, region_view
 from busdx.predictor import Predictor
+from busdx.preprocess import region_of
 from busdx.results import Segmentation
-from busdx.transforms import region_of
 
 __all__ = ["LesionScore", "score_lesions", "summarise_lesions", "write_lesions"]
 

@@ -47,8 +47,8 @@ from busdx.losses import LesionLoss, Outputs
 from busdx.metrics import is_positive
 from busdx.models import BinaryClassifier, WeightsInfo, create_model
 from busdx.optimization import Optimization, average_weights, build_optimizer
+from busdx.preprocess import Preprocessing
 from busdx.transforms import (
-    Preprocessing,
     build_augment_transform,
     build_decode_transform,
     build_normalize_transform,
@@ -394,8 +394,9 @@ def fit(
     if _finished(config, state):
         return state.history
     average = None if optimization.ema is None else optimization.ema.module
-    loaders = build_loaders(config, dataset, model, prep, weights, device, progress,
-                            validated=average)  # validated and saved in the model's place
+    loaders = build_loaders(
+        config, dataset, model, prep, weights, device, progress, validated=average
+    )  # validated and saved in the model's place
     criterion = LesionLoss(config.train.mask_weight)
     epochs, precision = config.train.epochs, config.train.precision
     for epoch in range(state.next_epoch, epochs + 1):

@@ -1,8 +1,9 @@
-"""Preprocessing and augmentation: the only place where pixels are turned into tensors.
+"""Training's transforms: the deterministic step as a torch transform, augmentation, and
+normalization into tensors.
 
-Preprocessing belongs to the pretrained weights (see ``weights.py``): the VGG16 ImageNet weights
-want Caffe-style input, ``x = rgb_0_255 - mean`` with no scaling by std. It is stored in every
-model file, so evaluation, prediction and serving always match training.
+The deterministic step is :func:`busdx.preprocess.prepare` (NumPy and Pillow), the very
+function inference runs without torch; :func:`build_eval_transform` adds the same
+normalization as :func:`busdx.preprocess.normalize`, on tensors.
 """
 
 from __future__ import annotations
@@ -10,200 +11,27 @@ from __future__ import annotations
 import hashlib
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
-from pathlib import Path
-from typing import Any
 
-import numpy as np
 import torch
 from PIL import Image
-from scipy import ndimage
 from torchvision.transforms import v2
 
-from busdx.boxes import crop_to_box, read_mask
 from busdx.config import AugmentConfig
-from busdx.errors import BoxError
-from busdx.imaging import Box, ImageInput, load_image
+from busdx.preprocess import Preprocessing, mask_annotations, prepare
 
 __all__ = [
-    "ContentCrop",
     "MaskAnnotations",
-    "PadToSquare",
-    "Preprocessing",
+    "Prepare",
     "SplitMask",
     "UltrasoundIntensity",
-    "annotation_mask",
     "build_augment_transform",
     "build_decode_transform",
     "build_eval_transform",
     "build_normalize_transform",
     "build_train_transform",
-    "content_box",
-    "load_region",
-    "load_region_and_mask",
-    "mask_annotations",
-    "region_of",
 ]
 
 INTENSITY_KEYS = ("gain", "contrast", "gamma", "speckle", "blur", "attenuation", "shadow")
-
-
-@dataclass(frozen=True)
-class Preprocessing:
-    """How an 8-bit RGB image becomes the network's input.
-
-    Optionally paint over burned-in annotations (``annotations="mask"``, see
-    :func:`annotation_mask`), crop to the scan's content (``crop="content"``, see
-    :func:`content_box`), then resize to ``image_size`` squared, either squashing the aspect
-    ratio (``resize="squash"``, the recipe) or padding the shorter side with black first
-    (``"pad"``), then ``(x - mean) / std`` with ``mean`` and ``std`` in 0..255 pixel units,
-    per RGB channel.
-    """
-
-    image_size: int
-    mean: tuple[float, float, float]
-    std: tuple[float, float, float]
-    interpolation: str = "bilinear"
-    crop: str = "none"
-    resize: str = "squash"
-    annotations: str = "keep"
-    region: str = "image"  # "box": the model sees the lesion box (with its margin) only
-    box_margin: float = 0.0
-
-    def to_dict(self) -> dict[str, Any]:
-        """Plain dict for model files and JSON."""
-        return {**asdict(self), "mean": list(self.mean), "std": list(self.std)}
-
-    @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> Preprocessing:
-        """Inverse of :meth:`to_dict`."""
-        return cls(
-            image_size=int(values["image_size"]),
-            mean=tuple(float(v) for v in values["mean"]),
-            std=tuple(float(v) for v in values["std"]),
-            interpolation=str(values.get("interpolation", "bilinear")),
-            crop=str(values.get("crop", "none")),
-            resize=str(values.get("resize", "squash")),
-            annotations=str(values.get("annotations", "keep")),
-            region=str(values.get("region", "image")),
-            box_margin=float(values.get("box_margin", 0.0)),
-        )
-
-
-def region_of(
-    image: Image.Image,
-    box: Box | None,
-    prep: Preprocessing,
-    *,
-    jitter: float = 0.0,
-    name: str = "image",
-) -> Image.Image:
-    """The part of ``image`` a model looks at: for a model trained in ROI mode, ``box`` enlarged
-    by its margin (``jitter``: random edges, in training); for a whole-image model, the image.
-
-    :class:`BoxError` when an ROI model gets no box or a whole-image model gets one.
-    """
-    if prep.region != "box":
-        if box is not None:
-            raise BoxError(f"{name}: this model was trained on whole images; it takes no box")
-        return image
-    if box is None:
-        raise BoxError(
-            f"{name}: this model classifies a lesion box; give one (--box x,y,w,h or "
-            f"--boxes FILE, the API's box field, or draw it on the web page)"
-        )
-    return crop_to_box(image, box, margin=prep.box_margin, jitter=jitter, name=name)
-
-
-def load_region(item: ImageInput, prep: Preprocessing, *, jitter: float = 0.0) -> Image.Image:
-    """Read ``item`` (its DICOM frame) and crop it as ``prep`` says (:func:`region_of`)."""
-    image = load_image(item.path, frame=item.frame)
-    return region_of(image, item.box, prep, jitter=jitter, name=item.name)
-
-
-def load_region_and_mask(
-    item: ImageInput, masks: Sequence[Path], prep: Preprocessing, *, jitter: float = 0.0
-) -> Image.Image:
-    """:func:`load_region` with the lesion mask (the union of ``masks``; empty when there is
-    none) as the alpha channel, so that every crop, pad, resize and random geometric step that
-    follows moves image and mask together (see :func:`build_augment_transform`)."""
-    image = load_image(item.path, frame=item.frame)
-    image.putalpha(read_mask(masks, image.size) if masks else 0)
-    return region_of(image, item.box, prep, jitter=jitter, name=item.name)
-
-
-def content_box(
-    image: Image.Image, *, dark: int = 12, texture: float = 2.0, min_fill: float = 0.3,
-    max_gap: float = 0.15,
-) -> tuple:  # fmt: skip
-    """Bounding box ``(left, top, right, bottom)`` of the B-mode field in a scan or screenshot:
-    the largest textured region.
-
-    A pixel belongs to the field when it is brighter than ``dark`` and textured (the standard
-    deviation of its 5 x 5 neighbourhood above ``texture`` grey levels: speckle is, black
-    margins and flat UI bars and panels are not). A row or column belongs to the field when at
-    least ``min_fill`` of its pixels do (thin text and lines do not fill a row); gaps shorter
-    than ``max_gap`` of the side (a dark cyst or shadow across the field) are closed, so a
-    text line that close to the field is kept with it, runs shorter than 5% of the side are
-    dropped, and the box spans the longest run of rows and of columns. When that leaves less
-    than a quarter of the image (a cyst too large to bridge), the whole image is kept: a crop
-    must never cut a lesion away. docs/levers.md section 12 measures how often it does.
-    """
-    grey = np.asarray(image.convert("L"), dtype=np.float32)
-    mean = ndimage.uniform_filter(grey, 5)
-    spread = np.sqrt(np.clip(ndimage.uniform_filter(grey * grey, 5) - mean * mean, 0, None))
-    field = (grey > dark) & (spread > texture)
-    spans = []
-    for axis in (0, 1):  # columns (fill over rows), then rows
-        filled = field.mean(axis=axis) >= min_fill
-        gap, shortest = (max(1, int(share * len(filled))) for share in (max_gap, 0.05))
-        filled = ndimage.binary_closing(np.pad(filled, gap), np.ones(gap))[gap:-gap]
-        filled = ndimage.binary_opening(filled, np.ones(shortest))  # a lone text line goes
-        runs, count = ndimage.label(filled)
-        if not count:
-            spans.append((0, len(filled)))
-            continue
-        longest = np.argmax(np.bincount(runs)[1:]) + 1
-        where = np.flatnonzero(runs == longest)
-        spans.append((int(where[0]), int(where[-1]) + 1))
-    (left, right), (top, bottom) = spans
-    if (right - left) * (bottom - top) < 0.25 * grey.size:
-        return (0, 0, image.width, image.height)
-    return (left, top, right, bottom)
-
-
-def annotation_mask(
-    image: Image.Image, *, contrast: float = 60, brightness: int = 190, grow: int = 2
-) -> np.ndarray:
-    """Where burned-in annotations probably are: a boolean (height, width) array.
-
-    Calipers, dotted measurement lines, text and markers are drawn in near-white, thin strokes:
-    a pixel is marked when it is brighter than ``brightness`` and than the median of its 7 x 7
-    neighbourhood by ``contrast``, or when it is coloured (an RGB spread above 40); the marks are
-    then grown by ``grow`` pixels to cover their anti-aliased edges. A heuristic: thin specular
-    reflections of tissue (skin line, Cooper's ligaments) can be marked too, and strokes blurred
-    by downscaling may be missed (see docs/levers.md for how it does on BUSI and BrEaST).
-    """
-    rgb = np.asarray(image.convert("RGB"), dtype=np.int16)
-    grey = np.asarray(image.convert("L"), dtype=np.float32)
-    bright = (grey > brightness) & (grey - ndimage.median_filter(grey, size=7) > contrast)
-    coloured = (rgb.max(axis=2) - rgb.min(axis=2)) > 40
-    return ndimage.binary_dilation(bright | coloured, iterations=grow)
-
-
-def mask_annotations(image: Image.Image) -> Image.Image:
-    """Paint :func:`annotation_mask` pixels over with the grey median of their 11 x 11
-    neighbourhood (an inpainting that keeps the speckle's local brightness)."""
-    marks = annotation_mask(image)
-    if not marks.any():
-        return image
-    grey = np.asarray(image.convert("L"))
-    pixels = np.asarray(image.convert("RGB")).copy()
-    pixels[marks] = ndimage.median_filter(grey, size=11)[marks][:, None]
-    painted = Image.fromarray(pixels)
-    if image.mode == "RGBA":  # a lesion mask riding along (see load_region_and_mask)
-        painted.putalpha(image.getchannel("A"))
-    return painted
 
 
 class MaskAnnotations(v2.Transform):
@@ -234,41 +62,17 @@ class MaskAnnotations(v2.Transform):
         return masked
 
 
-class ContentCrop(v2.Transform):
-    """Crop a PIL image to :func:`content_box`."""
+class Prepare(v2.Transform):
+    """:func:`busdx.preprocess.prepare` as a transform: PIL image -> uint8 CHW tensor of
+    ``image_size`` squared, annotations painted by a :class:`MaskAnnotations` that remembers."""
 
-    def forward(self, image: Image.Image) -> Image.Image:  # type: ignore[override]
-        return image.crop(content_box(image))
+    def __init__(self, prep: Preprocessing) -> None:
+        super().__init__()
+        self.prep = prep
+        self.paint = MaskAnnotations() if prep.annotations == "mask" else mask_annotations
 
-
-class PadToSquare(v2.Transform):
-    """Pad a PIL image with black to a centred square, keeping its aspect ratio."""
-
-    def forward(self, image: Image.Image) -> Image.Image:  # type: ignore[override]
-        side = max(image.size)
-        if image.width == image.height:
-            return image
-        canvas = Image.new(image.mode, (side, side))
-        canvas.paste(image, ((side - image.width) // 2, (side - image.height) // 2))
-        return canvas
-
-
-def _geometry(prep: Preprocessing) -> list[v2.Transform]:
-    """PIL-level steps before the tensor conversion: annotation masking, content crop,
-    aspect-keeping pad."""
-    steps: list[v2.Transform] = []
-    if prep.annotations == "mask":
-        steps.append(MaskAnnotations())
-    if prep.crop == "content":
-        steps.append(ContentCrop())
-    if prep.resize == "pad":
-        steps.append(PadToSquare())
-    return steps
-
-
-def _resize(prep: Preprocessing) -> v2.Resize:
-    mode = v2.InterpolationMode(prep.interpolation)
-    return v2.Resize((prep.image_size, prep.image_size), interpolation=mode, antialias=True)
+    def forward(self, image: Image.Image) -> torch.Tensor:  # type: ignore[override]
+        return torch.from_numpy(prepare(image, self.prep, paint=self.paint)).permute(2, 0, 1)
 
 
 def _to_normalized_tensor(prep: Preprocessing) -> list[v2.Transform]:
@@ -278,7 +82,7 @@ def _to_normalized_tensor(prep: Preprocessing) -> list[v2.Transform]:
 def build_decode_transform(prep: Preprocessing) -> v2.Compose:
     """The deterministic first part of every transform: PIL RGB image -> uint8 CHW tensor of
     ``image_size`` squared (what an in-memory cache of decoded images holds)."""
-    return v2.Compose([*_geometry(prep), v2.PILToTensor(), _resize(prep)])
+    return v2.Compose([Prepare(prep)])
 
 
 def build_normalize_transform(
@@ -356,7 +160,6 @@ class UltrasoundIntensity(v2.Transform):
             x = x * self._uniform(1 - self.gain, 1 + self.gain)
         x = torch.where(image == 0, 0.0, x)  # the black outside the scan stays black
         return (x.clamp(0, 1) * 255.0).to(torch.float32)
-
 
     def _shadow_profile(self, height: int, width: int) -> torch.Tensor:
         """Height x width in 0..1: a vertical band below a random depth, Gaussian across."""

@@ -31,8 +31,8 @@ from busdx.imaging import as_input
 from busdx.inputs import expand_paths
 from busdx.layout import CONFIG_FILE, INFO_FILE, MODEL_FILE, SPLIT_FILE
 from busdx.predictor import Predictor, load_model
+from busdx.preprocess import load_region
 from busdx.runs import create_run_dir
-from busdx.transforms import load_region
 
 __all__ = ["AdaptedRun", "adapt_batchnorm", "adapt_run"]
 

@@ -18,10 +18,10 @@ from busdx.layout import MODEL_FILE
 from busdx.lesion import Lesion
 from busdx.outline import lesion_from_mask, region_view
 from busdx.predictor import Predictor, load_model
+from busdx.preprocess import region_of
 from busdx.runs import load_run
 from busdx.serving.guard import Gate
 from busdx.serving.settings import ServeSettings
-from busdx.transforms import region_of
 from busdx.validation import describe_threshold, expectation
 
 __all__ = ["ModelService", "Service", "Upload", "lesion_body", "load_service"]
