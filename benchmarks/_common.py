@@ -12,7 +12,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from busdx.devices import cpu_flags
+from busdx.hardware import cpu_flags
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -57,3 +57,35 @@ def throughput(
 def write_json(path: Path, payload: dict[str, Any]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8")
+
+
+def peak_rss_mb(command: list[str], **kwargs: Any) -> tuple[float, float]:
+    """Peak resident memory (MB) and wall time (s) of one process (``wait4`` rusage)."""
+    started = time.perf_counter()
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, **kwargs)
+    _, status, usage = os.wait4(process.pid, 0)
+    seconds = time.perf_counter() - started
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise SystemExit(f"{' '.join(command)} failed: {process.stderr.read().decode()[-2000:]}")
+    return usage.ru_maxrss / 1024, seconds
+
+
+def lean_install(root: Path) -> Path:
+    """``pip install .`` (no extras: inference only) of this checkout's files (tracked, or
+    untracked and not ignored: no stale build/ folder rides along) into a fresh virtual
+    environment under ``root``; its ``bin`` folder."""
+    import shutil
+
+    listed = subprocess.run(["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=REPO,
+                            capture_output=True, check=True).stdout.decode()  # fmt: skip
+    for name in filter(None, listed.split("\0")):
+        if (REPO / name).is_file():
+            (root / "src" / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(REPO / name, root / "src" / name)
+    venv = root / "venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+    done = subprocess.run([str(venv / "bin" / "pip"), "install", "--quiet", str(root / "src")],
+                          capture_output=True, text=True)  # fmt: skip
+    if done.returncode != 0:
+        raise RuntimeError(f"the lean install failed: {done.stderr[-2000:]}")
+    return venv / "bin"

@@ -24,7 +24,7 @@ import numpy as np
 import onnxruntime
 import torch
 
-from busdx.devices import cpu_has_bf16
+from busdx.hardware import cpu_has_bf16
 from busdx.layout import INT8_FILE, ONNX_FILE
 from busdx.models import BinaryClassifier
 from busdx.predictor import load_model

@@ -10,17 +10,14 @@ that process's peak resident memory (``wait4`` rusage) and its wall time.
 from __future__ import annotations
 
 import argparse
-import os
 import shutil
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 from busdx.synthetic import make_lesion_image
 
-from _common import REPO, machine_info, write_json
+from _common import REPO, machine_info, peak_rss_mb, write_json
 
 
 def write_images(folder: Path, count: int) -> None:
@@ -32,17 +29,6 @@ def write_images(folder: Path, count: int) -> None:
         distinct.append(path)
     for index in range(count - len(distinct)):
         shutil.copyfile(distinct[index % len(distinct)], folder / f"copy-{index:06d}.png")
-
-
-def peak_rss_mb(command: list[str]) -> tuple[float, float]:
-    """Peak resident memory (MB) and wall time (s) of one process."""
-    started = time.perf_counter()
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    _, status, usage = os.wait4(process.pid, 0)
-    seconds = time.perf_counter() - started
-    if os.waitstatus_to_exitcode(status) != 0:
-        raise SystemExit(f"{' '.join(command)} failed: {process.stderr.read().decode()[-2000:]}")
-    return usage.ru_maxrss / 1024, seconds
 
 
 def main() -> None:

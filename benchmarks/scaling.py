@@ -30,10 +30,10 @@ import onnxruntime
 import torch
 from training import subset_split
 
-from busdx.devices import autocast, cpu_has_bf16, resolve_device
+from busdx.devices import autocast, resolve_device
+from busdx.hardware import cpu_has_bf16, resolve_workers
 from busdx.inference import predict_files, write_predictions
 from busdx.layout import INT8_FILE
-from busdx.loading import resolve_workers
 from busdx.predictor import load_model
 from busdx.synthetic import make_lesion_image
 

@@ -27,7 +27,7 @@ from collections import defaultdict
 from pathlib import Path
 
 from busdx.config import apply_overrides, load_config
-from busdx.devices import cpu_has_bf16
+from busdx.hardware import cpu_has_bf16
 from busdx.runs import prepare_dataset
 from busdx.training import fit
 

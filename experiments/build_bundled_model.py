@@ -4,13 +4,13 @@ The model's temperature and threshold are *cross-fitted across sites*: fitted on
 out-of-site predictions of a leave-one-site-out study of the same recipe (every image scored by a
 model that never saw its hospital), so that the sensitivity it promises is the one to expect at a
 hospital it never saw, not at the ones it trained on. Then the int8 ONNX model is exported with
-8-bit weights (used on CPUs with VNNI or AMX; elsewhere the torch model answers), and shipped only
-if it decides as the fp32 model on 97% of the run's validation images. A model with a mask head
-outlines the lesion on every backend; the card then gives the outlines' Dice at each held-out
-site. The folder that ships:
-model.pt, model.int8.onnx, config.yaml, run.json (no local paths), export.json, bundled.json (the
-summary ``busdx models`` prints) and MODEL_CARD.md (what to expect, site by site, beside the
-readers; data sources and their licences)::
+8-bit weights (used on CPUs with VNNI or AMX), and shipped only if it decides as the fp32 model on
+97% of the run's validation images; the fp32 ONNX model always ships, so that predicting needs no
+torch. A model with a mask head outlines the lesion on every backend; the card then gives the
+outlines' Dice at each held-out site. The folder that ships: model.pt, model.onnx,
+model.int8.onnx (where it passes), config.yaml, run.json (no local paths), export.json,
+bundled.json (the summary ``busdx models`` prints) and MODEL_CARD.md (what to expect, site by
+site, beside the readers; data sources and their licences)::
 
     python experiments/build_bundled_model.py --loso runs/loso3-lite0 \\
         --run runs/release-lite0-3sites --name lite0-3sites
@@ -34,7 +34,7 @@ from busdx.checkpoints import update_model_metadata
 from busdx.errors import ExportError
 from busdx.export import export_run
 from busdx.fileio import atomic_write_text, json_safe
-from busdx.layout import CONFIG_FILE, EXPORT_REPORT, INFO_FILE, INT8_FILE, MODEL_FILE
+from busdx.layout import CONFIG_FILE, EXPORT_REPORT, INFO_FILE, INT8_FILE, MODEL_FILE, ONNX_FILE
 from busdx.runs import load_run
 
 MIN_AGREEMENT = 0.97  # int8 ships only if it decides as the fp32 model on 97% of validation cases
@@ -139,7 +139,9 @@ def model_card(name: str, info: dict[str, Any], held_out: dict, fitted: dict) ->
     outline = (
         ", and an outline of the lesion from a mask head (a feature-pyramid decoder trained with "
         f"the classifier on the readers' masks, at {info['decoder_lr_scale']:g}x the learning "
-        "rate; size, shape and margin are read from the outline)" if info["outlines"] else ""
+        "rate; size, shape and margin are read from the outline)"
+        if info["outlines"]
+        else ""
     )
     return f"""# busdx bundled model `{name}`
 
@@ -223,7 +225,7 @@ def main() -> None:
 
     target = BUNDLED_DIR / args.name
     target.mkdir(parents=True, exist_ok=True)
-    for name in (MODEL_FILE, INT8_FILE, CONFIG_FILE, EXPORT_REPORT):
+    for name in (MODEL_FILE, ONNX_FILE, INT8_FILE, CONFIG_FILE, EXPORT_REPORT):
         if (args.run / name).is_file():
             shutil.copyfile(args.run / name, target / name)
     public_info = {

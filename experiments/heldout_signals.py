@@ -28,7 +28,6 @@ import json
 from pathlib import Path
 
 import numpy as np
-import torch
 from scipy.special import logit
 
 from busdx.calibration import fit_operating_points
@@ -46,11 +45,11 @@ def _logits_and_distances(loaded, files, *, flip=False, batch=32):
     for start in range(0, len(files), batch):
         chunk = files[start : start + batch]
         images = [load_region(as_input(p), loaded.preprocessing) for p in chunk]
-        x = torch.stack([loaded.transform(im) for im in images])
+        x = loaded.inputs(images)
         if flip:
-            x = torch.flip(x, dims=[3])
+            x = np.ascontiguousarray(x[..., ::-1])
         out, dist, _ = loaded.predict(x)
-        logits.append(out.numpy().ravel())
+        logits.append(np.asarray(out).ravel())
         missing = np.full(len(images), np.nan)
         distances.append(missing if dist is None else np.asarray(dist).ravel())
     return np.concatenate(logits), np.concatenate(distances)
@@ -90,8 +89,15 @@ def score(args):
             writer = csv.writer(handle)
             writer.writerow(["path", "site", "label", "half", *columns])
             for i, r in enumerate(mine):
-                writer.writerow([r["path"], site, r["label"], halves[i],
-                                 *(f"{columns[c][i]:.6f}" for c in columns)])
+                writer.writerow(
+                    [
+                        r["path"],
+                        site,
+                        r["label"],
+                        halves[i],
+                        *(f"{columns[c][i]:.6f}" for c in columns),
+                    ]
+                )
         print(f"{site}: {len(files)} images -> {target}")
 
 
@@ -102,7 +108,8 @@ def _read(folder):
         site = rows[0]["site"]
         sites[site] = {"label": np.array([int(r["label"] == "malignant") for r in rows])} | {
             key: np.array([float(r[key]) for r in rows])
-            for key in rows[0] if key.startswith(("logit", "distance"))
+            for key in rows[0]
+            if key.startswith(("logit", "distance"))
         }
     return sites
 
@@ -117,7 +124,9 @@ def analyse(args):
         for key in [k for k in data if k.startswith("logit_adabn_")]:
             delta = paired_bootstrap(y, data[key], data["logit"], n_resamples=2000, seed=0)
             adaptation[site]["arms"][key.removeprefix("logit_adabn_")] = {
-                "roc_auc": roc_auc(y, data[key]), "delta_roc_auc": delta}
+                "roc_auc": roc_auc(y, data[key]),
+                "delta_roc_auc": delta,
+            }
         others = [s for s in sites if s != site]
         y_ref = np.concatenate([sites[s]["label"] for s in others])
         x_ref = np.concatenate([sites[s]["logit"] for s in others])
@@ -132,8 +141,9 @@ def analyse(args):
                 "feature distance": d["distance"],
             }
 
-        reference = {name: np.concatenate([signal(sites[s])[name] for s in others])
-                     for name in signal(data)}
+        reference = {
+            name: np.concatenate([signal(sites[s])[name] for s in others]) for name in signal(data)
+        }
         signals[site] = {"n": len(y), "error_rate": float(wrong.mean()), "signals": {}}
         for name, values in signal(data).items():
             flagged = values > np.quantile(reference[name], 1 - args.share)
@@ -145,15 +155,18 @@ def analyse(args):
                 "ratio": float(wrong[flagged].mean() / kept_error) if flagged.any() else None,
             }
     command = "python experiments/heldout_signals.py analyse --scores " + args.scores
-    Path(args.out).write_text(json.dumps({"command": command, "sites": adaptation}, indent=2)
-                              + "\n")
-    Path(args.signals_out).write_text(json.dumps({"command": command, "share": args.share,
-                                                  "sites": signals}, indent=2) + "\n")
+    Path(args.out).write_text(
+        json.dumps({"command": command, "sites": adaptation}, indent=2) + "\n"
+    )
+    Path(args.signals_out).write_text(
+        json.dumps({"command": command, "share": args.share, "sites": signals}, indent=2) + "\n"
+    )
     for site in sites:
-        print(site, {k: round(v["delta_roc_auc"]["delta"], 3) for k, v in
-                     adaptation[site]["arms"].items()},
-              {k: v["ratio"] and round(v["ratio"], 2) for k, v in
-               signals[site]["signals"].items()})
+        print(
+            site,
+            {k: round(v["delta_roc_auc"]["delta"], 3) for k, v in adaptation[site]["arms"].items()},
+            {k: v["ratio"] and round(v["ratio"], 2) for k, v in signals[site]["signals"].items()},
+        )
 
 
 def main():

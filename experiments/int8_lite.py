@@ -1,10 +1,13 @@
 """Does int8 keep an EfficientNet-Lite model's accuracy? fp32 ONNX against int8 variants of
 onnxruntime's static QDQ quantization (what busdx export does; first and last layers in float;
 only Conv and Gemm quantized, residual additions left in float; percentile calibration; 8-bit
-instead of 7-bit weights), on a run's validation and test images: ROC AUC of each, the paired AUC
+instead of 7-bit weights; 8-bit weights with the last blocks, or the stem too, kept in float:
+mixed precision), on a run's validation and test images: ROC AUC of each, the paired AUC
 difference, decision agreement and the largest logit change::
 
     python experiments/int8_lite.py --run runs/loso3-lite0/fold-0 --out docs/release/int8-lite0.json
+    python experiments/int8_lite.py --run runs/release-lite0-3sites-mask-lr10 --splits val \
+        --calibration-size 200 --variants 8-bit --out docs/release/int8-mixed-lite0-3sites.json
 """
 
 from __future__ import annotations
@@ -33,6 +36,13 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--calibration-size", type=int, default=100)
     parser.add_argument("--splits", nargs="+", default=["val", "test"])
+    parser.add_argument(
+        "--variants",
+        nargs="+",
+        default=[""],
+        metavar="TEXT",
+        help="only the variants whose name contains one of these",
+    )
     args = parser.parse_args()
     config, info = load_run(args.run)
     loaded = load_model(args.run, device="cpu")
@@ -42,8 +52,12 @@ def main() -> None:
         calibration = _calibration_files(args.run, None, None, args.calibration_size)
         prepared = Path(folder) / "prepared.onnx"
         quant_pre_process(str(fp32), str(prepared), skip_symbolic_shape=True)
-        weighted = [node.name for node in onnx.load(str(prepared)).graph.node
-                    if node.op_type in {"Conv", "Gemm", "MatMul"}]  # fmt: skip
+        nodes = onnx.load(str(prepared)).graph.node
+        weighted = [node.name for node in nodes if node.op_type in {"Conv", "Gemm", "MatMul"}]
+
+        def in_float(*prefixes: str) -> list[str]:
+            return [node.name for node in nodes if node.name.startswith(prefixes)]
+
         base = dict(quant_format=QuantFormat.QDQ, per_channel=True, reduce_range=True,
                     activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)  # fmt: skip
         options = {
@@ -52,7 +66,24 @@ def main() -> None:
             "Conv and Gemm only (additions in float)": {"op_types_to_quantize": ["Conv", "Gemm"]},
             "percentile calibration": {"calibrate_method": CalibrationMethod.Percentile},
             "8-bit weights (VNNI CPUs only)": {"reduce_range": False},
+            "8-bit weights, last two blocks and head in float": {
+                "reduce_range": False,
+                "nodes_to_exclude": in_float("/backbone.7", "/backbone.8", "/head", "/guard"),
+            },
+            "8-bit weights, stem, last two blocks and head in float": {
+                "reduce_range": False,
+                "nodes_to_exclude": in_float(
+                    "/backbone.0", "/backbone.1", "/backbone.7", "/backbone.8", "/head", "/guard"
+                ),
+            },
+            "8-bit weights, Conv and Gemm only, percentile": {
+                "reduce_range": False,
+                "op_types_to_quantize": ["Conv", "Gemm"],
+                "calibrate_method": CalibrationMethod.Percentile,
+            },
         }
+        options = {name: option for name, option in options.items()
+                   if any(text in name for text in args.variants)}  # fmt: skip
         variants = {}
         for index, (name, option) in enumerate(options.items()):
             variants[name] = Path(folder) / f"{index}.onnx"

@@ -269,10 +269,18 @@ def main() -> int:
     parser.add_argument("--arms", nargs="+", choices=sorted(ARMS), default=["baseline"])
     parser.add_argument("--runs", type=Path, default=Path("runs/screen"))
     parser.add_argument("--out", type=Path, required=True, help="summary JSON (and .md beside)")
-    parser.add_argument("--ensembles", nargs="*", default=[], metavar="ARM+ARM",
-                        help="also score these arms' runs averaged (mean logit)")
-    parser.add_argument("--flip", action="store_true",
-                        help="also score every run with flip test-time augmentation (ARM:flip)")
+    parser.add_argument(
+        "--ensembles",
+        nargs="*",
+        default=[],
+        metavar="ARM+ARM",
+        help="also score these arms' runs averaged (mean logit)",
+    )
+    parser.add_argument(
+        "--flip",
+        action="store_true",
+        help="also score every run with flip test-time augmentation (ARM:flip)",
+    )
     parser.add_argument("--report-only", action="store_true", help="train nothing; summarise")
     args = parser.parse_args()
     trained = ["baseline", *[arm for arm in args.arms if arm != "baseline"]]

@@ -75,10 +75,12 @@ def main() -> None:
     sites = read_sites(Path(args.predictions))
     base = load_config(recipe="efficientnet-lite0").evaluate
     settings = {
-        rule: base.model_copy(update={
-            "target_sensitivity": args.target,
-            "threshold_confidence": 0.0 if rule == "point" else args.confidence,
-        })
+        rule: base.model_copy(
+            update={
+                "target_sensitivity": args.target,
+                "threshold_confidence": 0.0 if rule == "point" else args.confidence,
+            }
+        )
         for rule in RULES
     }
     result = {"command": "python experiments/threshold_promise.py " + " ".join(

@@ -2,6 +2,8 @@
 over 60 (docs/architecture.md)."""
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -72,12 +74,11 @@ def test_a_cycle_would_be_found():
 # or the layers below it
 LAYERS = {
     "foundations": "config layout metrics calibration errors fileio imaging boxes dicom devices "
-    "distributed provenance synthetic templating results lesion agreement likelihood",
-    "data and models": "data loading tables audit transforms models decoders losses weights "
-    "bundled runs "
-    "readers reporting validation",
-    "using a model": "inference inputs predictor explain scope features training optimization "
-    "checkpoints outline",
+    "hardware distributed provenance synthetic templating results lesion agreement likelihood",
+    "data and models": "data loading tables audit preprocess transforms models decoders losses "
+    "weights bundled runs readers reporting validation",
+    "using a model": "inference inputs predictor engines torch_engine explain scope feature_guard "
+    "features training optimization checkpoints outline",
     "workflows": "pipeline crossval crossfit demo adaptation unlabelled evaluation comparison "
     "export segmentation cluster model_card",
     "interfaces": "cli serving __main__",
@@ -102,7 +103,7 @@ def test_low_level_modules_import_nothing_above_them():
     graph = _graph()
     foundations = {"busdx.errors", "busdx.fileio", "busdx.layout", "busdx.metrics",
                    "busdx.calibration", "busdx.config", "busdx.templating"}  # fmt: skip
-    allowed = {"busdx.errors", "busdx.fileio", "busdx.layout", "busdx.devices", "busdx.metrics",
+    allowed = {"busdx.errors", "busdx.fileio", "busdx.layout", "busdx.hardware", "busdx.metrics",
                "busdx.config", "busdx.results"}  # fmt: skip
     for module in foundations:
         assert graph[module] <= allowed, (module, graph[module] - allowed)
@@ -122,3 +123,22 @@ def test_no_module_or_function_is_too_long(path):
         and node.end_lineno - node.lineno + 1 > MAX_FUNCTION_LINES
     ]
     assert not long, long
+
+
+# what predicts and serves: importing these must not load torch (seconds and gigabytes);
+# the torch model is loaded through busdx.torch_engine only when asked for
+TORCH_FREE = ["busdx.cli", "busdx.serving", "busdx.inference", "busdx.predictor",
+              "busdx.preprocess", "busdx.scope", "busdx.outline", "busdx.lesion",
+              "busdx.likelihood", "busdx.calibration", "busdx.dicom", "busdx.evaluation",
+              "busdx.validation", "busdx.model_card"]  # fmt: skip
+
+
+def test_inference_and_serving_import_no_torch():
+    script = (
+        f"import sys\nfor name in {TORCH_FREE!r}:\n    __import__(name)\n"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in "
+        "{'torch', 'torchvision', 'ray', 'sklearn'}))"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"

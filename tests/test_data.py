@@ -7,7 +7,8 @@ from PIL import Image
 
 from busdx.data import apply_split_file, draw_split, scan_dataset, write_split_csv
 from busdx.errors import DataError
-from busdx.loading import ImageDataset, item_seed, resolve_workers
+from busdx.hardware import resolve_workers
+from busdx.loading import ImageDataset, item_seed
 
 CLASSES = ["benign", "malignant"]
 

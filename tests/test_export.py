@@ -200,14 +200,15 @@ def test_train_export_then_predict_and_serve_use_the_int8_model_by_default(
     assert "using model.int8.onnx" in caplog.text
     with TestClient(create_app(run, ServeSettings(workers=2))) as client:
         assert client.get("/health").json()["backend"] == "onnx"
-        session = client.app.state.service.predictor.session
+        session = client.app.state.service.predictor.engine.session
         assert session.get_session_options().intra_op_num_threads == max(1, os.cpu_count() // 2)
     payload = torch.load(run / "model.pt", weights_only=True)
     payload["threshold"] = 0.2  # model.pt changed since the export: the int8 file is stale
     torch.save(payload, run / "model.pt")
     caplog.clear()
-    assert load_model(run, backend="auto").backend == "torch"
-    assert "using the torch model meanwhile" in caplog.text
+    assert load_model(run, backend="auto").backend == "torch"  # both exports are stale
+    assert "was not exported from the model.pt beside it" in caplog.text
+    assert "passing it over" in caplog.text
 
 
 def test_8_bit_int8_weights_are_used_only_on_a_cpu_with_vnni(run_copy, monkeypatch, capsys):
@@ -219,7 +220,7 @@ def test_8_bit_int8_weights_are_used_only_on_a_cpu_with_vnni(run_copy, monkeypat
     monkeypatch.setattr("busdx.predictor.cpu_has_vnni", lambda: True)
     assert load_model(run_copy, device="cpu", backend="auto").path.name == "model.int8.onnx"
     monkeypatch.setattr("busdx.predictor.cpu_has_vnni", lambda: False)  # an AVX2-only CPU
-    assert load_model(run_copy, device="cpu", backend="auto").backend == "torch"
+    assert load_model(run_copy, device="cpu", backend="auto").path.name == "model.onnx"  # fp32
     with pytest.raises(SystemExit):  # argparse: 7 or 8 only
         main([*args, "--int8-weight-bits", "6"])
     assert "invalid choice: 6" in capsys.readouterr().err

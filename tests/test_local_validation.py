@@ -147,8 +147,9 @@ def test_the_threshold_is_described_with_how_often_it_kept_its_promise():
     promise = {"guaranteed": 0.858, "confidence": 0.9}
     local = describe_threshold({**metadata, "sensitivity_promise": promise}, None)
     assert "sensitivity >= 0.858 with 90% confidence" in local
-    observed = describe_threshold({**metadata, "sensitivity_promise": {**promise,
-                                                                       "confidence": 0.0}}, None)
+    observed = describe_threshold(
+        {**metadata, "sensitivity_promise": {**promise, "confidence": 0.0}}, None
+    )
     assert "confidence" not in observed
     assert "chosen on the validation split" in describe_threshold({"threshold_policy": "youden"},
                                                                   None)  # fmt: skip
@@ -169,4 +170,3 @@ def test_a_bundled_model_exports_and_compares_into_the_working_directory(tmp_pat
     assert main(["compare", "lite0-3sites", str(copy / "eval" / "LOCAL-all"),
                  "--n-bootstrap", "100"]) == 0  # fmt: skip
     assert _tree(bundled) == before
-

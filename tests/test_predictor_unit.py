@@ -1,6 +1,7 @@
 """The Predictor on a tiny untrained model written to disk: no training, so every rule of
 loading and deciding is checked in seconds (and by mutation testing, docs/quality.md)."""
 
+import dataclasses
 import logging
 import re
 import shutil
@@ -14,10 +15,11 @@ import busdx.predictor as predictor_module
 from busdx.checkpoints import model_metadata, save_model_file, update_model_metadata
 from busdx.config import load_config
 from busdx.errors import CheckpointError, ConfigError
+from busdx.feature_guard import logits_and_features
 from busdx.layout import INT8_FILE, MODEL_FILE, ONNX_FILE
 from busdx.models import create_model
 from busdx.predictor import INT8_WEIGHT_BITS, load_model
-from busdx.scope import SCOPE_KEY, logits_and_features
+from busdx.scope import SCOPE_KEY
 from busdx.synthetic import make_lesion_image
 
 T, THRESHOLD = 2.0, 0.4
@@ -65,9 +67,9 @@ def test_decide_images_scores_each_region_with_the_network(model_file):
     images = [_scan(1), _scan(2)]
     regions = [image.crop((8, 8, 40, 40)) for image in images]
     decisions = predictor.decide_images(images, regions=regions)
-    inputs = torch.stack([predictor.transform(region) for region in regions])
+    inputs = predictor.inputs(regions)
     with torch.inference_mode():
-        logits = predictor.model(inputs).double().numpy()
+        logits = predictor.model(torch.from_numpy(inputs)).double().numpy()
     for decision, logit in zip(decisions, logits, strict=True):
         assert decision.logit == pytest.approx(logit, abs=1e-5)
         assert decision.probability == pytest.approx(1 / (1 + np.exp(-logit / T)), abs=1e-6)
@@ -82,10 +84,10 @@ def test_only_the_pixel_rules_withhold_a_label_the_distance_does_not(model_file)
     predictor = load_model(model_file)
     assert predictor.scope_reason([]) is None
     assert predictor.scope_reason(["colour image", "too small"]) == "colour image; too small"
-    far = torch.zeros(1, 3, 32, 32)
-    width = logits_and_features(predictor.model, far)[1].shape[1]
-    predictor.metadata[SCOPE_KEY] = {"mean": torch.ones(width), "threshold": 5.0,
-                                     "precision": torch.eye(width) * 1e6}  # fmt: skip
+    far = np.zeros((1, 3, 32, 32), dtype=np.float32)
+    width = logits_and_features(predictor.model, torch.from_numpy(far))[1].shape[1]
+    scope = {"mean": np.ones(width, np.float32), "precision": np.eye(width, dtype=np.float32) * 1e6}
+    predictor.engine = dataclasses.replace(predictor.engine, scope=scope)
     decided = predictor.decide_inputs(far, [[]])[0]
     assert decided.scope_distance > 5.0  # far from the training images, yet labelled
     assert decided.out_of_scope is False and decided.label is not None
@@ -139,7 +141,7 @@ def exported(model_file, tmp_path_factory):
 def test_the_onnx_backend_answers_as_the_torch_model(exported):
     torch_model, onnx_model = load_model(exported), load_model(exported, backend="onnx", threads=1)
     assert onnx_model.backend == "onnx" and onnx_model.path.name == ONNX_FILE
-    assert onnx_model.session.get_session_options().intra_op_num_threads == 1
+    assert onnx_model.engine.session.get_session_options().intra_op_num_threads == 1
     images = [_scan(5), _scan(6), _scan(7)]
     for a, b in zip(torch_model.decide_images(images), onnx_model.decide_images(images),
                     strict=True):  # fmt: skip
@@ -149,14 +151,15 @@ def test_the_onnx_backend_answers_as_the_torch_model(exported):
 
 def test_which_file_each_backend_loads(exported, tmp_path, monkeypatch, caplog):
     folder = shutil.copytree(exported, tmp_path / "run")
-    assert load_model(folder, backend="auto", device="cpu").backend == "torch"  # no int8 file yet
+    fp32 = load_model(folder, backend="auto", device="cpu")  # no int8 file yet: the fp32 export
+    assert (fp32.backend, fp32.path.name) == ("onnx", ONNX_FILE)
     shutil.copyfile(folder / ONNX_FILE, folder / INT8_FILE)
     assert load_model(folder, backend="onnx").path.name == INT8_FILE  # int8 first
     with caplog.at_level(logging.INFO, logger="busdx"):
         auto = load_model(folder, backend="auto", device="cpu", threads=1)
     assert (auto.backend, auto.path.name) == ("onnx", INT8_FILE)
-    assert f"using {INT8_FILE} (ONNX Runtime int8, the fastest on a CPU" in caplog.text
-    assert auto.session.get_session_options().intra_op_num_threads == 1  # threads reach it
+    assert f"using {INT8_FILE} (ONNX Runtime; --backend torch for the PyTorch model)" in caplog.text
+    assert auto.engine.session.get_session_options().intra_op_num_threads == 1  # threads reach it
     assert load_model(folder, backend="auto", device="cpu").backend == "onnx"
     assert (
         load_model(folder / MODEL_FILE, backend="auto", device="cpu").backend == "onnx"
@@ -170,7 +173,7 @@ def test_which_file_each_backend_loads(exported, tmp_path, monkeypatch, caplog):
     with caplog.at_level(logging.INFO, logger="busdx"):
         assert load_model(folder, backend="auto", device="cpu").backend == "torch"
     assert f"{INT8_FILE} has 8-bit weights, which this CPU (no VNNI or AMX) can saturate; " \
-        "using the torch model" in caplog.text  # fmt: skip
+        "passing it over" in caplog.text  # fmt: skip
     monkeypatch.setattr(predictor_module, "cpu_has_vnni", lambda: True)
     assert load_model(folder, backend="auto", device="cpu").backend == "onnx"
 
@@ -188,7 +191,7 @@ def test_a_stale_export_is_refused_or_passed_over(exported, tmp_path, caplog):
     with caplog.at_level(logging.WARNING):
         assert load_model(folder, backend="auto", device="cpu").backend == "torch"
     assert f"{INT8_FILE} was not exported from the {MODEL_FILE} beside it" in caplog.text
-    assert "; using the torch model meanwhile" in caplog.text
+    assert "; passing it over" in caplog.text
     alone = tmp_path / "deployment"
     alone.mkdir()
     shutil.copyfile(folder / ONNX_FILE, alone / ONNX_FILE)  # no model.pt to disagree with
@@ -218,14 +221,14 @@ def test_an_ensemble_file_averages_its_members_logits(model_file, tmp_path):
     assert len(ensemble.model.members) == 2 and "optimizer" not in ensemble.metadata
     halved = load_model(model_file)
     halved.model.load_state_dict(second)
-    inputs = torch.stack([single.transform(_scan(8))])
+    inputs = torch.from_numpy(single.inputs([_scan(8)]))
     with torch.inference_mode():
         expected = (single.model(inputs) + halved.model(inputs)) / 2
         assert ensemble.model(inputs).item() == pytest.approx(expected.item(), abs=1e-5)
 
 
 def test_a_guarded_model_measures_each_input_and_flags_what_is_not_a_scan(model_file, tmp_path):
-    from busdx.scope import fit_scope
+    from busdx.feature_guard import fit_scope
 
     predictor = load_model(model_file)
     images = [_scan(seed) for seed in range(10, 22)]
@@ -237,7 +240,7 @@ def test_a_guarded_model_measures_each_input_and_flags_what_is_not_a_scan(model_
     payload = torch.load(model_file, weights_only=True)
     torch.save({**payload, SCOPE_KEY: scope}, tmp_path / "model.pt")
     guarded = load_model(tmp_path / "model.pt")
-    assert guarded.metadata[SCOPE_KEY]["precision"].dtype == torch.float32  # upcast once
+    assert guarded.engine.scope["precision"].dtype == np.float32  # upcast once
     assert guarded.metadata[SCOPE_KEY]["threshold"] == scope["threshold"]
     big = [image.resize((200, 200)) for image in images[8:]]  # pass the pixel checks
     flat = Image.new("RGB", (200, 200), (128, 128, 128))
@@ -260,10 +263,10 @@ def test_the_onnx_session_runs_on_the_given_threads_without_spinning(exported, c
     before = torch.get_num_threads()
     try:
         loaded = load_model(exported, backend="onnx", threads=2)
-        options = loaded.session.get_session_options()
+        options = loaded.engine.session.get_session_options()
         assert (options.intra_op_num_threads, options.inter_op_num_threads) == (2, 1)
         assert options.get_session_config_entry("session.intra_op.allow_spinning") == "0"
-        assert loaded.session.get_providers() == ["CPUExecutionProvider"]
-        assert torch.get_num_threads() == 1  # torch only preprocesses beside ONNX Runtime
+        assert loaded.engine.session.get_providers() == ["CPUExecutionProvider"]
+        assert torch.get_num_threads() == before  # ONNX Runtime leaves torch's threads alone
     finally:
         torch.set_num_threads(before)

@@ -9,6 +9,7 @@ import torch
 from PIL import Image
 
 from busdx.cli import main
+from busdx.feature_guard import Guard
 from busdx.imaging import to_rgb
 from busdx.inference import predict_files
 from busdx.predictor import load_model
@@ -20,8 +21,12 @@ from conftest import train_run
 
 def test_distance_is_the_mahalanobis_distance():
     scope = {"mean": torch.tensor([1.0, 2.0]), "precision": torch.tensor([[4.0, 0.0], [0.0, 1.0]])}
-    distances = scope_distances(scope, torch.tensor([[1.0, 2.0], [2.0, 2.0], [1.0, 5.0]]))
+    features = torch.tensor([[1.0, 2.0], [2.0, 2.0], [1.0, 5.0]])
+    distances = scope_distances(scope, features.numpy())
     assert np.allclose(distances, [0.0, 2.0, 3.0])
+    # the exported ONNX model computes it in torch: the same distances
+    guard = Guard(scope["mean"], scope["precision"])
+    assert np.allclose(guard(features).numpy(), distances)
 
 
 def test_pixel_checks_name_what_no_scan_looks_like():

@@ -228,11 +228,11 @@ def test_the_onnx_exports_outline_as_the_torch_model_does(mask_run, masked_data,
     assert main(["export", "--run", str(run), "--int8", "--allow-auc-drop"]) == 0
     images = sorted((masked_data / "malignant").glob("*.png"))[:6]
     torch_model = load_model(run, backend="torch")
-    batch = torch.stack([torch_model.transform(load_image(path)) for path in images])
+    batch = torch_model.inputs([load_image(path) for path in images])
     _, _, reference = torch_model.predict(batch)
     for name in ("model.onnx", "model.int8.onnx"):
         exported = load_model(run / name)
-        assert exported.outlines and "lesion_mask" in exported.output_names
+        assert exported.outlines and "lesion_mask" in exported.engine.output_names
         _, distances, masks = exported.predict(batch)
         assert masks.shape == reference.shape == (6, 64, 64) and distances.shape == (6,)
         if name == "model.onnx":
@@ -255,15 +255,15 @@ def test_flip_averages_the_answers_to_an_image_and_its_mirror(mask_run, masked_d
     the same logit and mirrored masks; ``busdx evaluate --flip`` writes beside the plain run."""
     images = sorted((masked_data / "malignant").glob("*.png"))[:4]
     plain, flipped = load_model(mask_run), load_model(mask_run, flip=True)
-    batch = torch.stack([plain.transform(load_image(path)) for path in images])
+    batch = plain.inputs([load_image(path) for path in images])
     logits, _, masks = plain.predict(batch)
-    mirror_logits, _, mirror_masks = plain.predict(batch.flip(-1))
+    mirror_logits, _, mirror_masks = plain.predict(np.ascontiguousarray(batch[..., ::-1]))
     tta_logits, _, tta_masks = flipped.predict(batch)
     assert not np.allclose(masks, mirror_masks[..., ::-1], atol=1e-3)  # not a symmetric model
-    assert torch.allclose(tta_logits, (logits + mirror_logits) / 2, atol=1e-5)
+    assert np.allclose(tta_logits, (logits + mirror_logits) / 2, atol=1e-5)
     assert np.allclose(tta_masks, (masks + mirror_masks[..., ::-1]) / 2, atol=1e-5)
-    mirrored_logits, _, mirrored_masks = flipped.predict(batch.flip(-1))
-    assert torch.allclose(mirrored_logits, tta_logits, atol=1e-5)
+    mirrored_logits, _, mirrored_masks = flipped.predict(np.ascontiguousarray(batch[..., ::-1]))
+    assert np.allclose(mirrored_logits, tta_logits, atol=1e-5)
     assert np.allclose(mirrored_masks[..., ::-1], tta_masks, atol=1e-5)
     result, out = evaluate_run(mask_run, [str(masked_data)], "all", flip=True, progress=False)
     assert out.name == f"{masked_data.name}-all-flip" and result.n > 0

@@ -44,7 +44,7 @@ def _post(client, files, path="/predict", field="files", **kwargs):
 def test_health_and_model_card(client):
     assert client.get("/health").json() == {
         "status": "ok",
-        "backend": "torch",
+        "backend": "onnx",  # the run's fp32 export, under --backend auto
         "api_key_required": False,
     }
     card = client.get("/model").json()
@@ -256,7 +256,9 @@ def test_explain_gives_the_same_decision_as_predict_and_names_the_backend(client
     explained = _post(client, upload, "/explain?format=json", "file").json()
     assert explained["probability_malignant"] == pytest.approx(predicted["probability_malignant"],
                                                                abs=1e-5)  # fmt: skip
-    assert explained["label"] == predicted["label"] and explained["backend"] == "torch"
+    served = client.app.state.service.predictor.backend  # the decision's; the overlay is torch's
+    assert explained["label"] == predicted["label"] and explained["backend"] == served
+    assert explained["overlay_backend"] == "torch"
     as_png = _post(client, upload, "/explain", "file")
-    assert as_png.headers["X-Backend"] == "torch"
+    assert as_png.headers["X-Backend"] == served
     assert float(as_png.headers["X-Probability"]) == predicted["probability_malignant"]

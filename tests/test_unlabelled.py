@@ -56,11 +56,37 @@ def test_busdx_adapt_writes_a_copy_and_leaves_the_run(lite_run, trained_run, tmp
     assert (lite_run / "model.pt").read_bytes() == before
     payload = torch.load(out / "model.pt", weights_only=True)
     assert payload["adaptation"]["blend"] == 0.5 and payload["adaptation"]["images"] == 6
-    assert main(["adapt", "--run", str(lite_run), "--data", str(site), "--out", str(out),
-                 "--no-progress"]) == 2  # an existing run directory is refused
+    assert (
+        main(
+            [
+                "adapt",
+                "--run",
+                str(lite_run),
+                "--data",
+                str(site),
+                "--out",
+                str(out),
+                "--no-progress",
+            ]
+        )
+        == 2
+    )  # an existing run directory is refused
     assert main(["adapt", "--run", str(lite_run), "--data", str(site), "--out",
                  str(tmp_path / "x"), "--blend", "2", "--no-progress"]) == 2  # fmt: skip
-    assert main(["adapt", "--run", str(trained_run), "--data", str(site), "--out",
-                 str(tmp_path / "y"), "--no-progress"]) == 2  # VGG16: no BatchNorm to adapt
+    assert (
+        main(
+            [
+                "adapt",
+                "--run",
+                str(trained_run),
+                "--data",
+                str(site),
+                "--out",
+                str(tmp_path / "y"),
+                "--no-progress",
+            ]
+        )
+        == 2
+    )  # VGG16: no BatchNorm to adapt
     assert "no BatchNorm layer" in capsys.readouterr().err
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()  # nothing half-made

@@ -17,8 +17,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from busdx.devices import PRECISIONS
 from busdx.errors import ConfigError
+from busdx.hardware import PRECISIONS
 
 __all__ = [
     "AugmentConfig",

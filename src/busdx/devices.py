@@ -4,25 +4,15 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from pathlib import Path
 
 import torch
 
 from busdx.errors import ConfigError
+from busdx.hardware import PRECISIONS, cpu_has_bf16
 
-__all__ = [
-    "PRECISIONS",
-    "autocast",
-    "check_precision",
-    "cpu_flags",
-    "cpu_has_bf16",
-    "cpu_has_vnni",
-    "resolve_device",
-]
+__all__ = ["autocast", "check_precision", "resolve_device"]
 
 logger = logging.getLogger(__name__)
-
-PRECISIONS = ("fp32", "bf16", "fp16")
 
 
 def resolve_device(name: str) -> torch.device:
@@ -30,27 +20,6 @@ def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
-
-
-def cpu_flags() -> set[str]:
-    """The CPU's feature flags (Linux; empty elsewhere), e.g. avx2, avx512_bf16, amx_bf16."""
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return set()
-    line = next((row for row in text.splitlines() if row.startswith("flags")), "")
-    return set(line.split(":", 1)[-1].split())
-
-
-def cpu_has_bf16() -> bool:
-    """Whether the CPU computes in bfloat16 natively (avx512_bf16 or AMX)."""
-    return bool({"avx512_bf16", "amx_bf16"} & cpu_flags())
-
-
-def cpu_has_vnni() -> bool:
-    """Whether the CPU multiplies int8 with 32-bit sums (VNNI or AMX), so that 8-bit int8
-    weights cannot saturate."""
-    return bool({"avx512_vnni", "avx_vnni", "amx_int8"} & cpu_flags())
 
 
 def check_precision(precision: str, device: torch.device) -> None:

@@ -22,7 +22,6 @@ from busdx.bundled import output_home, resolve_run
 from busdx.config import EvaluateConfig
 from busdx.data import Sample
 from busdx.errors import ConfigError, DataError
-from busdx.explain import explain_image
 from busdx.fileio import atomic_write_text
 from busdx.inference import file_predictions
 from busdx.layout import (
@@ -271,7 +270,9 @@ def _plot_evaluation(
              "probabilities": [float(y_prob[i]) for i in picked],
              "threshold": loaded.threshold, "class_names": names}  # fmt: skip
     plot_sample_predictions(images, **shown, path=out_dir / SAMPLE_PREDICTIONS)
-    if loaded.model is not None:  # Grad-CAM needs the torch model
+    if loaded.model is not None:  # Grad-CAM needs the torch model (and so, torch)
+        from busdx.explain import explain_image
+
         overlays = [explain_image(loaded, image).overlay for image in images]
         plot_sample_predictions(overlays, **shown, path=out_dir / GRADCAM_SAMPLES,
                                 title="Grad-CAM: where the model found its evidence")  # fmt: skip

@@ -37,7 +37,9 @@ from torch import nn
 
 from busdx import __version__
 from busdx.bundled import is_bundled, output_home, resolve_run
+from busdx.engines import LESION_MASK_OUTPUT, SCOPE_DISTANCE_OUTPUT
 from busdx.errors import BoxError, DataError, ExportError, ImageDecodeError, SingleClassError
+from busdx.feature_guard import Guard, logits_and_features
 from busdx.fileio import atomic_path, json_safe, sha256_file
 from busdx.imaging import InputLike, as_input
 from busdx.inference import file_logits
@@ -52,15 +54,7 @@ from busdx.layout import (
     SPLIT_FILE,
 )
 from busdx.metrics import roc_auc
-from busdx.predictor import (
-    EXPORT_STAMP,
-    INT8_WEIGHT_BITS,
-    LESION_MASK_OUTPUT,
-    ONNX_METADATA_KEY,
-    SCOPE_DISTANCE_OUTPUT,
-    Predictor,
-    load_model,
-)
+from busdx.predictor import EXPORT_STAMP, INT8_WEIGHT_BITS, ONNX_METADATA_KEY, Predictor, load_model
 from busdx.preprocess import load_region
 from busdx.provenance import environment
 from busdx.results import (
@@ -71,7 +65,7 @@ from busdx.results import (
     LogitComparison,
 )
 from busdx.runs import load_run, samples_for_split
-from busdx.scope import SCOPE_KEY, Guard, logits_and_features, public_scope
+from busdx.scope import SCOPE_KEY, public_scope
 from busdx.transforms import build_eval_transform
 
 __all__ = ["compare_logits", "export_onnx", "export_run", "format_export", "quantize_int8"]

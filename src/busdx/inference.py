@@ -10,32 +10,32 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import functools
 import json
 import logging
 import sys
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence, Sized
+from collections import deque
+from collections.abc import Iterable, Iterator, Sequence, Sized
+from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
-from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from tqdm.auto import tqdm
 
 from busdx.boxes import box_to_text
 from busdx.dicom import is_dicom_file
 from busdx.errors import BoxError, ConfigError, DataError, ImageDecodeError
-from busdx.explain import explain_image
 from busdx.fileio import atomic_path
+from busdx.hardware import resolve_workers
 from busdx.imaging import Box, ImageInput, InputLike, as_input, load_image
 from busdx.inputs import InputSelection
 from busdx.lesion import LESION_FIELDS, Lesion, lesion_fields
-from busdx.loading import resolve_workers
 from busdx.outline import RegionView, lesion_from_mask, region_view
 from busdx.predictor import Decision, Predictor, load_model
-from busdx.preprocess import Preprocessing, load_region, region_of
+from busdx.preprocess import Preprocessing, load_region, normalize, prepare, region_of
 from busdx.scope import image_checks
 
 __all__ = [
@@ -138,52 +138,61 @@ def _batches(items: Iterable, size: int) -> Iterator[list]:
         yield batch
 
 
-class _DecodedBatches(IterableDataset):
-    """Batches of files, decoded, checked and preprocessed, for a DataLoader.
+@dataclass
+class _Batch:
+    """Files decoded, checked and preprocessed (up to the resize: uint8, N x H x W x 3)."""
 
-    Loader worker ``w`` of ``W`` prepares batches ``w``, ``w + W``, ...; the DataLoader takes
-    from its workers in turn, so the batches come back in file order. Each worker walks the
-    file list itself (a folder listing is cheap next to decoding).
-    """
+    described: list[tuple]  # (path, frame, box) per file
+    errors: list[str | None]  # per file: why it could not be read (None: it could)
+    pixels: np.ndarray
+    checks: list[list[str]]  # per readable file: busdx.scope.image_checks
+    views: list[RegionView]  # per readable file, for a model that outlines
 
-    def __init__(
-        self, files: Iterable[InputLike], batch_size: int, transform: Callable,
-        prep: Preprocessing, views: bool = False, spacing: tuple[float, float] | None = None,
-    ) -> None:  # fmt: skip
-        self.files = files
-        self.batch_size = batch_size
-        self.transform = transform
-        self.prep = prep
-        self.views, self.spacing = views, spacing  # region views, to outline the lesions
 
-    def __iter__(self) -> Iterator[tuple]:
-        worker = get_worker_info()
-        rank, workers = (worker.id, worker.num_workers) if worker else (0, 1)
-        for number, batch in enumerate(_batches(self.files, self.batch_size)):
-            if number % workers == rank:
-                yield self._prepare(batch)
+def _prepare_batch(
+    batch: list[InputLike], prep: Preprocessing, views: bool,
+    spacing: tuple[float, float] | None,
+) -> _Batch:  # fmt: skip
+    prepared = _Batch([], [], np.empty((0, prep.image_size, prep.image_size, 3), np.uint8), [], [])
+    pixels = []
+    for item in map(as_input, batch):
+        try:
+            image = load_image(item.path, frame=item.frame)
+            region = region_of(image, item.box, prep, name=item.name)
+        except (ImageDecodeError, BoxError) as exc:
+            prepared.errors.append(str(exc))
+        else:
+            prepared.errors.append(None)
+            pixels.append(prepare(region, prep))
+            prepared.checks.append(image_checks(image))  # is the whole image a scan?
+            if views:
+                prepared.views.append(region_view(image, item.box, prep, spacing))
+        frame = item.frame if item.frame or is_dicom_file(item.path) else None
+        prepared.described.append((str(item.path), frame, item.box))
+    if pixels:
+        prepared.pixels = np.stack(pixels)
+    return prepared
 
-    def _prepare(
-        self, batch: list[InputLike]
-    ) -> tuple[list[tuple], list[str | None], torch.Tensor, list, list[RegionView]]:
-        errors: list[str | None] = []
-        inputs, checks, described, views = [], [], [], []
-        for item in map(as_input, batch):
-            try:
-                image = load_image(item.path, frame=item.frame)
-                region = region_of(image, item.box, self.prep, name=item.name)
-            except (ImageDecodeError, BoxError) as exc:
-                errors.append(str(exc))
-            else:
-                errors.append(None)
-                inputs.append(self.transform(region))
-                checks.append(image_checks(image))  # is the whole image a scan?
-                if self.views:
-                    views.append(region_view(image, item.box, self.prep, self.spacing))
-            frame = item.frame if item.frame or is_dicom_file(item.path) else None
-            described.append((str(item.path), frame, item.box))
-        stacked = torch.stack(inputs) if inputs else torch.empty(0)
-        return described, errors, stacked, checks, views
+
+def _prepared_batches(
+    files: Iterable[InputLike], batch_size: int, workers: int, prep: Preprocessing,
+    views: bool, spacing: tuple[float, float] | None,
+) -> Iterator[_Batch]:  # fmt: skip
+    """Batches of files prepared in order; with ``workers`` processes, the next
+    ``2 * workers`` batches are prepared while the model scores this one (no more: memory
+    stays bounded however many files there are)."""
+    prepare_batch = functools.partial(_prepare_batch, prep=prep, views=views, spacing=spacing)
+    if not workers:
+        yield from map(prepare_batch, _batches(files, batch_size))
+        return
+    with ProcessPoolExecutor(workers) as pool:
+        pending: deque[Future] = deque()
+        for batch in _batches(files, batch_size):
+            pending.append(pool.submit(prepare_batch, batch))
+            if len(pending) > 2 * workers:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
 
 
 def predict_files(
@@ -211,19 +220,14 @@ def predict_files(
     threshold = loaded.threshold if threshold is None else threshold
     total = len(files) if total is None and isinstance(files, Sized) else total
     bar = tqdm(total=total, unit="img", desc="predict", disable=not progress, leave=False)
-    batches = _DecodedBatches(files, batch_size, loaded.transform, loaded.preprocessing,
-                              views=loaded.outlines, spacing=spacing)  # fmt: skip
-    loader = DataLoader(batches, batch_size=None, num_workers=workers,
-                        prefetch_factor=2 if workers else None,
-                        pin_memory=loaded.device.type == "cuda")  # fmt: skip
-    for described, errors, inputs, checks, views in loader:
-        decided = (
-            loaded.decide_inputs(inputs, checks, threshold, label_out_of_scope=label_out_of_scope)
-            if len(inputs)
-            else []
+    prep = loaded.preprocessing
+    for batch in _prepared_batches(files, batch_size, workers, prep, loaded.outlines, spacing):
+        inputs = normalize(batch.pixels, prep)
+        decided = loaded.decide_inputs(
+            inputs, batch.checks, threshold, label_out_of_scope=label_out_of_scope
         )
-        decisions, regions = iter(decided), iter(views)
-        for (path, frame, box), error in zip(described, errors, strict=True):
+        decisions, regions = iter(decided), iter(batch.views)
+        for (path, frame, box), error in zip(batch.described, batch.errors, strict=True):
             row = Prediction(path, None, None, threshold, error=error, frame=frame, box=box)
             if error is None:
                 _fill(row, next(decisions), next(regions, None), loaded.preprocessing)
@@ -296,6 +300,8 @@ def write_explanations(
 ) -> Iterator[Prediction]:
     """Pass rows through, writing a Grad-CAM overlay for each readable image into ``out``
     (``<row>-<stem>-gradcam.png``); ``explainer`` is a torch-backend model."""
+    from busdx.explain import explain_image  # Grad-CAM needs torch: imported when asked for
+
     folder = Path(out)
     folder.mkdir(parents=True, exist_ok=True)
     for index, row in enumerate(rows):

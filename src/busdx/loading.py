@@ -9,7 +9,6 @@ decodes, augments and normalises samples (decoding each image once into memory w
 from __future__ import annotations
 
 import logging
-import os
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
 
@@ -29,21 +28,10 @@ __all__ = [
     "item_seed",
     "make_loader",
     "read_sample",
-    "resolve_workers",
     "site_balanced_weights",
 ]
 
 logger = logging.getLogger(__name__)
-
-
-def resolve_workers(num_workers: int, *, processes: int = 1) -> int:
-    """DataLoader worker processes: ``num_workers``, or for -1 (auto) half of this process's
-    share of the cores (the rest compute), at most 8, and none below 4 cores: on 2 cores a
-    worker slowed both training and prediction (docs/benchmarks.md)."""
-    if num_workers >= 0:
-        return num_workers
-    cores = (os.cpu_count() or 1) // processes
-    return min(8, cores // 2) if cores >= 4 else 0
 
 
 class EpochSampler(Sampler):

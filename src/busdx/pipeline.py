@@ -21,6 +21,7 @@ from busdx.devices import resolve_device
 from busdx.distributed import broadcast, init_world
 from busdx.errors import DataError
 from busdx.evaluation import evaluate_samples
+from busdx.feature_guard import fit_scope
 from busdx.layout import MODEL_FILE, SPLIT_FILE, TRAINING_CURVES
 from busdx.predictor import load_model
 from busdx.readers import rank_categories
@@ -35,7 +36,7 @@ from busdx.runs import (
     save_config,
     save_run,
 )
-from busdx.scope import SCOPE_KEY, fit_scope
+from busdx.scope import SCOPE_KEY
 from busdx.training import fit
 
 __all__ = ["train_and_evaluate", "train_run"]

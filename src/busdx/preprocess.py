@@ -232,7 +232,9 @@ def prepare(
     """The deterministic part of preprocessing: an RGB (or RGBA, the alpha a lesion mask)
     image, its annotations painted over (``annotations: mask``, with ``paint``), cropped to its
     B-mode field (``crop: content``), padded to a square (``resize: pad``) and resized to
-    ``image_size`` squared: uint8, height x width x channels."""
+    ``image_size`` squared: uint8, height x width x channels (a grey image becomes RGB)."""
+    if image.mode not in {"RGB", "RGBA"}:
+        image = image.convert("RGB")
     if prep.annotations == "mask":
         image = paint(image)
     if prep.crop == "content":

@@ -10,10 +10,9 @@ import importlib.metadata
 import os
 import platform
 import subprocess
+import sys
 from pathlib import Path
 from typing import Any
-
-import torch
 
 from busdx import __version__
 
@@ -58,6 +57,12 @@ def _cpu() -> str:
     return platform.processor() or platform.machine()
 
 
+def _gpu() -> str | None:
+    """The CUDA device's name where torch is already loaded (it is not imported for this)."""
+    torch = sys.modules.get("torch")
+    return torch.cuda.get_device_name(0) if torch and torch.cuda.is_available() else None
+
+
 def environment() -> dict[str, Any]:
     """busdx version and commit, Python and library versions, CPU, core count and GPU."""
     return {
@@ -68,5 +73,5 @@ def environment() -> dict[str, Any]:
         "platform": platform.platform(),
         "cpu": _cpu(),
         "cpu_count": os.cpu_count(),
-        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "gpu": _gpu(),
     }

@@ -149,8 +149,9 @@ def not_a_scan_images(seed: int = 0) -> dict[str, Image.Image]:
         "noise-palette": rgb_noise.convert("P"),
         "noise-cmyk": rgb_noise.convert("CMYK"),
         "noise-float": Image.fromarray(rng.random((256, 256)).astype(np.float32), mode="F"),
-        "noise-gaussian": Image.fromarray(np.clip(rng.normal(90, 50, (256, 256)), 0, 255)
-                                          .astype(np.uint8)),
+        "noise-gaussian": Image.fromarray(
+            np.clip(rng.normal(90, 50, (256, 256)), 0, 255).astype(np.uint8)
+        ),
         "near-white-16bit": Image.fromarray(near_white),
         "bilevel": Image.fromarray(rng.random((256, 256)) > 0.5).convert("1"),
         "black": Image.new("L", (256, 256), 0),

@@ -34,13 +34,13 @@ from busdx.distributed import World, all_sum, barrier, current_world
 from busdx.errors import CheckpointError, ConfigError
 from busdx.features import CachedFeatures, FeatureCache
 from busdx.fileio import atomic_write_text
+from busdx.hardware import resolve_workers
 from busdx.layout import HISTORY_FILE, LAST_FILE, MODEL_FILE
 from busdx.loading import (
     EpochSampler,
     ImageDataset,
     make_loader,
     read_sample,
-    resolve_workers,
     site_balanced_weights,
 )
 from busdx.losses import LesionLoss, Outputs

@@ -65,7 +65,7 @@ def adapt_batchnorm(
     for start in tqdm(chunks, desc="site statistics", unit="batch", disable=not progress):
         images = [load_region(as_input(p), loaded.preprocessing)
                   for p in files[start : start + batch_size]]  # fmt: skip
-        loaded.model(torch.stack([loaded.transform(image) for image in images]).to(loaded.device))
+        loaded.model(torch.from_numpy(loaded.inputs(images)).to(loaded.device))
     for layer, (mean, var, momentum) in zip(layers, trained, strict=True):
         layer.running_mean.mul_(blend).add_((1 - blend) * mean)
         layer.running_var.mul_(blend).add_((1 - blend) * var)

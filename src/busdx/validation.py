@@ -145,18 +145,30 @@ def write_validation_page(folder: str | Path, out: str | Path | None = None) -> 
         "result": result,
         "headline": [(key, _cell(result, key)) for key in keys],
         "groups": [
-            {"kind": kind, "name": name, "n": row.n, "n_positive": row.n_positive,
-             "cells": (["one class only"] * 3 if isinstance(row, OneClassGroup)
-                       else [_cell(row, k) for k in ("roc_auc", "sensitivity", "specificity")])}
+            {
+                "kind": kind,
+                "name": name,
+                "n": row.n,
+                "n_positive": row.n_positive,
+                "cells": (
+                    ["one class only"] * 3
+                    if isinstance(row, OneClassGroup)
+                    else [_cell(row, k) for k in ("roc_auc", "sensitivity", "specificity")]
+                ),
+            }
             for kind, name, row in groups
         ],
         "expected": result.expected,
         "flagged": _flagged(folder),
-        "figures": [f for f in (
-            _figure(folder, ROC_CURVE, "ROC curve with the operating points"),
-            _figure(folder, CONFUSION_MATRIX, "Confusion at the model's threshold"),
-            _figure(folder, RELIABILITY, "Calibration"),
-        ) if f],
+        "figures": [
+            f
+            for f in (
+                _figure(folder, ROC_CURVE, "ROC curve with the operating points"),
+                _figure(folder, CONFUSION_MATRIX, "Confusion at the model's threshold"),
+                _figure(folder, RELIABILITY, "Calibration"),
+            )
+            if f
+        ],
     }
     path = Path(out) if out else folder / VALIDATION_HTML
     atomic_write_text(path, render("validation.html.j2", **context))

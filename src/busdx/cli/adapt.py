@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 
 from busdx.cli.options import Subcommands, add_common
-from busdx.unlabelled import adapt_run
 
 
 def register(commands: Subcommands) -> None:
@@ -34,6 +33,8 @@ def register(commands: Subcommands) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from busdx.unlabelled import adapt_run
+
     adapted = adapt_run(args.run, args.data, out=args.out, blend=args.blend, device=args.device,
                         progress=not args.no_progress)  # fmt: skip
     print(

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 
-from busdx.adaptation import calibrate_run
 from busdx.cli.evaluate import SPLITS
 from busdx.cli.options import Subcommands, add_common
 from busdx.results import SensitivityPromise
@@ -18,8 +17,12 @@ def register(commands: Subcommands) -> None:
         "threshold are refitted on labelled cases from the site that will use it (the "
         "original run is left unchanged). Evaluate the new run on other cases of that site.",
     )
-    parser.add_argument("--run", required=True, metavar="RUNDIR|MODEL",
-                        help="a run directory or a bundled model's name (busdx models)")
+    parser.add_argument(
+        "--run",
+        required=True,
+        metavar="RUNDIR|MODEL",
+        help="a run directory or a bundled model's name (busdx models)",
+    )
     parser.add_argument("--data", required=True, help="the site's labelled images")
     parser.add_argument("--split", default="all", choices=SPLITS)
     parser.add_argument("--site", help="the site's name (default: the data folder's)")
@@ -45,6 +48,8 @@ def register(commands: Subcommands) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from busdx.adaptation import calibrate_run  # rewrites model.pt: needs torch
+
     calibrated = calibrate_run(
         args.run, args.data, args.split, site=args.site, out=args.out,
         overrides=[f"evaluate.threshold_confidence={args.confidence}", *(args.set or [])],

@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 
 from busdx.cli.options import Subcommands, add_common, add_config_options, overrides
-from busdx.crossval import format_cv, run_cv
 from busdx.layout import CV_METRICS_FILE, CV_ROC_CURVE
 
 
@@ -33,6 +32,8 @@ def register(commands: Subcommands) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from busdx.crossval import format_cv, run_cv
+
     summary, out = run_cv(
         args.data, args.out, config_file=args.config, recipe=args.recipe,
         overrides=overrides(args), n_folds=args.folds, group_by=args.group_by,

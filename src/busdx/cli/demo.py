@@ -7,8 +7,6 @@ from pathlib import Path
 
 from busdx.bundled import DEFAULT_MODEL
 from busdx.cli.options import Subcommands, add_common
-from busdx.demo import run_demo
-from busdx.evaluation import format_metrics
 from busdx.layout import METRICS_FILE, MODEL_FILE, ROC_CURVE, SAMPLE_PREDICTIONS, TRAINING_CURVES
 
 
@@ -29,6 +27,9 @@ def register(commands: Subcommands) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from busdx.demo import run_demo
+    from busdx.evaluation import format_metrics
+
     demo = run_demo(args.out, n_per_class=args.n_per_class, epochs=args.epochs,
                     progress=not args.no_progress)  # fmt: skip
     print(format_metrics(demo.metrics))

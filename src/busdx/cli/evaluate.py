@@ -17,8 +17,12 @@ def register(commands: Subcommands) -> None:
         help="metrics of a trained model on a split",
         description="Evaluate a run's best model on labelled data.",
     )
-    parser.add_argument("--run", required=True, metavar="RUNDIR|MODEL",
-                        help="a run directory or a bundled model's name (busdx models)")
+    parser.add_argument(
+        "--run",
+        required=True,
+        metavar="RUNDIR|MODEL",
+        help="a run directory or a bundled model's name (busdx models)",
+    )
     parser.add_argument(
         "--data", action="append",
         help="dataset folder (default: the run's own data); repeat it for several sites, "

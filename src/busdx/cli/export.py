@@ -6,7 +6,6 @@ import argparse
 from pathlib import Path
 
 from busdx.cli.options import Subcommands
-from busdx.export import export_run, format_export
 
 
 def register(commands: Subcommands) -> None:
@@ -45,6 +44,8 @@ def register(commands: Subcommands) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from busdx.export import export_run, format_export
+
     report = export_run(
         args.run,
         int8=args.int8,

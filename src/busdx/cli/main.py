@@ -32,6 +32,9 @@ __all__ = ["build_parser", "main"]
 COMMANDS = (train, evaluate, calibrate, adapt, compare, predict, serve, export, cv, report,
             models, audit, demo)  # fmt: skip
 
+# what `pip install busdx` leaves out and `busdx[train]` brings (pyproject.toml)
+TRAINING_MODULES = {"torch", "torchvision", "onnx", "sklearn"}
+
 EXAMPLES = """examples:
   busdx predict scan.png                       (the bundled model: no training needed)
   busdx models
@@ -78,6 +81,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         print(f"busdx: error: {message}", file=sys.stderr)
+        return 2
+    except ModuleNotFoundError as exc:
+        if exc.name not in TRAINING_MODULES or os.environ.get("BUSDX_DEBUG"):
+            raise
+        print(f"busdx: error: busdx {args.command} needs {exc.name}, which the lean install "
+              "leaves out; install the training extra: pip install 'busdx[train]'",
+              file=sys.stderr)  # fmt: skip
         return 2
     except KeyboardInterrupt:
         print("busdx: interrupted (a training run continues with --resume RUNDIR)", file=sys.stderr)

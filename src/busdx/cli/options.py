@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from busdx.config import list_recipes
-from busdx.devices import PRECISIONS
+from busdx.hardware import PRECISIONS
 
 __all__ = ["Subcommands", "add_common", "add_config_options", "add_precision", "overrides"]
 

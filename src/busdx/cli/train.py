@@ -6,9 +6,6 @@ import argparse
 
 from busdx.cli.options import Subcommands, add_common, add_config_options, overrides
 from busdx.errors import ExportError
-from busdx.evaluation import format_metrics
-from busdx.export import export_run, format_export
-from busdx.pipeline import train_run
 
 
 def register(commands: Subcommands) -> None:
@@ -34,6 +31,10 @@ def register(commands: Subcommands) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from busdx.evaluation import format_metrics
+    from busdx.export import export_run, format_export
+    from busdx.pipeline import train_run
+
     result, run_dir = train_run(
         args.data, args.out, resume=args.resume, config_file=args.config, recipe=args.recipe,
         overrides=overrides(args), progress=not args.no_progress,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+import importlib.util
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,14 +50,25 @@ def lesion_body(lesion: Lesion) -> dict[str, Any]:
 
 @dataclass
 class ModelService:
-    """The served model (``predictor``), the torch model for Grad-CAM (``explainer``: None on
+    """The served model (``predictor``), the model file Grad-CAM reads (``model_file``: None on
     an ONNX-only deployment), the model card and the gate that limits concurrent model calls."""
 
     settings: ServeSettings
     predictor: Predictor
-    explainer: Predictor | None
+    model_file: Path | None
     card: dict[str, Any]
     gate: Gate
+
+    @functools.cached_property
+    def explainer(self) -> Predictor | None:
+        """The torch model for Grad-CAM, loaded at the first ``/explain`` (torch takes seconds
+        to import; the server starts without it): the served model on the torch backend; None
+        without ``model.pt`` or without torch installed."""
+        if self.predictor.backend == "torch":
+            return self.predictor
+        if self.model_file is None or importlib.util.find_spec("torch") is None:
+            return None
+        return load_model(self.model_file, threads=_threads(self.settings))
 
     async def read(self, upload: UploadFile, box: str | None, frame: int) -> Upload:
         """The upload decoded (its DICOM ``frame``), with the region the model looks at (the
@@ -99,16 +112,17 @@ class ModelService:
 def load_service(run: str | Path, settings: ServeSettings) -> ModelService:
     """Load the model of ``run`` (a run directory or model file) for serving."""
     run_dir = Path(run)
-    threads = max(1, (os.cpu_count() or 1) // settings.workers)  # workers never oversubscribe
-    predictor = load_model(run_dir, backend=settings.backend, threads=threads)
-    if predictor.backend == "torch":
-        explainer: Predictor | None = predictor
-    else:  # Grad-CAM needs the torch model's gradients; an ONNX-only deployment has no /explain
-        has_torch = run_dir.is_dir() and (run_dir / MODEL_FILE).is_file()
-        explainer = load_model(run_dir, threads=threads) if has_torch else None
-    card = _model_card(predictor, run_dir if run_dir.is_dir() else run_dir.parent)
+    predictor = load_model(run_dir, backend=settings.backend, threads=_threads(settings))
+    folder = run_dir if run_dir.is_dir() else run_dir.parent
+    model_file = folder / MODEL_FILE if (folder / MODEL_FILE).is_file() else None
+    card = _model_card(predictor, folder)
     gate = Gate(settings.workers, settings.queue_size)
-    return ModelService(settings, predictor, explainer, card, gate)
+    return ModelService(settings, predictor, model_file, card, gate)
+
+
+def _threads(settings: ServeSettings) -> int:
+    """CPU threads per model call: the cores shared by the workers, never oversubscribed."""
+    return max(1, (os.cpu_count() or 1) // settings.workers)
 
 
 def _model_card(loaded: Predictor, run_dir: Path) -> dict[str, Any]:

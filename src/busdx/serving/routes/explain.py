@@ -10,7 +10,6 @@ from typing import Annotated, Literal
 from fastapi import APIRouter, File, Form, Query, UploadFile
 from fastapi.responses import JSONResponse, Response
 
-from busdx.explain import explain_image
 from busdx.layout import MODEL_FILE
 from busdx.serving.deps import Service
 from busdx.serving.errors import ApiError
@@ -38,16 +37,20 @@ async def explain(
     comes from the served backend, as in ``/predict``; the overlay from the torch model.
     """
     started = time.perf_counter()
-    if service.explainer is None:
+    explainer = await service.gate.run(lambda: service.explainer)  # loaded at the first call
+    if explainer is None:
         raise ApiError(
             501, "explain_unavailable",
-            f"Grad-CAM needs the PyTorch model ({MODEL_FILE}); this server has only ONNX",
+            f"Grad-CAM needs the PyTorch model ({MODEL_FILE}) and torch (pip install "
+            "'busdx[train]'); this server has only ONNX",
         )  # fmt: skip
     upload = await service.read(file, box, frame)
     (decision,) = await service.gate.run(
         service.decide, [upload], label_out_of_scope=label_out_of_scope, pixel_size=pixel_size
     )
-    explanation = await service.gate.run(explain_image, service.explainer, upload.region)
+    from busdx.explain import explain_image  # torch: loaded with the explainer, not before
+
+    explanation = await service.gate.run(explain_image, explainer, upload.region)
     buffer = io.BytesIO()
     explanation.overlay.save(buffer, format="PNG")
     backend = service.predictor.backend

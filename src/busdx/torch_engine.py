@@ -1,0 +1,101 @@
+"""The PyTorch network as a :class:`~busdx.predictor.Predictor`'s engine: ``model.pt`` loaded
+safely (``torch.load(..., weights_only=True)``), run on a device in a precision. Imported only
+when a torch model is asked for (training's evaluation, Grad-CAM, a GPU, a run not exported):
+everything else predicts through ONNX Runtime without torch."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+
+from busdx.config import ModelConfig
+from busdx.devices import autocast, check_precision, resolve_device
+from busdx.engines import Outputs
+from busdx.errors import CheckpointError
+from busdx.feature_guard import logits_and_features
+from busdx.layout import MODEL_FILE
+from busdx.models import BinaryClassifier, Ensemble, create_model
+from busdx.preprocess import Preprocessing
+from busdx.scope import SCOPE_KEY, scope_distances
+
+__all__ = ["TorchEngine", "load_torch_engine"]
+
+
+@dataclass(frozen=True)
+class TorchEngine:
+    """A network, the device it runs on, the precision it runs in (``bf16`` / ``fp16`` under
+    autocast) and the out-of-scope guard it feeds (None: none fitted)."""
+
+    model: BinaryClassifier | Ensemble
+    device: torch.device
+    precision: str = "fp32"
+    scope: dict[str, Any] | None = None
+    name: ClassVar[str] = "torch"
+
+    @property
+    def outlines(self) -> bool:
+        return getattr(self.model, "mask_decoder", None) is not None
+
+    @torch.inference_mode()
+    def forward(self, images: np.ndarray | torch.Tensor) -> Outputs:
+        images = torch.as_tensor(images).to(self.device, non_blocking=True)
+        masks = None
+        with autocast(self.device, self.precision):
+            if self.outlines:
+                logits, mask_logits, features = self.model.segment(images)
+                masks = torch.sigmoid(mask_logits.float()).cpu().numpy()
+            elif self.scope is None:
+                return Outputs(self.model(images).float().cpu().numpy(), None, None)
+            else:
+                logits, features = logits_and_features(self.model, images)
+        distances = (
+            None if self.scope is None
+            else scope_distances(self.scope, features.float().cpu().numpy())
+        )  # fmt: skip
+        return Outputs(logits.float().cpu().numpy(), distances, masks)
+
+
+def load_torch_engine(
+    path: Path, *, device: str = "auto", precision: str = "fp32", threads: int | None = None
+) -> tuple[dict[str, Any], Preprocessing, Path, TorchEngine]:
+    """``model.pt`` (or a run directory's): its metadata (without weights), preprocessing, path
+    and the :class:`TorchEngine` that runs it, the fields of a
+    :class:`~busdx.predictor.Predictor`."""
+    if path.is_dir():
+        path = path / MODEL_FILE
+    if not path.is_file():
+        raise CheckpointError(f"no model file at {path}; train a model first (busdx train)")
+    target = resolve_device(device)
+    check_precision(precision, target)
+    if threads is not None:
+        torch.set_num_threads(max(1, threads))
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise CheckpointError(
+            f"{path} is not a loadable busdx model file ({type(exc).__name__})"
+        ) from exc
+    if not isinstance(payload, dict) or payload.get("format") != "busdx-model":
+        raise CheckpointError(f"{path} is not a busdx model file")
+    prep = Preprocessing.from_dict(payload["preprocessing"])
+    config = ModelConfig(**payload["model"])
+    members = [
+        create_model(config, image_size=prep.image_size, load_weights=False)[0]
+        for _ in range(int(payload.get("ensemble_size", 1)))
+    ]
+    model = Ensemble(members) if "ensemble_size" in payload else members[0]
+    try:
+        model.load_state_dict(payload["state_dict"])
+    except RuntimeError as exc:
+        raise CheckpointError(f"{path}: weights do not fit the model it describes") from exc
+    model.to(target).eval()
+    metadata = {k: v for k, v in payload.items() if k not in {"state_dict", "optimizer"}}
+    scope = metadata.get(SCOPE_KEY)
+    if scope is not None:  # stored in float16; as float32 arrays once here, not every batch
+        scope = {**scope, "mean": scope["mean"].float().numpy(),
+                 "precision": scope["precision"].float().numpy()}  # fmt: skip
+    return metadata, prep, path, TorchEngine(model, target, precision, scope)
