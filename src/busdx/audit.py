@@ -18,7 +18,6 @@ from typing import Any
 
 import numpy as np
 from PIL import Image, ImageOps
-from scipy.fft import dctn
 from tqdm.auto import tqdm
 
 from busdx.data import LabelledDataset, Sample
@@ -44,6 +43,8 @@ DEFAULT_MAX_DISTANCE = 10  # of 63 bits; chosen where BUSI's distance histogram 
 
 def perceptual_hash(image: Image.Image) -> int:
     """63-bit pHash of an image as a Python int."""
+    from scipy.fft import dctn  # 0.2 s to import: only when images are hashed
+
     thumb = np.asarray(image.convert("L").resize((32, 32), Image.Resampling.LANCZOS), dtype=float)
     low = dctn(thumb, norm="ortho")[:8, :8].ravel()[1:]  # drop the DC term (mean brightness)
     bits = low > np.median(low)

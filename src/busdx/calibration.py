@@ -20,7 +20,6 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from scipy.optimize import minimize_scalar
 from scipy.special import expit, logit
 
 from busdx.config import EvaluateConfig
@@ -56,6 +55,8 @@ def _nll(log_t: float, logits: np.ndarray, labels: np.ndarray) -> float:
 
 def fit_temperature(logits: np.ndarray, labels: np.ndarray) -> float:
     """The ``T`` in [0.05, 20] minimising the negative log-likelihood of ``labels``."""
+    from scipy.optimize import minimize_scalar  # 0.2 s to import: only when fitting
+
     logits = np.asarray(logits, dtype=float)
     labels = np.asarray(labels, dtype=int)
     result = minimize_scalar(

@@ -6,8 +6,6 @@ import argparse
 from pathlib import Path
 
 from busdx.cli.options import Subcommands
-from busdx.comparison import compare_evaluations, format_comparison
-from busdx.config import apply_overrides, load_config
 
 
 def register(commands: Subcommands) -> None:
@@ -27,6 +25,9 @@ def register(commands: Subcommands) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from busdx.comparison import compare_evaluations, format_comparison
+    from busdx.config import apply_overrides, load_config
+
     settings = apply_overrides(load_config(), [f"evaluate.n_bootstrap={args.n_bootstrap}"]).evaluate
     result = compare_evaluations(
         Path(args.a), Path(args.b), settings, out=Path(args.out) if args.out else None

@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 
 from busdx.cli.options import Subcommands, add_common, add_precision
-from busdx.evaluation import evaluate_run, format_metrics
 from busdx.predictor import BACKENDS
 
 SPLITS = ["train", "val", "test", "all"]
@@ -60,6 +59,8 @@ def register(commands: Subcommands) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from busdx.evaluation import evaluate_run, format_metrics
+
     result, out = evaluate_run(
         args.run, args.data, args.split, site=args.site, out=args.out, readers=args.readers,
         reader_column=args.reader_column, boxes=args.boxes, device=args.device,

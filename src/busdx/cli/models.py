@@ -6,7 +6,6 @@ import argparse
 
 from busdx.bundled import DEFAULT_MODEL, bundled_info, list_bundled
 from busdx.cli.options import Subcommands
-from busdx.validation import describe_threshold
 
 
 def register(commands: Subcommands) -> None:
@@ -20,6 +19,8 @@ def register(commands: Subcommands) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from busdx.validation import describe_threshold
+
     names = list_bundled()
     if not names:
         print("no bundled models in this installation of busdx")

@@ -9,8 +9,6 @@ from busdx.bundled import is_bundled, output_home, resolve_run
 from busdx.cli.options import Subcommands
 from busdx.errors import DataError
 from busdx.layout import CONFIG_FILE, EVAL_DIR, METRICS_FILE
-from busdx.model_card import write_report
-from busdx.validation import local_evaluations, write_validation_page
 
 
 def register(commands: Subcommands) -> None:
@@ -27,6 +25,9 @@ def register(commands: Subcommands) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from busdx.model_card import write_report
+    from busdx.validation import local_evaluations, write_validation_page
+
     target = Path(args.run)
     if (target / METRICS_FILE).is_file() and not (target / CONFIG_FILE).is_file():
         print(f"validation page: {write_validation_page(target)}")
