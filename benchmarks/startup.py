@@ -119,14 +119,14 @@ def main() -> None:
                 "img_per_s": round(args.folder_images / seconds["seconds"], 1),
             }
             print(name, results[name], flush=True)
+        sizes = {"lean_install_mb": size_mb(tmp / "lean" / "venv"),
+                 "development_install_mb": size_mb(Path(sys.prefix))}  # fmt: skip
+        print(sizes)
         subprocess.run(["git", "worktree", "remove", "--force", str(tmp / "before")], cwd=REPO,
                        check=True)  # fmt: skip
     bare = results["bare"]["seconds"]
     ratios = {name: round(row["seconds"] / bare, 2) for name, row in results.items()
               if name.startswith("predict")}  # fmt: skip
-        sizes = {"lean_install_mb": size_mb(tmp / "lean" / "venv"),
-                 "development_install_mb": size_mb(Path(sys.prefix))}  # fmt: skip
-    print(sizes)
     write_json(args.out, {"machine": machine_info(), "before": args.before,
                           "folder_images": args.folder_images, "results": results,
                           "seconds_vs_bare": ratios, "install_size": sizes})  # fmt: skip
