@@ -61,9 +61,13 @@ def test_the_lean_install_predicts_and_evaluates_with_the_bundled_model(lean, tm
     assert metrics["n"] == 8
 
 
-def test_a_training_command_in_the_lean_install_names_the_extra(lean, tmp_path):
+def test_what_needs_torch_in_the_lean_install_names_the_extra(lean, tmp_path):
     done = _run(lean, "busdx", "train", "--data", str(tmp_path), "--out", "run", cwd=tmp_path)
     assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert "pip install 'busdx[train]'" in done.stderr
+    scan = write_synthetic_dataset(tmp_path / "data", n_per_class=1, seed=4) / "benign"
+    done = _run(lean, "busdx", "predict", str(scan), "--explain", "overlays", cwd=tmp_path)
+    assert done.returncode == 2 and "Traceback" not in done.stderr  # Grad-CAM needs torch
     assert "pip install 'busdx[train]'" in done.stderr
 
 
