@@ -96,9 +96,11 @@ def main() -> None:
             rows = {}
             for name, path in variants.items():
                 candidate = file_logits(load_model(path), files, progress=False)
-                rows[name] = compare_logits(reference, candidate, labels, loaded)
-                rows[name]["paired_delta_auc"] = paired_bootstrap(labels, candidate, reference,
-                                                                  n_resamples=1000)  # fmt: skip
+                rows[name] = {
+                    **compare_logits(reference, candidate, labels, loaded).model_dump(),
+                    "paired_delta_auc": paired_bootstrap(labels, candidate, reference,
+                                                         n_resamples=1000),
+                }  # fmt: skip
                 print(split, name, {k: rows[name][k] for k in ("agreement", "roc_auc_drop")})
             result[split] = {"n": len(labels), "variants": rows}
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -58,6 +58,12 @@ ARMS: dict[str, list[str]] = {
     "mask-lr10": ["model.mask_head=true", "train.decoder_lr_scale=10"],
     # the released recipe at a higher resolution: for the outline as much as for the label
     "mask-lr10-288": ["model.mask_head=true", "train.decoder_lr_scale=10", "data.image_size=288"],
+    # and with the pixels along the reader's outline weighing 5x in the mask's cross-entropy
+    "mask-lr10-boundary": [
+        "model.mask_head=true",
+        "train.decoder_lr_scale=10",
+        "train.mask_boundary_weight=4",
+    ],
     "pad": ["data.resize=pad"],
     # the backbone alone, at the baseline's 224 px (input sizes are multiples of 32; the Lite
     # models' native 240 and 260 are not): resolution is its own arm

@@ -19,7 +19,7 @@ from busdx.data import attach_masks, scan_dataset
 from busdx.evaluation import evaluate_run
 from busdx.imaging import load_image
 from busdx.loading import ImageDataset, read_sample
-from busdx.losses import LesionLoss
+from busdx.losses import LesionLoss, boundary_band
 from busdx.models import create_model
 from busdx.outline import lesion_from_mask, region_view
 from busdx.predictor import load_model
@@ -94,6 +94,27 @@ def test_the_loss_counts_masks_only_where_images_have_one():
     good = loss((logits, perfect), labels, masks, torch.ones(2)).item()
     bad = loss((logits, bad_outline), labels, masks, torch.ones(2)).item()
     assert classifier_only.item() < good < classifier_only.item() + 0.01 < bad
+
+
+def test_the_boundary_weight_makes_errors_along_the_outline_cost_more():
+    masks = torch.zeros(1, 16, 16)
+    masks[:, 4:12, 4:12] = 1
+    band = boundary_band(masks, 3)  # one pixel either side of the edge
+    assert band[0, 3:13, 3].eq(1).all() and band[0, 4, 4:12].eq(1).all()
+    assert band[0, 8, 8] == 0 and band[0, 0, 0] == 0  # deep inside and far outside
+    logits, labels = torch.tensor([1.0]), torch.tensor([1.0])
+    off_edge, far_off = masks * 20 - 10, masks * 20 - 10
+    off_edge[0, 4:12, 4] = -10.0  # the outline one pixel too tight on one side
+    far_off[0, 0, 0:8] = 10.0  # as many wrong pixels far from the lesion
+    plain, weighted = LesionLoss(), LesionLoss(boundary_weight=4.0, boundary_width=3)
+    assert plain((logits, off_edge), labels, masks, torch.ones(1)).item() == pytest.approx(
+        plain((logits, far_off), labels, masks, torch.ones(1)).item(), rel=0.05
+    )
+    assert weighted((logits, off_edge), labels, masks, torch.ones(1)).item() > 1.5 * weighted(
+        (logits, far_off), labels, masks, torch.ones(1)).item()  # fmt: skip
+    assert LesionLoss(boundary_weight=0.0)((logits, off_edge), labels, masks, torch.ones(1)) == (
+        plain((logits, off_edge), labels, masks, torch.ones(1))
+    )  # off: the plain loss
 
 
 @pytest.mark.parametrize("decoder", ["fpn", "unet"])

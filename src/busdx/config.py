@@ -137,6 +137,10 @@ class TrainConfig(_Section):
     feature_cache: bool = Field(False, description="frozen backbone: train on cached features")
     cache_views: int = Field(5, ge=1, description="augmented views per image in the cache")
     mask_weight: float = Field(1.0, ge=0, description="mask head: weight of its loss")
+    mask_boundary_weight: float = Field(
+        0.0, ge=0, description="mask head: extra weight of the pixel loss within 3 px of the "
+        "reader's outline (0: off)",
+    )  # fmt: skip
     decoder_lr_scale: float = Field(
         1.0, gt=0, description="mask head: its decoder, trained from scratch, learns at lr "
         "times this",

@@ -397,7 +397,7 @@ def fit(
     loaders = build_loaders(
         config, dataset, model, prep, weights, device, progress, validated=average
     )  # validated and saved in the model's place
-    criterion = LesionLoss(config.train.mask_weight)
+    criterion = LesionLoss(config.train.mask_weight, config.train.mask_boundary_weight)
     epochs, precision = config.train.epochs, config.train.precision
     for epoch in range(state.next_epoch, epochs + 1):
         started = time.perf_counter()
