@@ -1,3 +1,3 @@
 """busdx: benign vs malignant breast-ultrasound classification with honest evaluation."""
 
-__version__ = "0.2.0"
+__version__ = "0.3.0"
