@@ -92,10 +92,12 @@ def test_the_default_backend_answers_like_the_torch_model(scans):
 
     a = list(predict_files(fast, scans, progress=False))
     b = list(predict_files(exact, scans, progress=False))
-    tolerance = 0.1 if fast.path.name == "model.int8.onnx" else 1e-4
+    int8 = fast.path.name == "model.int8.onnx"  # where it ships and the CPU has VNNI or AMX
     difference = [abs(x.probability - y.probability) for x, y in zip(a, b, strict=True)]
-    assert max(difference) < tolerance
-    assert [x.lesion.shape for x in a] == [y.lesion.shape for y in b]
+    assert max(difference) < (0.1 if int8 else 1e-4)
+    assert all(x.lesion is not None for x in a)
+    if not int8:  # fp32: the same outline, so the same descriptors
+        assert [x.lesion.shape for x in a] == [y.lesion.shape for y in b]
 
 
 def test_predict_and_serve_start_without_torch(scans, tmp_path):

@@ -95,6 +95,13 @@ def test_int8_export_agrees_with_fp32_and_onnx_backend_prefers_it(run_copy, imag
     assert [float(r["probability_malignant"]) for r in rows] == pytest.approx(expected, abs=1e-5)
     assert "onnx backend, model.int8.onnx" in caplog.text
 
+    dequantized = sum(node.op_type == "DequantizeLinear" for node in quantized.graph.node)
+    mixed = export_run(run_copy, int8=True, calibration_size=12, keep_float=["/head"], force=True)
+    assert mixed.int8.kept_in_float == ["/head"]  # recorded in export.json
+    kept = onnx.load(run_copy / "model.int8.onnx").graph.node
+    assert sum(node.op_type == "DequantizeLinear" for node in kept) < dequantized
+    assert all(node.op_type != "QLinearMatMul" for node in kept if node.name.startswith("/head"))
+
     export_run(run_copy)  # fp32 only: the int8 file of the earlier export must not survive
     assert not (run_copy / "model.int8.onnx").exists()
     assert load_model(run_copy, backend="onnx").path.name == "model.onnx"

@@ -167,8 +167,11 @@ def quantize_int8(
     loaded: Predictor,
     *,
     weight_bits: int = 7,
+    keep_float: Sequence[str] = (),
 ) -> Path:
-    """Static int8 quantization (QDQ; per-channel int8 weights, uint8 activations).
+    """Static int8 quantization (QDQ; per-channel int8 weights, uint8 activations); the nodes
+    whose names start with one of ``keep_float`` (e.g. ``/backbone.0``, ``/head``: mixed
+    precision) stay in float, as does the out-of-scope guard.
 
     ``weight_bits=7`` (``reduce_range``) keeps weights to 7 bits: without it, CPUs lacking VNNI
     (AVX2 only) can saturate the 16-bit sums of u8 x s8 products. On BUSI (AVX2 CPU) it made the
@@ -183,8 +186,9 @@ def quantize_int8(
     with tempfile.TemporaryDirectory() as folder, atomic_path(out_path) as tmp:
         prepared = Path(folder) / "prepared.onnx"
         quant_pre_process(str(fp32_path), str(prepared), skip_symbolic_shape=True)
-        guard = [node.name for node in onnx.load(str(prepared)).graph.node
-                 if node.name.startswith(Guard.ONNX_PREFIX)]  # fmt: skip
+        in_float = (Guard.ONNX_PREFIX, *keep_float)
+        excluded = [node.name for node in onnx.load(str(prepared)).graph.node
+                    if node.name.startswith(in_float)]  # fmt: skip
         quantize_static(
             str(prepared),
             str(tmp),
@@ -194,7 +198,7 @@ def quantize_int8(
             activation_type=QuantType.QUInt8,
             weight_type=QuantType.QInt8,
             reduce_range=weight_bits == 7,
-            nodes_to_exclude=guard,  # the out-of-scope distance stays in float
+            nodes_to_exclude=excluded,  # the out-of-scope distance stays in float
         )
         _add_metadata(tmp, loaded, {INT8_WEIGHT_BITS: weight_bits})
     return out_path
@@ -270,6 +274,7 @@ def export_run(
     max_auc_drop: float = 0.01,
     force: bool = False,
     weight_bits: int = 7,
+    keep_float: Sequence[str] = (),
 ) -> ExportReport:
     """Export a run's ``model.pt`` to ONNX (and int8); returns what ``export.json`` records.
 
@@ -296,10 +301,12 @@ def export_run(
         check = _quantize_checked(
             fp32_path, run_dir / INT8_FILE, calibration, loaded, weight_bits,
             reference=(fp32_logits, files, labels), max_auc_drop=max_auc_drop, force=force,
+            keep_float=keep_float,
         )  # fmt: skip
         source = str(calibration_dir or "training split")
         int8_export = Int8Export(
             file=INT8_FILE, sha256=sha256_file(run_dir / INT8_FILE), weight_bits=weight_bits,
+            kept_in_float=list(keep_float),
             calibration=CalibrationImages(source=source, images=len(calibration)),
             vs_fp32=check,
             accepted_auc_drop=check.roc_auc_drop is not None and check.roc_auc_drop > max_auc_drop,
@@ -320,6 +327,7 @@ def _quantize_checked(
     reference: tuple[np.ndarray, list, list[int]],
     max_auc_drop: float,
     force: bool,
+    keep_float: Sequence[str] = (),
 ) -> LogitComparison:
     """Quantize to a candidate file, compare it with the fp32 logits on the validation images
     (``reference``: logits, inputs, labels) and move it to ``target`` only if it keeps the AUC
@@ -327,7 +335,8 @@ def _quantize_checked(
     fp32_logits, files, labels = reference
     candidate = target.with_name(".int8-candidate.onnx")
     try:
-        quantize_int8(fp32_path, candidate, calibration, loaded, weight_bits=weight_bits)
+        quantize_int8(fp32_path, candidate, calibration, loaded, weight_bits=weight_bits,
+                      keep_float=keep_float)  # fmt: skip
         int8_logits = file_logits(load_model(candidate), files, progress=False)
         check = compare_logits(fp32_logits, int8_logits, labels, loaded)
         drop = check.roc_auc_drop
@@ -362,7 +371,7 @@ def format_export(run_dir: str | Path, report: ExportReport) -> str:
             f"{report.int8.calibration.images} images); decision agreement with fp32 "
             f"{check.agreement:.3f}; " + (auc_text if aucs[0] is not None else "no AUC")
         )
-    kept = "int8" if report.int8 is not None else "torch"
+    kept = "int8" if report.int8 is not None else "fp32 ONNX"
     lines.append(
         f"report: {run_dir / EXPORT_REPORT}; busdx predict and serve use the {kept} model by "
         "default"

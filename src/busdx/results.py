@@ -95,6 +95,7 @@ class Int8Export(Result):
     file: str
     sha256: str
     weight_bits: int
+    kept_in_float: list[str] = []  # node-name prefixes left in float (mixed precision)
     calibration: CalibrationImages
     vs_fp32: LogitComparison
     accepted_auc_drop: bool
