@@ -65,6 +65,20 @@ def test_what_needs_torch_in_the_lean_install_names_the_extra(lean, tmp_path):
     done = _run(lean, "busdx", "train", "--data", str(tmp_path), "--out", "run", cwd=tmp_path)
     assert done.returncode == 2 and "Traceback" not in done.stderr
     assert "pip install 'busdx[train]'" in done.stderr
+    data = write_synthetic_dataset(tmp_path / "labelled", n_per_class=1, seed=5)
+    done = _run(
+        lean,
+        "busdx",
+        "evaluate",
+        "--run",
+        "lite0-3sites",
+        "--data",
+        str(data),
+        "--split",
+        "all",
+        cwd=tmp_path,
+    )  # evaluate's default backend is torch's
+    assert done.returncode == 2 and "use --backend onnx" in done.stderr
     scan = write_synthetic_dataset(tmp_path / "data", n_per_class=1, seed=4) / "benign"
     done = _run(lean, "busdx", "predict", str(scan), "--explain", "overlays", cwd=tmp_path)
     assert done.returncode == 2 and "Traceback" not in done.stderr  # Grad-CAM needs torch

@@ -246,6 +246,7 @@ def _load(path: str | Path, *, device: str, backend: str, threads: int | None,
         if backend == "onnx" or path.suffix == ".onnx":
             raise ConfigError(f"precision {precision} runs the torch model; use --backend torch")
         backend = "torch"
+    asked = backend
     if backend == "auto" and path.suffix != ".onnx":
         wants_gpu = device == "cuda" or (device == "auto" and nvidia_gpu_present())
         loaded = None if wants_gpu and _torch_installed() else _exported_onnx(path, threads)
@@ -258,7 +259,10 @@ def _load(path: str | Path, *, device: str, backend: str, threads: int | None,
         raise ConfigError(
             f"{path} has no valid ONNX model and torch is not installed: install the training "
             "extra (pip install 'busdx[train]') or export the model (busdx export --run ...)"
-        )
+            if asked == "auto" else
+            "the torch backend needs torch, which this install leaves out: use --backend onnx, "
+            "or install the training extra (pip install 'busdx[train]')"
+        )  # fmt: skip
     from busdx.torch_engine import load_torch_engine  # torch: seconds to import, only if needed
 
     return Predictor(*load_torch_engine(path, device=device, precision=precision, threads=threads))
