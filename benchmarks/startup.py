@@ -4,7 +4,7 @@ Each arm is a fresh process timed from start to exit, with its peak resident mem
 rusage), repeated and summarised by the median:
 
 - ``bare``: a bare script (onnxruntime, Pillow, NumPy) scoring one scan with the bundled
-  model's ONNX file: the floor;
+  model's ONNX file that busdx picks on this CPU: the floor;
 - ``busdx predict one.png``: this checkout, default backend (ONNX Runtime, no torch);
 - ``busdx predict --backend torch``: this checkout, the PyTorch model;
 - ``before``: ``busdx predict one.png`` from an earlier commit (a git worktree; its bundled
@@ -29,6 +29,7 @@ import tempfile
 from pathlib import Path
 
 from busdx.bundled import resolve_run
+from busdx.predictor import load_model
 from busdx.synthetic import make_lesion_image
 
 from _common import REPO, lean_install, machine_info, peak_rss_mb, write_json
@@ -50,6 +51,7 @@ print(1 / (1 + np.exp(-logit / meta.get("temperature", 1.0))))
 SERVE_SCRIPT = """
 from fastapi.testclient import TestClient
 from busdx.bundled import resolve_run
+from busdx.predictor import load_model
 from busdx.serving import create_app
 with TestClient(create_app(resolve_run(None))) as client:
     assert client.get("/health").status_code == 200
@@ -97,7 +99,8 @@ def main() -> None:
         lean = lean_install(tmp / "lean")
         python, out = sys.executable, ["--out", str(tmp / "p.csv"), "--no-progress"]
         predict = [python, "-m", "busdx", "predict", str(scan), *out]
-        onnx_file = str(resolve_run(None) / "model.onnx")
+        # the file busdx's default backend picks on this CPU (int8 with VNNI or AMX, else fp32)
+        onnx_file = str(load_model(resolve_run(None), backend="auto", device="cpu").path)
         arms = {
             "bare": ([python, "-c", BARE_SCRIPT, onnx_file, str(scan)], env),
             "predict": (predict, env),
@@ -128,7 +131,8 @@ def main() -> None:
     ratios = {name: round(row["seconds"] / bare, 2) for name, row in results.items()
               if name.startswith("predict")}  # fmt: skip
     write_json(args.out, {"machine": machine_info(), "before": args.before,
-                          "folder_images": args.folder_images, "results": results,
+                          "model": Path(onnx_file).name, "folder_images": args.folder_images,
+                          "results": results,
                           "seconds_vs_bare": ratios, "install_size": sizes})  # fmt: skip
     print("seconds / bare script:", ratios)
     print(f"written to {args.out}")
