@@ -75,8 +75,8 @@ def test_a_cycle_would_be_found():
 LAYERS = {
     "foundations": "config layout metrics calibration errors fileio imaging boxes dicom devices "
     "hardware distributed provenance synthetic templating results lesion agreement likelihood",
-    "data and models": "data loading tables audit preprocess transforms models decoders losses "
-    "weights bundled runs readers reporting validation",
+    "data and models": "data loading tables audit preprocess model_file transforms models "
+    "decoders losses weights bundled runs readers reporting validation",
     "using a model": "inference inputs predictor engines torch_engine explain scope feature_guard "
     "features training optimization checkpoints outline",
     "workflows": "pipeline crossval crossfit demo adaptation unlabelled evaluation comparison "
