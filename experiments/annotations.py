@@ -69,8 +69,10 @@ def masked_vs_kept(run: Path, samples: list[Sample]) -> tuple[np.ndarray, np.nda
     loaded = load_model(run)
     paths = [s.path for s in samples]
     kept = file_logits(loaded, paths, progress=False)
-    loaded.preprocessing = replace(loaded.preprocessing, annotations="mask")
-    return kept, file_logits(loaded, paths, progress=False)
+    masked = replace(loaded, info=loaded.info.replace(
+        preprocessing=replace(loaded.preprocessing, annotations="mask")
+    ))  # fmt: skip
+    return kept, file_logits(masked, paths, progress=False)
 
 
 def compare(labels: np.ndarray, kept: np.ndarray, masked: np.ndarray) -> dict:

@@ -30,11 +30,11 @@ import numpy as np
 from busdx import __version__
 from busdx.bundled import BUNDLED_DIR, SUMMARY_FILE
 from busdx.calibration import fit_operating_points
-from busdx.checkpoints import update_model_metadata
 from busdx.errors import ExportError
 from busdx.export import export_run
 from busdx.fileio import atomic_write_text, json_safe
 from busdx.layout import CONFIG_FILE, EXPORT_REPORT, INFO_FILE, INT8_FILE, MODEL_FILE, ONNX_FILE
+from busdx.model_file import read_model_file, update_model_file
 from busdx.runs import load_run
 
 MIN_AGREEMENT = 0.97  # int8 ships only if it decides as the fp32 model on 97% of validation cases
@@ -156,9 +156,9 @@ Research use only. busdx is not a medical device and must not be used for diagno
   end to end), {info["epochs"]} epochs, bf16 on a CPU; busdx {__version__}.
 - **Trained on** three hospitals' images, all of each site ({counts}; the validation images
   chose the checkpoint): {", ".join(SITES.get(s, {}).get("title", s) for s in info["sites"])}.
-- **Threshold policy**: `{fitted["threshold_policy"]}`, target sensitivity
-  {fitted["target_sensitivity"]}; temperature {fitted["temperature"]:.3f} and threshold
-  {fitted["threshold"]:.3f} fitted on the {fitted["calibration_cases"]["n"]} out-of-site
+- **Threshold policy**: `{fitted.threshold_policy}`, target sensitivity
+  {fitted.target_sensitivity}; temperature {fitted.temperature:.3f} and threshold
+  {fitted.threshold:.3f} fitted on the {fitted.cases["n"]} out-of-site
   predictions of the leave-one-site-out study below (each image scored by a model of the same
   recipe that never saw its hospital): the sensitivity to expect at a hospital this model never
   saw, not at the ones it trained on.
@@ -217,7 +217,9 @@ def main() -> None:
     labels, logits = out_of_site_predictions(args.loso)
     fitted = fit_operating_points(logits, labels, config.evaluate)
     source = f"out-of-site predictions of leave-one-site-out ({args.loso.name})"
-    update_model_metadata(args.run / MODEL_FILE, {**fitted, "calibration_source": source})
+    trained, _ = read_model_file(args.run / MODEL_FILE)
+    calibrated = trained.calibrated_with(fitted.replace(source=source))
+    update_model_file(args.run / MODEL_FILE, calibrated)
     try:  # 8-bit weights: a Lite model keeps its decisions far better (experiments/int8_lite.py)
         export = export_run(args.run, int8=True, weight_bits=8, calibration_size=200,
                             keep_float=KEEP_FLOAT)  # fmt: skip
@@ -250,10 +252,10 @@ def main() -> None:
         "recipe": config.recipe,
         "epochs": config.train.epochs,
         "trained_on": list(info["sites"]),
-        "threshold_policy": fitted["threshold_policy"],
-        "target_sensitivity": fitted["target_sensitivity"],
-        "threshold": fitted["threshold"],
-        "temperature": fitted["temperature"],
+        "threshold_policy": fitted.threshold_policy,
+        "target_sensitivity": fitted.target_sensitivity,
+        "threshold": fitted.threshold,
+        "temperature": fitted.temperature,
         "calibration_source": source,
         "held_out_sites": held_out,
         "int8": (target / INT8_FILE).is_file(),

@@ -73,10 +73,10 @@ def main() -> None:
         if external is not None:
             fitted = fit_operating_points(z_cv, y_cv, settings.evaluate)
             y_site, z_site = external
-            probabilities = apply_temperature(z_site, fitted["temperature"])
-            decided = binary_metrics(y_site, probabilities, threshold=fitted["threshold"])
-            ci = bootstrap_ci(y_site, probabilities, threshold=fitted["threshold"])
-            row["threshold"] = fitted["threshold"]
+            probabilities = apply_temperature(z_site, fitted.temperature)
+            decided = binary_metrics(y_site, probabilities, threshold=fitted.threshold)
+            ci = bootstrap_ci(y_site, probabilities, threshold=fitted.threshold)
+            row["threshold"] = fitted.threshold
             row["external"] = {k: decided[k] for k in ("sensitivity", "specificity")}
             row["external_ci"] = {k: ci[k] for k in ("sensitivity", "specificity")}
         rows.append(row)

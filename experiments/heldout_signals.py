@@ -131,7 +131,7 @@ def analyse(args):
         y_ref = np.concatenate([sites[s]["label"] for s in others])
         x_ref = np.concatenate([sites[s]["logit"] for s in others])
         fitted = fit_operating_points(x_ref, y_ref, settings)
-        temperature, cut = fitted["temperature"], logit(fitted["threshold"])
+        temperature, cut = fitted.temperature, logit(fitted.threshold)
         wrong = (data["logit"] / temperature >= cut) != y.astype(bool)
 
         def signal(d, temperature=temperature, cut=cut):

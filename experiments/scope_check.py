@@ -116,7 +116,7 @@ def main() -> None:
     payload = {
         "command": f"python experiments/scope_check.py --run {args.run} --external "
         f"{args.external} --out {args.out}",
-        "threshold": loaded.metadata["scope"]["threshold"],
+        "threshold": loaded.info.scope.threshold,
         "groups": results,
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -37,11 +37,10 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import torch
 
-from busdx.checkpoints import save_model_file
 from busdx.fileio import atomic_write_text, json_safe
 from busdx.metrics import paired_bootstrap, roc_auc
+from busdx.model_file import read_model_file, write_model_file
 
 SITES = {
     "busi": "../shared/data/busi",
@@ -116,12 +115,12 @@ def last_epoch_run(run_dir: Path, target: Path) -> Path:
     target.mkdir(parents=True, exist_ok=True)
     for name in ("config.yaml", "run.json", "split.csv", COST_FILE):
         shutil.copy2(run_dir / name, target / name)
-    last = torch.load(run_dir / "last.pt", map_location="cpu", weights_only=True)
+    info, last = read_model_file(run_dir / "last.pt")
+    state = last["state_dict"]
     if "ema" in last:
-        last["state_dict"] = {k.removeprefix("module."): v for k, v in last["ema"].items()
-                              if k != "n_averaged"}  # fmt: skip
-    resume = {"history", "best_val_loss", "stale_epochs", "optimizer", "schedule", "ema"}
-    save_model_file(target / "model.pt", {k: v for k, v in last.items() if k not in resume})
+        state = {k.removeprefix("module."): v for k, v in last["ema"].items()
+                 if k != "n_averaged"}  # fmt: skip
+    write_model_file(target / "model.pt", info, state_dict=state)
     return target
 
 

@@ -94,7 +94,7 @@ def main() -> None:
         y_ref = np.concatenate([sites[s][0] for s in others])
         x_ref = np.concatenate([sites[s][1] for s in others])
         prior = fit_operating_points(x_ref, y_ref, settings["point"])  # the shipped threshold
-        called = apply_temperature(logits, prior["temperature"]) >= prior["threshold"]
+        called = apply_temperature(logits, prior.temperature) >= prior.threshold
         entry = {
             "n": len(labels), "n_positive": int(labels.sum()),
             "cross_fitted": {
@@ -115,12 +115,12 @@ def main() -> None:
                     continue
                 for rule in RULES:
                     fitted = fit_operating_points(logits[local], labels[local], settings[rule])
-                    t, temp = fitted["threshold"], fitted["temperature"]
+                    t, temp = fitted.threshold, fitted.temperature
                     local_p = apply_temperature(logits[local], temp)
                     promise = sensitivity_promise(labels[local], local_p, t, args.target,
                                                   args.confidence)  # fmt: skip
                     if rule == "bound+prior" and not promise.kept:
-                        t = min(t, transfer_threshold(prior["threshold"], prior["temperature"],
+                        t = min(t, transfer_threshold(prior.threshold, prior.temperature,
                                                       temp))  # fmt: skip
                         promise = sensitivity_promise(labels[local], local_p, t, args.target,
                                                       args.confidence)  # fmt: skip

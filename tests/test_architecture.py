@@ -78,7 +78,7 @@ LAYERS = {
     "data and models": "data loading tables audit preprocess model_file transforms models "
     "decoders losses weights bundled runs readers reporting validation",
     "using a model": "inference inputs predictor engines torch_engine explain scope feature_guard "
-    "features training optimization checkpoints outline",
+    "features training optimization outline",
     "workflows": "pipeline crossval crossfit demo adaptation unlabelled evaluation comparison "
     "export segmentation cluster model_card",
     "interfaces": "cli serving __main__",
@@ -142,3 +142,35 @@ def test_inference_and_serving_import_no_torch():
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "[]"
+
+
+MODEL_FILE_KEYS = ("threshold_policy", "calibration_source", "class_names", "temperature",
+                   "int8_weight_bits", "exported_from", "busdx_version")  # fmt: skip
+
+
+def _string_subscripts(path: Path) -> set[str]:
+    """The string constants used as subscripts or ``.get`` keys in a module."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        key = None
+        if isinstance(node, ast.Subscript):
+            key = node.slice
+        elif isinstance(node, ast.Call) and getattr(node.func, "attr", None) == "get" and node.args:
+            key = node.args[0]
+        if isinstance(key, ast.Constant) and isinstance(key.value, str):
+            found.add(key.value)
+    return found
+
+
+def test_model_files_are_read_and_written_in_one_place():
+    """Only busdx.model_file loads or saves a model file (weights.py loads pretrained backbone
+    weights), and no other module looks up what a model file says by string key (issue 29)."""
+    for path in MODULES:
+        if path.name in {"model_file.py", "weights.py"}:
+            continue
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        calls = {f"{n.func.value.id}.{n.func.attr}" for n in ast.walk(tree)
+                 if isinstance(n, ast.Call) and isinstance(n.func, ast.Attribute)
+                 and isinstance(n.func.value, ast.Name)}  # fmt: skip
+        assert not calls & {"torch.load", "torch.save"}, path
+        assert not _string_subscripts(path) & set(MODEL_FILE_KEYS), path

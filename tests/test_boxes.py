@@ -27,6 +27,7 @@ from busdx.errors import BoxError, DataError
 from busdx.imaging import ORIGIN_KEY, ImageInput
 from busdx.inference import predict_files
 from busdx.loading import ImageDataset
+from busdx.model_file import read_model_file
 from busdx.predictor import load_model
 from busdx.preprocess import Preprocessing, load_region
 from busdx.serving import create_app
@@ -124,8 +125,8 @@ def test_training_crops_are_seeded_per_epoch_and_never_preloaded(masked_data):
 
 
 def test_roi_run_records_its_mode_and_boxes(roi_run):
-    prep = torch.load(roi_run / "model.pt", weights_only=True)["preprocessing"]
-    assert prep["region"] == "box" and prep["box_margin"] == pytest.approx(0.2)
+    prep = read_model_file(roi_run / "model.pt")[0].preprocessing
+    assert prep.region == "box" and prep.box_margin == pytest.approx(0.2)
     rows = list(csv.DictReader((roi_run / "split.csv").open()))
     assert all(parse_box(row["box"]) for row in rows)
     assert json.loads((roi_run / "metrics.json").read_text())["roc_auc"] is not None

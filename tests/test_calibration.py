@@ -24,8 +24,8 @@ def test_calibrated_probabilities_come_close_to_the_true_ones():
     logits, y = _overconfident()
     truth = 1 / (1 + np.exp(-logits / 2.5))
     fitted = fit_operating_points(logits, y, EvaluateConfig())
-    assert fitted["validation_ece"]["calibrated"] < fitted["validation_ece"]["uncalibrated"] / 2
-    error_after = np.abs(apply_temperature(logits, fitted["temperature"]) - truth).mean()
+    assert fitted.validation_ece["calibrated"] < fitted.validation_ece["uncalibrated"] / 2
+    error_after = np.abs(apply_temperature(logits, fitted.temperature) - truth).mean()
     error_before = np.abs(apply_temperature(logits, 1.0) - truth).mean()
     assert error_after < 0.02 < 0.05 < error_before
 
@@ -33,15 +33,15 @@ def test_calibrated_probabilities_come_close_to_the_true_ones():
 def test_threshold_policy_reaches_its_target_on_validation():
     logits, y = _overconfident()
     fitted = fit_operating_points(logits, y, EvaluateConfig(target_sensitivity=0.95))
-    p = apply_temperature(logits, fitted["temperature"])
-    assert np.mean(p[y == 1] >= fitted["threshold"]) >= 0.95
-    assert fitted["threshold_policy"] == "target_sensitivity"
+    p = apply_temperature(logits, fitted.temperature)
+    assert np.mean(p[y == 1] >= fitted.threshold) >= 0.95
+    assert fitted.threshold_policy == "target_sensitivity"
     youden = fit_operating_points(logits, y, EvaluateConfig(threshold_policy="youden"))
-    assert youden["threshold"] == youden["operating_points"]["youden"] > fitted["threshold"]
+    assert youden.threshold == youden.operating_points["youden"] > fitted.threshold
     fixed = fit_operating_points(
         logits, y, EvaluateConfig(calibrate=False, threshold_policy="fixed")
     )
-    assert (fixed["threshold"], fixed["temperature"]) == (0.5, 1.0)
+    assert (fixed.threshold, fixed.temperature) == (0.5, 1.0)
 
 
 def test_temperature_stays_within_its_bounds_at_both_extremes():
@@ -61,15 +61,15 @@ def test_the_fit_records_what_it_was_fitted_on_and_for():
     settings = EvaluateConfig(target_sensitivity=0.9, threshold_confidence=0.5, fixed_threshold=0.3,
                               threshold_policy="fixed")  # fmt: skip
     fitted = fit_operating_points(logits, list(y), settings)
-    assert fitted["calibration_cases"] == {"n": 600, "n_positive": int(y.sum())}
-    assert (fitted["target_sensitivity"], fitted["threshold_confidence"]) == (0.9, 0.5)
-    assert fitted["threshold_policy"] == "fixed" and fitted["threshold"] == 0.3
-    assert fitted["operating_points"]["fixed"] == 0.3
+    assert fitted.cases == {"n": 600, "n_positive": int(y.sum())}
+    assert (fitted.target_sensitivity, fitted.threshold_confidence) == (0.9, 0.5)
+    assert fitted.threshold_policy == "fixed" and fitted.threshold == 0.3
+    assert fitted.operating_points["fixed"] == 0.3
     raw = 1 / (1 + np.exp(-logits))
-    ece = fitted["validation_ece"]
+    ece = fitted.validation_ece
     assert ece["uncalibrated"] == pytest.approx(expected_calibration_error(y, raw))
-    calibrated = apply_temperature(logits, fitted["temperature"])
+    calibrated = apply_temperature(logits, fitted.temperature)
     assert ece["calibrated"] == pytest.approx(expected_calibration_error(y, calibrated))
     uncalibrated = fit_operating_points(logits, y, EvaluateConfig(calibrate=False))
-    assert uncalibrated["temperature"] == 1.0
-    assert uncalibrated["validation_ece"]["calibrated"] == pytest.approx(ece["uncalibrated"])
+    assert uncalibrated.temperature == 1.0
+    assert uncalibrated.validation_ece["calibrated"] == pytest.approx(ece["uncalibrated"])

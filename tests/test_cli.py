@@ -5,12 +5,12 @@ from html.parser import HTMLParser
 from pathlib import Path
 
 import pytest
-import torch
 import yaml
 from PIL import Image
 
 from busdx.cli import main
 from busdx.inference import predict_files
+from busdx.model_file import read_model_file, update_model_file
 from busdx.predictor import load_model
 from busdx.synthetic import decompression_bomb_png
 
@@ -132,7 +132,7 @@ def test_predict_files_and_folders_with_a_bad_file(trained_run, synthetic_data, 
         direct.probability, abs=1e-5
     )  # the row of the good file is its own prediction, whatever its neighbours
     assert rows["good.png"]["label"] == direct.label
-    stored = torch.load(trained_run / "model.pt", weights_only=True)["threshold"]
+    stored = read_model_file(trained_run / "model.pt")[0].threshold
     assert float(rows["good.png"]["threshold"]) == pytest.approx(stored)
 
 
@@ -305,11 +305,8 @@ def test_report_of_an_unfinished_run_is_a_user_error(trained_run, tmp_path, caps
 
 def test_uncalibrated_model_still_works_and_says_so(trained_run, tmp_path, capsys):
     legacy = shutil.copytree(trained_run, tmp_path / "legacy")
-    payload = torch.load(legacy / "model.pt", weights_only=True)
-    for key in ("temperature", "operating_points", "threshold_policy"):
-        payload.pop(key)
-    payload["threshold"] = 0.5
-    torch.save(payload, legacy / "model.pt")
+    info, _ = read_model_file(legacy / "model.pt")
+    update_model_file(legacy / "model.pt", info.replace(threshold=0.5, calibration=None))
     assert main(["evaluate", "--run", str(legacy), "--out", str(legacy), "--no-progress"]) == 0
     metrics = json.loads((legacy / "metrics.json").read_text())
     assert metrics["calibrated"] is False and list(metrics["operating_points"]) == ["fixed"]

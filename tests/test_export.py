@@ -8,7 +8,6 @@ import shutil
 import numpy as np
 import onnx
 import pytest
-import torch
 from fastapi.testclient import TestClient
 from PIL import Image
 
@@ -18,6 +17,7 @@ from busdx.export import export_run
 from busdx.fileio import sha256_file
 from busdx.inference import file_logits, predict_files
 from busdx.inputs import iter_image_paths
+from busdx.model_file import read_model_file, update_model_file
 from busdx.predictor import load_model
 from busdx.results import ExportReport
 from busdx.serving import ServeSettings, create_app
@@ -53,8 +53,9 @@ def test_fp32_onnx_matches_torch_and_carries_the_metadata(run_copy, images, caps
         rtol=1e-4,
         atol=1e-4,
     )
-    for key in ("class_names", "threshold", "temperature", "preprocessing", "weights"):
-        assert onnx_model.metadata[key] == torch_model.metadata[key]
+    exported = onnx_model.info.replace(provenance=torch_model.info.provenance,
+                                       int8_weight_bits=None)  # fmt: skip
+    assert exported == torch_model.info  # all but where and how it was exported
     report = ExportReport.read(run_copy / "export.json")
     assert report.onnx.vs_torch.max_abs_logit_difference < 1e-3
     assert report.int8 is None and not (run_copy / "model.int8.onnx").exists()
@@ -109,11 +110,10 @@ def test_int8_export_agrees_with_fp32_and_onnx_backend_prefers_it(run_copy, imag
 
 def test_exports_are_stamped_and_a_stale_one_is_refused(run_copy, images, capsys):
     export_run(run_copy)
-    stamp = load_model(run_copy, backend="onnx").metadata["exported_from"]
+    stamp = load_model(run_copy, backend="onnx").info.provenance.exported_from
     assert stamp == {"file": "model.pt", "sha256": sha256_file(run_copy / "model.pt")}
-    payload = torch.load(run_copy / "model.pt", weights_only=True)
-    payload["threshold"] = 0.123  # as a recalibration or a resume would rewrite model.pt
-    torch.save(payload, run_copy / "model.pt")
+    info, _ = read_model_file(run_copy / "model.pt")  # as a recalibration or a resume would
+    update_model_file(run_copy / "model.pt", info.replace(threshold=0.123))
     with pytest.raises(CheckpointError, match=r"not exported from the model\.pt beside it"):
         load_model(run_copy, backend="onnx")
     args = ["predict", "--run", str(run_copy), "--backend", "onnx", str(images[0])]
@@ -190,10 +190,7 @@ def test_stdout_csv_is_parseable(trained_run, synthetic_data, capsys):
                  "--no-progress"]) == 0  # fmt: skip
     rows = list(csv.DictReader(capsys.readouterr().out.splitlines()))
     assert len(rows) == 12 and {r["label"] for r in rows} <= {"benign", "malignant"}
-    assert torch.load(trained_run / "model.pt", weights_only=True)["class_names"] == [
-        "benign",
-        "malignant",
-    ]
+    assert read_model_file(trained_run / "model.pt")[0].class_names == ("benign", "malignant")
 
 
 def test_train_export_then_predict_and_serve_use_the_int8_model_by_default(
@@ -209,9 +206,8 @@ def test_train_export_then_predict_and_serve_use_the_int8_model_by_default(
         assert client.get("/health").json()["backend"] == "onnx"
         session = client.app.state.service.predictor.engine.session
         assert session.get_session_options().intra_op_num_threads == max(1, os.cpu_count() // 2)
-    payload = torch.load(run / "model.pt", weights_only=True)
-    payload["threshold"] = 0.2  # model.pt changed since the export: the int8 file is stale
-    torch.save(payload, run / "model.pt")
+    info, _ = read_model_file(run / "model.pt")  # changed since the export: both are stale
+    update_model_file(run / "model.pt", info.replace(threshold=0.2))
     caplog.clear()
     assert load_model(run, backend="auto").backend == "torch"  # both exports are stale
     assert "was not exported from the model.pt beside it" in caplog.text
@@ -223,7 +219,7 @@ def test_8_bit_int8_weights_are_used_only_on_a_cpu_with_vnni(run_copy, monkeypat
     assert main([*args, "--int8-weight-bits", "8", "--allow-auc-drop"]) == 0
     report = ExportReport.read(run_copy / "export.json")
     assert report.int8.weight_bits == 8
-    assert load_model(run_copy, backend="onnx").metadata["int8_weight_bits"] == 8
+    assert load_model(run_copy, backend="onnx").info.int8_weight_bits == 8
     monkeypatch.setattr("busdx.predictor.cpu_has_vnni", lambda: True)
     assert load_model(run_copy, device="cpu", backend="auto").path.name == "model.int8.onnx"
     monkeypatch.setattr("busdx.predictor.cpu_has_vnni", lambda: False)  # an AVX2-only CPU

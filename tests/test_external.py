@@ -12,6 +12,7 @@ from sklearn.linear_model import LogisticRegression
 
 from busdx.adaptation import fit_anchored_layer
 from busdx.cli import main
+from busdx.model_file import read_model_file
 from busdx.results import Comparison, Evaluation
 
 from conftest import FAST, train_run
@@ -102,9 +103,9 @@ def test_local_calibration_writes_a_new_run_and_leaves_the_old_one(run_and_site,
     assert main(args) == 0
     assert "calibrated on 24 cases" in capsys.readouterr().out
     assert (run / "model.pt").read_bytes() == before
-    payload = torch.load(out / "model.pt", weights_only=True)
-    assert payload["calibration_source"].startswith("site hospital: 24")
-    assert payload["calibration_cases"] == {"n": 24, "n_positive": 12}
+    calibration = read_model_file(out / "model.pt")[0].calibration
+    assert calibration.source.startswith("site hospital: 24")
+    assert calibration.cases == {"n": 24, "n_positive": 12}
     info = json.loads((out / "run.json").read_text())
     assert info["calibrated"]["n"] == 24
     # at a target of 1.0 on these very cases, every malignant case is called malignant
@@ -173,12 +174,12 @@ def test_refitting_the_head_locally_learns_a_site_that_labels_the_other_way(
             "--refit-head", "--no-progress"]  # fmt: skip
     assert main(args) == 0
     assert "last layer refitted" in capsys.readouterr().out
-    payload = torch.load(out / "model.pt", weights_only=True)
-    refit = payload["head_refit"]
+    info, payload = read_model_file(out / "model.pt")
+    refit = info.calibration.head_refit
     assert not refit["kept_trained_head"] and refit["cases"] == {"n": 24, "n_positive": 12}
     chosen = refit["out_of_fold"][str(refit["strength"])]
     assert chosen["nll"] < refit["out_of_fold"]["inf"]["nll"]
-    original = torch.load(run / "model.pt", weights_only=True)["state_dict"]
+    original = read_model_file(run / "model.pt")[1]["state_dict"]
     changed = [k for k, v in payload["state_dict"].items() if not torch.equal(v, original[k])]
     assert changed == ["head.4.weight", "head.4.bias"]  # only the last layer moved
     assert main([*evaluate, "--run", str(out), "--out", str(tmp_path / "after")]) == 0

@@ -8,6 +8,7 @@ from busdx.config import AugmentConfig, ModelConfig, apply_overrides, load_confi
 from busdx.data import scan_dataset
 from busdx.features import FeatureCache
 from busdx.imaging import load_image
+from busdx.model_file import read_model_file
 from busdx.models import create_model
 from busdx.runs import prepare_dataset
 from busdx.training import fit
@@ -116,7 +117,7 @@ def test_finetune_recipe_caches_the_input_of_its_last_block(
     assert {np.load(e).shape for e in entries} == {(512, 4, 4)}  # pool4 output, not pool5
 
     model, _, _ = create_model(finetune.model, image_size=64, load_weights=False)
-    state = torch.load(tmp_path / "finetune" / "model.pt", weights_only=True)["state_dict"]
+    state = read_model_file(tmp_path / "finetune" / "model.pt")[1]["state_dict"]
     model.load_state_dict(state)
     initial, _, _ = create_model(finetune.model, image_size=64)
     block5_moved = not torch.equal(model.backbone[24].weight, initial.backbone[24].weight)

@@ -15,7 +15,12 @@ import numpy as np
 import pytest
 from scipy.stats import binom
 
-from busdx.calibration import positives_needed, sensitivity_promise, transfer_threshold
+from busdx.calibration import (
+    Calibration,
+    positives_needed,
+    sensitivity_promise,
+    transfer_threshold,
+)
 from busdx.results import Interval, Metrics
 from busdx.synthetic import write_synthetic_dataset
 from busdx.validation import check_expectation, describe_threshold
@@ -139,20 +144,25 @@ def test_a_threshold_moves_with_the_temperature_to_the_same_logit_cut():
 
 
 def test_the_threshold_is_described_with_how_often_it_kept_its_promise():
-    metadata = {"threshold_policy": "target_sensitivity", "target_sensitivity": 0.95,
-                "calibration_source": "out-of-site predictions"}  # fmt: skip
+    labels, scores = np.array([0] * 30 + [1] * 30), np.linspace(0, 1, 60)
+    promise = sensitivity_promise(labels, scores, 0.4, 0.95, 0.9)
+    calibration = Calibration(
+        temperature=1.0, threshold=0.4, threshold_policy="target_sensitivity",
+        target_sensitivity=0.95, source="out-of-site predictions",
+    )  # fmt: skip
     held_out = {"a": {"sensitivity": 0.97}, "b": {"sensitivity": 0.87}}
-    text = describe_threshold(metadata, held_out)
+    text = describe_threshold(calibration, held_out)
     assert "out-of-site predictions" in text and "kept 0.95 at 1 of 2" in text
-    promise = {"guaranteed": 0.858, "confidence": 0.9}
-    local = describe_threshold({**metadata, "sensitivity_promise": promise}, None)
-    assert "sensitivity >= 0.858 with 90% confidence" in local
-    observed = describe_threshold(
-        {**metadata, "sensitivity_promise": {**promise, "confidence": 0.0}}, None
+    promised = calibration.model_copy(update={"sensitivity_promise": promise})
+    local = describe_threshold(promised, None)
+    assert f"sensitivity >= {promise.guaranteed:.3f} with 90% confidence" in local
+    observed = promise.model_copy(update={"confidence": 0.0})
+    assert "confidence" not in describe_threshold(
+        calibration.model_copy(update={"sensitivity_promise": observed}), None
     )
-    assert "confidence" not in observed
-    assert "chosen on the validation split" in describe_threshold({"threshold_policy": "youden"},
-                                                                  None)  # fmt: skip
+    youden = Calibration(temperature=1.0, threshold=0.5, threshold_policy="youden")
+    assert describe_threshold(youden, None) == "youden threshold, chosen on the validation split"
+    assert describe_threshold(None, None) == "fixed threshold, not calibrated"
 
 
 def test_a_bundled_model_exports_and_compares_into_the_working_directory(tmp_path, monkeypatch):

@@ -5,12 +5,12 @@ import json
 
 import numpy as np
 import pytest
-import torch
 
 from busdx.cli import main
 from busdx.config import apply_overrides, load_config
 from busdx.crossfit import leave_one_fold_out_threshold
 from busdx.inference import predict_files
+from busdx.model_file import read_model_file
 from busdx.predictor import load_model
 
 from conftest import FAST
@@ -51,9 +51,9 @@ def test_cv_tests_each_image_once_keeps_groups_and_resumes(synthetic_data, tmp_p
 
     # the cross-fitted ensemble: the three fold models, calibrated on all out-of-fold logits
     ensemble = out / "ensemble"
-    payload = torch.load(ensemble / "model.pt", weights_only=True)
-    assert payload["ensemble_size"] == 3 and "out-of-fold" in payload["calibration_source"]
-    assert payload["calibration_cases"] == {"n": 24, "n_positive": 12}
+    info = read_model_file(ensemble / "model.pt")[0]
+    assert info.ensemble_size == 3 and "out-of-fold" in info.calibration.source
+    assert info.calibration.cases == {"n": 24, "n_positive": 12}
     images = sorted(synthetic_data.rglob("*.png"))[:4]
     mean = np.mean([_logits(out / f"fold-{k}", images) for k in range(3)], axis=0)
     assert np.allclose(_logits(ensemble, images), mean, atol=1e-5)
@@ -64,9 +64,9 @@ def test_cv_tests_each_image_once_keeps_groups_and_resumes(synthetic_data, tmp_p
     careful = [*args, "--set", "evaluate.threshold_confidence=0.9"]
     assert main(careful) == 0
     assert (out / "fold-1" / "metrics.json").stat().st_mtime_ns == stamp
-    recalibrated = torch.load(ensemble / "model.pt", weights_only=True)
-    assert recalibrated["threshold_confidence"] == 0.9
-    assert recalibrated["threshold"] <= payload["threshold"]
+    recalibrated = read_model_file(ensemble / "model.pt")[0]
+    assert recalibrated.calibration.threshold_confidence == 0.9
+    assert recalibrated.threshold <= info.threshold
     assert main([*args, "--set", "train.lr=0.1"]) == 2
 
 

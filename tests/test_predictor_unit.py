@@ -12,14 +12,14 @@ import torch
 from PIL import Image
 
 import busdx.predictor as predictor_module
-from busdx.checkpoints import model_metadata, save_model_file, update_model_metadata
+from busdx.calibration import Calibration
 from busdx.config import load_config
 from busdx.errors import CheckpointError, ConfigError
 from busdx.feature_guard import logits_and_features
 from busdx.layout import INT8_FILE, MODEL_FILE, ONNX_FILE
+from busdx.model_file import ModelInfo, read_model_file, update_model_file, write_model_file
 from busdx.models import create_model
-from busdx.predictor import INT8_WEIGHT_BITS, load_model
-from busdx.scope import SCOPE_KEY
+from busdx.predictor import load_model
 from busdx.synthetic import make_lesion_image
 
 T, THRESHOLD = 2.0, 0.4
@@ -31,10 +31,11 @@ def model_file(tmp_path_factory):
     config.model.weights, config.data.image_size = "none", 32
     torch.manual_seed(0)
     model, weights, prep = create_model(config.model, image_size=32)
-    metadata = model_metadata(config, weights, prep, ["benign", "malignant"])
+    info = ModelInfo.for_training(config, {"name": weights.name, "sha256": weights.sha256},
+                                  prep, ["benign", "malignant"])  # fmt: skip
+    info = info.calibrated_with(Calibration(threshold=THRESHOLD, temperature=T))
     path = tmp_path_factory.mktemp("tiny") / "model.pt"
-    payload = {**metadata, "threshold": THRESHOLD, "temperature": T}
-    save_model_file(path, {**payload, "state_dict": model.state_dict()})
+    write_model_file(path, info, state_dict=model.state_dict())
     return path
 
 
@@ -87,7 +88,9 @@ def test_only_the_pixel_rules_withhold_a_label_the_distance_does_not(model_file)
     far = np.zeros((1, 3, 32, 32), dtype=np.float32)
     width = logits_and_features(predictor.model, torch.from_numpy(far))[1].shape[1]
     scope = {"mean": np.ones(width, np.float32), "precision": np.eye(width, dtype=np.float32) * 1e6}
-    predictor.engine = dataclasses.replace(predictor.engine, scope=scope)
+    predictor = dataclasses.replace(
+        predictor, engine=dataclasses.replace(predictor.engine, scope=scope)
+    )
     decided = predictor.decide_inputs(far, [[]])[0]
     assert decided.scope_distance > 5.0  # far from the training images, yet labelled
     assert decided.out_of_scope is False and decided.label is not None
@@ -107,11 +110,11 @@ def test_what_load_model_refuses(model_file, tmp_path):
     with pytest.raises(CheckpointError, match="not a loadable busdx model file"):
         load_model(tmp_path / "garbage.pt")
     torch.save({"format": "something else"}, tmp_path / "other.pt")
-    with pytest.raises(CheckpointError, match="is not a busdx model file"):
+    with pytest.raises(CheckpointError, match=r"other\.pt: not a busdx model file"):
         load_model(tmp_path / "other.pt")
-    payload = torch.load(model_file, weights_only=True)
-    payload["state_dict"] = {k: v[..., :1] for k, v in payload["state_dict"].items()}
-    torch.save(payload, tmp_path / "misfit.pt")
+    info, tensors = read_model_file(model_file)
+    misfit = {k: v[..., :1] for k, v in tensors["state_dict"].items()}
+    write_model_file(tmp_path / "misfit.pt", info, state_dict=misfit)
     with pytest.raises(CheckpointError, match="weights do not fit"):
         load_model(tmp_path / "misfit.pt")
 
@@ -122,7 +125,8 @@ def test_a_run_directory_loads_its_model_file_and_auto_falls_back_to_torch(model
     )  # no export: the torch model
     assert predictor.backend == "torch" and predictor.path == model_file
     assert predictor.class_names == ["benign", "malignant"]
-    assert "state_dict" not in predictor.metadata and predictor.model is not None
+    assert predictor.info.network["name"] == load_config().model.name
+    assert predictor.model is not None
     assert not predictor.model.training  # ready for inference
 
 
@@ -167,7 +171,7 @@ def test_which_file_each_backend_loads(exported, tmp_path, monkeypatch, caplog):
     assert load_model(folder, backend="torch").backend == "torch"
     assert load_model(folder, backend="auto", precision="bf16").backend == "torch"
     monkeypatch.setattr(predictor_module, "cpu_has_vnni", lambda: False)
-    auto.metadata[INT8_WEIGHT_BITS] = 8  # stands for an export with 8-bit weights
+    auto = dataclasses.replace(auto, info=auto.info.replace(int8_weight_bits=8))  # 8-bit weights
     monkeypatch.setattr(predictor_module, "_load_onnx", lambda path, threads=None: auto)
     caplog.clear()
     with caplog.at_level(logging.INFO, logger="busdx"):
@@ -181,7 +185,8 @@ def test_which_file_each_backend_loads(exported, tmp_path, monkeypatch, caplog):
 def test_a_stale_export_is_refused_or_passed_over(exported, tmp_path, caplog):
     folder = shutil.copytree(exported, tmp_path / "run")
     shutil.copyfile(folder / ONNX_FILE, folder / INT8_FILE)
-    update_model_metadata(folder / MODEL_FILE, {"threshold": 0.7})  # a recalibration
+    info, _ = read_model_file(folder / MODEL_FILE)
+    update_model_file(folder / MODEL_FILE, info.replace(threshold=0.7))  # a recalibration
     with pytest.raises(CheckpointError, match=f"{INT8_FILE} was not exported from the model.pt"):
         load_model(folder, backend="onnx")
     with pytest.raises(CheckpointError, match=r"export again: busdx export --run .* --int8$"):
@@ -211,14 +216,13 @@ def test_what_the_onnx_loader_refuses(tmp_path):
 def test_an_ensemble_file_averages_its_members_logits(model_file, tmp_path):
     """A cross-fitted ensemble's model file: members' weights under ``members.<i>.``, one
     metadata; the logit is the mean of the members'. Training state never reaches metadata."""
-    payload = torch.load(model_file, weights_only=True)
-    second = {key: value * 0.5 for key, value in payload["state_dict"].items()}
-    state = {f"members.0.{k}": v for k, v in payload["state_dict"].items()}
+    info, tensors = read_model_file(model_file)
+    second = {key: value * 0.5 for key, value in tensors["state_dict"].items()}
+    state = {f"members.0.{k}": v for k, v in tensors["state_dict"].items()}
     state |= {f"members.1.{k}": v for k, v in second.items()}
-    torch.save({**payload, "ensemble_size": 2, "state_dict": state, "optimizer": {}},
-               tmp_path / "model.pt")  # fmt: skip
+    write_model_file(tmp_path / "model.pt", info.replace(ensemble_size=2), state_dict=state)
     ensemble, single = load_model(tmp_path / "model.pt"), load_model(model_file)
-    assert len(ensemble.model.members) == 2 and "optimizer" not in ensemble.metadata
+    assert len(ensemble.model.members) == 2 and ensemble.info.ensemble_size == 2
     halved = load_model(model_file)
     halved.model.load_state_dict(second)
     inputs = torch.from_numpy(single.inputs([_scan(8)]))
@@ -235,13 +239,14 @@ def test_a_guarded_model_measures_each_input_and_flags_what_is_not_a_scan(model_
     files = [tmp_path / f"scan{i}.png" for i in range(len(images))]
     for image, file in zip(images, files, strict=True):
         image.save(file)
-    scope = fit_scope(predictor.model, predictor.preprocessing, files[:8], files[8:],
-                      device=torch.device("cpu"))  # fmt: skip
-    payload = torch.load(model_file, weights_only=True)
-    torch.save({**payload, SCOPE_KEY: scope}, tmp_path / "model.pt")
+    guard, arrays = fit_scope(predictor.model, predictor.preprocessing, files[:8], files[8:],
+                              device=torch.device("cpu"))  # fmt: skip
+    shutil.copyfile(model_file, tmp_path / "model.pt")
+    update_model_file(tmp_path / "model.pt", predictor.info.replace(scope=guard),
+                      scope_arrays=arrays)  # fmt: skip
     guarded = load_model(tmp_path / "model.pt")
     assert guarded.engine.scope["precision"].dtype == np.float32  # upcast once
-    assert guarded.metadata[SCOPE_KEY]["threshold"] == scope["threshold"]
+    assert guarded.info.scope == guard
     big = [image.resize((200, 200)) for image in images[8:]]  # pass the pixel checks
     flat = Image.new("RGB", (200, 200), (128, 128, 128))
     decisions = guarded.decide_images([*big, flat], threshold=0.0)

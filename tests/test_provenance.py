@@ -10,6 +10,7 @@ import subprocess
 import torch
 
 from busdx import __version__
+from busdx.model_file import read_model_file
 from busdx.provenance import git_commit
 
 
@@ -34,7 +35,7 @@ def test_every_run_and_model_file_records_where_it_came_from(trained_run):
     """The record names this machine and these libraries, as the standard library and the
     packages' own metadata report them (not as busdx's own function does)."""
     recorded = json.loads((trained_run / "run.json").read_text())["environment"]
-    in_model = torch.load(trained_run / "model.pt", weights_only=True)["environment"]
+    in_model = read_model_file(trained_run / "model.pt")[0].provenance.environment
     expected_keys = {"busdx_version", "git_commit", "python", "platform", "cpu", "cpu_count",
                      "gpu", "torch", "torchvision", "onnxruntime", "numpy"}  # fmt: skip
     for env in (recorded, in_model):

@@ -75,8 +75,7 @@ def guarded_run(synthetic_data, tmp_path_factory):
 
 def test_guard_is_fitted_at_training_and_flags_what_is_not_a_scan(guarded_run, tmp_path):
     loaded = load_model(guarded_run)
-    scope = loaded.metadata["scope"]
-    assert scope["mean"].shape == (512,) and scope["threshold"] > 0
+    assert loaded.engine.scope["mean"].shape == (512,) and loaded.info.scope.threshold > 0
     fresh = write_synthetic_dataset(tmp_path / "fresh", n_per_class=10, seed=7)
     scans = sorted(fresh.rglob("*.png"))
     odd = _out_of_scope_images(tmp_path / "odd")

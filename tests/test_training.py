@@ -6,6 +6,7 @@ import torch
 from busdx.config import apply_overrides, load_config
 from busdx.errors import ConfigError
 from busdx.layout import LAST_FILE, MODEL_FILE
+from busdx.model_file import read_model_file
 from busdx.runs import prepare_dataset
 from busdx.training import fit
 
@@ -37,7 +38,7 @@ def test_resume_after_interruption_continues_exactly(synthetic_data, tmp_path, e
     for a, b in zip(straight, resumed, strict=True):
         assert (a.train_loss, a.val_loss) == (b.train_loss, b.val_loss)
     final = [
-        torch.load(d / LAST_FILE, weights_only=True)["state_dict"]
+        read_model_file(d / LAST_FILE)[1]["state_dict"]
         for d in (tmp_path / "straight", tmp_path / "resumed")
     ]
     for key in final[0]:
@@ -47,14 +48,14 @@ def test_resume_after_interruption_continues_exactly(synthetic_data, tmp_path, e
 def test_the_weights_average_is_validated_and_saved_as_the_model(synthetic_data, tmp_path):
     config, dataset = _setup(synthetic_data, "train.ema_epochs=1", "train.epochs=1")
     (record,) = fit(config, dataset, tmp_path, progress=False)
-    last = torch.load(tmp_path / LAST_FILE, weights_only=True)
-    saved = torch.load(tmp_path / MODEL_FILE, weights_only=True)
+    last = read_model_file(tmp_path / LAST_FILE)[1]
+    info, saved = read_model_file(tmp_path / MODEL_FILE)
     steps = math.ceil(len(dataset.subset("train")) / config.train.batch_size)
     assert int(last["ema"]["n_averaged"]) == steps > 1
     average = {k.removeprefix("module."): v for k, v in last["ema"].items() if k != "n_averaged"}
     assert average.keys() == saved["state_dict"].keys()
     assert all(torch.equal(saved["state_dict"][k], v) for k, v in average.items())
-    assert saved["val_loss"] == record.val_loss  # the average was validated
+    assert info.provenance.val_loss == record.val_loss  # the average was validated
     raw = last["state_dict"]  # the last step's weights, which training resumes from
     assert any(not torch.equal(raw[k], v) for k, v in average.items() if v.is_floating_point())
 
@@ -63,10 +64,12 @@ def test_model_file_carries_its_metadata(synthetic_data, tmp_path):
     config, dataset = _setup(synthetic_data, "train.epochs=1")
     fit(config, dataset, tmp_path, progress=False)
     payload = torch.load(tmp_path / MODEL_FILE, weights_only=True)  # safe loading works
-    assert payload["format"] == "busdx-model" and payload["class_names"] == ["benign", "malignant"]
-    assert payload["preprocessing"]["mean"] == [123.68, 116.779, 103.939]
-    assert payload["weights"] == {"name": "none", "sha256": None}
-    assert payload["config"]["train"]["epochs"] == 1 and payload["busdx_version"]
+    assert (payload["format"], payload["format_version"]) == ("busdx-model", 2)
+    info = read_model_file(tmp_path / MODEL_FILE)[0]
+    assert info.class_names == ("benign", "malignant") and not info.calibrated
+    assert info.preprocessing.mean == (123.68, 116.779, 103.939)
+    assert info.provenance.weights == {"name": "none", "sha256": None}
+    assert info.provenance.config["train"]["epochs"] == 1 and info.provenance.busdx_version
     assert (tmp_path / "history.csv").read_text().startswith("epoch,train_loss,train_accuracy")
 
 
@@ -81,8 +84,8 @@ def test_early_stopping_stops_patience_epochs_after_the_best_and_keeps_the_best(
     losses = [record.val_loss for record in history]
     best = losses.index(min(losses))
     assert len(history) == best + 1 + patience < 30  # no improvement in exactly `patience` epochs
-    saved = torch.load(tmp_path / MODEL_FILE, weights_only=True)
-    assert saved["epoch"] == history[best].epoch and saved["val_loss"] == min(losses)
+    saved = read_model_file(tmp_path / MODEL_FILE)[0].provenance
+    assert saved.epoch == history[best].epoch and saved.val_loss == min(losses)
 
 
 def test_atomic_files_get_normal_permissions(tmp_path):
@@ -118,12 +121,8 @@ def test_bf16_training_runs_and_learns_like_fp32(synthetic_data, tmp_path):
     for a, b in zip(histories["fp32"], histories["bf16"], strict=True):
         assert abs(a.train_loss - b.train_loss) < 0.1 * a.train_loss
         assert abs(a.val_loss - b.val_loss) < 0.1 * a.val_loss
-    assert (
-        torch.load(tmp_path / "bf16" / MODEL_FILE, weights_only=True)["config"]["train"][
-            "precision"
-        ]
-        == "bf16"
-    )
+    saved = read_model_file(tmp_path / "bf16" / MODEL_FILE)[0].provenance
+    assert saved.config["train"]["precision"] == "bf16"
 
 
 def test_fp16_on_a_cpu_is_refused_with_advice(synthetic_data, tmp_path):
@@ -135,7 +134,7 @@ def test_fp16_on_a_cpu_is_refused_with_advice(synthetic_data, tmp_path):
 def test_keep_last_saves_the_last_epoch_whatever_its_validation_loss(synthetic_data, tmp_path):
     config, dataset = _setup(synthetic_data, "train.epochs=4", "train.keep=last")
     history = fit(config, dataset, tmp_path, progress=False)
-    saved = torch.load(tmp_path / MODEL_FILE, weights_only=True)
-    last = torch.load(tmp_path / LAST_FILE, weights_only=True)
-    assert saved["epoch"] == history[-1].epoch == 4
+    info, saved = read_model_file(tmp_path / MODEL_FILE)
+    last = read_model_file(tmp_path / LAST_FILE)[1]
+    assert info.provenance.epoch == history[-1].epoch == 4
     assert all(torch.equal(saved["state_dict"][k], v) for k, v in last["state_dict"].items())

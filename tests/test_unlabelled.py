@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from busdx.cli import main
+from busdx.model_file import read_model_file
 from busdx.predictor import load_model
 from busdx.synthetic import write_synthetic_dataset
 from busdx.unlabelled import adapt_batchnorm
@@ -54,8 +55,8 @@ def test_busdx_adapt_writes_a_copy_and_leaves_the_run(lite_run, trained_run, tmp
                  "--blend", "0.5", "--no-progress"]) == 0  # fmt: skip
     assert "new run:" in capsys.readouterr().out
     assert (lite_run / "model.pt").read_bytes() == before
-    payload = torch.load(out / "model.pt", weights_only=True)
-    assert payload["adaptation"]["blend"] == 0.5 and payload["adaptation"]["images"] == 6
+    adaptation = read_model_file(out / "model.pt")[0].provenance.adaptation
+    assert adaptation["blend"] == 0.5 and adaptation["images"] == 6
     assert (
         main(
             [

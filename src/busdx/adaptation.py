@@ -30,13 +30,13 @@ from scipy.special import expit
 
 from busdx.bundled import output_home, resolve_run
 from busdx.calibration import (
+    Calibration,
     apply_temperature,
     fit_operating_points,
     fit_temperature,
     sensitivity_promise,
     transfer_threshold,
 )
-from busdx.checkpoints import update_model_metadata
 from busdx.config import EvaluateConfig, apply_overrides
 from busdx.data import Sample
 from busdx.errors import DataError
@@ -45,8 +45,8 @@ from busdx.imaging import InputLike
 from busdx.inference import file_logits
 from busdx.layout import CONFIG_FILE, INFO_FILE, MODEL_FILE, SPLIT_FILE
 from busdx.metrics import roc_auc
+from busdx.model_file import ModelInfo, update_model_file
 from busdx.predictor import Predictor, load_model
-from busdx.results import SensitivityPromise
 from busdx.runs import create_run_dir, load_run, samples_for_split, save_config
 
 __all__ = [
@@ -145,7 +145,7 @@ def fit_local_head(
     *,
     folds: int = 5,
     strengths: Sequence[float] = STRENGTHS,
-) -> tuple[dict[str, Any], list[Head]]:
+) -> tuple[Calibration, list[Head]]:
     """Choose the anchor strength by k-fold CV over the cases (out-of-fold NLL after temperature
     scaling), fit the operating points on that strength's out-of-fold logits, and refit every
     member's last layer on all cases. Returns the operating points (with a ``head_refit``
@@ -168,8 +168,7 @@ def fit_local_head(
         nll = float(np.mean(np.logaddexp(0.0, np.where(labels == 1, -1, 1) * oof / temperature)))
         candidates[strength] = (nll, oof)
     chosen = min(candidates, key=lambda s: (candidates[s][0], -s))  # ties: the stronger anchor
-    fitted = fit_operating_points(candidates[chosen][1], labels, settings)
-    fitted["head_refit"] = {
+    head_refit = {
         "strength": None if math.isinf(chosen) else chosen,
         "kept_trained_head": math.isinf(chosen),
         "folds": k,
@@ -179,6 +178,8 @@ def fit_local_head(
             for s, (nll, oof) in candidates.items()
         },
     }
+    fitted = fit_operating_points(candidates[chosen][1], labels, settings)
+    fitted = fitted.replace(head_refit=head_refit)
     refitted = [
         fit_anchored_layer(x, labels, weight, bias, chosen)
         for x, (weight, bias) in zip(features, heads, strict=True)
@@ -193,18 +194,20 @@ def refit_head(
     settings: EvaluateConfig,
     *,
     progress: bool = True,
-) -> tuple[dict[str, Any], dict[str, Any]]:
+) -> tuple[Calibration, dict[str, Any]]:
     """Refit the last layer of ``loaded``'s head (each ensemble member's) on labelled files.
 
-    Returns the operating points of :func:`fit_local_head` and the model's new ``state_dict``.
-    The model in ``loaded`` is updated in place.
+    Returns the operating points of :func:`fit_local_head` and the model's new ``state_dict``
+    (``loaded`` is left as it was).
     """
     features, heads = last_layer_features(loaded, paths, progress=progress)
     fitted, refitted = fit_local_head(features, heads, np.asarray(labels), settings)
+    names = {id(module): name for name, module in loaded.model.named_modules()}
+    state = {key: value.detach().cpu().clone() for key, value in loaded.model.state_dict().items()}
     for layer, (w, b) in zip(_last_layers(loaded.model), refitted, strict=True):
-        layer.weight.data = torch.as_tensor(w[None]).to(layer.weight)
-        layer.bias.data = torch.as_tensor([b]).to(layer.bias)
-    state = {key: value.cpu() for key, value in loaded.model.state_dict().items()}
+        dtype = layer.weight.dtype
+        state[f"{names[id(layer)]}.weight"] = torch.as_tensor(w[None], dtype=dtype)
+        state[f"{names[id(layer)]}.bias"] = torch.as_tensor([b], dtype=dtype)
     return fitted, state
 
 
@@ -217,15 +220,16 @@ def calibrate_model(
     source: str = "validation split",
     refit: bool = False,
     progress: bool = True,
-    prior: dict[str, Any] | None = None,
-) -> dict[str, Any]:
+    prior: ModelInfo | None = None,
+) -> Calibration:
     """Fit temperature and thresholds on ``val_samples``; store them in ``run_dir/model.pt``.
 
     After training these are the validation split's images; ``busdx calibrate`` passes a new
     site's own labelled cases (``source`` then says so). With ``refit`` the head's last layer
     is refitted on them too (:func:`busdx.adaptation.refit_head`; cross-fitted threshold).
-    ``prior``: the model's metadata before, whose threshold is kept as a floor where the cases
-    cannot show the target sensitivity (:func:`_keep_floor`).
+    ``prior``: what the model file said before, whose threshold is kept as a floor where the
+    cases cannot show the target sensitivity (:func:`_keep_floor`). ``loaded`` stays as it
+    was: load the run again for the recalibrated model.
     """
     labels = np.array([s.label for s in val_samples])
     paths = [s.input for s in val_samples]
@@ -237,12 +241,11 @@ def calibrate_model(
     else:
         logits = file_logits(loaded, paths, progress=progress)
         fitted = fit_operating_points(logits, labels, settings)
-    fitted["calibration_source"] = source
-    if prior is not None and fitted.get("sensitivity_promise") and not refit:
-        probabilities = apply_temperature(logits, fitted["temperature"])
-        _keep_floor(fitted, prior, labels, probabilities, settings)
-    update_model_metadata(run_dir / MODEL_FILE, {**fitted, **updates})
-    loaded.metadata.update(fitted)
+    fitted = fitted.replace(source=source)
+    if prior is not None and fitted.sensitivity_promise and not refit:
+        probabilities = apply_temperature(logits, fitted.temperature)
+        fitted = _keep_floor(fitted, prior, labels, probabilities, settings)
+    update_model_file(run_dir / MODEL_FILE, loaded.info.calibrated_with(fitted), **updates)
     return fitted
 
 
@@ -254,28 +257,30 @@ class CalibratedRun:
 
     run_dir: Path
     site: str
-    fitted: dict[str, Any]
+    fitted: Calibration
 
 
-def _keep_floor(fitted: dict[str, Any], prior: dict[str, Any], labels, probabilities,
-                settings: EvaluateConfig) -> None:  # fmt: skip
+def _keep_floor(fitted: Calibration, prior: ModelInfo, labels, probabilities,
+                settings: EvaluateConfig) -> Calibration:  # fmt: skip
     """Where the local cases cannot show the target sensitivity at the asked confidence, never
     be less cautious than the threshold the model came with (for a bundled model: cross-fitted
     on hospitals it never saw). Measured in docs/calibration.md: with 50 local cases it raised
     the share of draws keeping 95% sensitivity from 0.63 to 1.00 at BrEaST and from 0.56 to 1.00
     at BUS-BRA, and left BUSI at 0.60."""
-    promise = SensitivityPromise.model_validate(fitted["sensitivity_promise"])
-    if promise.kept or "temperature" not in prior or "threshold" not in prior:
-        return
-    floor = transfer_threshold(prior["threshold"], prior["temperature"], fitted["temperature"])
-    if floor >= fitted["threshold"]:
-        return
-    source = prior.get("calibration_source", "the model's own")
-    fitted["threshold_floor"] = {"local": fitted["threshold"], "model": floor, "source": source}
-    fitted["threshold"] = fitted["operating_points"]["target_sensitivity"] = floor
-    fitted["sensitivity_promise"] = sensitivity_promise(
-        labels, probabilities, floor, settings.target_sensitivity, settings.threshold_confidence
-    ).model_dump()
+    if fitted.sensitivity_promise.kept or prior.calibration is None:
+        return fitted
+    floor = transfer_threshold(prior.threshold, prior.temperature, fitted.temperature)
+    if floor >= fitted.threshold:
+        return fitted
+    return fitted.replace(
+        threshold=floor,
+        operating_points={**fitted.operating_points, "target_sensitivity": floor},
+        threshold_floor={"local": fitted.threshold, "model": floor,
+                         "source": prior.calibration.source},
+        sensitivity_promise=sensitivity_promise(labels, probabilities, floor,
+                                                settings.target_sensitivity,
+                                                settings.threshold_confidence),
+    )  # fmt: skip
 
 
 def calibrate_run(
@@ -317,9 +322,8 @@ def calibrate_run(
     write_json(out / INFO_FILE, info)
     source = f"site {site}: {len(dataset.samples)} labelled cases"
     loaded = load_model(out, device=device)
-    prior = dict(loaded.metadata)
     fitted = calibrate_model(
         out, loaded, dataset.samples, config.evaluate, source=source, refit=refit,
-        progress=progress, prior=prior,
+        progress=progress, prior=loaded.info,
     )  # fmt: skip
     return CalibratedRun(out, site, fitted)

@@ -18,8 +18,10 @@ malignant cases, whatever the model.
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import numpy as np
+from pydantic import BaseModel, ConfigDict
 from scipy.special import expit, logit
 
 from busdx.config import EvaluateConfig
@@ -33,6 +35,7 @@ from busdx.metrics import (
 from busdx.results import SensitivityPromise
 
 __all__ = [
+    "Calibration",
     "apply_temperature",
     "fit_operating_points",
     "fit_temperature",
@@ -40,6 +43,37 @@ __all__ = [
     "sensitivity_promise",
     "transfer_threshold",
 ]
+
+
+class Calibration(BaseModel):
+    """What was fitted after training, and on what: the temperature, the threshold chosen by
+    ``threshold_policy`` and every policy's candidate (``operating_points``), what the threshold
+    promises, the cases' counts and ECE before and after. A model file carries it
+    (:class:`busdx.model_file.ModelInfo`); :func:`fit_operating_points` makes it."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    temperature: float
+    threshold: float
+    threshold_policy: str = "fixed"  # target_sensitivity, youden or fixed
+    target_sensitivity: float | None = None
+    threshold_confidence: float | None = None
+    operating_points: dict[str, float] = {}  # each policy's threshold on the same cases
+    sensitivity_promise: SensitivityPromise | None = None
+    cases: dict[str, int] | None = None  # n, n_positive
+    validation_ece: dict[str, float] | None = None  # uncalibrated, calibrated
+    source: str = "the validation split"  # or a site's cases, or out-of-site predictions
+    threshold_floor: dict[str, Any] | None = None  # busdx calibrate kept the model's own
+    head_refit: dict[str, Any] | None = None  # busdx calibrate --refit-head
+
+    @property
+    def promised_sensitivity(self) -> float | None:
+        """The sensitivity the threshold was chosen for (None: another policy)."""
+        return self.target_sensitivity if self.threshold_policy == "target_sensitivity" else None
+
+    def replace(self, **changes: Any) -> Calibration:
+        """A copy with some fields changed, validated."""
+        return Calibration.model_validate({**dict(self), **changes})
 
 
 def apply_temperature(logits: np.ndarray, temperature: float) -> np.ndarray:
@@ -67,7 +101,7 @@ def fit_temperature(logits: np.ndarray, labels: np.ndarray) -> float:
 
 def fit_operating_points(
     logits: np.ndarray, labels: np.ndarray, settings: EvaluateConfig
-) -> dict[str, object]:
+) -> Calibration:
     """Temperature, the candidate thresholds and the chosen one, from validation data."""
     labels = np.asarray(labels, dtype=int)
     temperature = fit_temperature(logits, labels) if settings.calibrate else 1.0
@@ -87,21 +121,21 @@ def fit_operating_points(
     if settings.threshold_policy == "target_sensitivity" and labels.any():
         promise = sensitivity_promise(labels, probabilities, threshold,
                                       settings.target_sensitivity,
-                                      settings.threshold_confidence).model_dump()  # fmt: skip
-    return {
-        "temperature": temperature,
-        "threshold_policy": settings.threshold_policy,
-        "threshold": threshold,
-        "sensitivity_promise": promise,
-        "operating_points": points,
-        "target_sensitivity": settings.target_sensitivity,
-        "threshold_confidence": settings.threshold_confidence,
-        "calibration_cases": {"n": len(labels), "n_positive": int(labels.sum())},
-        "validation_ece": {
+                                      settings.threshold_confidence)  # fmt: skip
+    return Calibration(
+        temperature=temperature,
+        threshold=threshold,
+        threshold_policy=settings.threshold_policy,
+        sensitivity_promise=promise,
+        operating_points=points,
+        target_sensitivity=settings.target_sensitivity,
+        threshold_confidence=settings.threshold_confidence,
+        cases={"n": len(labels), "n_positive": int(labels.sum())},
+        validation_ece={
             "uncalibrated": expected_calibration_error(labels, apply_temperature(logits, 1.0)),
             "calibrated": expected_calibration_error(labels, probabilities),
         },
-    }
+    )
 
 
 def positives_needed(target: float, confidence: float) -> int | None:

@@ -15,19 +15,17 @@ from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from busdx.calibration import apply_temperature, fit_operating_points
 from busdx.config import Config
 from busdx.data import LabelledDataset
-from busdx.fileio import atomic_path
 from busdx.layout import ENSEMBLE_DIR, MODEL_FILE, fold_dir
 from busdx.metrics import DECISION_METRICS, binary_metrics, bootstrap_ci, is_positive
+from busdx.model_file import read_model_file, write_model_file
 from busdx.results import CrossFit
 from busdx.runs import save_run
-from busdx.scope import SCOPE_KEY
 
-__all__ = ["ENSEMBLE_METADATA", "leave_one_fold_out_threshold", "write_crossfit_ensemble"]
+__all__ = ["leave_one_fold_out_threshold", "write_crossfit_ensemble"]
 
 logger = logging.getLogger(__name__)
 
@@ -45,9 +43,9 @@ def leave_one_fold_out_threshold(
     for fold in np.unique(fold_of):
         rest = fold_of != fold
         fitted = fit_operating_points(logits[rest], y_true[rest], config.evaluate)
-        probabilities = apply_temperature(logits[~rest], fitted["temperature"])
-        called[~rest] = is_positive(probabilities, fitted["threshold"])
-        thresholds.append(fitted["threshold"])
+        probabilities = apply_temperature(logits[~rest], fitted.temperature)
+        called[~rest] = is_positive(probabilities, fitted.threshold)
+        thresholds.append(fitted.threshold)
     settings = config.evaluate
     decided = binary_metrics(y_true, called)
     decided_ci = bootstrap_ci(y_true, called, threshold=0.5, n_resamples=settings.n_bootstrap,
@@ -81,43 +79,27 @@ def write_crossfit_ensemble(
     """
     run_dir = out_dir / ENSEMBLE_DIR
     run_dir.mkdir(exist_ok=True)
-    payloads = [
-        torch.load(fold_dir(out_dir, k) / MODEL_FILE, map_location="cpu", weights_only=True)
-        for k in range(n_folds)
-    ]
-    metadata = {k: v for k, v in payloads[0].items() if k in ENSEMBLE_METADATA}
+    folds = [read_model_file(fold_dir(out_dir, k) / MODEL_FILE) for k in range(n_folds)]
     state = {
         f"members.{index}.{key}": tensor
-        for index, payload in enumerate(payloads)
-        for key, tensor in payload["state_dict"].items()
+        for index, (_, tensors) in enumerate(folds)
+        for key, tensor in tensors["state_dict"].items()
     }
     fitted = fit_operating_points(oof_logits, y_true, config.evaluate)
-    with atomic_path(run_dir / MODEL_FILE) as tmp:
-        source = f"out-of-fold predictions of {n_folds}-fold CV"
-        payload = {**metadata, **fitted, "calibration_source": source}
-        torch.save({**payload, "ensemble_size": n_folds, "state_dict": state}, tmp)
+    source = f"out-of-fold predictions of {n_folds}-fold CV"
+    first, first_tensors = folds[0]  # its guard: the ensemble's features are the first member's
+    info = first.calibrated_with(fitted.replace(source=source)).replace(
+        ensemble_size=n_folds, provenance={"epoch": None, "val_loss": None}
+    )
+    guard = {"scope_arrays": first_tensors["scope_arrays"]} if first.scope else {}
+    write_model_file(run_dir / MODEL_FILE, info, state_dict=state, **guard)
     everything = replace(dataset, samples=[replace(s, split="train") for s in dataset.samples])
     save_run(run_dir, config, everything)
     logger.info(
         "cross-fitted ensemble of %d fold models: %s (temperature %.3f, threshold %.3f)",
         n_folds,
         run_dir,
-        fitted["temperature"],
-        fitted["threshold"],
+        fitted.temperature,
+        fitted.threshold,
     )
     return run_dir
-
-
-ENSEMBLE_METADATA = (
-    "format",
-    "format_version",
-    "busdx_version",
-    "environment",
-    "model",
-    "class_names",
-    "positive_class",
-    "preprocessing",
-    "weights",
-    "config",
-    SCOPE_KEY,
-)  # fmt: skip (the guard of the first member, whose features it uses)

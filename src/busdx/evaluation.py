@@ -60,13 +60,6 @@ from busdx.validation import check_expectation, expectation, format_check
 __all__ = ["evaluate_run", "evaluate_samples", "evaluation_name", "format_metrics"]
 
 
-def _promise(metadata: dict[str, Any]) -> float | None:
-    """The sensitivity the model's threshold was chosen to deliver (None for other policies)."""
-    if metadata.get("threshold_policy") != "target_sensitivity":
-        return None
-    return metadata.get("target_sensitivity")
-
-
 def _sample_indices(y_true: np.ndarray, called: np.ndarray, n: int = 12) -> list[int]:
     """A few of each class, errors first, so the grid shows what goes wrong."""
     wrong = called != y_true.astype(bool)
@@ -185,12 +178,13 @@ def _metrics_tables(
     """Every metric with its CI: at the model's threshold, at each candidate operating point,
     by site and scanner, and against the readers; ``place`` names the site, split and data."""
     y_true, y_prob, threshold = scores.y_true, scores.y_prob, loaded.threshold
-    points = dict(loaded.metadata.get("operating_points") or {"fixed": threshold})
+    calibration, provenance = loaded.info.calibration, loaded.info.provenance
+    points = dict((calibration and calibration.operating_points) or {"fixed": threshold})
     flags = scores.out_of_scope
     result: dict[str, Any] = {
         **place,
         "positive_class": loaded.class_names[1],
-        "threshold_policy": loaded.metadata.get("threshold_policy", "fixed"),
+        "threshold_policy": calibration.threshold_policy if calibration else "fixed",
         "ci_level": settings.ci_level,
         **_metrics_with_ci(y_true, y_prob, threshold, settings).model_dump(),
         "calibrated": loaded.calibrated,
@@ -199,12 +193,12 @@ def _metrics_tables(
         "operating_points": {
             name: _metrics_with_ci(y_true, y_prob, t, settings) for name, t in points.items()
         },
-        "promised_sensitivity": _promise(loaded.metadata),
+        "promised_sensitivity": calibration.promised_sensitivity if calibration else None,
         "out_of_scope_rate": None if None in flags else float(np.mean(flags)),
         "model": {
-            "busdx_version": loaded.metadata["busdx_version"],
-            "weights": loaded.metadata["weights"],
-            "epoch": loaded.metadata.get("epoch"),
+            "busdx_version": provenance.busdx_version,
+            "weights": provenance.weights,
+            "epoch": provenance.epoch,
         },
     }
     sites = [s.site for s in samples]

@@ -13,7 +13,6 @@ that loses more than ``max_auc_drop`` AUC is refused unless ``force`` is set.
 
 from __future__ import annotations
 
-import json
 import logging
 import random
 import shutil
@@ -21,7 +20,6 @@ import tempfile
 import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import onnx
@@ -40,7 +38,7 @@ from busdx.bundled import is_bundled, output_home, resolve_run
 from busdx.engines import LESION_MASK_OUTPUT, SCOPE_DISTANCE_OUTPUT
 from busdx.errors import BoxError, DataError, ExportError, ImageDecodeError, SingleClassError
 from busdx.feature_guard import Guard, logits_and_features
-from busdx.fileio import atomic_path, json_safe, sha256_file
+from busdx.fileio import atomic_path, sha256_file
 from busdx.imaging import InputLike, as_input
 from busdx.inference import file_logits
 from busdx.inputs import expand_paths
@@ -54,7 +52,8 @@ from busdx.layout import (
     SPLIT_FILE,
 )
 from busdx.metrics import roc_auc
-from busdx.predictor import EXPORT_STAMP, INT8_WEIGHT_BITS, ONNX_METADATA_KEY, Predictor, load_model
+from busdx.model_file import ONNX_METADATA_KEY, info_json
+from busdx.predictor import Predictor, load_model
 from busdx.preprocess import load_region
 from busdx.provenance import environment
 from busdx.results import (
@@ -65,7 +64,6 @@ from busdx.results import (
     LogitComparison,
 )
 from busdx.runs import load_run, samples_for_split
-from busdx.scope import SCOPE_KEY, public_scope
 from busdx.transforms import build_eval_transform
 
 __all__ = ["compare_logits", "export_onnx", "export_run", "format_export", "quantize_int8"]
@@ -75,19 +73,18 @@ logger = logging.getLogger(__name__)
 OPSET = 17
 
 
-def _add_metadata(path: Path, loaded: Predictor, extra: dict[str, Any] | None = None) -> None:
-    """The model file's metadata, stamped with the sha256 of the file it was exported from (see
-    :data:`busdx.predictor.EXPORT_STAMP`) and the exporting machine (and ``extra`` entries)."""
+def _add_metadata(path: Path, loaded: Predictor, int8_weight_bits: int | None = None) -> None:
+    """The model file's :class:`~busdx.model_file.ModelInfo`, stamped with the sha256 of the
+    file it was exported from (``provenance.exported_from``, checked on load) and the
+    exporting machine; the guard's arrays are inside the graph."""
     model = onnx.load(str(path))
     del model.metadata_props[:]
     entry = model.metadata_props.add()
-    metadata = {k: v for k, v in loaded.metadata.items() if k != SCOPE_KEY}
-    if SCOPE_KEY in loaded.metadata:  # its threshold; the tensors are inside the graph
-        metadata[SCOPE_KEY] = public_scope(loaded.metadata[SCOPE_KEY])
-    metadata[EXPORT_STAMP] = {"file": loaded.path.name, "sha256": sha256_file(loaded.path)}
-    metadata["export_environment"] = environment()
-    metadata.update(extra or {})
-    entry.key, entry.value = ONNX_METADATA_KEY, json.dumps(json_safe(metadata))
+    info = loaded.info.replace(int8_weight_bits=int8_weight_bits, provenance={
+        "exported_from": {"file": loaded.path.name, "sha256": sha256_file(loaded.path)},
+        "export_environment": environment(),
+    })  # fmt: skip
+    entry.key, entry.value = ONNX_METADATA_KEY, info_json(info)
     onnx.save(model, str(path))
 
 
@@ -97,10 +94,12 @@ class ExportGraph(nn.Module):
     ``lesion_mask`` (N x H x W lesion probabilities at the input's size). One backbone pass
     gives them all."""
 
-    def __init__(self, model: nn.Module, scope: dict[str, Any] | None) -> None:
+    def __init__(self, model: nn.Module, scope: dict[str, np.ndarray] | None) -> None:
         super().__init__()
         self.model = model
-        self.guard = None if scope is None else Guard(scope["mean"], scope["precision"])
+        self.guard = None if scope is None else Guard(
+            torch.as_tensor(scope["mean"]), torch.as_tensor(scope["precision"])
+        )  # fmt: skip
         self.outlines = getattr(model, "mask_decoder", None) is not None
 
     @property
@@ -124,7 +123,7 @@ def export_onnx(loaded: Predictor, path: Path) -> Path:
     """Write the torch model as fp32 ONNX: input ``images`` (N, 3, H, W), the outputs of
     :class:`ExportGraph`."""
     size = loaded.preprocessing.image_size
-    graph = ExportGraph(loaded.model.to("cpu").eval(), loaded.metadata.get(SCOPE_KEY)).eval()
+    graph = ExportGraph(loaded.model.to("cpu").eval(), loaded.engine.scope).eval()
     outputs = graph.output_names
     with atomic_path(path) as tmp, warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation notice
@@ -200,7 +199,7 @@ def quantize_int8(
             reduce_range=weight_bits == 7,
             nodes_to_exclude=excluded,  # the out-of-scope distance stays in float
         )
-        _add_metadata(tmp, loaded, {INT8_WEIGHT_BITS: weight_bits})
+        _add_metadata(tmp, loaded, weight_bits)
     return out_path
 
 

@@ -5,13 +5,13 @@ the distance as a module for ONNX export. What it measures and why it no longer 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
 from busdx.imaging import InputLike, as_input
+from busdx.model_file import ScopeGuard
 from busdx.models import BinaryClassifier, Ensemble
 from busdx.preprocess import Preprocessing, load_region
 from busdx.scope import scope_distances
@@ -56,8 +56,10 @@ def fit_scope(
     device: torch.device,
     quantile: float = 0.99,
     margin: float = 1.0,
-) -> dict[str, Any]:
-    """Fit the guard on training images; set its threshold on held-out in-scope images."""
+) -> tuple[ScopeGuard, dict[str, torch.Tensor]]:
+    """Fit the guard on training images; set its threshold on held-out in-scope images.
+    Returns its settings and its arrays (``mean``, ``precision``: the model file's
+    ``scope_arrays``)."""
     model.eval()
     train = _file_features(model, prep, train_files, device)
     # imported here, not at the top: scikit-learn takes 1-2 s to import
@@ -72,16 +74,12 @@ def fit_scope(
     precision = torch.from_numpy(estimator.precision_.astype(np.float16 if fits else np.float32))
     held_out = scope_distances({"mean": mean, "precision": precision},
                                _file_features(model, prep, held_out_files, device))  # fmt: skip
-    return {
-        "mean": mean,
-        "precision": precision,
-        "threshold": float(np.quantile(held_out, quantile) * margin),
-        "quantile": quantile,
-        "margin": margin,
-        "fitted_on": len(train_files),
-        "threshold_from": len(held_out_files),
-        "feature": "global average of the backbone output",
-    }
+    guard = ScopeGuard(
+        threshold=float(np.quantile(held_out, quantile) * margin), quantile=quantile,
+        margin=margin, fitted_on=len(train_files), threshold_from=len(held_out_files),
+        feature="global average of the backbone output",
+    )  # fmt: skip
+    return guard, {"mean": mean, "precision": precision}
 
 
 def mahalanobis(

@@ -29,6 +29,7 @@ from busdx.layout import (
     TRAINING_CURVES,
 )
 from busdx.metrics import DECISION_METRICS, SCORE_METRICS
+from busdx.model_file import ModelInfo
 from busdx.predictor import load_model
 from busdx.results import Evaluation, Metrics
 from busdx.runs import load_run
@@ -72,11 +73,11 @@ def _facts(run_dir: Path) -> dict[str, Any]:
             f"{run_dir} has no metrics.json and no eval/*/metrics.json: finish training, or "
             "evaluate it first (busdx evaluate)"
         )
-    metadata = load_model(run_dir).metadata
+    model = load_model(run_dir).info
     with (run_dir / SPLIT_FILE).open(newline="", encoding="utf-8") as handle:
         rows = list(csv.DictReader(handle))
     groups = Counter(r["group"] for r in rows if r.get("group"))
-    return {"config": config, "info": info, "metrics": evaluations[0], "model": metadata,
+    return {"config": config, "info": info, "metrics": evaluations[0], "model": model,
             "evaluations": evaluations,
             "duplicate_groups": sum(1 for n in groups.values() if n > 1),
             "images_in_groups": sum(n for n in groups.values() if n > 1)}  # fmt: skip
@@ -142,27 +143,30 @@ def _site_table(evaluations: list[Evaluation]) -> dict[str, Any]:
     }
 
 
-def _model_lines(config: Any, model: dict[str, Any]) -> list[str]:
+def _model_lines(config: Any, model: ModelInfo) -> list[str]:
     backbone_state = "trained"
     if config.model.freeze_backbone:
         blocks = config.model.trainable_blocks
         backbone_state = f"frozen but its last {blocks} block(s)" if blocks else "frozen"
-    prep = model["preprocessing"]
-    size = prep["image_size"]
-    calibration = (
-        f" Temperature scaling T = {model['temperature']:.3f}."
-        if "temperature" in model
-        else " NOT CALIBRATED: probabilities are the raw sigmoid outputs."
-    )
+    prep, weights, calibration = model.preprocessing, model.provenance.weights, model.calibration
+    if calibration is None:
+        decision = (f"Decision threshold {model.threshold:.3f} (fixed). NOT CALIBRATED: "
+                    "probabilities are the raw sigmoid outputs.")  # fmt: skip
+    else:
+        decision = (
+            f"Decision threshold {model.threshold:.3f} ({calibration.threshold_policy}, target "
+            f"sensitivity {calibration.target_sensitivity or '—'}); threshold and temperature "
+            f"fitted on: {calibration.source}. Temperature scaling T = "
+            f"{calibration.temperature:.3f}."
+        )
     return [
         f"Backbone `{config.model.name}` ({backbone_state}), initial weights "
-        f"`{model['weights']['name']}` (sha256 `{model['weights']['sha256']}`); "
+        f"`{weights.get('name')}` (sha256 `{weights.get('sha256')}`); "
         f"{_head_text(config.model)}.",
-        f"Input {size}x{size} RGB; `(pixel_0_255 - {prep['mean']}) / {prep['std']}`.",
-        f"Classes {model['class_names']}; positive class `{model['positive_class']}`.",
-        f"Decision threshold {model['threshold']:.3f} ({model.get('threshold_policy', 'fixed')}, "
-        f"target sensitivity {model.get('target_sensitivity', '—')}); threshold and temperature "
-        f"fitted on: {model.get('calibration_source', 'the validation split')}." + calibration,
+        f"Input {prep.image_size}x{prep.image_size} RGB; "
+        f"`(pixel_0_255 - {list(prep.mean)}) / {list(prep.std)}`.",
+        f"Classes {list(model.class_names)}; positive class `{model.positive_class}`.",
+        decision,
     ]
 
 
@@ -182,7 +186,7 @@ def card_context(facts: dict[str, Any]) -> dict[str, Any]:
     config, info, metrics, model = facts["config"], facts["info"], facts["metrics"], facts["model"]
     counts = "; ".join(f"{split}: {dict(row)}" for split, row in sorted(info["counts"].items()))
     return {
-        "title": f"{config.recipe} (busdx {model['busdx_version']})",
+        "title": f"{config.recipe} (busdx {model.provenance.busdx_version})",
         "intended_use": INTENDED_USE,
         "model_lines": _model_lines(config, model),
         "data_lines": [

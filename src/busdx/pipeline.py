@@ -14,7 +14,6 @@ from dataclasses import asdict
 from pathlib import Path
 
 from busdx.adaptation import calibrate_model
-from busdx.checkpoints import update_model_metadata
 from busdx.config import Config, apply_overrides, load_config
 from busdx.data import LabelledDataset
 from busdx.devices import resolve_device
@@ -23,6 +22,7 @@ from busdx.errors import DataError
 from busdx.evaluation import evaluate_samples
 from busdx.feature_guard import fit_scope
 from busdx.layout import MODEL_FILE, SPLIT_FILE, TRAINING_CURVES
+from busdx.model_file import update_model_file
 from busdx.predictor import load_model
 from busdx.readers import rank_categories
 from busdx.reporting import plot_training_curves
@@ -36,7 +36,6 @@ from busdx.runs import (
     save_config,
     save_run,
 )
-from busdx.scope import SCOPE_KEY
 from busdx.training import fit
 
 __all__ = ["train_and_evaluate", "train_run"]
@@ -107,20 +106,21 @@ def train_and_evaluate(
     )
     logger.info(
         "calibrated on validation: temperature %.3f; threshold %.3f (%s)",
-        fitted["temperature"],
-        fitted["threshold"],
-        fitted["threshold_policy"],
+        fitted.temperature,
+        fitted.threshold,
+        fitted.threshold_policy,
     )
-    scope = fit_scope(
+    guard, arrays = fit_scope(
         loaded.model,
         loaded.preprocessing,
         [s.input for s in dataset.subset("train")],
         [s.input for s in dataset.subset("val")],
         device=loaded.device,
     )
-    update_model_metadata(run_dir / MODEL_FILE, {SCOPE_KEY: scope})
-    loaded.metadata[SCOPE_KEY] = scope
-    logger.info("out-of-scope guard: Mahalanobis distance above %.1f", scope["threshold"])
+    guarded = loaded.info.calibrated_with(fitted).replace(scope=guard)
+    update_model_file(run_dir / MODEL_FILE, guarded, scope_arrays=arrays)
+    logger.info("out-of-scope guard: Mahalanobis distance above %.1f", guard.threshold)
+    loaded = load_model(run_dir)  # calibrated and guarded
     split = "test" if dataset.subset("test") else "val"
     tested = dataset.subset(split)
     return evaluate_samples(

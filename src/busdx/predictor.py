@@ -18,7 +18,7 @@ import importlib.util
 import json
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -33,25 +33,15 @@ from busdx.hardware import cpu_has_vnni, nvidia_gpu_present
 from busdx.layout import INT8_FILE, MODEL_FILE, ONNX_FILE
 from busdx.likelihood import likelihood_category
 from busdx.metrics import is_positive
+from busdx.model_file import ONNX_METADATA_KEY, ModelInfo, read_info
 from busdx.preprocess import Preprocessing, model_input
 from busdx.scope import image_checks
 
-__all__ = [
-    "BACKENDS",
-    "EXPORT_STAMP",
-    "INT8_WEIGHT_BITS",
-    "ONNX_METADATA_KEY",
-    "Decision",
-    "Predictor",
-    "load_model",
-]
+__all__ = ["BACKENDS", "Decision", "Predictor", "load_model"]
 
 logger = logging.getLogger(__name__)
 
 BACKENDS = ("auto", "torch", "onnx")
-EXPORT_STAMP = "exported_from"  # ONNX metadata: {"file", "sha256"} of the model.pt exported
-INT8_WEIGHT_BITS = "int8_weight_bits"  # ONNX metadata: 8 needs a CPU with VNNI or AMX
-ONNX_METADATA_KEY = "busdx"
 
 
 @dataclass
@@ -68,14 +58,14 @@ class Decision:
     likelihood_category: str | None = None  # BI-RADS range of a calibrated probability
 
 
-@dataclass
+@dataclass(frozen=True)
 class Predictor:
-    """A trained classifier ready to predict, with everything needed to use it: its
-    ``metadata`` (the model file's, without weights), ``preprocessing`` and the ``engine``
-    that runs the network (``backend``: ``"onnx"`` or ``"torch"``)."""
+    """A trained classifier ready to predict: what its model file says of it (``info``: see
+    :class:`busdx.model_file.ModelInfo`), the file it came from and the ``engine`` that runs
+    the network (``backend``: ``"onnx"`` or ``"torch"``). Immutable: a recalibrated model is a
+    new file, loaded again."""
 
-    metadata: dict[str, Any]
-    preprocessing: Preprocessing
+    info: ModelInfo
     path: Path
     engine: Engine
     flip: bool = False  # test-time augmentation: average with the mirrored image's answer
@@ -95,17 +85,21 @@ class Predictor:
         return getattr(self.engine, "device", None)
 
     @property
+    def preprocessing(self) -> Preprocessing:
+        return self.info.preprocessing
+
+    @property
     def class_names(self) -> list[str]:
-        return list(self.metadata["class_names"])
+        return list(self.info.class_names)
 
     @property
     def threshold(self) -> float:
-        return float(self.metadata["threshold"])
+        return self.info.threshold
 
     @property
     def temperature(self) -> float:
         """Temperature-scaling factor fitted on validation data (1.0: uncalibrated)."""
-        return float(self.metadata.get("temperature", 1.0))
+        return self.info.temperature
 
     def probabilities(self, logits: Any) -> np.ndarray:
         """Calibrated probability of the positive class, ``sigmoid(logit / temperature)``, in
@@ -173,7 +167,7 @@ class Predictor:
     @property
     def calibrated(self) -> bool:
         """Whether probabilities are calibrated (temperature scaling fitted after training)."""
-        return "temperature" in self.metadata
+        return self.info.calibrated
 
     @property
     def outlines(self) -> bool:
@@ -233,8 +227,7 @@ def load_model(
     the image mirrored left to right (twice the work).
     """
     loaded = _load(path, device=device, backend=backend, threads=threads, precision=precision)
-    loaded.flip = flip
-    return loaded
+    return replace(loaded, flip=flip) if flip else loaded
 
 
 def _load(path: str | Path, *, device: str, backend: str, threads: int | None,
@@ -283,11 +276,11 @@ def _exported_onnx(path: Path, threads: int | None) -> Predictor | None:
         except CheckpointError as exc:
             logger.warning("%s; passing it over", exc)
             continue
-        if loaded.metadata.get("model", {}).get("mask_head") and not loaded.outlines:
+        if loaded.info.outlines and not loaded.outlines:
             logger.info("the model outlines lesions with its mask head, which %s (an older "
                         "export) lacks: passing it over", name)  # fmt: skip
             continue
-        if loaded.metadata.get(INT8_WEIGHT_BITS) == 8 and not cpu_has_vnni():
+        if loaded.info.int8_weight_bits == 8 and not cpu_has_vnni():
             logger.info("%s has 8-bit weights, which this CPU (no VNNI or AMX) can saturate; "
                         "passing it over", name)  # fmt: skip
             continue
@@ -323,19 +316,22 @@ def _load_onnx(path: Path, threads: int | None = None) -> Predictor:
         raise CheckpointError(
             f"{path} is not an ONNX model exported by busdx ({type(exc).__name__})"
         ) from exc
-    _check_stamp(path, metadata)
-    prep = Preprocessing.from_dict(metadata["preprocessing"])
-    return Predictor(metadata, prep, path, OnnxEngine(session))
+    try:
+        info = read_info(metadata)
+    except CheckpointError as exc:
+        raise CheckpointError(f"{path}: {exc}") from exc
+    _check_stamp(path, info)
+    return Predictor(info, path, OnnxEngine(session))
 
 
-def _check_stamp(path: Path, metadata: dict[str, Any]) -> None:
+def _check_stamp(path: Path, info: ModelInfo) -> None:
     """Refuse an ONNX file that was not exported from the ``model.pt`` beside it: after a
     resume, a recalibration or a copy from another run it would answer for another model. An
     ONNX file alone (a deployment without ``model.pt``) has nothing to disagree with."""
     source = path.parent / MODEL_FILE
     if not source.is_file():
         return
-    stamp = metadata.get(EXPORT_STAMP) or {}
+    stamp = info.provenance.exported_from or {}
     if stamp.get("sha256") != sha256_file(source):
         raise CheckpointError(
             f"{path} was not exported from the {MODEL_FILE} beside it (changed since by a "

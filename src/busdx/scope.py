@@ -31,16 +31,11 @@ import numpy as np
 from PIL import Image, ImageFilter, ImageStat
 
 __all__ = [
-    "SCOPE_KEY",
     "coloured_share",
     "image_checks",
-    "public_scope",
     "scope_distances",
     "texture_statistics",
 ]
-
-SCOPE_KEY = "scope"
-
 
 MIN_SIDE = 32  # pixels
 MAX_ASPECT = 5.0
@@ -115,11 +110,6 @@ def _texture_checks(statistics: dict[str, float]) -> list[str]:
     if statistics["detail"] < MIN_DETAIL:
         reasons.append("too smooth for ultrasound speckle (a radiograph, mammogram or gradient)")
     return reasons
-
-
-def public_scope(scope: dict[str, Any]) -> dict[str, Any]:
-    """The guard's settings without its arrays (for an exported model's JSON metadata)."""
-    return {key: value for key, value in scope.items() if not hasattr(value, "shape")}
 
 
 def scope_distances(scope: dict[str, Any], features: np.ndarray) -> np.ndarray:

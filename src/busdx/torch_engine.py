@@ -18,9 +18,9 @@ from busdx.engines import Outputs
 from busdx.errors import CheckpointError
 from busdx.feature_guard import logits_and_features
 from busdx.layout import MODEL_FILE
+from busdx.model_file import ModelInfo, read_model_file
 from busdx.models import BinaryClassifier, Ensemble, create_model
-from busdx.preprocess import Preprocessing
-from busdx.scope import SCOPE_KEY, scope_distances
+from busdx.scope import scope_distances
 
 __all__ = ["TorchEngine", "load_torch_engine"]
 
@@ -61,10 +61,9 @@ class TorchEngine:
 
 def load_torch_engine(
     path: Path, *, device: str = "auto", precision: str = "fp32", threads: int | None = None
-) -> tuple[dict[str, Any], Preprocessing, Path, TorchEngine]:
-    """``model.pt`` (or a run directory's): its metadata (without weights), preprocessing, path
-    and the :class:`TorchEngine` that runs it, the fields of a
-    :class:`~busdx.predictor.Predictor`."""
+) -> tuple[ModelInfo, Path, TorchEngine]:
+    """``model.pt`` (or a run directory's): what it says of itself, its path and the
+    :class:`TorchEngine` that runs it, the fields of a :class:`~busdx.predictor.Predictor`."""
     if path.is_dir():
         path = path / MODEL_FILE
     if not path.is_file():
@@ -73,29 +72,19 @@ def load_torch_engine(
     check_precision(precision, target)
     if threads is not None:
         torch.set_num_threads(max(1, threads))
-    try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise CheckpointError(
-            f"{path} is not a loadable busdx model file ({type(exc).__name__})"
-        ) from exc
-    if not isinstance(payload, dict) or payload.get("format") != "busdx-model":
-        raise CheckpointError(f"{path} is not a busdx model file")
-    prep = Preprocessing.from_dict(payload["preprocessing"])
-    config = ModelConfig(**payload["model"])
+    info, tensors = read_model_file(path)
+    config = ModelConfig(**info.network)
     members = [
-        create_model(config, image_size=prep.image_size, load_weights=False)[0]
-        for _ in range(int(payload.get("ensemble_size", 1)))
+        create_model(config, image_size=info.preprocessing.image_size, load_weights=False)[0]
+        for _ in range(info.ensemble_size)
     ]
-    model = Ensemble(members) if "ensemble_size" in payload else members[0]
+    model = Ensemble(members) if info.ensemble_size > 1 else members[0]
     try:
-        model.load_state_dict(payload["state_dict"])
-    except RuntimeError as exc:
+        model.load_state_dict(tensors["state_dict"])
+    except (RuntimeError, KeyError) as exc:
         raise CheckpointError(f"{path}: weights do not fit the model it describes") from exc
     model.to(target).eval()
-    metadata = {k: v for k, v in payload.items() if k not in {"state_dict", "optimizer"}}
-    scope = metadata.get(SCOPE_KEY)
+    scope = tensors.get("scope_arrays")
     if scope is not None:  # stored in float16; as float32 arrays once here, not every batch
-        scope = {**scope, "mean": scope["mean"].float().numpy(),
-                 "precision": scope["precision"].float().numpy()}  # fmt: skip
-    return metadata, prep, path, TorchEngine(model, target, precision, scope)
+        scope = {name: array.float().numpy() for name, array in scope.items()}
+    return info, path, TorchEngine(model, target, precision, scope)

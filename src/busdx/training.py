@@ -26,7 +26,6 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import Dataset, TensorDataset
 from tqdm.auto import tqdm
 
-from busdx.checkpoints import model_metadata, save_model_file
 from busdx.config import Config
 from busdx.data import LabelledDataset
 from busdx.devices import autocast, check_precision, resolve_device
@@ -45,6 +44,7 @@ from busdx.loading import (
 )
 from busdx.losses import LesionLoss, Outputs
 from busdx.metrics import is_positive
+from busdx.model_file import ModelInfo, read_model_file, write_model_file
 from busdx.models import BinaryClassifier, WeightsInfo, create_model
 from busdx.optimization import Optimization, average_weights, build_optimizer
 from busdx.preprocess import Preprocessing
@@ -195,11 +195,9 @@ def _write_history(path: Path, history: list[EpochRecord]) -> None:
 
 def _load_last(path: Path) -> dict[str, Any]:
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise CheckpointError(
-            f"{path} is unreadable ({type(exc).__name__}); start a new run"
-        ) from exc
+        return read_model_file(path)[1]
+    except CheckpointError as exc:
+        raise CheckpointError(f"{exc}; start a new run") from exc
 
 
 def _inputs(
@@ -300,8 +298,8 @@ def restore(path: Path, model: nn.Module, optimization: Optimization) -> Trainin
         optimization.scaler.load_state_dict(saved["scaler"])
     if optimization.ema is not None and "ema" in saved:
         optimization.ema.load_state_dict(saved["ema"])
-    logger.info("resuming %s after epoch %d", path.parent, saved["epoch"])
     history = [EpochRecord(**row) for row in saved["history"]]
+    logger.info("resuming %s after epoch %d", path.parent, history[-1].epoch)
     return TrainingState(history, saved["best_val_loss"], saved["stale_epochs"])
 
 
@@ -385,7 +383,9 @@ def fit(
         torch.set_num_threads(config.train.threads)
     progress = progress and world.is_main
     model, weights, prep = build_model(config, device)
-    metadata = model_metadata(config, weights, prep, dataset.class_names)
+    info = ModelInfo.for_training(
+        config, {"name": weights.name, "sha256": weights.sha256}, prep, dataset.class_names
+    )
     optimization = build_optimizer(config, model, device)
     if config.train.ema_epochs:
         steps = math.ceil(len(dataset.subset("train")) / config.train.batch_size)
@@ -416,7 +416,7 @@ def fit(
         improved = state.update(record)
         keep = improved or config.train.keep == "last"
         if world.is_main:
-            save_checkpoint(run_dir, metadata, model, state, keep, optimization)
+            save_checkpoint(run_dir, info, model, state, keep, optimization)
         _log_epoch(record, epochs, improved)
         if _finished(config, state):
             break
@@ -450,7 +450,7 @@ def _log_epoch(record: EpochRecord, epochs: int, improved: bool) -> None:
 
 def save_checkpoint(
     run_dir: Path,
-    metadata: dict[str, Any],
+    info: ModelInfo,
     model: BinaryClassifier,
     state: TrainingState,
     keep: bool,
@@ -460,12 +460,11 @@ def save_checkpoint(
     epoch with ``train.keep: last``; the weights' average with ``train.ema_epochs``),
     ``last.pt`` (the state to resume from) and ``history.csv`` always."""
     last = state.history[-1]
-    weights = {**metadata, "state_dict": model.state_dict(), "epoch": last.epoch,
-               "val_loss": last.val_loss}  # fmt: skip
+    info = info.replace(provenance={"epoch": last.epoch, "val_loss": last.val_loss})
     if keep:
         best = model if optimization.ema is None else optimization.ema.module
-        save_model_file(run_dir / MODEL_FILE, {**weights, "state_dict": best.state_dict()})
+        write_model_file(run_dir / MODEL_FILE, info, state_dict=best.state_dict())
     resume = {"history": [asdict(r) for r in state.history], "best_val_loss": state.best_val_loss,
               "stale_epochs": state.stale_epochs, **optimization.state_dict()}  # fmt: skip
-    save_model_file(run_dir / LAST_FILE, {**weights, **resume})
+    write_model_file(run_dir / LAST_FILE, info, state_dict=model.state_dict(), **resume)
     _write_history(run_dir / HISTORY_FILE, state.history)

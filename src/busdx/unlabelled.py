@@ -25,11 +25,11 @@ from torch import nn
 from tqdm import tqdm
 
 from busdx.bundled import output_home, resolve_run
-from busdx.checkpoints import update_model_metadata
 from busdx.errors import DataError
 from busdx.imaging import as_input
 from busdx.inputs import expand_paths
 from busdx.layout import CONFIG_FILE, INFO_FILE, MODEL_FILE, SPLIT_FILE
+from busdx.model_file import update_model_file
 from busdx.predictor import Predictor, load_model
 from busdx.preprocess import load_region
 from busdx.runs import create_run_dir
@@ -112,5 +112,6 @@ def adapt_run(
     state = {key: value.cpu() for key, value in loaded.model.state_dict().items()}
     record = {"method": "batchnorm statistics (AdaBN)", "blend": blend, "images": len(files),
               "from_run": str(run_dir.resolve()), "data": str(data)}  # fmt: skip
-    update_model_metadata(out / MODEL_FILE, {"state_dict": state, "adaptation": record})
+    adapted = loaded.info.replace(provenance={"adaptation": record})
+    update_model_file(out / MODEL_FILE, adapted, state_dict=state)
     return AdaptedRun(out, len(files), layers)

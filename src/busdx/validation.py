@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from busdx.bundled import SUMMARY_FILE, output_home
+from busdx.calibration import Calibration
 from busdx.errors import DataError
 from busdx.fileio import atomic_write_text
 from busdx.layout import (
@@ -175,19 +176,23 @@ def write_validation_page(folder: str | Path, out: str | Path | None = None) -> 
     return path
 
 
-def describe_threshold(metadata: dict[str, Any], held_out: dict[str, dict[str, Any]] | None) -> str:
-    """How a model's threshold was chosen and what to expect of it, in one sentence: the API's
-    ``threshold_basis``, the page footer, ``busdx models``."""
-    policy = metadata.get("threshold_policy", "fixed")
-    source = metadata.get("calibration_source", "the validation split")
-    if policy != "target_sensitivity":
+def describe_threshold(
+    calibration: Calibration | None, held_out: dict[str, dict[str, Any]] | None
+) -> str:
+    """How a model's threshold was chosen (its :class:`~busdx.model_file.Calibration`) and what
+    to expect of it, in one sentence: the API's ``threshold_basis``, the page footer,
+    ``busdx models``."""
+    if calibration is None:
+        return "fixed threshold, not calibrated"
+    policy, source = calibration.threshold_policy, calibration.source
+    target = calibration.promised_sensitivity
+    if target is None:
         return f"{policy} threshold, chosen on {source}"
-    target = metadata.get("target_sensitivity", 0.95)
     text = f"chosen for sensitivity {target:.2f} on {source}"
-    promise = metadata.get("sensitivity_promise")
-    if promise and promise["confidence"] > 0:  # at 0 it is the observed sensitivity alone
-        text += (f"; these cases show sensitivity >= {promise['guaranteed']:.3f} with "
-                 f"{promise['confidence']:.0%} confidence")  # fmt: skip
+    promise = calibration.sensitivity_promise
+    if promise and promise.confidence > 0:  # at 0 it is the observed sensitivity alone
+        text += (f"; these cases show sensitivity >= {promise.guaranteed:.3f} with "
+                 f"{promise.confidence:.0%} confidence")  # fmt: skip
     if held_out:
         kept = [row["sensitivity"] for row in held_out.values()]
         text += (f"; at hospitals its recipe never saw it kept {target:.2f} at "

@@ -58,24 +58,23 @@ def run(args: argparse.Namespace) -> int:
     )  # fmt: skip
     fitted = calibrated.fitted
     if args.refit_head:
-        refit = fitted["head_refit"]
+        refit = fitted.head_refit
         print(
             "head: kept as trained (refitting did not help out of fold)"
             if refit["kept_trained_head"]
             else f"head: last layer refitted (anchor strength {refit['strength']:g}, chosen by "
             f"{refit['folds']}-fold cross-validation over the cases)"
         )
-    cases, ece = fitted["calibration_cases"], fitted["validation_ece"]
+    cases, ece = fitted.cases, fitted.validation_ece
     print(
         f"calibrated on {cases['n']} cases of {calibrated.site} "
-        f"({cases['n_positive']} positive): temperature {fitted['temperature']:.3f}, threshold "
-        f"{fitted['threshold']:.3f} ({fitted['threshold_policy']}); ECE "
+        f"({cases['n_positive']} positive): temperature {fitted.temperature:.3f}, threshold "
+        f"{fitted.threshold:.3f} ({fitted.threshold_policy}); ECE "
         f"{ece['uncalibrated']:.3f} -> {ece['calibrated']:.3f}\n"
         f"new run: {calibrated.run_dir} (the original is unchanged)"
     )
-    if fitted.get("sensitivity_promise"):
-        print(format_promise(SensitivityPromise.model_validate(fitted["sensitivity_promise"]),
-                             fitted.get("threshold_floor")))  # fmt: skip
+    if fitted.sensitivity_promise:
+        print(format_promise(fitted.sensitivity_promise, fitted.threshold_floor))
     return 0
 
 

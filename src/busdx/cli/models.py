@@ -19,6 +19,7 @@ def register(commands: Subcommands) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from busdx.predictor import load_model
     from busdx.validation import describe_threshold
 
     names = list_bundled()
@@ -40,8 +41,9 @@ def run(args: argparse.Namespace) -> int:
                 f"specificity {row['specificity']:.3f} at its threshold"
                 + (f"; outline Dice {row['dice']:.3f}" if "dice" in row else "")
             )
+        calibration = load_model(info["path"], backend="onnx").info.calibration
         print(f"  threshold {info['threshold']:.3f}: "
-              f"{describe_threshold(info, info.get('held_out_sites'))}")  # fmt: skip
+              f"{describe_threshold(calibration, info.get('held_out_sites'))}")  # fmt: skip
         print(f"  check it on your labelled cases: busdx evaluate --run {name} --data DIR; "
               f"busdx calibrate --run {name} --data DIR")  # fmt: skip
     print("use one with: busdx predict [--run NAME] scan.png; busdx serve [--run NAME]")

@@ -126,25 +126,25 @@ def _threads(settings: ServeSettings) -> int:
 
 
 def _model_card(loaded: Predictor, run_dir: Path) -> dict[str, Any]:
-    metadata = loaded.metadata
+    info = loaded.info
     card: dict[str, Any] = {
-        "busdx_version": metadata.get("busdx_version"),
+        "busdx_version": info.provenance.busdx_version,
         "server_version": __version__,
         "backend": loaded.backend,
-        "model": metadata.get("model"),
-        "classes": metadata["class_names"],
-        "positive_class": metadata.get("positive_class"),
+        "model": info.network,
+        "classes": loaded.class_names,
+        "positive_class": info.positive_class,
         "threshold": loaded.threshold,
-        "threshold_policy": metadata.get("threshold_policy"),
-        "threshold_basis": describe_threshold(metadata, expectation(run_dir)),
+        "threshold_policy": info.calibration.threshold_policy if info.calibration else None,
+        "threshold_basis": describe_threshold(info.calibration, expectation(run_dir)),
         "temperature": loaded.temperature,
-        "preprocessing": metadata["preprocessing"],
-        "weights": metadata.get("weights"),
+        "preprocessing": loaded.preprocessing.to_dict(),
+        "weights": info.provenance.weights,
         "intended_use": "research use only; not a medical device",
     }
     try:
-        _, info = load_run(run_dir)
-        card["training_data"] = {"counts": info["counts"], "layout": info["layout"]}
+        _, run_info = load_run(run_dir)
+        card["training_data"] = {"counts": run_info["counts"], "layout": run_info["layout"]}
     except (BusdxError, OSError, KeyError):  # a bare model file has no run directory around it
         card["training_data"] = None
     return card
