@@ -25,9 +25,9 @@ import onnxruntime
 import torch
 
 from busdx.hardware import cpu_has_bf16
+from busdx.inference.predictor import load_model
 from busdx.layout import INT8_FILE, ONNX_FILE
-from busdx.models import BinaryClassifier
-from busdx.predictor import load_model
+from busdx.networks.classifier import BinaryClassifier
 
 from _common import REPO, machine_info, throughput, write_json
 

@@ -33,7 +33,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 
-from busdx.synthetic import decompression_bomb_png, make_lesion_image
+from busdx.data.synthetic import decompression_bomb_png, make_lesion_image
 
 from _common import REPO, machine_info, write_json
 

@@ -22,9 +22,9 @@ from pathlib import Path
 
 import torch
 
-from busdx.inference import predict_files
-from busdx.predictor import Predictor, load_model
-from busdx.synthetic import make_lesion_image
+from busdx.data.synthetic import make_lesion_image
+from busdx.inference.batch import predict_files
+from busdx.inference.predictor import Predictor, load_model
 
 from _common import REPO, machine_info, write_json
 

@@ -15,7 +15,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from busdx.synthetic import make_lesion_image
+from busdx.data.synthetic import make_lesion_image
 
 from _common import REPO, machine_info, peak_rss_mb, write_json
 

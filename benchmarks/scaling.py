@@ -30,12 +30,12 @@ import onnxruntime
 import torch
 from training import subset_split
 
+from busdx.data.synthetic import make_lesion_image
 from busdx.devices import autocast, resolve_device
 from busdx.hardware import cpu_has_bf16, resolve_workers
-from busdx.inference import predict_files, write_predictions
+from busdx.inference.batch import predict_files, write_predictions
+from busdx.inference.predictor import load_model
 from busdx.layout import INT8_FILE
-from busdx.predictor import load_model
-from busdx.synthetic import make_lesion_image
 
 from _common import REPO, machine_info, throughput, write_json
 
@@ -145,7 +145,7 @@ def ddp_section(data: str, split_file: Path, train: int, epochs: int) -> dict:
 
 
 def ray_section(run: Path, count: int) -> dict:
-    from busdx.cluster import predict_on_ray
+    from busdx.workflows.cluster import predict_on_ray
 
     result: dict[str, dict] = {}
     with tempfile.TemporaryDirectory() as folder:

@@ -29,8 +29,8 @@ import tempfile
 from pathlib import Path
 
 from busdx.bundled import resolve_run
-from busdx.predictor import load_model
-from busdx.synthetic import make_lesion_image
+from busdx.data.synthetic import make_lesion_image
+from busdx.inference.predictor import load_model
 
 from _common import REPO, lean_install, machine_info, peak_rss_mb, write_json
 
@@ -51,7 +51,7 @@ print(1 / (1 + np.exp(-logit / meta.get("temperature", 1.0))))
 SERVE_SCRIPT = """
 from fastapi.testclient import TestClient
 from busdx.bundled import resolve_run
-from busdx.predictor import load_model
+from busdx.inference.predictor import load_model
 from busdx.serving import create_app
 with TestClient(create_app(resolve_run(None))) as client:
     assert client.get("/health").status_code == 200

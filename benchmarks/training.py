@@ -29,7 +29,7 @@ from pathlib import Path
 from busdx.config import apply_overrides, load_config
 from busdx.hardware import cpu_has_bf16
 from busdx.runs import prepare_dataset
-from busdx.training import fit
+from busdx.training.loop import fit
 
 from _common import REPO, machine_info, write_json
 

@@ -1,6 +1,6 @@
 """How much of a model's score do burned-in annotations (calipers, text, markers) carry?
 
-Three measurements, with ``busdx.transforms.annotation_mask`` as the detector:
+Three measurements, with ``busdx.training.transforms.annotation_mask`` as the detector:
 
 1. Marks as a shortcut: the share of each image's pixels the detector marks, per site and class,
    and the ROC AUC of that share alone as a malignancy score (0.5: the marks say nothing about
@@ -31,14 +31,14 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from busdx.config import load_config
-from busdx.data import Sample, scan_dataset
-from busdx.imaging import load_image
-from busdx.inference import file_logits
-from busdx.metrics import bootstrap_ci, paired_bootstrap, roc_auc
-from busdx.predictor import load_model
-from busdx.preprocess import annotation_mask
-from busdx.synthetic import make_lesion_image
-from busdx.transforms import MaskAnnotations
+from busdx.data.datasets import Sample, scan_dataset
+from busdx.data.imaging import load_image
+from busdx.data.preprocess import annotation_mask
+from busdx.data.synthetic import make_lesion_image
+from busdx.inference.batch import file_logits
+from busdx.inference.predictor import load_model
+from busdx.stats.metrics import bootstrap_ci, paired_bootstrap, roc_auc
+from busdx.training.transforms import MaskAnnotations
 
 
 def marked_shares(samples: list[Sample]) -> np.ndarray:

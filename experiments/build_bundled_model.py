@@ -29,13 +29,13 @@ import numpy as np
 
 from busdx import __version__
 from busdx.bundled import BUNDLED_DIR, SUMMARY_FILE
-from busdx.calibration import fit_operating_points
 from busdx.errors import ExportError
-from busdx.export import export_run
 from busdx.fileio import atomic_write_text, json_safe
+from busdx.inference.model_file import read_model_file, update_model_file
 from busdx.layout import CONFIG_FILE, EXPORT_REPORT, INFO_FILE, INT8_FILE, MODEL_FILE, ONNX_FILE
-from busdx.model_file import read_model_file, update_model_file
 from busdx.runs import load_run
+from busdx.stats.calibration import fit_operating_points
+from busdx.workflows.export import export_run
 
 MIN_AGREEMENT = 0.97  # int8 ships only if it decides as the fp32 model on 97% of validation cases
 # mixed precision: the stem, the last two stages and the head stay in float. On the bundled

@@ -19,10 +19,10 @@ from pathlib import Path
 
 import numpy as np
 
-from busdx.comparison import compare_evaluations
 from busdx.config import EvaluateConfig
+from busdx.evaluation.compare import compare_evaluations
 from busdx.fileio import atomic_write_text, json_safe
-from busdx.metrics import bootstrap_ci, paired_bootstrap, roc_auc
+from busdx.stats.metrics import bootstrap_ci, paired_bootstrap, roc_auc
 
 
 def fold_predictions(study: Path) -> dict[str, list[dict[str, str]]]:

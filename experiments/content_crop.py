@@ -1,7 +1,7 @@
 """Does cropping to the content ever cut a lesion away? The B-mode field detector, measured.
 
 For every image of BUSI and BrEaST (benign + malignant, each with its lesion mask), the crop
-of ``data.crop: content`` (:func:`busdx.preprocess.content_box`: the largest *textured* region)
+of ``data.crop: content`` (:func:`busdx.data.preprocess.content_box`: the largest *textured* region)
 is compared with the lesion's box from its mask, beside the brightness-only rule busdx used
 before (rows and columns at least 30% brighter than grey level 12, longest run, no gap
 closing). Reported per site and rule: images cropped at all, mean share of the image kept,
@@ -21,9 +21,9 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
-from busdx.data import attach_boxes, scan_sites
-from busdx.imaging import load_image
-from busdx.preprocess import content_box
+from busdx.data.datasets import attach_boxes, scan_sites
+from busdx.data.imaging import load_image
+from busdx.data.preprocess import content_box
 
 
 def brightness_box(image, *, dark: int = 12, min_fill: float = 0.3) -> tuple:

@@ -5,7 +5,7 @@ logit) and, optionally, an external evaluation of its cross-fitted ensemble, for
 ``evaluate.threshold_confidence``:
 
 * BUSI, honestly: each fold decided by the temperature and threshold fitted on the other folds'
-  out-of-fold predictions (``busdx.pipeline.leave_one_fold_out_threshold``);
+  out-of-fold predictions (``busdx.workflows.pipeline.leave_one_fold_out_threshold``);
 * the external site: the ensemble's logits decided by the temperature and threshold fitted on
   all out-of-fold predictions (what ``OUT/ensemble`` stores for that confidence); the site is
   never used to fit anything.
@@ -25,10 +25,10 @@ from pathlib import Path
 
 import numpy as np
 
-from busdx.calibration import apply_temperature, fit_operating_points
 from busdx.config import apply_overrides, load_config
-from busdx.crossfit import leave_one_fold_out_threshold
-from busdx.metrics import binary_metrics, bootstrap_ci
+from busdx.stats.calibration import apply_temperature, fit_operating_points
+from busdx.stats.metrics import binary_metrics, bootstrap_ci
+from busdx.workflows.crossfit import leave_one_fold_out_threshold
 
 
 def _predictions(folder: Path, positive: str) -> tuple[np.ndarray, np.ndarray]:

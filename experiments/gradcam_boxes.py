@@ -28,11 +28,11 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from busdx.boxes import crop_rectangle
-from busdx.data import Sample, attach_boxes, scan_sites
-from busdx.explain import explain_image
-from busdx.imaging import load_image
-from busdx.predictor import Predictor, load_model
+from busdx.data.boxes import crop_rectangle
+from busdx.data.datasets import Sample, attach_boxes, scan_sites
+from busdx.data.imaging import load_image
+from busdx.inference.predictor import Predictor, load_model
+from busdx.networks.gradcam import explain_image
 
 
 def cam_on_box(loaded: Predictor, sample: Sample) -> tuple[float, float, bool]:

@@ -30,14 +30,14 @@ from pathlib import Path
 import numpy as np
 from scipy.special import logit
 
-from busdx.calibration import fit_operating_points
 from busdx.config import load_config
-from busdx.imaging import as_input
+from busdx.data.imaging import as_input
+from busdx.data.preprocess import load_region
+from busdx.inference.predictor import load_model
 from busdx.layout import FOLDS_FILE, METRICS_FILE, fold_dir
-from busdx.metrics import paired_bootstrap, roc_auc
-from busdx.predictor import load_model
-from busdx.preprocess import load_region
-from busdx.unlabelled import adapt_batchnorm
+from busdx.stats.calibration import fit_operating_points
+from busdx.stats.metrics import paired_bootstrap, roc_auc
+from busdx.workflows.adapt import adapt_batchnorm
 
 
 def _logits_and_distances(loaded, files, *, flip=False, batch=32):

@@ -22,12 +22,17 @@ import onnx
 from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 from onnxruntime.quantization.shape_inference import quant_pre_process
 
-from busdx.export import _calibration_files, _CalibrationImages, compare_logits, export_onnx
 from busdx.fileio import json_safe
-from busdx.inference import file_logits
-from busdx.metrics import paired_bootstrap
-from busdx.predictor import load_model
+from busdx.inference.batch import file_logits
+from busdx.inference.predictor import load_model
 from busdx.runs import load_run, samples_for_split
+from busdx.stats.metrics import paired_bootstrap
+from busdx.workflows.export import (
+    _calibration_files,
+    _CalibrationImages,
+    compare_logits,
+    export_onnx,
+)
 
 
 def main() -> None:

@@ -25,12 +25,12 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from busdx.config import apply_overrides, load_config
-from busdx.data import draw_split
-from busdx.features import FeatureCache
-from busdx.metrics import roc_auc
-from busdx.models import create_model
+from busdx.data.datasets import draw_split
+from busdx.networks.classifier import create_model
 from busdx.runs import prepare_dataset
-from busdx.training import evaluate, train_one_epoch
+from busdx.stats.metrics import roc_auc
+from busdx.training.feature_cache import FeatureCache
+from busdx.training.loop import evaluate, train_one_epoch
 
 
 def _train_head(config, train_x, train_y, val_x, val_y, seed: int) -> dict[str, float]:

@@ -1,7 +1,7 @@
 """The lesion descriptors against the BrEaST radiologists' own (issue 22).
 
-For every BrEaST image, two outlines are described by :mod:`busdx.lesion`: the model's (a
-mask-head model whose training, calibration and threshold never saw BrEaST, e.g. the BrEaST
+For every BrEaST image, two outlines are described by :mod:`busdx.lesion.descriptors`: the model's
+(a mask-head model whose training, calibration and threshold never saw BrEaST, e.g. the BrEaST
 fold of a leave-one-site-out CV) and the reader's mask from the release. Each descriptor is
 compared with the clinical sheet's (``Shape``; ``Margin``: circumscribed or not;
 ``Posterior_features``): Cohen's kappa with a 95% bootstrap CI, and the confusion table. The
@@ -29,10 +29,10 @@ import numpy as np
 from openpyxl import load_workbook
 from PIL import Image
 
-from busdx.agreement import confusion_table, kappa_with_ci
-from busdx.data import attach_masks, scan_sites
-from busdx.predictor import load_model
-from busdx.segmentation import score_lesions, summarise_lesions, write_lesions
+from busdx.data.datasets import attach_masks, scan_sites
+from busdx.evaluation.segmentation import score_lesions, summarise_lesions, write_lesions
+from busdx.inference.predictor import load_model
+from busdx.stats.agreement import confusion_table, kappa_with_ci
 
 SHEET = "BrEaST-Lesions-USG-clinical-data-Dec-15-2023.xlsx"
 POSTERIOR = {"no": "none", "enhancement": "enhancement", "shadowing": "shadowing",

@@ -4,7 +4,7 @@ likelihood category beside it (``busdx predict``'s own row, drawn).
     python experiments/lesion_figure.py --run runs/loso3-lite0-mask/fold-2 \
         --out docs/figures/lesion-example.png
 
-The scan is synthetic (``busdx.synthetic``): no patient image is committed to this project.
+The scan is synthetic (``busdx.data.synthetic``): no patient image is committed to this project.
 """
 
 from __future__ import annotations
@@ -18,10 +18,10 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
-from busdx.inference import predict_files
-from busdx.likelihood import CATEGORY_LABEL
-from busdx.predictor import load_model
-from busdx.synthetic import make_lesion_image
+from busdx.data.synthetic import make_lesion_image
+from busdx.inference.batch import predict_files
+from busdx.inference.predictor import load_model
+from busdx.stats.likelihood import CATEGORY_LABEL
 
 
 def main() -> None:

@@ -3,8 +3,8 @@
 Each fold of a leave-one-site-out ``busdx cv`` folder tested one site with a model trained,
 calibrated and thresholded on the others; its ``predictions.csv`` holds the calibrated
 probability of every image of that site. Each probability is mapped to its BI-RADS range
-(:mod:`busdx.likelihood`), and each category's observed rate of malignancy is reported with its
-exact 95% interval, beside the readers' own BI-RADS categories on the same images where the
+(:mod:`busdx.stats.likelihood`), and each category's observed rate of malignancy is reported with
+its exact 95% interval, beside the readers' own BI-RADS categories on the same images where the
 site records them (BrEaST's ``labels.csv``, BUS-BRA's ``bus_data.csv``).
 
     python experiments/likelihood_categories.py --cv runs/loso3-lite0 \
@@ -22,8 +22,8 @@ from dataclasses import asdict
 from pathlib import Path
 
 from busdx.config import load_config
-from busdx.likelihood import CATEGORY_LABEL, category_table, likelihood_category
 from busdx.runs import prepare_dataset
+from busdx.stats.likelihood import CATEGORY_LABEL, category_table, likelihood_category
 
 
 def site_tables(fold: Path, birads: dict[str, str | None]) -> dict:

@@ -29,12 +29,12 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from busdx.adaptation import fit_local_head, last_layer_features
-from busdx.calibration import apply_temperature, fit_operating_points
 from busdx.config import load_config
-from busdx.data import scan_dataset
-from busdx.metrics import binary_metrics, roc_auc
-from busdx.predictor import load_model
+from busdx.data.datasets import scan_dataset
+from busdx.inference.predictor import load_model
+from busdx.stats.calibration import apply_temperature, fit_operating_points
+from busdx.stats.metrics import binary_metrics, roc_auc
+from busdx.workflows.head_refit import fit_local_head, last_layer_features
 
 
 def site_scores(args: argparse.Namespace):

@@ -1,11 +1,11 @@
-"""Is this a breast B-mode ultrasound image at all? The pixel rules of busdx.scope, measured.
+"""Is this a breast B-mode ultrasound image at all? busdx.inference.scope's pixel rules, measured.
 
 Two sets: every image of the three development sites (real B-mode scans, each site
 separately: none should be flagged) and a labelled "not a scan" set: the synthetic images of
-:func:`busdx.synthetic.not_a_scan_images` and the sample images that scikit-image,
+:func:`busdx.data.synthetic.not_a_scan_images` and the sample images that scikit-image,
 scikit-learn and matplotlib ship (photos, micrographs, text, a CT phantom, an MRI slice). Each
-image is read as busdx reads a file (:func:`busdx.imaging.to_rgb`) and checked with
-:func:`busdx.scope.image_checks`. Writes the per-image verdicts and a summary.
+image is read as busdx reads a file (:func:`busdx.data.imaging.to_rgb`) and checked with
+:func:`busdx.inference.scope.image_checks`. Writes the per-image verdicts and a summary.
 
 Usage:
     python experiments/not_a_scan.py --out docs/scope
@@ -22,10 +22,10 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from busdx.data import scan_sites
-from busdx.imaging import load_image, to_rgb
-from busdx.scope import coloured_share, image_checks, texture_statistics
-from busdx.synthetic import not_a_scan_images
+from busdx.data.datasets import scan_sites
+from busdx.data.imaging import load_image, to_rgb
+from busdx.data.synthetic import not_a_scan_images
+from busdx.inference.scope import coloured_share, image_checks, texture_statistics
 
 SITES = ("busi=../shared/data/busi", "bus_bra=../shared/data/bus_bra",
          "breast=../shared/data/breast_lesions_usg/labels.csv")  # fmt: skip

@@ -17,12 +17,12 @@ import numpy as np
 import torch
 from torchvision.transforms import v2
 
+from busdx.data.imaging import as_input
+from busdx.data.preprocess import load_region, model_input, normalize
 from busdx.fileio import json_safe
-from busdx.imaging import as_input
-from busdx.metrics import roc_auc
-from busdx.predictor import load_model
-from busdx.preprocess import load_region, model_input, normalize
+from busdx.inference.predictor import load_model
 from busdx.runs import load_run, samples_for_split
+from busdx.stats.metrics import roc_auc
 
 
 def torchvision_input(image, prep) -> np.ndarray:

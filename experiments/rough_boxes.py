@@ -18,9 +18,9 @@ from pathlib import Path
 
 import numpy as np
 
-from busdx.boxes import box_to_text
-from busdx.data import attach_boxes, scan_sites
-from busdx.imaging import load_image
+from busdx.data.boxes import box_to_text
+from busdx.data.datasets import attach_boxes, scan_sites
+from busdx.data.imaging import load_image
 
 
 def main() -> None:

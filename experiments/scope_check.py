@@ -24,10 +24,10 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
+from busdx.data.inputs import iter_image_paths
 from busdx.errors import DataError
-from busdx.inference import predict_files
-from busdx.inputs import iter_image_paths
-from busdx.predictor import load_model
+from busdx.inference.batch import predict_files
+from busdx.inference.predictor import load_model
 from busdx.runs import load_run, samples_for_split
 
 

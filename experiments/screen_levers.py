@@ -35,13 +35,13 @@ from sklearn.preprocessing import StandardScaler
 from tqdm.auto import tqdm
 
 from busdx.config import ModelConfig, load_config
-from busdx.crossval import assign_folds
-from busdx.data import scan_dataset
-from busdx.imaging import load_image
-from busdx.metrics import bootstrap_ci, paired_bootstrap, roc_auc
-from busdx.models import create_model
+from busdx.data.datasets import scan_dataset
+from busdx.data.imaging import load_image
+from busdx.networks.classifier import create_model
 from busdx.runs import prepare_dataset
-from busdx.transforms import build_eval_transform
+from busdx.stats.metrics import bootstrap_ci, paired_bootstrap, roc_auc
+from busdx.training.transforms import build_eval_transform
+from busdx.workflows.crossval import assign_folds
 
 # backbone -> {feature name: (layer indices whose global average is concatenated) or "flatten"}
 TAPS = {

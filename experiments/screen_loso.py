@@ -39,8 +39,8 @@ from pathlib import Path
 import numpy as np
 
 from busdx.fileio import atomic_write_text, json_safe
-from busdx.metrics import paired_bootstrap, roc_auc
-from busdx.model_file import read_model_file, write_model_file
+from busdx.inference.model_file import read_model_file, write_model_file
+from busdx.stats.metrics import paired_bootstrap, roc_auc
 
 SITES = {
     "busi": "../shared/data/busi",

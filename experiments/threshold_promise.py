@@ -32,13 +32,13 @@ from pathlib import Path
 
 import numpy as np
 
-from busdx.calibration import (
+from busdx.config import load_config
+from busdx.stats.calibration import (
     apply_temperature,
     fit_operating_points,
     sensitivity_promise,
     transfer_threshold,
 )
-from busdx.config import load_config
 
 RULES = ("point", "bound", "bound+prior")
 

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from busdx.metrics import paired_bootstrap
+from busdx.stats.metrics import paired_bootstrap
 
 
 def main() -> None:

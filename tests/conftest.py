@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from busdx.synthetic import write_synthetic_dataset
+from busdx.data.synthetic import write_synthetic_dataset
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
@@ -96,7 +96,7 @@ FAST = ["--image-size", "32", "--weights", "none", "--batch-size", "8", "--no-pr
 def trained_run(synthetic_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """One small trained run (FAST, 2 epochs) with its fp32 ONNX export, shared by every test
     that only reads a run; a test that changes a run works on a copy (shutil.copytree)."""
-    from busdx.export import export_run
+    from busdx.workflows.export import export_run
 
     run = train_run(synthetic_data, tmp_path_factory.mktemp("shared-run") / "run", *FAST)
     export_run(run)

@@ -7,12 +7,12 @@ import numpy as np
 import pytest
 from PIL import Image, ImageOps
 
-from busdx.audit import DuplicatePair, audit_dataset, duplicate_groups
 from busdx.cli import main
 from busdx.config import apply_overrides, load_config
-from busdx.data import scan_dataset
+from busdx.data.audit import DuplicatePair, audit_dataset, duplicate_groups
+from busdx.data.datasets import scan_dataset
+from busdx.data.synthetic import make_lesion_image
 from busdx.runs import prepare_dataset
-from busdx.synthetic import make_lesion_image
 
 CLASSES = ["benign", "malignant"]
 

@@ -10,7 +10,8 @@ import torch
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from busdx.boxes import (
+from busdx.cli import main
+from busdx.data.boxes import (
     box_to_text,
     check_box,
     crop_rectangle,
@@ -21,17 +22,16 @@ from busdx.boxes import (
     read_boxes_csv,
     read_mask,
 )
-from busdx.cli import main
-from busdx.data import attach_boxes, scan_dataset
+from busdx.data.datasets import attach_boxes, scan_dataset
+from busdx.data.imaging import ORIGIN_KEY, ImageInput
+from busdx.data.preprocess import Preprocessing, load_region
 from busdx.errors import BoxError, DataError
-from busdx.imaging import ORIGIN_KEY, ImageInput
-from busdx.inference import predict_files
-from busdx.loading import ImageDataset
-from busdx.model_file import read_model_file
-from busdx.predictor import load_model
-from busdx.preprocess import Preprocessing, load_region
+from busdx.inference.batch import predict_files
+from busdx.inference.model_file import read_model_file
+from busdx.inference.predictor import load_model
 from busdx.serving import create_app
-from busdx.transforms import build_decode_transform
+from busdx.training.loading import ImageDataset
+from busdx.training.transforms import build_decode_transform
 
 from conftest import FAST, assert_same_rows, train_run
 

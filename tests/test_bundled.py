@@ -15,11 +15,11 @@ from fastapi.testclient import TestClient
 
 from busdx.bundled import DEFAULT_MODEL, bundled_info, list_bundled, resolve_run
 from busdx.cli import main
+from busdx.data.synthetic import make_lesion_image
 from busdx.errors import UnknownModelError
-from busdx.predictor import load_model
+from busdx.inference.predictor import load_model
 from busdx.results import ExportReport
 from busdx.serving import create_app
-from busdx.synthetic import make_lesion_image
 
 
 @pytest.fixture(autouse=True)
@@ -88,7 +88,7 @@ def test_the_default_backend_answers_like_the_torch_model(scans):
     fast = load_model(resolve_run(None), backend="auto", device="cpu")
     assert fast.backend == "onnx" and fast.outlines  # int8 where it ships and is valid, else fp32
     exact = load_model(resolve_run(None), backend="torch")
-    from busdx.inference import predict_files
+    from busdx.inference.batch import predict_files
 
     a = list(predict_files(fast, scans, progress=False))
     b = list(predict_files(exact, scans, progress=False))

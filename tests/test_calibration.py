@@ -1,9 +1,9 @@
 import numpy as np
 import pytest
 
-from busdx.calibration import apply_temperature, fit_operating_points, fit_temperature
 from busdx.config import EvaluateConfig
-from busdx.metrics import expected_calibration_error
+from busdx.stats.calibration import apply_temperature, fit_operating_points, fit_temperature
+from busdx.stats.metrics import expected_calibration_error
 
 
 def _overconfident(n=4000, true_t=2.5, seed=0):

@@ -9,10 +9,10 @@ import yaml
 from PIL import Image
 
 from busdx.cli import main
-from busdx.inference import predict_files
-from busdx.model_file import read_model_file, update_model_file
-from busdx.predictor import load_model
-from busdx.synthetic import decompression_bomb_png
+from busdx.data.synthetic import decompression_bomb_png
+from busdx.inference.batch import predict_files
+from busdx.inference.model_file import read_model_file, update_model_file
+from busdx.inference.predictor import load_model
 
 from conftest import FAST, train_run
 

@@ -5,10 +5,10 @@ import pytest
 import torch
 from PIL import Image
 
-from busdx.data import apply_split_file, draw_split, scan_dataset, write_split_csv
+from busdx.data.datasets import apply_split_file, draw_split, scan_dataset, write_split_csv
 from busdx.errors import DataError
 from busdx.hardware import resolve_workers
-from busdx.loading import ImageDataset, item_seed
+from busdx.training.loading import ImageDataset, item_seed
 
 CLASSES = ["benign", "malignant"]
 
@@ -142,8 +142,8 @@ def test_auto_workers_take_half_of_each_process_share_and_none_on_small_machines
 
 def test_each_epoch_draws_new_augmentations_reproducibly(synthetic_data):
     from busdx.config import AugmentConfig
-    from busdx.preprocess import Preprocessing
-    from busdx.transforms import build_augment_transform, build_decode_transform
+    from busdx.data.preprocess import Preprocessing
+    from busdx.training.transforms import build_augment_transform, build_decode_transform
 
     prep = Preprocessing(32, (0.0,) * 3, (1.0,) * 3)
     samples = scan_dataset(synthetic_data, CLASSES).samples[:3]

@@ -3,7 +3,7 @@
 pydicom's wheel ships test files of many transfer syntaxes and photometric interpretations
 (none of them ultrasound, so they are read with BUSDX_ANY_MODALITY=1); the ultrasound files
 (modality US, multi-frame, RGB / YBR, compressed, with and without a region sequence) are
-written by :func:`busdx.synthetic.ultrasound_dicom`.
+written by :func:`busdx.data.synthetic.ultrasound_dicom`.
 """
 
 import csv
@@ -18,13 +18,13 @@ from PIL import Image
 from pydicom.uid import JPEG2000Lossless, JPEGLSLossless, RLELossless
 
 from busdx.cli import main
-from busdx.dicom import ANY_MODALITY_ENV, count_frames
+from busdx.data.dicom import ANY_MODALITY_ENV, count_frames
+from busdx.data.imaging import ORIGIN_KEY, SPACING_KEY, ImageInput, load_image
+from busdx.data.synthetic import make_lesion_image, ultrasound_dicom, write_synthetic_dataset
 from busdx.errors import ImageDecodeError
-from busdx.imaging import ORIGIN_KEY, SPACING_KEY, ImageInput, load_image
-from busdx.inference import predict_files
-from busdx.predictor import load_model
+from busdx.inference.batch import predict_files
+from busdx.inference.predictor import load_model
 from busdx.serving import create_app
-from busdx.synthetic import make_lesion_image, ultrasound_dicom, write_synthetic_dataset
 
 from conftest import FAST, train_run
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from busdx.loading import EpochSampler
+from busdx.training.loading import EpochSampler
 
 # dropout 0: with it, each process would draw other dropout masks than one process does
 SETTINGS = [
@@ -42,7 +42,7 @@ def _history(run: Path) -> list[dict[str, float]]:
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> Path:
-    from busdx.synthetic import write_synthetic_dataset
+    from busdx.data.synthetic import write_synthetic_dataset
 
     # 16 + 16 images: 16 to train, divisible by the 2 x 4 images of each global batch
     return write_synthetic_dataset(tmp_path_factory.mktemp("ddp"), n_per_class=16, seed=1)

@@ -6,10 +6,10 @@ import torch
 from PIL import Image
 
 from busdx.config import ModelConfig
-from busdx.explain import explain_image, grad_cam, overlay_heatmap
-from busdx.models import create_model
-from busdx.predictor import load_model
-from busdx.synthetic import make_lesion_image, write_synthetic_dataset
+from busdx.data.synthetic import make_lesion_image, write_synthetic_dataset
+from busdx.inference.predictor import load_model
+from busdx.networks.classifier import create_model
+from busdx.networks.gradcam import explain_image, grad_cam, overlay_heatmap
 
 from conftest import WEIGHTS_DIR, needs_shared, train_run
 

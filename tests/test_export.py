@@ -12,15 +12,15 @@ from fastapi.testclient import TestClient
 from PIL import Image
 
 from busdx.cli import main
+from busdx.data.inputs import iter_image_paths
 from busdx.errors import CheckpointError, ExportError
-from busdx.export import export_run
 from busdx.fileio import sha256_file
-from busdx.inference import file_logits, predict_files
-from busdx.inputs import iter_image_paths
-from busdx.model_file import read_model_file, update_model_file
-from busdx.predictor import load_model
+from busdx.inference.batch import file_logits, predict_files
+from busdx.inference.model_file import read_model_file, update_model_file
+from busdx.inference.predictor import load_model
 from busdx.results import ExportReport
 from busdx.serving import ServeSettings, create_app
+from busdx.workflows.export import export_run
 
 from conftest import FAST, train_run
 
@@ -220,9 +220,9 @@ def test_8_bit_int8_weights_are_used_only_on_a_cpu_with_vnni(run_copy, monkeypat
     report = ExportReport.read(run_copy / "export.json")
     assert report.int8.weight_bits == 8
     assert load_model(run_copy, backend="onnx").info.int8_weight_bits == 8
-    monkeypatch.setattr("busdx.predictor.cpu_has_vnni", lambda: True)
+    monkeypatch.setattr("busdx.inference.predictor.cpu_has_vnni", lambda: True)
     assert load_model(run_copy, device="cpu", backend="auto").path.name == "model.int8.onnx"
-    monkeypatch.setattr("busdx.predictor.cpu_has_vnni", lambda: False)  # an AVX2-only CPU
+    monkeypatch.setattr("busdx.inference.predictor.cpu_has_vnni", lambda: False)  # an AVX2-only CPU
     assert load_model(run_copy, device="cpu", backend="auto").path.name == "model.onnx"  # fp32
     with pytest.raises(SystemExit):  # argparse: 7 or 8 only
         main([*args, "--int8-weight-bits", "6"])

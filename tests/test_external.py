@@ -10,10 +10,10 @@ import pytest
 import torch
 from sklearn.linear_model import LogisticRegression
 
-from busdx.adaptation import fit_anchored_layer
 from busdx.cli import main
-from busdx.model_file import read_model_file
+from busdx.inference.model_file import read_model_file
 from busdx.results import Comparison, Evaluation
+from busdx.workflows.head_refit import fit_anchored_layer
 
 from conftest import FAST, train_run
 

@@ -5,14 +5,14 @@ import pytest
 import torch
 
 from busdx.config import AugmentConfig, ModelConfig, apply_overrides, load_config
-from busdx.data import scan_dataset
-from busdx.features import FeatureCache
-from busdx.imaging import load_image
-from busdx.model_file import read_model_file
-from busdx.models import create_model
+from busdx.data.datasets import scan_dataset
+from busdx.data.imaging import load_image
+from busdx.inference.model_file import read_model_file
+from busdx.networks.classifier import create_model
 from busdx.runs import prepare_dataset
-from busdx.training import fit
-from busdx.transforms import build_eval_transform
+from busdx.training.feature_cache import FeatureCache
+from busdx.training.loop import fit
+from busdx.training.transforms import build_eval_transform
 
 
 @pytest.fixture(scope="module")

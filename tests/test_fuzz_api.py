@@ -33,7 +33,10 @@ def test_schemathesis_own_runner_with_every_check_finds_no_failure(trained_run):
     with running_server(trained_run) as server:
         result = subprocess.run(
             [str(runner), "run", f"{server.url}/openapi.json", "--checks", "all",
-             "--max-examples", "30", "--seed", "0"],
+             "--max-examples", "30", "--seed", "0",
+             # the first /explain imports torch and loads the network (seconds, more on a busy
+             # machine): the default 10 s timed out once while training shared the two cores
+             "--request-timeout", "60"],
             cwd=ROOT, capture_output=True, text=True, timeout=600,
         )  # fmt: skip
     assert result.returncode == 0, result.stdout[-4000:]

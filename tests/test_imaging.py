@@ -5,9 +5,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from busdx.data.imaging import decode_image, is_image_file, load_image
+from busdx.data.synthetic import decompression_bomb_png
 from busdx.errors import ImageDecodeError, ImageTooLargeError
-from busdx.imaging import decode_image, is_image_file, load_image
-from busdx.synthetic import decompression_bomb_png
 
 
 def _save(image: Image.Image, path: Path, **kwargs) -> Path:

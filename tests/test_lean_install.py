@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from busdx.synthetic import write_synthetic_dataset
+from busdx.data.synthetic import write_synthetic_dataset
 
 from conftest import BENCHMARKS
 

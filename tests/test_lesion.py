@@ -6,7 +6,8 @@ import math
 import numpy as np
 import pytest
 
-from busdx.agreement import (
+from busdx.lesion.descriptors import describe_lesion, largest_region, lesion_fields
+from busdx.stats.agreement import (
     binomial_interval,
     cohen_kappa,
     confusion_table,
@@ -14,8 +15,7 @@ from busdx.agreement import (
     iou,
     kappa_with_ci,
 )
-from busdx.lesion import describe_lesion, largest_region, lesion_fields
-from busdx.likelihood import LIKELIHOOD_RANGES, category_table, likelihood_category
+from busdx.stats.likelihood import LIKELIHOOD_RANGES, category_table, likelihood_category
 
 H, W = 240, 320
 YY, XX = np.mgrid[0:H, 0:W]

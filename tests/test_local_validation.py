@@ -15,15 +15,15 @@ import numpy as np
 import pytest
 from scipy.stats import binom
 
-from busdx.calibration import (
+from busdx.data.synthetic import write_synthetic_dataset
+from busdx.evaluation.local_check import check_expectation, describe_threshold
+from busdx.results import Interval, Metrics
+from busdx.stats.calibration import (
     Calibration,
     positives_needed,
     sensitivity_promise,
     transfer_threshold,
 )
-from busdx.results import Interval, Metrics
-from busdx.synthetic import write_synthetic_dataset
-from busdx.validation import check_expectation, describe_threshold
 
 ROOT = Path(__file__).resolve().parents[1]
 

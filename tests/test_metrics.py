@@ -5,7 +5,7 @@ import pytest
 from sklearn import metrics as skm
 
 from busdx.errors import DataError, SingleClassError
-from busdx.metrics import (
+from busdx.stats.metrics import (
     binary_metrics,
     bootstrap_ci,
     expected_calibration_error,

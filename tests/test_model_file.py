@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from busdx.bundled import resolve_run
-from busdx.calibration import Calibration
 from busdx.errors import CheckpointError
-from busdx.model_file import ModelInfo, read_info, read_model_file, update_model_file
+from busdx.inference.model_file import ModelInfo, read_info, read_model_file, update_model_file
+from busdx.stats.calibration import Calibration
 
 
 def _onnx_metadata(path) -> dict:

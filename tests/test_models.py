@@ -7,10 +7,10 @@ from PIL import Image
 
 from busdx.config import AugmentConfig, ModelConfig
 from busdx.errors import ConfigError, UnknownModelError, WeightsError
-from busdx.explain import grad_cam
-from busdx.models import create_model, list_models
-from busdx.transforms import build_eval_transform, build_train_transform
-from busdx.weights import get_weight_spec, package_weights_file, resolve_weights_file
+from busdx.networks.classifier import create_model, list_models
+from busdx.networks.gradcam import grad_cam
+from busdx.networks.weights import get_weight_spec, package_weights_file, resolve_weights_file
+from busdx.training.transforms import build_eval_transform, build_train_transform
 
 from conftest import WEIGHTS_DIR, needs_shared
 

@@ -8,10 +8,10 @@ import pytest
 
 from busdx.cli import main
 from busdx.config import apply_overrides, load_config
-from busdx.crossfit import leave_one_fold_out_threshold
-from busdx.inference import predict_files
-from busdx.model_file import read_model_file
-from busdx.predictor import load_model
+from busdx.inference.batch import predict_files
+from busdx.inference.model_file import read_model_file
+from busdx.inference.predictor import load_model
+from busdx.workflows.crossfit import leave_one_fold_out_threshold
 
 from conftest import FAST
 

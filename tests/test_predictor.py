@@ -9,11 +9,11 @@ import pytest
 from fastapi.testclient import TestClient
 
 from busdx.cli import main
-from busdx.explain import explain_image
-from busdx.imaging import load_image
-from busdx.inference import predict_files
-from busdx.inputs import iter_image_paths
-from busdx.predictor import load_model
+from busdx.data.imaging import load_image
+from busdx.data.inputs import iter_image_paths
+from busdx.inference.batch import predict_files
+from busdx.inference.predictor import load_model
+from busdx.networks.gradcam import explain_image
 from busdx.serving import ServeSettings, create_app
 
 

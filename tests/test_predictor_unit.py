@@ -11,16 +11,21 @@ import pytest
 import torch
 from PIL import Image
 
-import busdx.predictor as predictor_module
-from busdx.calibration import Calibration
+import busdx.inference.predictor as predictor_module
 from busdx.config import load_config
+from busdx.data.synthetic import make_lesion_image
 from busdx.errors import CheckpointError, ConfigError
-from busdx.feature_guard import logits_and_features
+from busdx.inference.model_file import (
+    ModelInfo,
+    read_model_file,
+    update_model_file,
+    write_model_file,
+)
+from busdx.inference.predictor import load_model
 from busdx.layout import INT8_FILE, MODEL_FILE, ONNX_FILE
-from busdx.model_file import ModelInfo, read_model_file, update_model_file, write_model_file
-from busdx.models import create_model
-from busdx.predictor import load_model
-from busdx.synthetic import make_lesion_image
+from busdx.networks.classifier import create_model
+from busdx.stats.calibration import Calibration
+from busdx.training.scope_fit import logits_and_features
 
 T, THRESHOLD = 2.0, 0.4
 
@@ -134,7 +139,7 @@ def test_a_run_directory_loads_its_model_file_and_auto_falls_back_to_torch(model
 def exported(model_file, tmp_path_factory):
     """A run folder with the tiny model.pt and its fp32 ONNX export, also copied as the
     'int8' file (same network: what is checked here is which file is chosen, and when)."""
-    from busdx.export import export_onnx
+    from busdx.workflows.export import export_onnx
 
     folder = tmp_path_factory.mktemp("exported")
     shutil.copyfile(model_file, folder / MODEL_FILE)
@@ -232,7 +237,7 @@ def test_an_ensemble_file_averages_its_members_logits(model_file, tmp_path):
 
 
 def test_a_guarded_model_measures_each_input_and_flags_what_is_not_a_scan(model_file, tmp_path):
-    from busdx.feature_guard import fit_scope
+    from busdx.training.scope_fit import fit_scope
 
     predictor = load_model(model_file)
     images = [_scan(seed) for seed in range(10, 22)]

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw
 
-from busdx.preprocess import Preprocessing, model_input, normalize, prepare
-from busdx.transforms import build_decode_transform, build_eval_transform
+from busdx.data.preprocess import Preprocessing, model_input, normalize, prepare
+from busdx.training.transforms import build_decode_transform, build_eval_transform
 
 from conftest import SHARED
 

@@ -15,11 +15,11 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
 from busdx.config import ModelConfig
-from busdx.data import scan_dataset
-from busdx.imaging import load_image
-from busdx.metrics import roc_auc
-from busdx.models import create_model
-from busdx.transforms import build_eval_transform
+from busdx.data.datasets import scan_dataset
+from busdx.data.imaging import load_image
+from busdx.networks.classifier import create_model
+from busdx.stats.metrics import roc_auc
+from busdx.training.transforms import build_eval_transform
 
 from conftest import BUSI_DIR, WEIGHTS_DIR, needs_shared
 

@@ -10,7 +10,7 @@ import subprocess
 import torch
 
 from busdx import __version__
-from busdx.model_file import read_model_file
+from busdx.inference.model_file import read_model_file
 from busdx.provenance import git_commit
 
 

@@ -5,7 +5,7 @@ import pytest
 from sklearn.metrics import roc_auc_score
 
 from busdx.errors import DataError
-from busdx.readers import (
+from busdx.evaluation.radiologists import (
     birads_rank,
     compare_with_readers,
     match_reader_scores,

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from pydantic import ValidationError
 
-from busdx.metrics import binary_metrics, bootstrap_ci
 from busdx.results import CVSummary, Evaluation, Metrics
+from busdx.stats.metrics import binary_metrics, bootstrap_ci
 
 DOCS = Path(__file__).resolve().parents[1] / "docs"
 EVIDENCE = sorted(DOCS.glob("**/*metrics.json"))

@@ -6,11 +6,11 @@ from pathlib import Path
 import pytest
 
 from busdx.cli import main
+from busdx.data.inputs import iter_image_paths, parse_shard, take_shard
+from busdx.data.synthetic import make_lesion_image
 from busdx.errors import ConfigError
-from busdx.inference import predict_files
-from busdx.inputs import iter_image_paths, parse_shard, take_shard
-from busdx.predictor import load_model
-from busdx.synthetic import make_lesion_image
+from busdx.inference.batch import predict_files
+from busdx.inference.predictor import load_model
 
 from conftest import assert_same_rows
 
@@ -100,7 +100,7 @@ def test_ray_predictions_equal_the_single_process_ones_and_resume(run, many_imag
     for part in sorted(parts.glob("part-*.csv"))[1:]:
         part.unlink()
     kept = len(_rows(next(parts.glob("part-*.csv"))))
-    from busdx.cluster import predict_on_ray
+    from busdx.workflows.cluster import predict_on_ray
 
     summary = predict_on_ray(run, [many_images], out, workers=2, progress=False)
     assert (summary.skipped, summary.predicted) == (kept, 301 - kept)

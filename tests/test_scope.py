@@ -9,12 +9,12 @@ import torch
 from PIL import Image
 
 from busdx.cli import main
-from busdx.feature_guard import Guard
-from busdx.imaging import to_rgb
-from busdx.inference import predict_files
-from busdx.predictor import load_model
-from busdx.scope import image_checks, scope_distances
-from busdx.synthetic import make_lesion_image, not_a_scan_images, write_synthetic_dataset
+from busdx.data.imaging import to_rgb
+from busdx.data.synthetic import make_lesion_image, not_a_scan_images, write_synthetic_dataset
+from busdx.inference.batch import predict_files
+from busdx.inference.predictor import load_model
+from busdx.inference.scope import image_checks, scope_distances
+from busdx.training.scope_fit import Guard
 
 from conftest import train_run
 

@@ -12,20 +12,20 @@ import torch
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from busdx.boxes import find_masks
 from busdx.cli import main
 from busdx.config import AugmentConfig, ModelConfig
-from busdx.data import attach_masks, scan_dataset
-from busdx.evaluation import evaluate_run
-from busdx.imaging import load_image
-from busdx.loading import ImageDataset, read_sample
-from busdx.losses import LesionLoss, boundary_band
-from busdx.models import create_model
-from busdx.outline import lesion_from_mask, region_view
-from busdx.predictor import load_model
-from busdx.preprocess import Preprocessing
+from busdx.data.boxes import find_masks
+from busdx.data.datasets import attach_masks, scan_dataset
+from busdx.data.imaging import load_image
+from busdx.data.preprocess import Preprocessing
+from busdx.evaluation.evaluate import evaluate_run
+from busdx.inference.predictor import load_model
+from busdx.lesion.outline import lesion_from_mask, region_view
+from busdx.networks.classifier import create_model
 from busdx.serving import ServeSettings, create_app
-from busdx.transforms import (
+from busdx.training.loading import ImageDataset, read_sample
+from busdx.training.losses import LesionLoss, boundary_band
+from busdx.training.transforms import (
     build_augment_transform,
     build_decode_transform,
     build_normalize_transform,
@@ -294,7 +294,7 @@ def test_the_mask_decoder_can_learn_faster_than_the_pretrained_backbone():
     """``train.decoder_lr_scale``: the decoder, trained from scratch, gets its own learning
     rate; at 1.0 there is one parameter group, so that older runs resume as they were saved."""
     from busdx.config import apply_overrides, load_config
-    from busdx.optimization import build_optimizer
+    from busdx.training.optimization import build_optimizer
 
     base = ["model.weights=none", "model.mask_head=true", "train.lr=0.001"]
     config = apply_overrides(load_config(recipe="efficientnet-lite0"), base)

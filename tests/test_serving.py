@@ -8,9 +8,9 @@ from fastapi.testclient import TestClient
 from PIL import Image
 
 from busdx.cli import main
+from busdx.data.synthetic import decompression_bomb_png
 from busdx.errors import ConfigError
 from busdx.serving import ServeSettings, check_bind, create_app
-from busdx.synthetic import decompression_bomb_png
 
 
 @pytest.fixture(scope="module")

@@ -8,11 +8,11 @@ import pytest
 
 from busdx.cli import main
 from busdx.config import load_config
-from busdx.crossval import assign_folds
-from busdx.data import parse_source, scan_sites
+from busdx.data.datasets import parse_source, scan_sites
+from busdx.data.synthetic import write_synthetic_dataset
 from busdx.errors import DataError
 from busdx.runs import prepare_dataset, run_sources
-from busdx.synthetic import write_synthetic_dataset
+from busdx.workflows.crossval import assign_folds
 
 from conftest import FAST
 

@@ -13,13 +13,13 @@ import pytest
 
 from busdx.cli import main
 from busdx.config import Config
-from busdx.crossval import assign_folds
-from busdx.data import scan_dataset, scan_sites
+from busdx.data.datasets import scan_dataset, scan_sites
+from busdx.data.synthetic import make_lesion_image
 from busdx.errors import DataError
-from busdx.loading import EpochSampler, site_balanced_weights
-from busdx.readers import compare_with_readers, rank_categories
+from busdx.evaluation.radiologists import compare_with_readers, rank_categories
 from busdx.runs import prepare_dataset
-from busdx.synthetic import make_lesion_image
+from busdx.training.loading import EpochSampler, site_balanced_weights
+from busdx.workflows.crossval import assign_folds
 
 from conftest import FAST
 

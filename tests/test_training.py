@@ -5,10 +5,10 @@ import torch
 
 from busdx.config import apply_overrides, load_config
 from busdx.errors import ConfigError
+from busdx.inference.model_file import read_model_file
 from busdx.layout import LAST_FILE, MODEL_FILE
-from busdx.model_file import read_model_file
 from busdx.runs import prepare_dataset
-from busdx.training import fit
+from busdx.training.loop import fit
 
 FAST = [
     "data.image_size=32",

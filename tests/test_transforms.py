@@ -8,14 +8,14 @@ from PIL import Image, ImageDraw
 from scipy import ndimage
 
 from busdx.config import AugmentConfig
-from busdx.preprocess import (
+from busdx.data.preprocess import (
     Preprocessing,
     annotation_mask,
     content_box,
     mask_annotations,
     pad_to_square,
 )
-from busdx.transforms import (
+from busdx.training.transforms import (
     MaskAnnotations,
     UltrasoundIntensity,
     build_eval_transform,

@@ -7,10 +7,10 @@ import torch
 from torch import nn
 
 from busdx.cli import main
-from busdx.model_file import read_model_file
-from busdx.predictor import load_model
-from busdx.synthetic import write_synthetic_dataset
-from busdx.unlabelled import adapt_batchnorm
+from busdx.data.synthetic import write_synthetic_dataset
+from busdx.inference.model_file import read_model_file
+from busdx.inference.predictor import load_model
+from busdx.workflows.adapt import adapt_batchnorm
 
 from conftest import FAST, train_run
 

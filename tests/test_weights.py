@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from busdx.errors import WeightsError
-from busdx.weights import (
+from busdx.networks.weights import (
     content_sha256,
     convert_keras_vgg16_h5,
     get_weight_spec,

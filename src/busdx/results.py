@@ -142,7 +142,7 @@ class Confusion(Result):
 
 
 class Metrics(Result):
-    """:func:`busdx.metrics.binary_metrics` at one threshold, with bootstrap CIs per metric.
+    """:func:`busdx.stats.metrics.binary_metrics` at one threshold, with bootstrap CIs per metric.
 
     ``threshold`` is None for decisions made elsewhere (each CV fold at its own threshold).
     """
@@ -168,7 +168,7 @@ class Metrics(Result):
     @model_validator(mode="before")
     @classmethod
     def _resamples_out_of_ci(cls, data: Any) -> Any:
-        """:func:`busdx.metrics.bootstrap_ci` (and files before busdx 0.9) keep the resample
+        """:func:`busdx.stats.metrics.bootstrap_ci` (and files before busdx 0.9) keep the resample
         counts in ``ci["_resamples"]``."""
         if isinstance(data, dict) and "_resamples" in data.get("ci", {}):
             ci = dict(data["ci"])
@@ -185,7 +185,7 @@ class OneClassGroup(Result):
 
 
 class PairedDelta(Result):
-    """:func:`busdx.metrics.paired_bootstrap`: metric(A) - metric(B) on the same cases."""
+    """:func:`busdx.stats.metrics.paired_bootstrap`: metric(A) - metric(B) on the same cases."""
 
     a: Ratio
     b: Ratio
@@ -209,7 +209,8 @@ class ReaderPoint(Result):
 
 
 class ReaderComparison(Result):
-    """:func:`busdx.readers.compare_with_readers`: the readers' BI-RADS beside the model."""
+    """:func:`busdx.evaluation.radiologists.compare_with_readers`: the readers' BI-RADS beside
+    the model."""
 
     n: int
     readers_roc_auc: Ratio
@@ -234,7 +235,7 @@ class ModelFacts(Result):
 
 class Segmentation(Result):
     """How well a mask-head model outlines lesions against the readers' masks
-    (:func:`busdx.segmentation.summarise_lesions`)."""
+    (:func:`busdx.evaluation.segmentation.summarise_lesions`)."""
 
     n: int  # images with a reader's mask
     dice: float
@@ -260,7 +261,7 @@ class ExpectedRange(Result):
 
 class LocalCheck(Result):
     """A local evaluation against what the model card expects at a hospital the model never
-    saw (:func:`busdx.validation.check_expectation`)."""
+    saw (:func:`busdx.evaluation.local_check.check_expectation`)."""
 
     source: str
     sites: list[str]
@@ -296,7 +297,7 @@ class Evaluation(Metrics):
 
 class SensitivityPromise(Result):
     """What a threshold promises on new cases like the labelled ones it was fitted on
-    (:func:`busdx.calibration.sensitivity_promise`)."""
+    (:func:`busdx.stats.calibration.sensitivity_promise`)."""
 
     target: float  # the sensitivity asked for
     confidence: float  # the confidence asked for
@@ -337,8 +338,8 @@ class SiteSummary(Result):
 
 
 class CrossFit(Result):
-    """:func:`busdx.crossfit.leave_one_fold_out_threshold`: each fold decided at the threshold
-    fitted on the other folds' out-of-fold predictions."""
+    """:func:`busdx.workflows.crossfit.leave_one_fold_out_threshold`: each fold decided at the
+    threshold fitted on the other folds' out-of-fold predictions."""
 
     policy: str
     target_sensitivity: float

@@ -15,9 +15,9 @@ from typing import Any
 import yaml
 
 from busdx import __version__
-from busdx.audit import audit_dataset
 from busdx.config import Config, apply_overrides, config_from_dict
-from busdx.data import (
+from busdx.data.audit import audit_dataset
+from busdx.data.datasets import (
     LabelledDataset,
     apply_split_file,
     attach_boxes,

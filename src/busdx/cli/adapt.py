@@ -33,7 +33,7 @@ def register(commands: Subcommands) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from busdx.unlabelled import adapt_run
+    from busdx.workflows.adapt import adapt_run
 
     adapted = adapt_run(args.run, args.data, out=args.out, blend=args.blend, device=args.device,
                         progress=not args.no_progress)  # fmt: skip

@@ -5,10 +5,10 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from busdx.audit import DEFAULT_MAX_DISTANCE, audit_dataset, write_audit
 from busdx.cli.options import Subcommands, add_common
 from busdx.config import load_config
-from busdx.data import apply_split_file, scan_dataset
+from busdx.data.audit import DEFAULT_MAX_DISTANCE, audit_dataset, write_audit
+from busdx.data.datasets import apply_split_file, scan_dataset
 from busdx.layout import AUDIT_HTML, AUDIT_JSON
 
 

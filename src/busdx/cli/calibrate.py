@@ -48,7 +48,7 @@ def register(commands: Subcommands) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from busdx.adaptation import calibrate_run  # rewrites model.pt: needs torch
+    from busdx.workflows.calibrate import calibrate_run  # rewrites model.pt: needs torch
 
     calibrated = calibrate_run(
         args.run, args.data, args.split, site=args.site, out=args.out,

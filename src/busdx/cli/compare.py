@@ -25,8 +25,8 @@ def register(commands: Subcommands) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from busdx.comparison import compare_evaluations, format_comparison
     from busdx.config import apply_overrides, load_config
+    from busdx.evaluation.compare import compare_evaluations, format_comparison
 
     settings = apply_overrides(load_config(), [f"evaluate.n_bootstrap={args.n_bootstrap}"]).evaluate
     result = compare_evaluations(

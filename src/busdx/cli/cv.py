@@ -32,7 +32,7 @@ def register(commands: Subcommands) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from busdx.crossval import format_cv, run_cv
+    from busdx.workflows.crossval import format_cv, run_cv
 
     summary, out = run_cv(
         args.data, args.out, config_file=args.config, recipe=args.recipe,

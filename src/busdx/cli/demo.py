@@ -27,8 +27,8 @@ def register(commands: Subcommands) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from busdx.demo import run_demo
-    from busdx.evaluation import format_metrics
+    from busdx.evaluation.evaluate import format_metrics
+    from busdx.workflows.demo import run_demo
 
     demo = run_demo(args.out, n_per_class=args.n_per_class, epochs=args.epochs,
                     progress=not args.no_progress)  # fmt: skip

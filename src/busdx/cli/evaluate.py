@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from busdx.cli.options import Subcommands, add_common, add_precision
-from busdx.predictor import BACKENDS
+from busdx.inference.predictor import BACKENDS
 
 SPLITS = ["train", "val", "test", "all"]
 
@@ -59,7 +59,7 @@ def register(commands: Subcommands) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from busdx.evaluation import evaluate_run, format_metrics
+    from busdx.evaluation.evaluate import evaluate_run, format_metrics
 
     result, out = evaluate_run(
         args.run, args.data, args.split, site=args.site, out=args.out, readers=args.readers,

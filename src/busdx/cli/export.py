@@ -44,7 +44,7 @@ def register(commands: Subcommands) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from busdx.export import export_run, format_export
+    from busdx.workflows.export import export_run, format_export
 
     report = export_run(
         args.run,

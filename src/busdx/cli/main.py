@@ -24,7 +24,7 @@ from busdx.cli import (
     serve,
     train,
 )
-from busdx.dicom import ANY_MODALITY_ENV
+from busdx.data.dicom import ANY_MODALITY_ENV
 from busdx.errors import BusdxError
 
 __all__ = ["build_parser", "main"]

@@ -19,8 +19,8 @@ def register(commands: Subcommands) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from busdx.predictor import load_model
-    from busdx.validation import describe_threshold
+    from busdx.evaluation.local_check import describe_threshold
+    from busdx.inference.predictor import load_model
 
     names = list_bundled()
     if not names:

@@ -8,10 +8,10 @@ from pathlib import Path
 
 from busdx.bundled import DEFAULT_MODEL, resolve_run
 from busdx.cli.options import Subcommands, add_common, add_precision
+from busdx.data.inputs import InputSelection
 from busdx.errors import ConfigError
-from busdx.inference import predict_images
-from busdx.inputs import InputSelection
-from busdx.predictor import BACKENDS
+from busdx.inference.batch import predict_images
+from busdx.inference.predictor import BACKENDS
 
 logger = logging.getLogger("busdx")
 
@@ -127,7 +127,7 @@ def _run_on_ray(args: argparse.Namespace, run_dir: Path) -> int:
             "--ray runs the exported ONNX model over all images: it does not take "
             "--shard, --explain, --precision, --box or --boxes"
         )
-    from busdx.cluster import predict_on_ray  # Ray: only this path needs it
+    from busdx.workflows.cluster import predict_on_ray  # Ray: only this path needs it
 
     summary = predict_on_ray(
         run_dir, args.paths, args.out, address=args.ray_address, workers=args.ray_workers,

@@ -25,8 +25,8 @@ def register(commands: Subcommands) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from busdx.model_card import write_report
-    from busdx.validation import local_evaluations, write_validation_page
+    from busdx.evaluation.local_check import local_evaluations, write_validation_page
+    from busdx.reporting.model_card import write_report
 
     target = Path(args.run)
     if (target / METRICS_FILE).is_file() and not (target / CONFIG_FILE).is_file():

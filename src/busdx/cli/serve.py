@@ -6,7 +6,7 @@ import argparse
 
 from busdx.bundled import DEFAULT_MODEL, resolve_run
 from busdx.cli.options import Subcommands
-from busdx.predictor import BACKENDS
+from busdx.inference.predictor import BACKENDS
 
 # option: (type, help); defaults and BUSDX_* variables come from busdx.serving.ServeSettings
 LIMITS = {

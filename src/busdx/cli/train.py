@@ -31,9 +31,9 @@ def register(commands: Subcommands) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from busdx.evaluation import format_metrics
-    from busdx.export import export_run, format_export
-    from busdx.pipeline import train_run
+    from busdx.evaluation.evaluate import format_metrics
+    from busdx.workflows.export import export_run, format_export
+    from busdx.workflows.pipeline import train_run
 
     result, run_dir = train_run(
         args.data, args.out, resume=args.resume, config_file=args.config, recipe=args.recipe,

@@ -13,18 +13,18 @@ from fastapi import Depends, Request, UploadFile
 from PIL import Image
 
 from busdx import __version__
-from busdx.boxes import parse_box
+from busdx.data.boxes import parse_box
+from busdx.data.imaging import Box, decode_image
+from busdx.data.preprocess import region_of
 from busdx.errors import BusdxError
-from busdx.imaging import Box, decode_image
+from busdx.evaluation.local_check import describe_threshold, expectation
+from busdx.inference.predictor import Predictor, load_model
 from busdx.layout import MODEL_FILE
-from busdx.lesion import Lesion
-from busdx.outline import lesion_from_mask, region_view
-from busdx.predictor import Predictor, load_model
-from busdx.preprocess import region_of
+from busdx.lesion.descriptors import Lesion
+from busdx.lesion.outline import lesion_from_mask, region_view
 from busdx.runs import load_run
 from busdx.serving.guard import Gate
 from busdx.serving.settings import ServeSettings
-from busdx.validation import describe_threshold, expectation
 
 __all__ = ["ModelService", "Service", "Upload", "lesion_body", "load_service"]
 

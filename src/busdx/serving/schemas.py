@@ -6,7 +6,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
-from busdx.likelihood import CATEGORY_LABEL
+from busdx.stats.likelihood import CATEGORY_LABEL
 
 __all__ = [
     "BOX_HELP",
@@ -31,7 +31,7 @@ BOX_HELP = (
 
 class LesionBody(BaseModel):
     """The lesion outlined by the model's mask head, measured on the image (see
-    :mod:`busdx.lesion` for each descriptor's rule)."""
+    :mod:`busdx.lesion.descriptors` for each descriptor's rule)."""
 
     unit: Literal["mm", "px"] = Field(description="mm when the pixel size is known")
     long_axis: float = Field(description="longest diameter")

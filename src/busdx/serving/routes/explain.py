@@ -48,7 +48,7 @@ async def explain(
     (decision,) = await service.gate.run(
         service.decide, [upload], label_out_of_scope=label_out_of_scope, pixel_size=pixel_size
     )
-    from busdx.explain import explain_image  # torch: loaded with the explainer, not before
+    from busdx.networks.gradcam import explain_image  # torch: loaded with the explainer, not before
 
     explanation = await service.gate.run(explain_image, explainer, upload.region)
     buffer = io.BytesIO()
