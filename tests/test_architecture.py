@@ -82,7 +82,7 @@ LAYERS = {
     "reporting.figures",
     "using a model": "data.inputs inference.batch inference.predictor inference.engines "
     "inference.scope networks.torch_engine networks.gradcam training.scope_fit "
-    "training.feature_cache training.loop training.optimization lesion.outline",
+    "training.feature_cache training.loop training.optimization lesion.outline pacs.dicom_out",
     "workflows": "workflows.pipeline workflows.crossval workflows.crossfit workflows.demo "
     "workflows.calibrate workflows.head_refit workflows.adapt workflows.export workflows.cluster "
     "evaluation.evaluate evaluation.compare evaluation.segmentation reporting.model_card",
@@ -154,7 +154,7 @@ TORCH_FREE = [
 ] + ["busdx.data.preprocess", "busdx.lesion.outline", "busdx.lesion.descriptors",
      "busdx.stats.likelihood", "busdx.stats.calibration", "busdx.data.dicom",
      "busdx.evaluation.evaluate", "busdx.evaluation.local_check",
-     "busdx.reporting.model_card"]  # fmt: skip
+     "busdx.reporting.model_card", "busdx.pacs.dicom_out"]  # fmt: skip
 
 
 def test_inference_and_serving_import_no_torch():

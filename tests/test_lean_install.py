@@ -106,3 +106,14 @@ def test_the_lean_install_serves(lean, tmp_path):
     finally:
         server.terminate()
         server.wait(timeout=30)
+
+
+def test_dicom_results_in_the_lean_install_name_the_pacs_extra(lean, tmp_path):
+    from busdx.data.synthetic import make_lesion_image, ultrasound_dicom
+
+    scan = make_lesion_image(True, size=128, seed=1)[0].convert("L")
+    ultrasound_dicom([scan]).save_as(tmp_path / "scan.dcm", enforce_file_format=True)
+    done = _run(lean, "busdx", "predict", "scan.dcm", "--dicom-out", "results", "--no-progress",
+                cwd=tmp_path)  # fmt: skip
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert "--dicom-out needs highdicom" in done.stderr and "busdx[pacs]" in done.stderr

@@ -96,6 +96,11 @@ def _add_output_options(parser: argparse.ArgumentParser) -> None:
         "--pixel-size", type=float, metavar="MM",
         help="pixel size in mm, to measure lesions in mm (a DICOM's own spacing comes first)",
     )  # fmt: skip
+    parser.add_argument(
+        "--dicom-out", metavar="OUTDIR",
+        help="also write each DICOM frame's results as DICOM into OUTDIR: a Structured Report "
+        "(TID 1500) and, where the model outlines, a Segmentation (needs busdx[pacs])",
+    )  # fmt: skip
 
 
 def run(args: argparse.Namespace) -> int:
@@ -109,6 +114,7 @@ def run(args: argparse.Namespace) -> int:
         threads=args.threads, batch_size=args.batch_size, threshold=args.threshold,
         workers=args.workers, explain=args.explain, progress=not args.no_progress,
         label_out_of_scope=args.label_out_of_scope, pixel_size=args.pixel_size,
+        dicom_out=args.dicom_out,
     )  # fmt: skip
     count = summary.predicted + summary.failed
     logger.info(
@@ -122,10 +128,11 @@ def run(args: argparse.Namespace) -> int:
 def _run_on_ray(args: argparse.Namespace, run_dir: Path) -> int:
     if not args.out:
         raise ConfigError("--ray needs --out FILE.csv or FILE.parquet (results are merged there)")
-    if args.shard or args.explain or args.precision != "fp32" or args.box or args.boxes:
+    if (args.shard or args.explain or args.precision != "fp32" or args.box or args.boxes
+            or args.dicom_out):  # fmt: skip
         raise ConfigError(
             "--ray runs the exported ONNX model over all images: it does not take "
-            "--shard, --explain, --precision, --box or --boxes"
+            "--shard, --explain, --precision, --box, --boxes or --dicom-out"
         )
     from busdx.workflows.cluster import predict_on_ray  # Ray: only this path needs it
 

@@ -36,6 +36,7 @@ __all__ = [
     "DICOM_EXTENSIONS",
     "DicomFrame",
     "count_frames",
+    "frame_origin",
     "is_dicom_file",
     "looks_like_dicom",
     "read_dicom",
@@ -232,6 +233,14 @@ def _bmode_region(dataset, size: tuple[int, int]) -> tuple[int, int, int, int] |
     right = min(int(region.RegionLocationMaxX1) + 1, width)
     bottom = min(int(region.RegionLocationMaxY1) + 1, height)
     return (left, top, right, bottom) if right > left and bottom > top else None
+
+
+def frame_origin(dataset) -> tuple[int, int]:
+    """(x, y) in the full frame of the top-left pixel of what busdx reads from ``dataset`` (the
+    B-mode region's corner, see :func:`read_dicom`; (0, 0) without a region)."""
+    size = (int(dataset.get("Columns", 0) or 0), int(dataset.get("Rows", 0) or 0))
+    region = _bmode_region(dataset, size)
+    return (0, 0) if region is None else region[:2]
 
 
 def _pixel_spacing(dataset) -> tuple[float, float] | None:

@@ -189,31 +189,45 @@ def ultrasound_dicom(
     spacing_cm: float = 0.01,
     transfer_syntax: str = "1.2.840.10008.1.2.1",
     modality: str = "US",
+    study: str | None = None,
 ):
     """A DICOM dataset (pydicom) of synthetic ultrasound ``frames``: 8-bit (rows, columns)
     greyscale arrays, or (rows, columns, 3) RGB arrays stored as ``photometric`` ``RGB`` or
     ``YBR_FULL``; with a ``region`` (left, top, right, bottom; inclusive) an Ultrasound Region
     Sequence item for the B-mode field, ``spacing_cm`` per pixel; compressed to
-    ``transfer_syntax`` when it is not explicit VR little endian. Write it with
+    ``transfer_syntax`` when it is not explicit VR little endian. One frame is an Ultrasound
+    Image, several an Ultrasound Multi-frame Image; the patient, study and series are made up
+    (``study``: the Study Instance UID to share with other files). Write it with
     ``dataset.save_as(path)``."""
     from pydicom.dataset import Dataset, FileMetaDataset
     from pydicom.pixels import convert_color_space
-    from pydicom.uid import ExplicitVRLittleEndian, UltrasoundMultiFrameImageStorage, generate_uid
+    from pydicom.uid import (
+        ExplicitVRLittleEndian,
+        UltrasoundImageStorage,
+        UltrasoundMultiFrameImageStorage,
+        generate_uid,
+    )
 
     pixels = np.stack([np.asarray(frame, dtype=np.uint8) for frame in frames])
     colour = pixels.ndim == 4
     if photometric == "YBR_FULL":
         pixels = convert_color_space(pixels, "RGB", "YBR_FULL")
     meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = UltrasoundMultiFrameImageStorage
+    multi_frame = len(pixels) > 1
+    meta.MediaStorageSOPClassUID = (
+        UltrasoundMultiFrameImageStorage if multi_frame else UltrasoundImageStorage
+    )
     meta.MediaStorageSOPInstanceUID = generate_uid()
     meta.TransferSyntaxUID = ExplicitVRLittleEndian
     dataset = Dataset()
     dataset.file_meta = meta
-    dataset.SOPClassUID, dataset.SOPInstanceUID = meta.MediaStorageSOPClassUID, generate_uid()
-    dataset.Modality, dataset.PatientName = modality, "Synthetic^Phantom"
+    dataset.SOPClassUID = meta.MediaStorageSOPClassUID
+    dataset.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
+    dataset.Modality = modality
+    _made_up_patient_and_study(dataset, study)
     dataset.Rows, dataset.Columns = pixels.shape[1:3]
-    dataset.NumberOfFrames = len(pixels)
+    if multi_frame:
+        dataset.NumberOfFrames = len(pixels)
     dataset.SamplesPerPixel = 3 if colour else 1
     dataset.PhotometricInterpretation = photometric
     if colour:
@@ -222,14 +236,33 @@ def ultrasound_dicom(
     dataset.PixelRepresentation = 0
     dataset.PixelData = pixels.tobytes()
     if region is not None:
-        item = Dataset()
-        item.RegionSpatialFormat, item.RegionDataType, item.RegionFlags = 1, 1, 0
-        left, top, right, bottom = region
-        item.RegionLocationMinX0, item.RegionLocationMinY0 = left, top
-        item.RegionLocationMaxX1, item.RegionLocationMaxY1 = right, bottom
-        item.PhysicalUnitsXDirection = item.PhysicalUnitsYDirection = 3  # cm
-        item.PhysicalDeltaX = item.PhysicalDeltaY = spacing_cm
-        dataset.SequenceOfUltrasoundRegions = [item]
+        dataset.SequenceOfUltrasoundRegions = [_bmode_region(region, spacing_cm)]
     if transfer_syntax != ExplicitVRLittleEndian:
         dataset.compress(transfer_syntax, pixels if len(pixels) > 1 else pixels[0])
     return dataset
+
+
+def _made_up_patient_and_study(dataset, study: str | None) -> None:
+    """The patient, study and series attributes a PACS and highdicom expect."""
+    from pydicom.uid import generate_uid
+
+    dataset.PatientName, dataset.PatientID = "Synthetic^Phantom", "SYNTHETIC-1"
+    dataset.PatientBirthDate, dataset.PatientSex = "", "O"
+    dataset.StudyInstanceUID, dataset.SeriesInstanceUID = study or generate_uid(), generate_uid()
+    dataset.StudyDate, dataset.StudyTime, dataset.StudyID = "20260101", "120000", "1"
+    dataset.AccessionNumber, dataset.ReferringPhysicianName = "", ""
+    dataset.SeriesNumber, dataset.InstanceNumber, dataset.Manufacturer = 1, 1, "busdx synthetic"
+
+
+def _bmode_region(region: tuple[int, int, int, int], spacing_cm: float):
+    """An Ultrasound Region Sequence item: a 2D tissue region, ``spacing_cm`` per pixel."""
+    from pydicom.dataset import Dataset
+
+    item = Dataset()
+    item.RegionSpatialFormat, item.RegionDataType, item.RegionFlags = 1, 1, 0
+    left, top, right, bottom = region
+    item.RegionLocationMinX0, item.RegionLocationMinY0 = left, top
+    item.RegionLocationMaxX1, item.RegionLocationMaxY1 = right, bottom
+    item.PhysicalUnitsXDirection = item.PhysicalUnitsYDirection = 3  # cm
+    item.PhysicalDeltaX = item.PhysicalDeltaY = spacing_cm
+    return item

@@ -31,7 +31,7 @@ from busdx.data.imaging import Box, ImageInput, InputLike, as_input, load_image
 from busdx.data.inputs import InputSelection
 from busdx.data.preprocess import Preprocessing, load_region, normalize, prepare, region_of
 from busdx.errors import BoxError, ConfigError, DataError, ImageDecodeError
-from busdx.fileio import atomic_path
+from busdx.fileio import atomic_path, sha256_file
 from busdx.hardware import resolve_workers
 from busdx.inference.predictor import Decision, Predictor, load_model
 from busdx.inference.scope import image_checks
@@ -316,6 +316,24 @@ def write_explanations(
         yield row
 
 
+def _dicom_results(
+    rows: Iterable[Prediction], out: Path, loaded: Predictor
+) -> Iterable[Prediction]:
+    try:
+        from busdx.pacs.dicom_out import ModelIdentity, write_dicom_results
+    except ImportError as exc:  # highdicom: the pacs extra
+        raise ConfigError(
+            f"--dicom-out needs {exc.name}, which this install leaves out: "
+            "pip install 'busdx[pacs]'"
+        ) from exc
+    calibration = loaded.info.calibration
+    model = ModelIdentity(
+        name=loaded.path.parent.name, sha256=sha256_file(loaded.path),
+        threshold_policy=calibration.threshold_policy if calibration else "fixed",
+    )  # fmt: skip
+    return write_dicom_results(rows, out, model)
+
+
 @dataclass(frozen=True)
 class PredictSummary:
     """What :func:`predict_images` did."""
@@ -344,6 +362,7 @@ def predict_images(
     progress: bool = True,
     label_out_of_scope: bool = False,
     pixel_size: float | None = None,
+    dicom_out: str | Path | None = None,
 ) -> PredictSummary:
     """``busdx predict``: the images under ``paths`` through the model of ``run``, written to
     ``out`` (.csv or .json; None: CSV on stdout), with Grad-CAM overlays in ``explain``.
@@ -351,7 +370,9 @@ def predict_images(
     ``selection`` picks the images (shard), DICOM frames and lesion boxes; ``workers`` decode
     the next images while the model runs (-1: automatic). An unreadable file is an error row,
     never the end of the batch. See :func:`predict_files` for ``label_out_of_scope``;
-    ``pixel_size`` (mm) measures a mask-head model's lesions in mm.
+    ``pixel_size`` (mm) measures a mask-head model's lesions in mm. ``dicom_out``: a folder for
+    each DICOM frame's Structured Report and Segmentation
+    (:func:`busdx.pacs.dicom_out.write_dicom_results`).
     """
     started = time.perf_counter()
     loaded = load_model(run, device=device, backend=backend, threads=threads, precision=precision)
@@ -378,6 +399,8 @@ def predict_images(
     if explain:
         explainer = loaded if loaded.model is not None else load_model(run, device=device)
         rows = write_explanations(rows, explainer, explain)
+    if dicom_out:
+        rows = _dicom_results(rows, Path(dicom_out), loaded)
     count, failed = write_predictions(rows, out)
     seconds = time.perf_counter() - started
     return PredictSummary(count - failed, failed, seconds, loaded.backend, loaded.path.name)

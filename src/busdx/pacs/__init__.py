@@ -1,0 +1,1 @@
+"""Talking to the PACS: results as DICOM objects (SR, SEG)."""
