@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
+import shutil
+import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -89,3 +94,50 @@ def lean_install(root: Path) -> Path:
     if done.returncode != 0:
         raise RuntimeError(f"the lean install failed: {done.stderr[-2000:]}")
     return venv / "bin"
+
+
+ORTHANC = shutil.which("Orthanc") or "/usr/sbin/Orthanc"
+DICOMWEB_PLUGIN = Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so")
+
+
+def orthanc_installed() -> bool:
+    """Debian's orthanc and orthanc-dicomweb packages are there."""
+    return Path(ORTHANC).is_file() and DICOMWEB_PLUGIN.is_file()
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@contextlib.contextmanager
+def local_orthanc(folder: Path, users: dict[str, str] | None = None) -> Iterator[str]:
+    """A fresh Orthanc with its DICOMweb plugin on loopback, storing into ``folder`` (with
+    ``users``: HTTP basic authentication); yields its DICOMweb root and stops it afterwards."""
+    config = {
+        "Name": "busdx-test", "HttpPort": free_port(), "DicomPort": free_port(),
+        "StorageDirectory": str(folder / "db"), "IndexDirectory": str(folder / "db"),
+        "RemoteAccessAllowed": False, "AuthenticationEnabled": bool(users),
+        "RegisteredUsers": users or {},
+        "Plugins": [str(DICOMWEB_PLUGIN)], "DicomWeb": {"Enable": True, "Root": "/dicom-web/"},
+    }  # fmt: skip
+    (folder / "orthanc.json").write_text(json.dumps(config))
+    with (folder / "orthanc.log").open("w") as log:
+        process = subprocess.Popen([ORTHANC, str(folder / "orthanc.json")], stdout=log, stderr=log)
+    url = f"http://127.0.0.1:{config['HttpPort']}"
+    try:
+        for _ in range(150):
+            try:
+                urllib.request.urlopen(f"{url}/system", timeout=1).close()
+                break
+            except urllib.error.HTTPError:  # up, and asking for credentials
+                break
+            except OSError:
+                time.sleep(0.1)
+        else:
+            raise RuntimeError(f"Orthanc did not start: {(folder / 'orthanc.log').read_text()}")
+        yield f"{url}/dicom-web"
+    finally:
+        process.terminate()
+        process.wait(timeout=30)

@@ -82,10 +82,12 @@ LAYERS = {
     "reporting.figures",
     "using a model": "data.inputs inference.batch inference.predictor inference.engines "
     "inference.scope networks.torch_engine networks.gradcam training.scope_fit "
-    "training.feature_cache training.loop training.optimization lesion.outline pacs.dicom_out",
+    "training.feature_cache training.loop training.optimization lesion.outline pacs.dicom_out "
+    "pacs.dicomweb",
     "workflows": "workflows.pipeline workflows.crossval workflows.crossfit workflows.demo "
     "workflows.calibrate workflows.head_refit workflows.adapt workflows.export workflows.cluster "
-    "evaluation.evaluate evaluation.compare evaluation.segmentation reporting.model_card",
+    "evaluation.evaluate evaluation.compare evaluation.segmentation reporting.model_card "
+    "pacs.watch",
     "interfaces": "cli serving __main__",
 }
 LEVEL = {name: level for level, names in enumerate(LAYERS.values()) for name in names.split()}
@@ -154,7 +156,8 @@ TORCH_FREE = [
 ] + ["busdx.data.preprocess", "busdx.lesion.outline", "busdx.lesion.descriptors",
      "busdx.stats.likelihood", "busdx.stats.calibration", "busdx.data.dicom",
      "busdx.evaluation.evaluate", "busdx.evaluation.local_check",
-     "busdx.reporting.model_card", "busdx.pacs.dicom_out"]  # fmt: skip
+     "busdx.reporting.model_card", "busdx.pacs.dicom_out", "busdx.pacs.dicomweb",
+     "busdx.pacs.watch"]  # fmt: skip
 
 
 def test_inference_and_serving_import_no_torch():

@@ -19,6 +19,7 @@ from busdx.cli import (
     evaluate,
     export,
     models,
+    pacs,
     predict,
     report,
     serve,
@@ -30,10 +31,11 @@ from busdx.errors import BusdxError
 __all__ = ["build_parser", "main"]
 
 COMMANDS = (train, evaluate, calibrate, adapt, compare, predict, serve, export, cv, report,
-            models, audit, demo)  # fmt: skip
+            models, audit, demo, pacs)  # fmt: skip
 
-# what `pip install busdx` leaves out and `busdx[train]` brings (pyproject.toml)
-TRAINING_MODULES = {"torch", "torchvision", "onnx", "sklearn"}
+# what `pip install busdx` leaves out, and the extra that brings it (pyproject.toml)
+EXTRA_OF = {"torch": "train", "torchvision": "train", "onnx": "train", "sklearn": "train",
+            "highdicom": "pacs"}  # fmt: skip
 
 EXAMPLES = """examples:
   busdx predict scan.png                       (the bundled model: no training needed)
@@ -49,6 +51,8 @@ EXAMPLES = """examples:
   busdx predict --run runs/vgg16 --backend onnx scans/ --out predictions.csv
   busdx predict --run runs/vgg16 scan.png --explain overlays/
   busdx serve --run runs/vgg16
+  busdx predict scan.dcm --dicom-out results/   (DICOM SR and SEG; busdx[pacs])
+  busdx pacs http://localhost:8042/dicom-web --watch
 """
 
 
@@ -83,12 +87,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"busdx: error: {message}", file=sys.stderr)
         return 2
     except ModuleNotFoundError as exc:
-        if exc.name not in TRAINING_MODULES or os.environ.get("BUSDX_DEBUG"):
+        if exc.name not in EXTRA_OF or os.environ.get("BUSDX_DEBUG"):
             raise
+        extra = EXTRA_OF[exc.name]
         print(f"busdx: error: busdx {args.command} needs {exc.name}, which the lean install "
-              "leaves out; install the training extra: pip install 'busdx[train]'",
+              f"leaves out; install the {extra} extra: pip install 'busdx[{extra}]'",
               file=sys.stderr)  # fmt: skip
         return 2
     except KeyboardInterrupt:
-        print("busdx: interrupted (a training run continues with --resume RUNDIR)", file=sys.stderr)
+        resumes = {"train": " (it continues with --resume RUNDIR)",
+                   "pacs": " (the ledger keeps what was scored: run again to go on)"}  # fmt: skip
+        print(f"busdx: interrupted{resumes.get(args.command, '')}", file=sys.stderr)
         return 130

@@ -11,16 +11,19 @@ For each scored image or frame of a DICOM file, :func:`dicom_results` builds, wi
 * where the model outlines, a binary **Segmentation** of the lesion.
 
 Both belong to the source's patient and study, in new series, and reference the source
-instance (and frame). The concepts DICOM has codes for use them (SNOMED CT, DCM: the breast
-imaging lexicon's orientation, margin and posterior features); busdx's own concepts use the
-private coding scheme ``99BUSDX``. highdicom 0.28 segments a multi-frame image only when it has a
-frame of reference, which ultrasound cine loops lack: for those the SR alone carries the
-outline (:attr:`DicomResults.skipped_segmentation` says why).
+instance (and frame). Their UIDs are derived from the source's, the frame and the model's sha256
+(:func:`result_uid`): the same frame scored by the same model gives the same objects, so storing
+them again in a PACS replaces them instead of adding copies. The concepts DICOM has codes for
+use them (SNOMED CT, DCM: the breast imaging lexicon's orientation, margin and posterior features);
+busdx's own concepts use the private coding scheme ``99BUSDX``. highdicom 0.28 segments a
+multi-frame image only when it has a frame of reference, which ultrasound cine loops lack: for those
+the SR alone carries the outline (:attr:`DicomResults.skipped_segmentation` says why).
 """
 
 from __future__ import annotations
 
 import logging
+import uuid
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,10 +46,12 @@ __all__ = [
     "ModelIdentity",
     "ScoredFrame",
     "dicom_results",
+    "result_uid",
     "write_dicom_results",
 ]
 
 logger = logging.getLogger(__name__)
+logging.getLogger("highdicom").setLevel(logging.WARNING)  # it narrates every module it copies
 
 BUSDX_SCHEME = "99BUSDX"  # private coding scheme of busdx's own concepts
 SR_SERIES_NUMBER, SEG_SERIES_NUMBER = 9701, 9702
@@ -125,6 +130,21 @@ def dicom_results(
     return DicomResults(report, _segmentation(source, model, frame, frames, outline))
 
 
+def result_uid(*parts: object) -> str:
+    """A UID determined by ``parts``: ``2.25.`` and a name-based UUID (PS3.5 B.2) of them, so
+    the same parts give the same UID."""
+    name = "\x1f".join(map(str, parts))
+    return f"2.25.{uuid.uuid5(uuid.NAMESPACE_OID, name).int}"
+
+
+def _uids(source: pydicom.Dataset, model: ModelIdentity, frame: int, kind: str) -> dict:
+    """The series (one per study, model and kind) and instance UIDs of a result."""
+    return {
+        "series_instance_uid": result_uid(source.StudyInstanceUID, model.sha256, kind),
+        "sop_instance_uid": result_uid(source.SOPInstanceUID, frame, model.sha256, kind),
+    }
+
+
 def _full_frame_outline(lesion: Lesion | None, source: pydicom.Dataset) -> np.ndarray | None:
     """The lesion outline in the source frame's pixel coordinates (closed), or None."""
     if lesion is None or len(lesion.outline) < 3:
@@ -190,7 +210,8 @@ def _report(
     frames = [frame] if "NumberOfFrames" in source else None
     common = {
         "tracking_identifier": hd.sr.TrackingIdentifier(
-            uid=hd.UID(), identifier=f"busdx finding, frame {frame}"),
+            uid=result_uid(source.SOPInstanceUID, frame, model.sha256, "finding"),
+            identifier=f"busdx finding, frame {frame}"),
         "finding_type": codes.SCT.Lesion, "algorithm_id": _algorithm(model),
         "finding_sites": [hd.sr.FindingSite(codes.SCT.Breast)],
         "measurements": _measurements(prediction),
@@ -209,7 +230,8 @@ def _report(
     device = hd.sr.ObserverContext(
         observer_type=codes.DCM.Device,
         observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
-            uid=hd.UID(), name="busdx", manufacturer_name="busdx", model_name=model.name,
+            uid=result_uid(model.sha256, "device"), name="busdx", manufacturer_name="busdx",
+            model_name=model.name,
             serial_number=model.sha256[:16]),
     )  # fmt: skip
     content = hd.sr.MeasurementReport(
@@ -217,8 +239,8 @@ def _report(
         procedure_reported=codes.SCT.UltrasonographyOfBreast, imaging_measurements=[group],
     )  # fmt: skip
     report = hd.sr.ComprehensiveSR(
-        evidence=[source], content=content[0], series_instance_uid=hd.UID(),
-        series_number=SR_SERIES_NUMBER, sop_instance_uid=hd.UID(), instance_number=frame,
+        evidence=[source], content=content[0], **_uids(source, model, frame, "SR"),
+        series_number=SR_SERIES_NUMBER, instance_number=frame,
         manufacturer="busdx", series_description=f"busdx {model.name} report (research use)"[:64],
     )  # fmt: skip
     report.CodingSchemeIdentificationSequence = [_busdx_scheme()]
@@ -255,7 +277,7 @@ def _segmentation(
     segmentation = hd.seg.Segmentation(
         source_images=[source], pixel_array=mask if frames > 1 else mask[0],
         segmentation_type=hd.seg.SegmentationTypeValues.BINARY, segment_descriptions=[segment],
-        series_instance_uid=hd.UID(), series_number=SEG_SERIES_NUMBER, sop_instance_uid=hd.UID(),
+        **_uids(source, model, frame, "SEG"), series_number=SEG_SERIES_NUMBER,
         instance_number=frame, manufacturer="busdx", manufacturer_model_name=model.name,
         software_versions=__version__, device_serial_number=model.sha256[:16],
         series_description=f"busdx {model.name} lesion (research use)"[:64],
