@@ -159,3 +159,30 @@ def test_a_png_gets_predicted_and_a_warning_but_no_dicom(tmp_path, caplog):
                  "--out", str(tmp_path / "p.csv"), "--no-progress"]) == 0  # fmt: skip
     assert "not a DICOM file, so no DICOM results" in caplog.text
     assert not list((tmp_path / "out").iterdir())
+
+
+def test_the_api_answers_a_dicom_upload_with_its_results_as_a_zip(tmp_path):
+    import io
+    import zipfile
+
+    from fastapi.testclient import TestClient
+
+    from busdx.bundled import resolve_run
+    from busdx.serving import ServeSettings, create_app
+
+    ultrasound_dicom([_scan(1)], region=REGION).save_as(tmp_path / "scan.dcm",
+                                                        enforce_file_format=True)  # fmt: skip
+    with TestClient(create_app(resolve_run(None), ServeSettings())) as client:
+        files = {"file": ("scan.dcm", (tmp_path / "scan.dcm").read_bytes())}
+        answer = client.post("/predict/dicom", files=files)
+        assert answer.status_code == 200 and answer.headers["content-type"] == "application/zip"
+        names = sorted(zipfile.ZipFile(io.BytesIO(answer.content)).namelist())
+        assert [n.split("_")[0] for n in names] == ["SEG", "SR"]
+        report = pydicom.dcmread(io.BytesIO(zipfile.ZipFile(io.BytesIO(answer.content)).read(
+            names[1])))  # fmt: skip
+        predicted = client.post("/predict", files={"files": files["file"]}).json()
+        probability = _value(_items(report), PROBABILITY)[0]
+        assert probability == pytest.approx(
+            predicted["predictions"][0]["probability_malignant"], abs=1e-5)  # fmt: skip
+        png = client.post("/predict/dicom", files={"file": ("a.png", b"\x89PNG" + bytes(200))})
+        assert png.status_code == 400 and png.json()["error"] == "not_dicom"

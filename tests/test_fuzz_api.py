@@ -43,7 +43,8 @@ def test_schemathesis_own_runner_with_every_check_finds_no_failure(trained_run):
     assert "passed" in result.stdout and "failures" not in result.stdout.split("SUMMARY")[-1]
 
 
-OPERATIONS = [("/predict", "POST"), ("/explain", "POST"), ("/health", "GET"), ("/model", "GET")]
+OPERATIONS = [("/predict", "POST"), ("/explain", "POST"), ("/predict/dicom", "POST"),
+              ("/health", "GET"), ("/model", "GET")]  # fmt: skip
 
 
 @pytest.fixture(scope="module")

@@ -31,7 +31,7 @@ from busdx.data.imaging import Box, ImageInput, InputLike, as_input, load_image
 from busdx.data.inputs import InputSelection
 from busdx.data.preprocess import Preprocessing, load_region, normalize, prepare, region_of
 from busdx.errors import BoxError, ConfigError, DataError, ImageDecodeError
-from busdx.fileio import atomic_path, sha256_file
+from busdx.fileio import atomic_path
 from busdx.hardware import resolve_workers
 from busdx.inference.predictor import Decision, Predictor, load_model
 from busdx.inference.scope import image_checks
@@ -320,18 +320,13 @@ def _dicom_results(
     rows: Iterable[Prediction], out: Path, loaded: Predictor
 ) -> Iterable[Prediction]:
     try:
-        from busdx.pacs.dicom_out import ModelIdentity, write_dicom_results
+        from busdx.pacs.dicom_out import model_identity, write_dicom_results
     except ImportError as exc:  # highdicom: the pacs extra
         raise ConfigError(
             f"--dicom-out needs {exc.name}, which this install leaves out: "
             "pip install 'busdx[pacs]'"
         ) from exc
-    calibration = loaded.info.calibration
-    model = ModelIdentity(
-        name=loaded.path.parent.name, sha256=sha256_file(loaded.path),
-        threshold_policy=calibration.threshold_policy if calibration else "fixed",
-    )  # fmt: skip
-    return write_dicom_results(rows, out, model)
+    return write_dicom_results(rows, out, model_identity(loaded))
 
 
 @dataclass(frozen=True)

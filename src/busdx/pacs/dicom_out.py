@@ -37,7 +37,8 @@ from pydicom.sr.codedict import codes
 
 from busdx import __version__
 from busdx.data.dicom import frame_origin, is_dicom_file
-from busdx.fileio import atomic_path
+from busdx.fileio import atomic_path, sha256_file
+from busdx.inference.predictor import Predictor
 from busdx.lesion.descriptors import Lesion
 
 __all__ = [
@@ -46,6 +47,7 @@ __all__ = [
     "ModelIdentity",
     "ScoredFrame",
     "dicom_results",
+    "model_identity",
     "result_uid",
     "write_dicom_results",
 ]
@@ -100,6 +102,14 @@ class ModelIdentity:
     name: str  # the bundled model's or the run's name
     sha256: str  # of the model file
     threshold_policy: str  # target_sensitivity, youden or fixed
+
+
+def model_identity(loaded: Predictor) -> ModelIdentity:
+    """How the reports name a loaded model: its folder (the bundled model's or the run's
+    name), the sha256 of the file that answers, its threshold policy."""
+    calibration = loaded.info.calibration
+    return ModelIdentity(loaded.path.parent.name, sha256_file(loaded.path),
+                         calibration.threshold_policy if calibration else "fixed")  # fmt: skip
 
 
 @dataclass(frozen=True)

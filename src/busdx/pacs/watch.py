@@ -25,10 +25,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from busdx.data.inputs import InputSelection
-from busdx.fileio import sha256_file
 from busdx.inference.batch import predict_files
 from busdx.inference.predictor import Predictor
-from busdx.pacs.dicom_out import ModelIdentity, dicom_results
+from busdx.pacs.dicom_out import ModelIdentity, dicom_results, model_identity
 from busdx.pacs.dicomweb import DicomWeb, InstanceRef, NetworkError
 
 __all__ = ["Ledger", "PassSummary", "score_new", "watch"]
@@ -71,12 +70,6 @@ class PassSummary:
     failed: int
     stored: int  # result objects stored
     seconds: float
-
-
-def model_identity(loaded: Predictor) -> ModelIdentity:
-    calibration = loaded.info.calibration
-    return ModelIdentity(loaded.path.parent.name, sha256_file(loaded.path),
-                         calibration.threshold_policy if calibration else "fixed")  # fmt: skip
 
 
 def score_new(

@@ -13,7 +13,7 @@ from busdx import __version__
 from busdx.serving.deps import load_service
 from busdx.serving.errors import add_error_handlers
 from busdx.serving.guard import RequestGuard
-from busdx.serving.routes import explain, info, predict
+from busdx.serving.routes import dicom, explain, info, predict
 from busdx.serving.settings import ServeSettings, check_bind
 
 __all__ = ["create_app", "serve"]
@@ -32,7 +32,7 @@ def create_app(run: str | Path, settings: ServeSettings | None = None) -> FastAP
         "not a medical device.",
     )
     app.state.service = load_service(run, settings)
-    routers = [module.router for module in (info, predict, explain)]
+    routers = [module.router for module in (info, predict, explain, dicom)]
     for router in routers:
         app.include_router(router)
     uploads = frozenset(r.path for x in routers for r in x.routes if "POST" in r.methods)

@@ -104,7 +104,7 @@ ERRORS: dict[int | str, dict[str, Any]] = {
         413: "upload or image too large",
         415: "not multipart/form-data",
         422: "a missing field or a bad parameter",
-        501: "/explain on a server with only the ONNX model",
+        501: "/explain on a server with only the ONNX model; /predict/dicom without highdicom",
         503: "too many requests waiting",
     }.items()
 }
