@@ -51,7 +51,6 @@ print(1 / (1 + np.exp(-logit / meta.get("temperature", 1.0))))
 SERVE_SCRIPT = """
 from fastapi.testclient import TestClient
 from busdx.bundled import resolve_run
-from busdx.inference.predictor import load_model
 from busdx.serving import create_app
 with TestClient(create_app(resolve_run(None))) as client:
     assert client.get("/health").status_code == 200

@@ -8,13 +8,11 @@ import zipfile
 from pathlib import Path
 from typing import Annotated
 
-import pydicom
 from fastapi import APIRouter, File, Form, UploadFile
 from fastapi.responses import Response
 
 from busdx.data.dicom import looks_like_dicom
 from busdx.data.imaging import ImageInput
-from busdx.inference.batch import predict_files
 from busdx.serving.deps import Service
 from busdx.serving.errors import ApiError
 from busdx.serving.schemas import ERRORS, LABEL_HELP
@@ -36,6 +34,10 @@ async def predict_dicom(
     """The Structured Report (TID 1500) and, for a model that outlines, the Segmentation of
     one frame of an uploaded DICOM file, as ``busdx predict --dicom-out`` writes them
     (docs/dicom-results.md), in a ZIP download."""
+    import pydicom  # here, not at start-up: pydicom and highdicom take a while to import
+
+    from busdx.inference.batch import predict_files
+
     try:
         from busdx.pacs.dicom_out import dicom_results, model_identity
     except ImportError as exc:
