@@ -22,6 +22,7 @@ the SR alone carries the outline (:attr:`DicomResults.skipped_segmentation` says
 
 from __future__ import annotations
 
+import functools
 import logging
 import uuid
 from collections.abc import Iterable, Iterator
@@ -106,20 +107,34 @@ class ModelIdentity:
 
 def model_identity(loaded: Predictor) -> ModelIdentity:
     """How the reports name a loaded model: its folder (the bundled model's or the run's
-    name), the sha256 of the file that answers, its threshold policy."""
+    name), the sha256 of the file that answers, its threshold policy. The file is hashed once
+    while it is unchanged, not at every request or poll."""
     calibration = loaded.info.calibration
-    return ModelIdentity(loaded.path.parent.name, sha256_file(loaded.path),
+    stat = loaded.path.stat()
+    return ModelIdentity(loaded.path.parent.name,
+                         _sha256(loaded.path, stat.st_mtime_ns, stat.st_size),
                          calibration.threshold_policy if calibration else "fixed")  # fmt: skip
+
+
+@functools.lru_cache(maxsize=8)
+def _sha256(path: Path, mtime_ns: int, size: int) -> str:
+    return sha256_file(path)
 
 
 @dataclass(frozen=True)
 class DicomResults:
     """The objects for one scored frame (``segmentation`` None: no outline, or see
-    ``skipped_segmentation``)."""
+    ``skipped_segmentation``); ``name``: ``<source SOP Instance UID>_f<frame>.dcm``."""
 
     report: pydicom.Dataset
     segmentation: pydicom.Dataset | None
+    name: str
     skipped_segmentation: str | None = None
+
+    def files(self) -> list[tuple[str, pydicom.Dataset]]:
+        """Each object with its file name: ``SR_<name>``, then ``SEG_<name>`` if any."""
+        named = [("SR", self.report), ("SEG", self.segmentation)]
+        return [(f"{prefix}_{self.name}", dataset) for prefix, dataset in named if dataset]
 
 
 def dicom_results(
@@ -128,16 +143,17 @@ def dicom_results(
     """The SR (and, for an outlined lesion, the SEG) of ``prediction``, one scored frame of
     ``source`` (read with its pixels or without: only its header is used)."""
     frame = (prediction.frame or 0) + 1  # DICOM frame numbers start at 1
+    name = f"{source.SOPInstanceUID}_f{frame}.dcm"
     outline = _full_frame_outline(prediction.lesion, source)
     report = _report(prediction, source, model, frame, outline)
     if outline is None:
-        return DicomResults(report, None)
+        return DicomResults(report, None, name)
     frames = int(getattr(source, "NumberOfFrames", 1) or 1)
     if frames > 1 and "FrameOfReferenceUID" not in source:
         why = ("a multi-frame image without a frame of reference (highdicom segments one "
                "frame only there); the SR has the outline")  # fmt: skip
-        return DicomResults(report, None, why)
-    return DicomResults(report, _segmentation(source, model, frame, frames, outline))
+        return DicomResults(report, None, name, why)
+    return DicomResults(report, _segmentation(source, model, frame, frames, outline), name)
 
 
 def result_uid(*parts: object) -> str:
@@ -322,8 +338,6 @@ def _write(row: ScoredFrame, out: Path, model: ModelIdentity) -> None:
     if results.skipped_segmentation:
         logger.info("%s frame %d: no SEG: %s", row.path, row.frame + 1,
                     results.skipped_segmentation)  # fmt: skip
-    name = f"{source.SOPInstanceUID}_f{row.frame + 1}.dcm"
-    for prefix, dataset in (("SR", results.report), ("SEG", results.segmentation)):
-        if dataset is not None:
-            with atomic_path(out / f"{prefix}_{name}") as tmp:
-                dataset.save_as(tmp, enforce_file_format=True)
+    for name, dataset in results.files():
+        with atomic_path(out / name) as tmp:
+            dataset.save_as(tmp, enforce_file_format=True)

@@ -136,7 +136,7 @@ def _results(loaded: Predictor, model: ModelIdentity, fetched: dict, frame: str,
             objects[ref] = None
             continue
         made = dicom_results(row, fetched[ref][1], model)
-        objects[ref] += [d for d in (made.report, made.segmentation) if d is not None]
+        objects[ref] += [dataset for _, dataset in made.files()]
     return objects
 
 

@@ -59,12 +59,11 @@ async def predict_dicom(
         source = pydicom.dcmread(path, stop_before_pixels=True)
         results = await service.gate.run(dicom_results, row, source,
                                          model_identity(service.predictor))  # fmt: skip
-    buffer, name = io.BytesIO(), f"{source.SOPInstanceUID}_f{frame + 1}.dcm"
+    buffer = io.BytesIO()
     with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as archive:
-        for prefix, dataset in (("SR", results.report), ("SEG", results.segmentation)):
-            if dataset is not None:
-                part = io.BytesIO()
-                dataset.save_as(part, enforce_file_format=True)
-                archive.writestr(f"{prefix}_{name}", part.getvalue())
+        for name, dataset in results.files():
+            part = io.BytesIO()
+            dataset.save_as(part, enforce_file_format=True)
+            archive.writestr(name, part.getvalue())
     headers = {"Content-Disposition": 'attachment; filename="busdx-dicom-results.zip"'}
     return Response(buffer.getvalue(), media_type="application/zip", headers=headers)
